@@ -1,0 +1,1 @@
+"""Batch and one-shot jobs: publishing, the simulator, the demo, benchmarks."""

@@ -1,0 +1,105 @@
+"""`trackside demo`: start the embedded stack, play a simulated fleet, print what Trackside found."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from jobs.publish import publish_lines
+from jobs.simulate import DEFAULT_CANARY, FleetConfig, genai_prices_fn, run_labels, simulate
+from streams.broker import port_free
+from streams.settings import Settings
+from streams.stack import Stack
+
+# A few of the ways real producers get it wrong; each must end in the dead letters.
+MALFORMED = (
+    b"this is not json",
+    b'{"event_id": "x1", "ts": "yesterday", "type": "llm_call", "run_id": "r", "agent_id": "support-bot", "agent_version": "v1.4.2"}',
+    b'{"event_id": "x2", "ts": 1793491200000, "type": "teleport", "run_id": "r", "agent_id": "support-bot", "agent_version": "v1.4.2"}',
+    b'{"event_id": "x3", "ts": 1793491200000, "type": "llm_call", "run_id": "r", "agent_id": "coder", "agent_version": "0.9.3", "input_tokens": -5}',
+    b'["an", "array"]',
+)
+
+SUMMARY = """
+SELECT agent_id, agent_version, count() AS runs, countIf(outcome = 'success') AS successes,
+       sum(cost_usd) AS cost, sum(cost_usd) / nullIf(countIf(outcome = 'success'), 0) AS cost_per_success,
+       quantile(0.95)(duration_ms) AS p95_duration_ms, countIf(outcome = 'timeout') AS timeouts
+FROM runs GROUP BY agent_id, agent_version ORDER BY agent_id, agent_version
+"""
+DEAD_BY_AGENT = """
+SELECT JSONExtractString(toString(payload), 'agent_id') AS agent_id,
+       JSONExtractString(toString(payload), 'agent_version') AS agent_version, count()
+FROM dead_letters GROUP BY agent_id, agent_version
+"""
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """The demo's own data dir (reset each time) and a free port, so it never meets a running stack."""
+    data_dir = settings.data_dir / "demo"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    port = settings.embedded_port
+    while not port_free(port):
+        port += 1
+    return settings.model_copy(update={"data_dir": data_dir, "embedded_port": port})
+
+
+def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7) -> int:
+    console = Console(width=None if Console().is_terminal else 110)
+    settings = demo_settings(settings) if settings.embedded else settings
+    config = FleetConfig(seed=seed, runs=runs, canary=DEFAULT_CANARY, price_fn=genai_prices_fn)
+    events = [orjson.dumps(event) for event in simulate(config)]
+    expected_runs = len(run_labels(config))
+    lines = events[: len(events) // 2] + list(MALFORMED) + events[len(events) // 2:] + events[:50]
+
+    started = time.monotonic()
+    with console.status("starting the embedded stack (broker, store, processors)"):
+        stack = Stack(settings)
+        stack.start()
+    try:
+        console.print(stack.ready_line)
+        report = publish_lines(settings, lines)
+        console.print(
+            f"published {report.produced} messages: {len(events)} events of {expected_runs} runs, "
+            f"{len(MALFORMED)} malformed, 50 redelivered duplicates"
+        )
+        with console.status("waiting for every run to land in ClickHouse"):
+            landed = _wait_for_runs(stack, expected_runs, timeout=120)
+        _print_summary(console, stack)
+        console.print(
+            f"{landed} of {expected_runs} runs landed; whole demo took {time.monotonic() - started:.1f} s"
+        )
+        return 0 if landed == expected_runs else 1
+    finally:
+        with console.status("stopping"):
+            stack.stop()
+
+
+def _wait_for_runs(stack: Stack, expected: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    landed = 0
+    while time.monotonic() < deadline:
+        landed = stack.store.query_rows("SELECT count() FROM runs")[0][0]
+        if landed >= expected:
+            break
+        time.sleep(0.5)
+    return landed
+
+
+def _print_summary(console: Console, stack: Stack) -> None:
+    dead = {(agent, version): count for agent, version, count in stack.store.query_rows(DEAD_BY_AGENT)}
+    table = Table(title="Trackside: per agent and version (read back from ClickHouse)")
+    for column in ("agent", "version", "runs", "success rate", "cost / successful task", "p95 duration", "timeouts", "dead letters"):
+        table.add_column(column, justify="left" if column in ("agent", "version") else "right")
+    for agent, version, runs, successes, _cost, per_success, p95, timeouts in stack.store.query_rows(SUMMARY):
+        table.add_row(
+            agent, version, str(runs), f"{successes / runs:.1%}",
+            "-" if per_success is None else f"${per_success:.4f}", f"{p95 / 1000:.1f} s", str(timeouts),
+            str(dead.pop((agent, version), 0)),
+        )
+    unattributed = sum(dead.values())
+    table.add_row("(no agent)", "", "", "", "", "", "", str(unattributed))
+    console.print(table)

@@ -1,0 +1,92 @@
+"""`trackside publish`: JSON Lines agent events -> `agent.events`, keyed by run_id.
+
+Every non-blank line is sent as it is: validating is the pipeline's job, and a malformed
+line must reach the dead-letter topic and table with its reason, not vanish here. A line is
+counted as rejected when the broker does not take it (too large, broker error).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Producer
+from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
+
+from streams import topics
+from streams.broker import wait_for_broker
+from streams.ingest import producer_config
+from streams.settings import Settings
+
+
+@dataclass
+class PublishReport:
+    produced: int = 0
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def run_key(line: bytes) -> bytes | None:
+    """The run_id of a line, as the message key; None when the line has none."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    run_id = value.get("run_id") if isinstance(value, dict) else None
+    return run_id.encode() if isinstance(run_id, str) else None
+
+
+def publish_lines(settings: Settings, lines: Iterable[bytes], *, on_line=None) -> PublishReport:
+    """Produce each non-blank line; returns the counts once every delivery is confirmed."""
+    wait_for_broker(settings, timeout=10)
+    report = PublishReport()
+    producer = Producer({**producer_config(settings), "linger.ms": 20})
+
+    def delivered(error: KafkaError | None, message) -> None:
+        if error is None:
+            report.produced += 1
+        else:
+            report.rejected += 1
+            report.errors.append(f"{message.key()!r}: {error.str()}")
+
+    for number, line in enumerate(lines, 1):
+        if on_line is not None:
+            on_line(len(line))
+        line = line.strip()
+        if not line:
+            continue
+        while True:
+            try:
+                producer.produce(topics.AGENT_EVENTS.name, value=line, key=run_key(line), on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.1)
+            except KafkaException as error:
+                report.rejected += 1
+                report.errors.append(f"line {number}: {error.args[0].str()}")
+                break
+        producer.poll(0)
+    remaining = producer.flush(60)
+    if remaining:
+        report.rejected += remaining
+        report.errors.append(f"{remaining} messages not confirmed by the broker within 60 s")
+    return report
+
+
+def publish_file(settings: Settings, path: str, *, progress: bool = True) -> PublishReport:
+    """Publish a JSON Lines file (or `-` for standard input) with a progress bar."""
+    if path == "-":
+        return publish_lines(settings, _lines(sys.stdin.buffer))
+    size = Path(path).stat().st_size
+    with open(path, "rb") as handle, Progress(
+        TextColumn("publishing"), BarColumn(), TransferSpeedColumn(), disable=not progress, transient=True,
+    ) as bar:
+        task = bar.add_task("publish", total=size)
+        return publish_lines(settings, _lines(handle), on_line=lambda n: bar.advance(task, n))
+
+
+def _lines(handle: BinaryIO) -> Iterable[bytes]:
+    yield from handle

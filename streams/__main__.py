@@ -1,0 +1,12 @@
+"""Runs one faust worker of the processors: `python -m streams worker --without-web`."""
+
+from streams.app import create_app
+from streams.settings import Settings
+
+
+def main() -> None:
+    create_app(Settings()).main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The faust app: thin agents that read batches, call the plain modules, and emit batches.
+
+`assemble_runs` folds the ingest stage's event batches into runs (`streams.runs`) and sends
+closed runs, grouped by the partition of their agent, to `trackside.run-results`;
+`compute_metrics` folds those into event-time windows (`streams.metrics`) and sends the
+changed window rows to `trackside.metric-results`. The store sink lands both.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+import zlib
+from collections import defaultdict
+
+import faust
+import orjson
+
+from streams import topics
+from streams.metrics import MetricWindows
+from streams.runs import RunAssembler
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+APP_ID = "trackside-processors"
+# A partition whose watermark moved tells the metric partitions without runs at most this often.
+WATERMARK_EVERY_S = 1.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def agent_partition(agent_id: str, partitions: int) -> int:
+    """The partition of an agent's windows: stable across processes and restarts."""
+    return zlib.crc32(agent_id.encode()) % partitions
+
+
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """TRACKSIDE_KAFKA_* security settings in faust's terms (faust does not read librdkafka's)."""
+    protocol = settings.kafka_security_protocol.upper()
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_ca_location or None)
+        if settings.kafka_ssl_certificate_location:
+            context.load_cert_chain(
+                settings.kafka_ssl_certificate_location,
+                settings.kafka_ssl_key_location or None,
+                settings.kafka_ssl_key_password.get_secret_value() or None,
+            )
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def create_app(settings: Settings) -> faust.App:
+    """A fresh faust app with its agents; nothing is shared between two apps."""
+    app = faust.App(
+        APP_ID,
+        broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
+        broker_credentials=broker_credentials(settings),
+        store="memory://",
+        datadir=str(settings.data_dir / "faust"),
+        broker_session_timeout=settings.session_timeout_ms / 1000,
+        broker_heartbeat_interval=1,
+        topic_partitions=settings.partitions,
+        # Topics are created with fixed partitions by `trackside up` before any client connects.
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        producer_acks=-1,
+    )
+    event_batches = app.topic(topics.EVENT_BATCHES.name, key_serializer="raw", value_serializer="raw")
+    run_results = app.topic(topics.RUN_RESULTS.name, key_serializer="raw", value_serializer="raw")
+    metric_results = app.topic(topics.METRIC_RESULTS.name, key_serializer="raw", value_serializer="raw")
+
+    idle_timeout_ms = settings.run_idle_timeout_seconds * 1000
+    lateness_ms = settings.allowed_lateness_seconds * 1000
+    assemblers: dict[int, RunAssembler] = {}
+    windows: dict[int, MetricWindows] = {}
+    told: dict[tuple[int, int], float] = {}  # (from partition, to partition) -> wall time of last watermark
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(app, revoked, **kwargs) -> None:  # noqa: ANN001 (faust's signal signature)
+        # Another worker takes these partitions over; it rebuilds their state.
+        for tp in revoked:
+            if tp.topic == topics.EVENT_BATCHES.name:
+                assemblers.pop(tp.partition, None)
+            elif tp.topic == topics.RUN_RESULTS.name:
+                windows.pop(tp.partition, None)
+
+    @app.agent(event_batches, name="assemble_runs")
+    async def assemble_runs(stream) -> None:  # noqa: ANN001
+        async for message in stream.events():
+            batch = orjson.loads(message.value)
+            partition = message.message.partition
+            assembler = assemblers.get(partition)
+            if assembler is None:
+                assembler = assemblers[partition] = RunAssembler(idle_timeout_ms, lateness_ms)
+            closed = assembler.apply(batch["events"], now_ms())
+            by_target: dict[int, list[dict]] = defaultdict(list)
+            for row in closed:
+                by_target[agent_partition(row["agent_id"], settings.partitions)].append(row)
+            wall = time.monotonic()
+            for target in range(settings.partitions):
+                rows = by_target.get(target)
+                if not rows and wall - told.get((partition, target), 0.0) < WATERMARK_EVERY_S:
+                    continue
+                told[(partition, target)] = wall
+                value = {"partition": partition, "watermark": assembler.watermark, "runs": rows or []}
+                await run_results.send(value=orjson.dumps(value), partition=target)
+
+    @app.agent(run_results, name="compute_metrics")
+    async def compute_metrics(stream) -> None:  # noqa: ANN001
+        async for message in stream.events():
+            result = orjson.loads(message.value)
+            partition = message.message.partition
+            state = windows.get(partition)
+            if state is None:
+                state = windows[partition] = MetricWindows(settings.window_seconds * 1000, idle_timeout_ms)
+            rows = state.apply(result["runs"], result["partition"], result["watermark"], now_ms())
+            if rows:
+                await metric_results.send(value=orjson.dumps({"metrics": rows}), partition=partition)
+
+    return app

@@ -1,0 +1,109 @@
+"""The `trackside` command (SPEC §1): up, publish, sql, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from pydantic import ValidationError
+
+from streams.errors import TracksideError
+from streams.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise TracksideError(f"bad TRACKSIDE_* setting: {error}") from None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from streams.stack import Stack
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stack = Stack(_settings())
+    try:
+        stack.start()
+        print(stack.ready_line, flush=True)
+        stack.supervise(stop)
+    finally:
+        stack.stop()
+    print("trackside stopped", flush=True)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from jobs.publish import publish_file
+
+    report = publish_file(_settings(), args.file, progress=sys.stderr.isatty())
+    for error in report.errors[:20]:
+        print(f"rejected: {error}", file=sys.stderr)
+    print(f"published produced={report.produced} rejected={report.rejected}")
+    return 1 if report.rejected else 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from streams.store import query_store
+
+    store = query_store(_settings())
+    output = store.query_raw(args.query, args.format, readonly=not args.write)
+    sys.stdout.buffer.write(output)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(_settings(), runs=args.runs, seed=args.seed)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="trackside", description="Live monitoring of AI agents in production.")
+    top.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the embedded stack in the foreground until Ctrl-C")
+    up.set_defaults(handler=cmd_up)
+
+    publish = commands.add_parser("publish", help="produce JSON Lines agent events to agent.events")
+    publish.add_argument("file", help="a JSON Lines file, or - for standard input")
+    publish.set_defaults(handler=cmd_publish)
+
+    sql = commands.add_parser("sql", help="run ClickHouse SQL against the store")
+    sql.add_argument("query")
+    sql.add_argument("--format", default="PrettyCompact", help="any ClickHouse output format (default PrettyCompact)")
+    sql.add_argument("--write", action="store_true", help="allow statements that change data")
+    sql.set_defaults(handler=cmd_sql)
+
+    demo = commands.add_parser("demo", help="start the stack, play a simulated fleet, print what it found")
+    demo.add_argument("--runs", type=int, default=600)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(handler=cmd_demo)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "up" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.handler(args)
+    except TracksideError as error:
+        print(f"trackside: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Agent events (SPEC §4) defined once: their fields, their validation and their JSON Schema.
+
+`parse` turns the raw bytes of one Kafka message into a normalised `dict` (the columns of
+the `events` table) or raises `InvalidEvent` saying which field is wrong and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import orjson
+
+from streams.errors import TracksideError
+
+CORE_TYPES = ("run_start", "llm_call", "tool_call", "run_end")
+# Stored and counted, but they do not change a run's numbers.
+OTHER_TYPES = ("approval", "policy_hit", "feedback")
+EVENT_TYPES = CORE_TYPES + OTHER_TYPES
+OUTCOMES = ("success", "failure", "escalated", "aborted")
+
+MAX_ID_CHARS = 256
+MAX_TEXT_CHARS = 4096
+MAX_COUNT = 10**9
+# Event time must lie between these; further out is a broken clock, not an event.
+EARLIEST_TS_MS = 946_684_800_000  # 2000-01-01
+MAX_FUTURE_MS = 24 * 3600 * 1000
+
+
+class InvalidEvent(TracksideError):
+    """A message that is not a valid agent event; `str()` is the reason for the DLQ."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # a key of _CHECKS
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    about: str = ""
+
+
+COMMON_FIELDS = (
+    Field("event_id", "id", True, about="unique; redelivery of the same id is counted once"),
+    Field("ts", "timestamp", True, about="event time: RFC 3339 string or epoch milliseconds"),
+    Field("type", "choice", True, EVENT_TYPES),
+    Field("run_id", "id", True, about="one agent run = one task attempt"),
+    Field("agent_id", "id", True, about="gen_ai.agent.id"),
+    Field("agent_version", "id", True, about="gen_ai.agent.version"),
+    Field("task_id", "text"),
+    Field("session_id", "text"),
+    Field("tenant", "text"),
+    Field("environment", "text"),
+    Field("attributes", "object", about="anything else; stored as JSON"),
+)
+
+TYPE_FIELDS: dict[str, tuple[Field, ...]] = {
+    "llm_call": (
+        Field("model", "text", about="gen_ai.request.model"),
+        Field("provider", "text", about="gen_ai.provider.name"),
+        Field("input_tokens", "count"),
+        Field("output_tokens", "count"),
+        Field("cache_read_input_tokens", "count"),
+        Field("latency_ms", "amount"),
+        Field("status", "choice", choices=("ok", "error")),
+        Field("error_type", "text"),
+        Field("cost_usd", "amount", about="when absent, priced from genai-prices"),
+    ),
+    "tool_call": (
+        Field("tool", "text", True, about="gen_ai.tool.name"),
+        Field("args", "object", about="gen_ai.tool.call.arguments; stored hashed unless configured"),
+        Field("args_hash", "text"),
+        Field("status", "choice", choices=("ok", "error", "timeout")),
+        Field("latency_ms", "amount"),
+        Field("error_type", "text"),
+        Field("error_message", "text"),
+        Field("cost_usd", "amount"),
+    ),
+    "run_end": (
+        Field("outcome", "choice", True, OUTCOMES),
+        Field("score", "fraction"),
+        Field("error_type", "text"),
+        Field("error_message", "text"),
+    ),
+}
+
+# The normalised event: every column of `events` except the ones the ingest stage adds.
+COLUMNS = (
+    "event_id", "ts", "type", "run_id", "agent_id", "agent_version",
+    "task_id", "session_id", "tenant", "environment",
+    "model", "provider", "input_tokens", "output_tokens", "cache_read_input_tokens",
+    "latency_ms", "status", "error_type", "error_message",
+    "tool", "args_hash", "args", "outcome", "score", "cost_usd", "attributes",
+)
+_TEXT_DEFAULTS = {name: "" for name in COLUMNS}
+_TEXT_DEFAULTS.update(
+    input_tokens=0, output_tokens=0, cache_read_input_tokens=0,
+    latency_ms=None, score=None, cost_usd=None, ts=0,
+)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _check_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_type_name(value)}")
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if len(value) > MAX_ID_CHARS:
+        raise ValueError(f"longer than {MAX_ID_CHARS} characters ({len(value)})")
+    return value
+
+
+def _check_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_type_name(value)}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"longer than {MAX_TEXT_CHARS} characters ({len(value)})")
+    return value
+
+
+def _check_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {_type_name(value)}")
+    if not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"must be between 0 and {MAX_COUNT}, got {value}")
+    return value
+
+
+def _check_amount(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {_type_name(value)}")
+    if not math.isfinite(value) or value < 0 or value > MAX_COUNT:
+        raise ValueError(f"must be a finite number between 0 and {MAX_COUNT}, got {value}")
+    return float(value)
+
+
+def _check_fraction(value: Any) -> float:
+    value = _check_amount(value)
+    if value > 1:
+        raise ValueError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _check_object(value: Any) -> str:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object, got {_type_name(value)}")
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def parse_ts(value: Any) -> int:
+    """Event time in epoch milliseconds from an RFC 3339 string or epoch milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected an RFC 3339 string or epoch milliseconds, got boolean")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"must be finite, got {value}")
+        ms = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"not an RFC 3339 timestamp: {value[:64]!r}") from None
+        if moment.tzinfo is None:
+            raise ValueError(f"RFC 3339 needs a time zone offset: {value[:64]!r}")
+        ms = int(moment.timestamp() * 1000)
+    else:
+        raise ValueError(f"expected an RFC 3339 string or epoch milliseconds, got {_type_name(value)}")
+    latest = int(datetime.now(timezone.utc).timestamp() * 1000) + MAX_FUTURE_MS
+    if not EARLIEST_TS_MS <= ms <= latest:
+        raise ValueError(f"event time {ms} ms is before 2000 or more than a day in the future")
+    return ms
+
+
+def _check_choice(value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices or not isinstance(value, str):
+        shown = value[:64] if isinstance(value, str) else _type_name(value)
+        raise ValueError(f"must be one of {', '.join(choices)}; got {shown!r}")
+    return value
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "id": _check_id,
+    "text": _check_text,
+    "count": _check_count,
+    "amount": _check_amount,
+    "fraction": _check_fraction,
+    "object": _check_object,
+    "timestamp": parse_ts,
+}
+
+
+def args_hash(args_json: str) -> str:
+    """Stable hash of canonical (sorted-key) JSON tool arguments: equal arguments, equal hash."""
+    return hashlib.sha256(args_json.encode()).hexdigest()[:32]
+
+
+def _apply(fields: tuple[Field, ...], raw: dict, event: dict) -> None:
+    for field in fields:
+        value = raw.get(field.name)
+        if value is None:
+            if field.required:
+                raise InvalidEvent(f"field {field.name!r}: required")
+            continue
+        try:
+            if field.kind == "choice":
+                event[field.name] = _check_choice(value, field.choices)
+            else:
+                event[field.name] = _CHECKS[field.kind](value)
+        except ValueError as error:
+            raise InvalidEvent(f"field {field.name!r}: {error}") from None
+
+
+def validate(raw: Any, *, keep_raw_args: bool = False) -> dict:
+    """The normalised event for one decoded JSON value, or `InvalidEvent` with the reason."""
+    if not isinstance(raw, dict):
+        raise InvalidEvent(f"an event must be a JSON object, got {_type_name(raw)}")
+    event = dict(_TEXT_DEFAULTS)
+    _apply(COMMON_FIELDS, raw, event)
+    kind = event["type"]
+    _apply(TYPE_FIELDS.get(kind, ()), raw, event)
+    if kind == "tool_call":
+        args_json = event["args"]
+        if args_json:
+            event["args_hash"] = event["args_hash"] or args_hash(args_json)
+        if not keep_raw_args:
+            event["args"] = ""
+    if kind in ("llm_call", "tool_call") and not event["status"]:
+        event["status"] = "ok"
+    return event
+
+
+def parse(value: bytes | None, *, max_bytes: int = 1_000_000, keep_raw_args: bool = False) -> dict:
+    """Decode and validate the value of one `agent.events` message."""
+    if value is None:
+        raise InvalidEvent("empty message (no value)")
+    if len(value) > max_bytes:
+        raise InvalidEvent(f"message of {len(value)} bytes is larger than the limit of {max_bytes}")
+    try:
+        raw = orjson.loads(value)
+    except orjson.JSONDecodeError as error:
+        raise InvalidEvent(f"not valid JSON: {error}") from None
+    return validate(raw, keep_raw_args=keep_raw_args)
+
+
+def json_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of an agent event, made from the field table above."""
+    kinds = {
+        "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+        "text": {"type": "string", "maxLength": MAX_TEXT_CHARS},
+        "count": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+        "amount": {"type": "number", "minimum": 0, "maximum": MAX_COUNT},
+        "fraction": {"type": "number", "minimum": 0, "maximum": 1},
+        "object": {"type": "object"},
+        "timestamp": {
+            "oneOf": [{"type": "string", "format": "date-time"}, {"type": "integer", "minimum": EARLIEST_TS_MS}]
+        },
+    }
+
+    def properties(fields: tuple[Field, ...]) -> dict:
+        out = {}
+        for field in fields:
+            spec = {"enum": list(field.choices)} if field.kind == "choice" else dict(kinds[field.kind])
+            if field.about:
+                spec["description"] = field.about
+            out[field.name] = spec
+        return out
+
+    def required(fields: tuple[Field, ...]) -> list[str]:
+        return [field.name for field in fields if field.required]
+
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://trackside.dev/schema/agent-event.json",
+        "title": "Trackside agent event",
+        "type": "object",
+        "properties": properties(COMMON_FIELDS),
+        "required": required(COMMON_FIELDS),
+        "allOf": [
+            {
+                "if": {"properties": {"type": {"const": kind}}},
+                "then": {"properties": properties(fields), "required": required(fields)},
+            }
+            for kind, fields in TYPE_FIELDS.items()
+        ],
+    }

@@ -1,0 +1,199 @@
+"""The ingest and store sink stage: confluent-kafka in bulk, so faust sees batches, not events.
+
+One consumer (group `trackside-store`) reads `agent.events` and the processors' result
+topics. Per poll it validates the events, lands them and the dead letters in ClickHouse
+with `insert_arrow`, produces the rejected messages to the DLQ topic and the valid ones,
+as one batch message per source partition, to `trackside.event-batches` (same partition
+number, so a run's events meet in one assembler), lands the result rows, and only then
+commits the offsets. A store that refuses writes is retried with backoff, never skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from typing import Callable
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+
+from streams import tables, topics
+from streams.cost import PriceTable, price_event
+from streams.errors import BrokerError
+from streams.events import InvalidEvent, parse
+from streams.runs import EVENT_FIELDS
+from streams.settings import Settings
+from streams.store import Store
+
+log = logging.getLogger(__name__)
+
+GROUP = "trackside-store"
+# Events per batch message to the processors: ~400 KB, well under any broker's message limit.
+EVENTS_PER_BATCH_MESSAGE = 1000
+DLQ_PAYLOAD_LIMIT = 1 << 20
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def consumer_config(settings: Settings, group: str) -> dict:
+    return {
+        **settings.kafka_config,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.session_timeout_ms,
+        "heartbeat.interval.ms": max(500, settings.session_timeout_ms // 6),
+        "fetch.wait.max.ms": 50,
+        "enable.partition.eof": False,
+    }
+
+
+def producer_config(settings: Settings) -> dict:
+    return {**settings.kafka_config, "linger.ms": 5, "message.max.bytes": 16 << 20}
+
+
+class StoreSink:
+    """Runs the ingest and sink loop until `stop` is set; see the module docstring."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.prices = PriceTable()
+        self.stats: Counter[str] = Counter()
+        self.stop = threading.Event()
+        self.assigned = threading.Event()
+        self._retrying = False
+        self._consumer = Consumer(consumer_config(settings, GROUP))
+        self._producer = Producer(producer_config(settings))
+        self._handlers: dict[str, Callable[[list[Message]], None]] = {
+            topics.AGENT_EVENTS.name: self._ingest_events,
+            topics.RUN_RESULTS.name: self._land_runs,
+            topics.METRIC_RESULTS.name: self._land_metrics,
+        }
+
+    def run(self) -> None:
+        self._consumer.subscribe(list(self._handlers), on_assign=lambda *_: self.assigned.set())
+        try:
+            while not self.stop.is_set():
+                messages = self._consumer.consume(self.settings.ingest_batch_max, self.settings.ingest_poll_seconds)
+                if messages:
+                    self.process(messages)
+        finally:
+            self._producer.flush(10)
+            self._consumer.close()
+
+    def process(self, messages: list[Message]) -> None:
+        """Handle one poll's messages and commit their offsets once everything is landed."""
+        by_topic: dict[str, list[Message]] = defaultdict(list)
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", error)
+                continue
+            by_topic[message.topic()].append(message)
+        for topic, batch in by_topic.items():
+            self._handlers[topic](batch)
+        self._producer.flush(30)
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as error:
+            # Offsets not committed means redelivery, which the idempotent store absorbs.
+            log.warning("offset commit failed, the batch will be redelivered: %s", error)
+
+    def _insert(self, table: str, rows: list[dict]) -> None:
+        """Insert rows, retrying with backoff while the store refuses; gives up only on stop."""
+        if not rows:
+            return
+        data = tables.to_arrow(rows, tables.BY_TABLE[table])
+        delay = 0.1
+        while True:
+            try:
+                self.store.insert_arrow(table, data)
+                self.stats[f"rows_{table}"] += len(rows)
+                if self._retrying:
+                    log.warning("store accepts writes again; %d %s rows landed", len(rows), table)
+                    self._retrying = False
+                return
+            except Exception as error:  # any failure of the store: retry, never skip
+                self.stats["store_retries"] += 1
+                if not self._retrying:
+                    log.warning("store refused %d %s rows (%s); retrying with backoff", len(rows), table, error)
+                self._retrying = True
+                if self.stop.wait(delay):
+                    raise
+                delay = min(delay * 2, self.settings.store_retry_max_seconds)
+
+    # agent.events
+
+    def _ingest_events(self, messages: list[Message]) -> None:
+        ingested_at = now_ms()
+        keep_raw_args = self.settings.store_raw_tool_args
+        max_bytes = self.settings.max_event_bytes
+        events: list[dict] = []
+        dead: list[dict] = []
+        by_partition: dict[int, list[dict]] = defaultdict(list)
+        for message in messages:
+            partition, offset = message.partition(), message.offset()
+            source = f"{message.topic()}:{partition}:{offset}"
+            try:
+                event = parse(message.value(), max_bytes=max_bytes, keep_raw_args=keep_raw_args)
+            except InvalidEvent as error:
+                dead.append(self._dead_letter(message, source, str(error), ingested_at))
+                continue
+            price_event(self.prices, event)
+            event["source"] = source
+            event["ingested_at"] = ingested_at
+            events.append(event)
+            by_partition[partition].append({name: event[name] for name in EVENT_FIELDS})
+        self._insert("events", events)
+        self._insert("dead_letters", dead)
+        for row in dead:
+            self._producer.produce(
+                topics.DEAD_LETTERS.name, value=row["payload_full"], key=row["key"] or None,
+                headers=[("trackside.error", row["error"].encode()), ("trackside.source", row["source"].encode())],
+            )
+        for partition, batch in by_partition.items():
+            for start in range(0, len(batch), EVENTS_PER_BATCH_MESSAGE):
+                chunk = batch[start:start + EVENTS_PER_BATCH_MESSAGE]
+                self._produce(topics.EVENT_BATCHES.name, partition, orjson.dumps({"partition": partition, "events": chunk}))
+        self.stats["events"] += len(events)
+        self.stats["dead_letters"] += len(dead)
+
+    def _dead_letter(self, message: Message, source: str, error: str, received_at: int) -> dict:
+        payload = message.value() or b""
+        log.info("dead letter %s: %s", source, error)
+        return {
+            "received_at": received_at,
+            "source": source,
+            "topic": message.topic(),
+            "partition": message.partition(),
+            "offset": message.offset(),
+            "key": message.key() or b"",
+            "error": error,
+            "payload": payload[:DLQ_PAYLOAD_LIMIT],
+            "payload_bytes": len(payload),
+            "payload_full": payload,
+        }
+
+    def _produce(self, topic: str, partition: int, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, partition=partition)
+                return
+            except BufferError:
+                self._producer.poll(0.1)
+            except KafkaException as error:
+                raise BrokerError(f"cannot produce to {topic}: {error}") from None
+
+    # Result topics of the processors.
+
+    def _land_runs(self, messages: list[Message]) -> None:
+        self._insert("runs", [row for message in messages for row in orjson.loads(message.value())["runs"]])
+
+    def _land_metrics(self, messages: list[Message]) -> None:
+        self._insert("agent_metrics", [row for message in messages for row in orjson.loads(message.value())["metrics"]])

@@ -1,0 +1,144 @@
+"""Event-time tumbling windows per agent and version: closed runs -> `agent_metrics` rows.
+
+A run belongs to the window that holds its `ended_at`. Windows stay open, and are re-emitted
+whenever a run lands in them, until every upstream partition's watermark has passed the
+window's end plus the run idle timeout (a run can close that long after its last event);
+upstream partitions that never sent anything are not waited for. Then the window is final and forgotten, and a run that still arrives for it is counted as
+late. Cost per successful task = cost of all runs in the window / runs that succeeded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method) of sorted values; 0 when empty."""
+    if not sorted_values:
+        return 0.0
+    position = (len(sorted_values) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+@dataclass(slots=True)
+class _RunFacts:
+    outcome: str
+    cost_usd: float
+    duration_ms: float
+    loop: bool
+    tool_calls: int
+    tool_errors: int
+    input_tokens: int
+    output_tokens: int
+    version: int
+
+
+@dataclass(slots=True)
+class Window:
+    agent_id: str
+    agent_version: str
+    start: int
+    end: int
+    # Keyed by run_id: a run re-emitted with more events replaces its earlier facts.
+    runs: dict[str, _RunFacts] = field(default_factory=dict)
+
+    def add(self, row: dict) -> bool:
+        known = self.runs.get(row["run_id"])
+        if known is not None and known.version >= row["version"]:
+            return False
+        self.runs[row["run_id"]] = _RunFacts(
+            row["outcome"], float(row["cost_usd"]), float(row["duration_ms"]), bool(row["loop_detected"]),
+            row["tool_calls"], row["tool_errors"], row["input_tokens"], row["output_tokens"], row["version"],
+        )
+        return True
+
+    def row(self, *, final: bool, version: int, updated_at: int) -> dict:
+        facts = list(self.runs.values())
+        runs = len(facts)
+        successes = sum(fact.outcome == "success" for fact in facts)
+        cost = sum(fact.cost_usd for fact in facts)
+        durations = sorted(fact.duration_ms for fact in facts)
+        tool_calls = sum(fact.tool_calls for fact in facts)
+        tool_errors = sum(fact.tool_errors for fact in facts)
+        return {
+            "agent_id": self.agent_id,
+            "agent_version": self.agent_version,
+            "window_start": self.start,
+            "window_end": self.end,
+            "runs": runs,
+            "successes": successes,
+            "failures": runs - successes,
+            "timeouts": sum(fact.outcome == "timeout" for fact in facts),
+            "cost_usd": cost,
+            "cost_per_success": cost / successes if successes else None,
+            "success_rate": successes / runs if runs else 0.0,
+            "p50_duration_ms": percentile(durations, 0.50),
+            "p95_duration_ms": percentile(durations, 0.95),
+            "loop_rate": sum(fact.loop for fact in facts) / runs if runs else 0.0,
+            "tool_calls": tool_calls,
+            "tool_errors": tool_errors,
+            "tool_error_rate": tool_errors / tool_calls if tool_calls else 0.0,
+            "input_tokens": sum(fact.input_tokens for fact in facts),
+            "output_tokens": sum(fact.output_tokens for fact in facts),
+            "is_final": final,
+            "version": version,
+            "updated_at": updated_at,
+        }
+
+
+class MetricWindows:
+    """The open windows of the agents of one partition."""
+
+    def __init__(self, window_ms: int, idle_timeout_ms: int) -> None:
+        self.window_ms = window_ms
+        self.idle_timeout_ms = idle_timeout_ms
+        self.windows: dict[tuple[str, str, int], Window] = {}
+        self.final_before = 0  # windows ending at or before this are final
+        self.upstream: dict[int, int] = {}  # upstream partition -> its watermark
+        self.late_runs = 0
+        self._version = 0
+
+    def window_of(self, ts: int) -> int:
+        return ts - ts % self.window_ms
+
+    def apply(self, rows: list[dict], upstream_partition: int, upstream_watermark: int, now_ms: int) -> list[dict]:
+        """Fold closed runs in; returns the `agent_metrics` rows that changed or became final."""
+        dirty: set[tuple[str, str, int]] = set()
+        for row in rows:
+            start = self.window_of(row["ended_at"])
+            if start + self.window_ms <= self.final_before:
+                self.late_runs += 1
+                continue
+            key = (row["agent_id"], row["agent_version"], start)
+            window = self.windows.get(key)
+            if window is None:
+                window = self.windows[key] = Window(key[0], key[1], start, start + self.window_ms)
+            if window.add(row):
+                dirty.add(key)
+        if upstream_watermark > self.upstream.get(upstream_partition, 0):
+            self.upstream[upstream_partition] = upstream_watermark
+        return self._emit(dirty, now_ms)
+
+    def _emit(self, dirty: set[tuple[str, str, int]], now_ms: int) -> list[dict]:
+        # Upstream partitions that never sent anything hold no runs back; counting them
+        # would keep every window open forever on a topic with an unused partition.
+        if self.upstream:
+            self.final_before = max(self.final_before, min(self.upstream.values()) - self.idle_timeout_ms)
+        final = [key for key, window in self.windows.items() if window.end <= self.final_before]
+        rows = []
+        for key in dirty | set(final):
+            is_final = key in final
+            rows.append(self.windows[key].row(final=is_final, version=self._version_at(now_ms), updated_at=now_ms))
+        for key in final:
+            del self.windows[key]
+        return rows
+
+    def _version_at(self, now_ms: int) -> int:
+        # Newest emission wins in ReplacingMergeTree: wall-clock milliseconds, made strictly
+        # increasing within this process.
+        self._version = max(self._version, now_ms * 1000)
+        self._version += 1
+        return self._version

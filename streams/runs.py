@@ -1,0 +1,220 @@
+"""Run assembly: agent events of one partition -> run rows, closed on `run_end` or when idle.
+
+Plain Python over normalised events (see `streams.events`), no Kafka: the faust agent
+feeds it batches and emits what it returns. Delivery is at-least-once, so applying the
+same event twice changes nothing (events are deduplicated per run by event_id), and a
+closed run's row only grows (its `version` is its number of distinct events).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from streams.cost import PRICE_TABLE, REPORTED, UNKNOWN
+
+# The fields of a normalised event the assembler reads; the ingest stage sends only these.
+EVENT_FIELDS = (
+    "event_id", "ts", "type", "run_id", "agent_id", "agent_version", "task_id", "session_id",
+    "tenant", "environment", "input_tokens", "output_tokens", "cache_read_input_tokens",
+    "status", "error_type", "error_message", "tool", "args_hash", "outcome", "score",
+    "cost_usd", "cost_source",
+)
+
+
+@dataclass(slots=True)
+class RunState:
+    run_id: str
+    agent_id: str
+    agent_version: str
+    task_id: str = ""
+    session_id: str = ""
+    tenant: str = ""
+    environment: str = ""
+    started_at: int = 0
+    last_ts: int = 0
+    end_ts: int | None = None
+    outcome: str = ""
+    score: float | None = None
+    error_type: str = ""
+    error_message: str = ""
+    llm_calls: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    llm_errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+    cost_sources: set[str] = field(default_factory=set)
+    unpriced_calls: int = 0
+    # (ts, arrival order, tool, args_hash, status): sorted by time when the row is made,
+    # because events of a run may arrive out of order.
+    tool_steps: list[tuple[int, int, str, str, str]] = field(default_factory=list)
+    event_ids: set[str] = field(default_factory=set)
+    closed_by: str = ""
+
+    def apply(self, event: dict) -> bool:
+        """Fold one event in; False if this event_id was already applied."""
+        event_id = event["event_id"]
+        if event_id in self.event_ids:
+            return False
+        self.event_ids.add(event_id)
+        ts = event["ts"]
+        if not self.started_at or ts < self.started_at:
+            self.started_at = ts
+        if ts > self.last_ts:
+            self.last_ts = ts
+        for name in ("task_id", "session_id", "tenant", "environment"):
+            if not getattr(self, name) and event[name]:
+                setattr(self, name, event[name])
+        kind = event["type"]
+        if kind == "llm_call":
+            self.llm_calls += 1
+            self.llm_errors += event["status"] == "error"
+            self.input_tokens += event["input_tokens"]
+            self.output_tokens += event["output_tokens"]
+            self.cache_read_input_tokens += event["cache_read_input_tokens"]
+            self._add_cost(event)
+        elif kind == "tool_call":
+            self.tool_calls += 1
+            self.tool_errors += event["status"] in ("error", "timeout")
+            self.tool_steps.append((ts, len(self.event_ids), event["tool"], event["args_hash"], event["status"]))
+            self._add_cost(event)
+        elif kind == "run_end":
+            # The first run_end (in event time) decides; a second one is a client bug.
+            if self.end_ts is None or ts < self.end_ts:
+                self.end_ts = ts
+                self.outcome = event["outcome"]
+                self.score = event["score"]
+                self.error_type = event["error_type"]
+                self.error_message = event["error_message"]
+        return True
+
+    def _add_cost(self, event: dict) -> None:
+        source = event["cost_source"]
+        if source == UNKNOWN:
+            self.unpriced_calls += 1
+        if event["cost_usd"] is not None:
+            self.cost_usd += event["cost_usd"]
+        if source:
+            self.cost_sources.add(source)
+
+    @property
+    def cost_source(self) -> str:
+        if not self.cost_sources:
+            return "none"
+        if len(self.cost_sources) == 1:
+            return next(iter(self.cost_sources))
+        return UNKNOWN if UNKNOWN in self.cost_sources else "mixed"
+
+    def row(self, updated_at: int) -> dict:
+        """The `runs` row of this run as it stands."""
+        timed_out = self.end_ts is None
+        ended_at = self.last_ts if timed_out else max(self.end_ts, self.last_ts)
+        steps = sorted(self.tool_steps)
+        return {
+            "run_id": self.run_id,
+            "agent_id": self.agent_id,
+            "agent_version": self.agent_version,
+            "task_id": self.task_id,
+            "session_id": self.session_id,
+            "tenant": self.tenant,
+            "environment": self.environment,
+            "started_at": self.started_at,
+            "ended_at": ended_at,
+            "outcome": "timeout" if timed_out else self.outcome,
+            "score": self.score,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "steps": self.llm_calls + self.tool_calls,
+            "llm_calls": self.llm_calls,
+            "tool_calls": self.tool_calls,
+            "tool_errors": self.tool_errors,
+            "llm_errors": self.llm_errors,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "cost_usd": self.cost_usd,
+            "cost_source": self.cost_source,
+            "unpriced_calls": self.unpriced_calls,
+            "duration_ms": ended_at - self.started_at,
+            "tool_path": [step[2] for step in steps],
+            "loop_detected": False,
+            "failure_cluster_id": "",
+            "event_count": len(self.event_ids),
+            "closed_by": "idle_timeout" if timed_out else "run_end",
+            "version": len(self.event_ids),
+            "updated_at": updated_at,
+        }
+
+
+class RunAssembler:
+    """Open and recently closed runs of one partition, driven by event time.
+
+    The watermark is the newest event time seen minus the allowed lateness. A run with no
+    `run_end` closes as `timeout` once the watermark passes its last event + idle timeout.
+    A closed run is kept for another idle timeout so that late events update its row
+    instead of starting a phantom run; then it is forgotten.
+    """
+
+    def __init__(self, idle_timeout_ms: int, allowed_lateness_ms: int = 0) -> None:
+        self.idle_timeout_ms = idle_timeout_ms
+        self.allowed_lateness_ms = allowed_lateness_ms
+        self.open: dict[str, RunState] = {}
+        self.closed: dict[str, RunState] = {}
+        self.max_ts = 0
+        self.duplicates = 0
+        # (event time at which to look at the run again, run_id): checking only the runs
+        # whose deadline the watermark passed keeps a batch's cost independent of open runs.
+        self._deadlines: list[tuple[int, str]] = []
+
+    @property
+    def watermark(self) -> int:
+        return self.max_ts - self.allowed_lateness_ms if self.max_ts else 0
+
+    def apply(self, events: list[dict], now_ms: int) -> list[dict]:
+        """Fold a batch in; returns the rows of runs that closed or changed after closing."""
+        touched: dict[str, RunState] = {}
+        for event in events:
+            run_id = event["run_id"]
+            run = self.open.get(run_id) or self.closed.get(run_id)
+            if run is None:
+                run = self.open[run_id] = RunState(run_id, event["agent_id"], event["agent_version"])
+                heapq.heappush(self._deadlines, (event["ts"] + self.idle_timeout_ms, run_id))
+            if not run.apply(event):
+                self.duplicates += 1
+                continue
+            if event["ts"] > self.max_ts:
+                self.max_ts = event["ts"]
+            touched[run_id] = run
+        for run_id, run in touched.items():
+            if run.closed_by:
+                continue
+            if run.end_ts is not None:
+                run.closed_by = "run_end"
+                self.closed[run_id] = self.open.pop(run_id)
+        rows = [run.row(now_ms) for run in touched.values() if run.closed_by]
+        return rows + self.advance(now_ms)
+
+    def advance(self, now_ms: int) -> list[dict]:
+        """Close runs idle past the watermark and forget old closed ones; returns closed rows."""
+        watermark = self.watermark
+        rows = []
+        while self._deadlines and self._deadlines[0][0] <= watermark:
+            _, run_id = heapq.heappop(self._deadlines)
+            run = self.open.get(run_id) or self.closed.get(run_id)
+            if run is None:
+                continue
+            # Open runs close when idle; closed ones are forgotten after the same time.
+            deadline = run.last_ts + self.idle_timeout_ms
+            if deadline > watermark:
+                heapq.heappush(self._deadlines, (deadline, run_id))
+            elif run_id in self.open:
+                run.closed_by = "idle_timeout"
+                self.closed[run_id] = self.open.pop(run_id)
+                rows.append(run.row(now_ms))
+                heapq.heappush(self._deadlines, (watermark + self.idle_timeout_ms, run_id))
+            else:
+                del self.closed[run_id]
+        return rows

@@ -1,0 +1,146 @@
+"""One frozen settings object, read from `TRACKSIDE_*` environment variables (SPEC §2)."""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.errors import ConfigError
+
+# Kafka settings with a field of their own; any other TRACKSIDE_KAFKA_* variable is passed
+# to librdkafka as is (TRACKSIDE_KAFKA_SOCKET_KEEPALIVE_ENABLE -> socket.keepalive.enable).
+_KAFKA_FIELDS = {
+    "security_protocol": "security.protocol",
+    "sasl_mechanism": "sasl.mechanism",
+    "sasl_username": "sasl.username",
+    "sasl_password": "sasl.password",
+    "ssl_ca_location": "ssl.ca.location",
+    "ssl_certificate_location": "ssl.certificate.location",
+    "ssl_key_location": "ssl.key.location",
+    "ssl_key_password": "ssl.key.password",
+}
+
+
+class Settings(BaseSettings):
+    """Everything Trackside can be told; every field has a working default."""
+
+    model_config = SettingsConfigDict(env_prefix="TRACKSIDE_", frozen=True, extra="ignore")
+
+    # Where things run.
+    bootstrap: str = Field("", description="Kafka bootstrap servers; empty = the embedded broker")
+    embedded_port: int = Field(19092, description="port of the embedded broker")
+    clickhouse_url: SecretStr | None = Field(
+        None, description="chdb:///path or http(s)://user:pass@host:8123/db; default chdb in the data dir"
+    )
+    data_dir: Path = Field(Path(".trackside"), description="where embedded state lives")
+    database: str = Field("trackside", description="ClickHouse database")
+    cluster: str = Field("", description="ClickHouse cluster for ON CLUSTER migrations; empty = none")
+
+    # Kafka clients (SPEC §2: TRACKSIDE_KAFKA_*).
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_ca_location: str = ""
+    kafka_ssl_certificate_location: str = ""
+    kafka_ssl_key_location: str = ""
+    kafka_ssl_key_password: SecretStr = SecretStr("")
+    session_timeout_ms: int = Field(6000, description="consumer group session timeout")
+
+    # Topology.
+    partitions: int = Field(4, ge=1, description="partitions of agent.events and of the internal topics")
+    workers: int = Field(1, ge=1, description="faust worker processes started by `trackside up`")
+
+    # Stream semantics (event time).
+    window_seconds: int = Field(300, ge=1, description="tumbling window of agent_metrics")
+    allowed_lateness_seconds: int = Field(120, ge=0, description="late runs within this are counted in their window")
+    run_idle_timeout_seconds: int = Field(1800, ge=1, description="a run with no event for this long is closed as timeout")
+
+    # Ingest and sink.
+    ingest_batch_max: int = Field(20000, ge=1, description="most messages the ingest stage takes in one poll")
+    ingest_poll_seconds: float = Field(0.05, gt=0, description="longest wait of one poll")
+    max_event_bytes: int = Field(1_000_000, ge=256, description="larger events go to the dead-letter topic")
+    store_raw_tool_args: bool = Field(False, description="store tool arguments raw, not only hashed")
+    store_retry_max_seconds: float = Field(30.0, gt=0, description="cap of the backoff while the store refuses writes")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("database")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("database must be a plain identifier")
+        return value
+
+    # Derived values.
+
+    @property
+    def embedded(self) -> bool:
+        """True when Trackside runs its own broker."""
+        return not self.bootstrap
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.bootstrap or f"127.0.0.1:{self.embedded_port}"
+
+    @property
+    def store_url(self) -> str:
+        """The store's URL with its credentials: give it to clients, never print it."""
+        if self.clickhouse_url is not None and self.clickhouse_url.get_secret_value():
+            return self.clickhouse_url.get_secret_value()
+        return f"chdb://{self.data_dir / 'clickhouse'}"
+
+    @property
+    def store_url_redacted(self) -> str:
+        return redact_url(self.store_url)
+
+    @property
+    def store_is_embedded(self) -> bool:
+        return self.store_url.startswith("chdb:")
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files and the address of the running store's query service."""
+        return self.data_dir / "run"
+
+    @cached_property
+    def kafka_config(self) -> dict[str, str]:
+        """librdkafka settings shared by every confluent-kafka client."""
+        config: dict[str, str] = {"bootstrap.servers": self.bootstrap_servers, "log.connection.close": False}
+        for field, key in _KAFKA_FIELDS.items():
+            value = getattr(self, f"kafka_{field}")
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if value:
+                config[key] = value
+        prefix = "TRACKSIDE_KAFKA_"
+        for name, value in os.environ.items():
+            suffix = name[len(prefix):].lower()
+            if name.startswith(prefix) and suffix not in _KAFKA_FIELDS:
+                config[suffix.replace("_", ".")] = value
+        if config.get("security.protocol", "").upper() not in {
+            "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL",
+        }:
+            raise ConfigError(f"TRACKSIDE_KAFKA_SECURITY_PROTOCOL: unknown protocol {config['security.protocol']!r}")
+        return config
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))

@@ -1,0 +1,168 @@
+"""`trackside up`: the embedded stack (broker, store sink, faust workers) in one foreground process.
+
+Start order: lock the data dir, start the broker (unless TRACKSIDE_BOOTSTRAP names one),
+create the topics, open the store and apply the migrations, serve queries, start the
+store sink, start the faust workers, then print the ready line. Stop order is the reverse.
+A worker that dies is restarted; its partitions' state is rebuilt from the stream.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+import threading
+import time
+
+from streams.broker import Child, embedded_broker, ensure_topics, port_free, wait_for_broker
+from streams.errors import BrokerError, ConfigError, TracksideError
+from streams.ingest import StoreSink
+from streams.settings import Settings
+from streams.store import QueryService, Store, open_store
+
+log = logging.getLogger(__name__)
+
+WORKER_READY = b"[^Worker]: Ready"
+
+
+class Stack:
+    """The running parts of `trackside up`; use as a context manager or call start/stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.broker: Child | None = None
+        self.store: Store | None = None
+        self.service: QueryService | None = None
+        self.sink: StoreSink | None = None
+        self.workers: list[Child] = []
+        self._sink_thread: threading.Thread | None = None
+        self._lock_file = None
+        self._started = False
+
+    # Start.
+
+    def start(self, *, ready_timeout: float = 90.0) -> None:
+        settings = self.settings
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        if settings.embedded:
+            if not port_free(settings.embedded_port):
+                raise BrokerError(
+                    f"port {settings.embedded_port} is taken by another program; "
+                    "set TRACKSIDE_EMBEDDED_PORT to a free port"
+                )
+            self.broker = embedded_broker(settings)
+            self.broker.start()
+        wait_for_broker(settings)
+        created = ensure_topics(settings)
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+
+        self.store = open_store(settings)
+        applied = self.store.migrate()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        if self.store.embedded:
+            self.service = QueryService(self.store, settings.run_dir)
+            self.service.start()
+
+        self.sink = StoreSink(settings, self.store)
+        self._sink_thread = threading.Thread(target=self._run_sink, name="store-sink", daemon=True)
+        self._sink_thread.start()
+
+        self.workers = [self._worker(index) for index in range(settings.workers)]
+        for worker in self.workers:
+            worker.start()
+        self._wait_ready(ready_timeout)
+        self._started = True
+
+    def _lock(self) -> None:
+        # flock is released by the kernel when the holder dies, even by kill -9: no stale locks.
+        self._lock_file = open(self.settings.run_dir / "up.lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another `trackside up` is running on {self.settings.data_dir}; "
+                "stop it or set TRACKSIDE_DATA_DIR"
+            ) from None
+
+    def _worker(self, index: int) -> Child:
+        command = [sys.executable, "-m", "streams", "worker", "--without-web", "--loglevel", "info"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return Child(f"worker-{index}", command, self.settings.run_dir, self.settings.data_dir / "logs", env)
+
+    def _run_sink(self) -> None:
+        try:
+            self.sink.run()
+        except Exception:
+            log.exception("the store sink stopped")
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        offsets = {worker.name: worker.log_file.stat().st_size for worker in self.workers}
+        pending = set(offsets)
+        while pending or not self.sink.assigned.is_set():
+            for worker in self.workers:
+                if worker.name in pending:
+                    with open(worker.log_file, "rb") as log_file:
+                        log_file.seek(offsets[worker.name])
+                        if WORKER_READY in log_file.read():
+                            pending.discard(worker.name)
+                if not worker.alive:
+                    raise TracksideError(f"{worker.name} exited at start; see {worker.log_file}")
+            if not self._sink_thread.is_alive():
+                raise TracksideError("the store sink exited at start; see the log above")
+            if time.monotonic() > deadline:
+                raise TracksideError(f"not ready after {timeout:.0f} s (waiting for: {', '.join(sorted(pending)) or 'sink'})")
+            time.sleep(0.1)
+
+    @property
+    def ready_line(self) -> str:
+        return f"trackside ready bootstrap={self.settings.bootstrap_servers} store={self.settings.store_url_redacted}"
+
+    # Run.
+
+    def supervise(self, stop: threading.Event) -> None:
+        """Keep the workers alive until `stop` is set."""
+        while not stop.wait(1.0):
+            for worker in self.workers:
+                if not worker.alive:
+                    log.warning("%s exited with code %s; restarting it", worker.name, worker.process.returncode)
+                    worker.start()
+            if self._sink_thread is not None and not self._sink_thread.is_alive():
+                raise TracksideError("the store sink stopped; see the log above")
+
+    # Stop.
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        if self.sink is not None:
+            self.sink.stop.set()
+            self._sink_thread.join(30)
+        if self.store is not None:
+            if self.service is not None:
+                self.service.stop()
+            try:
+                self.store.optimize()
+            except Exception as error:  # a store that is down must not block the shutdown
+                log.warning("could not merge duplicate rows at shutdown: %s", error)
+            self.store.close()
+        if self.broker is not None:
+            self.broker.stop()
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    def __enter__(self) -> "Stack":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+

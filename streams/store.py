@@ -1,0 +1,285 @@
+"""The ClickHouse store: one client wrapper, the migration runner, and the local query service.
+
+An embedded store (chdb) can be open in one process only. The process that owns it (the
+store sink of `trackside up`) serves queries to the others (`trackside sql`, the processors'
+recovery) over a loopback HTTP service whose address and token it writes to the data dir.
+A ClickHouse server (http/https URL) is used directly by every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+import pyarrow as pa
+
+from streams.errors import StoreBusyError, StoreError
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+# Tables whose rows are replaced by key: plain SELECTs see one row per key only with FINAL.
+DEDUPLICATED = ("events", "runs", "agent_metrics", "dead_letters", "alerts", "rollbacks", "drift", "failure_clusters")
+# Every query run for a person applies FINAL to the tables that support it, so redelivered
+# rows never show twice, whether or not the background merges have run yet.
+QUERY_SETTINGS = {"final": 1}
+SERVICE_FILE = "store-service.json"
+# Kinds of statement (the first word of EXPLAIN AST) that only read.
+READ_ONLY_STATEMENTS = ("SelectWithUnionQuery", "SelectQuery", "Show", "Describe", "Explain", "Exists")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    """A clickhouse-connect client for one database; thread-safe (chdb is not re-entrant)."""
+
+    def __init__(self, url: str, database: str, *, cluster: str = "") -> None:
+        self.database = database
+        self.cluster = cluster
+        self._url = url
+        self._lock = threading.RLock()
+        try:
+            self.client = clickhouse_connect.get_client(dsn=url)
+        except Exception as error:  # clickhouse-connect raises several types; keep the URL's secret out
+            raise StoreError(f"cannot open the store: {type(error).__name__}: {_scrub(str(error), url)}") from None
+        self._use_database()
+
+    def _use_database(self) -> None:
+        # Unqualified names (`SELECT count() FROM events`) then mean the Trackside tables.
+        exists = self.client.command("SELECT count() FROM system.databases WHERE name = {db:String}", parameters={"db": self.database})
+        if int(exists):
+            self.client.database = self.database
+
+    @property
+    def embedded(self) -> bool:
+        return self._url.startswith("chdb:")
+
+    def command(self, sql: str, parameters: dict | None = None) -> Any:
+        with self._lock:
+            return self.client.command(sql, parameters=parameters)
+
+    def query_rows(self, sql: str, parameters: dict | None = None) -> list[tuple]:
+        with self._lock:
+            return self.client.query(sql, parameters=parameters, settings=QUERY_SETTINGS).result_rows
+
+    def query_arrow(self, sql: str, parameters: dict | None = None) -> pa.Table:
+        with self._lock:
+            return self.client.query_arrow(sql, parameters=parameters, settings=QUERY_SETTINGS)
+
+    def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
+        """The result of any SQL in any ClickHouse output format, as the server writes it."""
+        settings = dict(QUERY_SETTINGS)
+        with self._lock:
+            try:
+                if readonly:
+                    self._check_reads_only(sql)
+                return self.client.raw_query(sql, settings=settings, fmt=fmt)
+            except StoreError:
+                raise
+            except Exception as error:  # the server's message is what the person needs
+                raise StoreError(_scrub(str(error), self._url)) from None
+
+    def _check_reads_only(self, sql: str) -> None:
+        # ClickHouse's own parser says what the statement is. (The `readonly` setting cannot
+        # serve here: chdb applies per-query settings with SET and cannot undo readonly=1.)
+        kind = self.client.raw_query(f"EXPLAIN AST {sql}").decode().split(maxsplit=1)[0]
+        if not kind.startswith(READ_ONLY_STATEMENTS):
+            raise StoreError(f"read-only: a {kind} statement changes the store; pass --write to run it")
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        if data.num_rows == 0:
+            return
+        with self._lock:
+            self.client.insert_arrow(f"{self.database}.{table}", data)
+
+    def optimize(self) -> None:
+        """Merge replaced rows away, so that even a reader without FINAL sees one row per key."""
+        for table in DEDUPLICATED:
+            with self._lock:
+                self.client.command(f"OPTIMIZE TABLE {self.database}.{table} FINAL")
+
+    def close(self) -> None:
+        with self._lock:
+            self.client.close()
+
+    # Migrations.
+
+    def migrate(self, directory: Path = MIGRATIONS_DIR) -> list[str]:
+        """Apply the migrations not applied yet, in order; returns the names applied."""
+        on_cluster = f"ON CLUSTER {self.cluster}" if self.cluster else ""
+        self.command(f"CREATE DATABASE IF NOT EXISTS {self.database} {on_cluster}")
+        self.command(
+            f"CREATE TABLE IF NOT EXISTS {self.database}.schema_migrations {on_cluster} "
+            "(version UInt32, name String, checksum String, applied_at DateTime64(3, 'UTC')) "
+            "ENGINE = MergeTree ORDER BY version"
+        )
+        done = {version for (version,) in self.query_rows(f"SELECT version FROM {self.database}.schema_migrations")}
+        applied = []
+        for path in sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+            version = int(path.name[:4])
+            if version in done:
+                continue
+            text = path.read_text()
+            for statement in split_statements(text):
+                self.command(statement.format(database=self.database, on_cluster=on_cluster))
+            self.command(
+                f"INSERT INTO {self.database}.schema_migrations VALUES "
+                "({version:UInt32}, {name:String}, {checksum:String}, now64(3))",
+                parameters={"version": version, "name": path.stem, "checksum": hashlib.sha256(text.encode()).hexdigest()},
+            )
+            applied.append(path.stem)
+        self._use_database()
+        return applied
+
+
+def split_statements(text: str) -> list[str]:
+    """The statements of a migration file: each ends with `;` at the end of a line."""
+    text = re.sub(r"^\s*--[^\n]*", "", text, flags=re.MULTILINE)
+    return [statement.strip() for statement in re.split(r";[ \t]*$", text, flags=re.MULTILINE) if statement.strip()]
+
+
+def _scrub(message: str, url: str) -> str:
+    password = re.match(r"^[a-z]+://[^:/@]+:([^@]+)@", url)
+    return message.replace(password.group(1), "***") if password else message
+
+
+# The query service of the process that owns an embedded store.
+
+
+class QueryService:
+    """Serves `Store.query_raw` on 127.0.0.1 to the other local processes of one data dir."""
+
+    def __init__(self, store: Store, run_dir: Path) -> None:
+        self.store = store
+        self.path = run_dir / SERVICE_FILE
+        self.token = secrets.token_hex(16)
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                if self.headers.get("X-Trackside-Token") != service.token:
+                    self._reply(403, b"wrong token")
+                    return
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                try:
+                    body = service.store.query_raw(
+                        request["sql"], request.get("format", "PrettyCompact"), readonly=request.get("readonly", True)
+                    )
+                except Exception as error:
+                    self._reply(400, str(error).encode())
+                    return
+                self._reply(200, body)
+
+            def _reply(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="query-service", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": self._server.server_address[1], "token": self.token, "pid": os.getpid()}))
+        tmp.chmod(0o600)
+        tmp.replace(self.path)
+
+    def stop(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class RemoteStore:
+    """Queries an embedded store through the query service of the process that owns it."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self._url = f"http://127.0.0.1:{port}/query"
+        self._token = token
+
+    def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
+        request = urllib.request.Request(
+            self._url,
+            data=json.dumps({"sql": sql, "format": fmt, "readonly": readonly}).encode(),
+            headers={"X-Trackside-Token": self._token, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            raise StoreError(error.read().decode(errors="replace")) from None
+        except OSError as error:
+            raise StoreError(f"the query service of the running stack did not answer: {error}") from None
+
+    def query_json(self, sql: str) -> list[dict]:
+        return [json.loads(line) for line in self.query_raw(sql, "JSONEachRow").splitlines() if line]
+
+
+def running_service(settings: Settings) -> RemoteStore | None:
+    """The query service of a live `trackside up` on this data dir, if there is one."""
+    path = settings.run_dir / SERVICE_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(info.get("pid", -1)):
+        return None
+    return RemoteStore(info["port"], info["token"])
+
+
+def open_store(settings: Settings) -> Store:
+    """Open the store for writing; an embedded one must not be open elsewhere."""
+    if settings.store_is_embedded:
+        if running_service(settings) is not None:
+            raise StoreBusyError(
+                f"the embedded store in {settings.data_dir} is open in a running `trackside up`; "
+                "query it with `trackside sql`"
+            )
+        Path(settings.store_url.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    return Store(settings.store_url, settings.database, cluster=settings.cluster)
+
+
+def query_store(settings: Settings) -> Store | RemoteStore:
+    """Something with `query_raw` for this settings' store, whether or not `up` runs."""
+    if settings.store_is_embedded:
+        remote = running_service(settings)
+        if remote is not None:
+            return remote
+    return open_store(settings)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,71 @@
+"""Arrow schemas of the rows Trackside lands in ClickHouse, and the one way to build them.
+
+The column names are those of `sql/migrations`; a test checks that they agree.
+Money travels as float64 and becomes Decimal in ClickHouse on insert.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+_TS = pa.timestamp("ms", tz="UTC")
+_TEXT = pa.string()
+
+EVENTS = pa.schema(
+    [
+        ("event_id", _TEXT), ("ts", _TS), ("type", _TEXT), ("run_id", _TEXT),
+        ("agent_id", _TEXT), ("agent_version", _TEXT), ("task_id", _TEXT), ("session_id", _TEXT),
+        ("tenant", _TEXT), ("environment", _TEXT), ("model", _TEXT), ("provider", _TEXT),
+        ("input_tokens", pa.uint64()), ("output_tokens", pa.uint64()), ("cache_read_input_tokens", pa.uint64()),
+        ("latency_ms", pa.float64()), ("status", _TEXT), ("error_type", _TEXT), ("error_message", _TEXT),
+        ("tool", _TEXT), ("args_hash", _TEXT), ("args", _TEXT), ("outcome", _TEXT), ("score", pa.float64()),
+        ("cost_usd", pa.float64()), ("cost_source", _TEXT), ("attributes", _TEXT),
+        ("source", _TEXT), ("ingested_at", _TS),
+    ]
+)
+
+RUNS = pa.schema(
+    [
+        ("run_id", _TEXT), ("agent_id", _TEXT), ("agent_version", _TEXT), ("task_id", _TEXT),
+        ("session_id", _TEXT), ("tenant", _TEXT), ("environment", _TEXT),
+        ("started_at", _TS), ("ended_at", _TS), ("outcome", _TEXT), ("score", pa.float64()),
+        ("error_type", _TEXT), ("error_message", _TEXT),
+        ("steps", pa.uint32()), ("llm_calls", pa.uint32()), ("tool_calls", pa.uint32()),
+        ("tool_errors", pa.uint32()), ("llm_errors", pa.uint32()),
+        ("input_tokens", pa.uint64()), ("output_tokens", pa.uint64()), ("cache_read_input_tokens", pa.uint64()),
+        ("cost_usd", pa.float64()), ("cost_source", _TEXT), ("unpriced_calls", pa.uint32()),
+        ("duration_ms", pa.uint64()), ("tool_path", pa.list_(_TEXT)), ("loop_detected", pa.bool_()),
+        ("failure_cluster_id", _TEXT), ("event_count", pa.uint32()), ("closed_by", _TEXT),
+        ("version", pa.uint64()), ("updated_at", _TS),
+    ]
+)
+
+AGENT_METRICS = pa.schema(
+    [
+        ("agent_id", _TEXT), ("agent_version", _TEXT), ("window_start", _TS), ("window_end", _TS),
+        ("runs", pa.uint32()), ("successes", pa.uint32()), ("failures", pa.uint32()), ("timeouts", pa.uint32()),
+        ("cost_usd", pa.float64()), ("cost_per_success", pa.float64()), ("success_rate", pa.float64()),
+        ("p50_duration_ms", pa.float64()), ("p95_duration_ms", pa.float64()), ("loop_rate", pa.float64()),
+        ("tool_calls", pa.uint32()), ("tool_errors", pa.uint32()), ("tool_error_rate", pa.float64()),
+        ("input_tokens", pa.uint64()), ("output_tokens", pa.uint64()),
+        ("is_final", pa.bool_()), ("version", pa.uint64()), ("updated_at", _TS),
+    ]
+)
+
+DEAD_LETTERS = pa.schema(
+    [
+        ("received_at", _TS), ("source", _TEXT), ("topic", _TEXT), ("partition", pa.uint32()),
+        ("offset", pa.uint64()), ("key", pa.binary()), ("error", _TEXT), ("payload", pa.binary()),
+        ("payload_bytes", pa.uint64()),
+    ]
+)
+
+BY_TABLE = {"events": EVENTS, "runs": RUNS, "agent_metrics": AGENT_METRICS, "dead_letters": DEAD_LETTERS}
+
+
+def to_arrow(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts with at least the schema's names) as an Arrow table, column by column.
+
+    Column-wise construction is ~10x faster than `pa.Table.from_pylist` here.
+    """
+    return pa.Table.from_pydict({name: [row[name] for row in rows] for name in schema.names}, schema=schema)

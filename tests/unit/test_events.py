@@ -1,0 +1,62 @@
+"""Validation of agent events: every malformed kind is rejected with its reason; valid ones normalise."""
+
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+
+from streams.events import COLUMNS, InvalidEvent, args_hash, json_schema, parse
+from tests.malformed import GOOD, MALFORMED
+
+
+@pytest.mark.parametrize(("name", "value", "reason"), MALFORMED, ids=[case[0] for case in MALFORMED])
+def test_malformed_is_rejected_with_its_reason(name, value, reason):
+    with pytest.raises(InvalidEvent) as caught:
+        parse(value)
+    assert reason in str(caught.value)
+
+
+def test_there_are_at_least_twenty_kinds_of_malformed_message():
+    assert len({name for name, _, _ in MALFORMED}) >= 20
+
+
+def test_valid_event_is_normalised_to_every_column():
+    event = parse(orjson.dumps(GOOD))
+    assert set(event) == set(COLUMNS)
+    assert event["ts"] == 1_793_491_200_000
+    assert event["status"] == "ok"  # default for calls
+    assert event["cost_usd"] is None
+
+
+def test_epoch_millis_and_rfc3339_give_the_same_time():
+    as_text = parse(orjson.dumps({**GOOD, "ts": "2026-11-01T01:00:00.250+01:00"}))
+    as_millis = parse(orjson.dumps({**GOOD, "ts": 1_793_491_200_250}))
+    assert as_text["ts"] == as_millis["ts"]
+
+
+def test_oversized_message_is_rejected_before_decoding():
+    with pytest.raises(InvalidEvent, match="larger than the limit"):
+        parse(orjson.dumps({**GOOD, "attributes": {"blob": "x" * 2000}}), max_bytes=1000)
+
+
+def test_tool_args_are_hashed_canonically_and_not_kept_by_default():
+    base = {**GOOD, "type": "tool_call", "tool": "search"}
+    first = parse(orjson.dumps({**base, "args": {"q": "shoes", "page": 1}}))
+    second = parse(orjson.dumps({**base, "args": {"page": 1, "q": "shoes"}}))
+    other = parse(orjson.dumps({**base, "args": {"q": "shoes", "page": 2}}))
+    assert first["args_hash"] == second["args_hash"] != other["args_hash"]
+    assert first["args"] == ""
+    kept = parse(orjson.dumps({**base, "args": {"q": "shoes"}}), keep_raw_args=True)
+    assert json.loads(kept["args"]) == {"q": "shoes"}
+    assert kept["args_hash"] == args_hash('{"q":"shoes"}')
+
+
+def test_other_event_types_are_accepted():
+    for kind in ("approval", "policy_hit", "feedback"):
+        assert parse(orjson.dumps({**GOOD, "type": kind}))["type"] == kind
+
+
+def test_committed_json_schema_is_the_generated_one():
+    committed = json.loads((Path(__file__).parents[2] / "streams/schemas/agent-event.json").read_text())
+    assert committed == json_schema()

@@ -1,0 +1,76 @@
+"""Windowed metrics: cost per successful task, percentiles, lateness and finality."""
+
+import numpy as np
+import pytest
+
+from streams.metrics import MetricWindows, percentile
+
+MIN = 60_000
+T0 = 1_793_491_200_000  # a window boundary
+
+
+def run_row(run_id, ended_at, outcome="success", cost=1.0, duration=1000, version=5, agent="bot", tool_calls=2, tool_errors=0):
+    return {
+        "run_id": run_id, "agent_id": agent, "agent_version": "v1", "ended_at": ended_at, "outcome": outcome,
+        "cost_usd": cost, "duration_ms": duration, "loop_detected": False, "tool_calls": tool_calls,
+        "tool_errors": tool_errors, "input_tokens": 10, "output_tokens": 1, "version": version,
+    }
+
+
+def test_cost_per_success_counts_the_cost_of_failed_runs_too():
+    windows = MetricWindows(5 * MIN, 30 * MIN)
+    rows = windows.apply(
+        [run_row("a", T0 + 1, cost=1.0), run_row("b", T0 + 2, "failure", cost=3.0), run_row("c", T0 + 3, cost=2.0)],
+        upstream_partition=0, upstream_watermark=T0, now_ms=1,
+    )
+    (row,) = rows
+    assert (row["runs"], row["successes"], row["failures"]) == (3, 2, 1)
+    assert row["cost_per_success"] == pytest.approx(3.0)
+    assert row["success_rate"] == pytest.approx(2 / 3)
+
+
+def test_no_success_gives_no_cost_per_success():
+    windows = MetricWindows(5 * MIN, 30 * MIN)
+    (row,) = windows.apply([run_row("a", T0, "failure")], 0, T0, now_ms=1)
+    assert row["cost_per_success"] is None
+
+
+def test_runs_fall_in_the_window_of_their_end():
+    windows = MetricWindows(5 * MIN, 30 * MIN)
+    rows = windows.apply([run_row("a", T0 + 4 * MIN), run_row("b", T0 + 5 * MIN)], 0, T0, now_ms=1)
+    assert sorted(row["window_start"] for row in rows) == [T0, T0 + 5 * MIN]
+
+
+def test_a_re_emitted_run_replaces_its_earlier_numbers():
+    windows = MetricWindows(5 * MIN, 30 * MIN)
+    windows.apply([run_row("a", T0, cost=1.0, version=3)], 0, T0, now_ms=1)
+    (row,) = windows.apply([run_row("a", T0, cost=2.0, version=4)], 0, T0, now_ms=2)
+    assert row["runs"] == 1 and row["cost_usd"] == 2.0
+    assert windows.apply([run_row("a", T0, cost=9.0, version=4)], 0, T0, now_ms=3) == []
+
+
+def test_window_is_final_once_every_upstream_partition_passed_end_plus_idle_timeout():
+    windows = MetricWindows(5 * MIN, 30 * MIN)
+    windows.apply([run_row("a", T0)], 0, T0, now_ms=1)
+    windows.apply([], 1, T0, now_ms=1)
+    # Partition 0 is far ahead, partition 1 is not: nothing is final.
+    assert windows.apply([], 0, T0 + 60 * MIN, now_ms=2) == []
+    (row,) = windows.apply([], 1, T0 + 35 * MIN, now_ms=3)
+    assert row["is_final"] and row["runs"] == 1
+    # A run for a final window is late: not counted, but counted as late.
+    assert windows.apply([run_row("z", T0 + 1)], 1, T0 + 35 * MIN, now_ms=4) == []
+    assert windows.late_runs == 1
+
+
+def test_versions_increase():
+    windows = MetricWindows(5 * MIN, 30 * MIN)
+    first = windows.apply([run_row("a", T0)], 0, T0, now_ms=5)[0]["version"]
+    second = windows.apply([run_row("b", T0)], 0, T0, now_ms=5)[0]["version"]
+    assert second > first
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 20, 101])
+def test_percentile_matches_numpy(size):
+    values = sorted(np.random.default_rng(size).exponential(1000, size).tolist())
+    for q in (0.5, 0.95):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q * 100)))

@@ -1,0 +1,90 @@
+"""Run assembly: closing on run_end and on idle timeout, duplicates, late and out-of-order events."""
+
+from streams.runs import RunAssembler
+
+MIN = 60_000
+T0 = 1_793_491_200_000
+
+
+def event(event_id, run_id, kind, ts, **fields):
+    base = {
+        "event_id": event_id, "ts": ts, "type": kind, "run_id": run_id, "agent_id": "bot",
+        "agent_version": "v1", "task_id": "", "session_id": "", "tenant": "", "environment": "",
+        "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0, "status": "ok",
+        "error_type": "", "error_message": "", "tool": "", "args_hash": "", "outcome": "",
+        "score": None, "cost_usd": None, "cost_source": "",
+    }
+    base.update(fields)
+    return base
+
+
+def a_run(run_id, start, outcome="success", prefix=None):
+    prefix = prefix or run_id
+    return [
+        event(f"{prefix}-0", run_id, "run_start", start),
+        event(f"{prefix}-1", run_id, "llm_call", start + 1000, input_tokens=100, output_tokens=10,
+              cost_usd=0.5, cost_source="reported"),
+        event(f"{prefix}-2", run_id, "tool_call", start + 2000, tool="search", args_hash="h1", status="error"),
+        event(f"{prefix}-3", run_id, "tool_call", start + 1500, tool="lookup", args_hash="h2"),
+        event(f"{prefix}-4", run_id, "run_end", start + 3000, outcome=outcome),
+    ]
+
+
+def test_run_closes_at_run_end_with_its_numbers():
+    rows = RunAssembler(30 * MIN).apply(a_run("r1", T0), now_ms=0)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["outcome"] == "success"
+    assert (row["steps"], row["llm_calls"], row["tool_calls"], row["tool_errors"]) == (3, 1, 2, 1)
+    assert row["cost_usd"] == 0.5 and row["cost_source"] == "reported"
+    assert row["duration_ms"] == 3000
+    assert row["tool_path"] == ["lookup", "search"]  # by event time, not arrival
+    assert row["version"] == 5
+
+
+def test_duplicates_are_applied_once():
+    assembler = RunAssembler(30 * MIN)
+    events = a_run("r1", T0)
+    rows = assembler.apply(events[:3] + events[:3] + events[3:], now_ms=0)
+    assert rows[0]["steps"] == 3 and rows[0]["cost_usd"] == 0.5
+    assert assembler.duplicates == 3
+    # A redelivery after the run closed changes nothing and emits nothing.
+    assert assembler.apply(events, now_ms=0) == []
+
+
+def test_idle_run_times_out_once_the_watermark_passes():
+    assembler = RunAssembler(30 * MIN, allowed_lateness_ms=2 * MIN)
+    open_run = a_run("idle", T0)[:3]
+    assert assembler.apply(open_run, now_ms=0) == []
+    # 31 minutes later, minus 2 minutes of lateness, is not yet 30 minutes of idleness.
+    assert assembler.apply(a_run("other", T0 + 31 * MIN)[:1], now_ms=0) == []
+    rows = assembler.apply(a_run("later", T0 + 33 * MIN)[:1], now_ms=0)
+    assert [(row["run_id"], row["outcome"], row["closed_by"]) for row in rows] == [("idle", "timeout", "idle_timeout")]
+    assert rows[0]["ended_at"] == T0 + 2000
+
+
+def test_late_event_of_a_closed_run_updates_its_row():
+    assembler = RunAssembler(30 * MIN)
+    events = a_run("r1", T0)
+    first = assembler.apply(events[:4] + events[4:], now_ms=0)[0]
+    late = event("r1-late", "r1", "llm_call", T0 + 2500, input_tokens=5, cost_usd=0.25, cost_source="reported")
+    second = assembler.apply([late], now_ms=0)[0]
+    assert second["version"] > first["version"]
+    assert second["cost_usd"] == 0.75 and second["llm_calls"] == 2
+
+
+def test_closed_runs_are_forgotten_after_another_idle_timeout():
+    assembler = RunAssembler(30 * MIN)
+    assembler.apply(a_run("r1", T0), now_ms=0)
+    assert "r1" in assembler.closed
+    assembler.apply(a_run("r2", T0 + 61 * MIN), now_ms=0)
+    assert "r1" not in assembler.closed and "r1" not in assembler.open
+
+
+def test_cost_sources_combine():
+    assembler = RunAssembler(30 * MIN)
+    events = a_run("r1", T0)
+    events[1]["cost_source"] = "price_table"
+    events.insert(2, event("r1-x", "r1", "llm_call", T0 + 1100, cost_usd=None, cost_source="unknown"))
+    row = assembler.apply(events, now_ms=0)[0]
+    assert row["cost_source"] == "unknown" and row["unpriced_calls"] == 1

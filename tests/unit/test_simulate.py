@@ -1,0 +1,258 @@
+"""Unit tests of the simulated agent fleet and of its ground truth."""
+
+import itertools
+import json
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+import jobs.simulate as sim
+from jobs.simulate import CanarySpec, FleetConfig, run_labels, simulate, truth, write_jsonl
+
+COMMON = {"event_id", "ts", "type", "run_id", "agent_id", "agent_version"}
+BY_TYPE = {
+    "run_start": set(),
+    "llm_call": {"model", "provider", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                 "latency_ms", "status"},
+    "tool_call": {"tool", "args", "status", "latency_ms"},
+    "run_end": {"outcome"},
+}
+OPTIONAL = {"task_id", "session_id", "tenant", "environment", "attributes", "cost_usd", "error_type",
+            "error_message", "score"}
+
+
+def linear_price(model, provider, input_tokens, output_tokens, cache_read_input_tokens):
+    # a stand-in price table: deterministic, cheap, and sensitive to every argument
+    rate = {"gpt-4o": 1.0, "gpt-4o-mini": 0.1, "claude-sonnet-4-5": 1.2, "claude-haiku-4-5": 0.4}[model]
+    return rate * (2.5e-6 * (input_tokens - cache_read_input_tokens) + 1e-6 * cache_read_input_tokens
+                   + 1e-5 * output_tokens)
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    cfg = FleetConfig(runs=3000, seed=11, loop_fraction=0.05, timeout_fraction=0.04)
+    return cfg, list(simulate(cfg)), run_labels(cfg)
+
+
+def by_run(events):
+    runs = {}
+    for ev in events:
+        runs.setdefault(ev["run_id"], []).append(ev)
+    return runs
+
+
+def test_default_start_is_2026_11_01_utc():
+    assert sim.DEFAULT_START_MS == int(datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def test_same_config_gives_byte_identical_output(tmp_path):
+    cfg = FleetConfig(runs=300, seed=5, price_fn=linear_price, canary=sim.DEFAULT_CANARY)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(simulate(cfg), str(a))
+    write_jsonl(simulate(FleetConfig(runs=300, seed=5, price_fn=linear_price, canary=sim.DEFAULT_CANARY)), str(b))
+    assert a.read_bytes() == b.read_bytes()
+    other = list(simulate(FleetConfig(runs=300, seed=6)))
+    assert [e["event_id"] for e in other] != [json.loads(line)["event_id"] for line in a.read_text().splitlines()]
+
+
+def test_prices_only_add_cost_fields():
+    plain = list(simulate(FleetConfig(runs=200, seed=2)))
+    priced = list(simulate(FleetConfig(runs=200, seed=2, price_fn=linear_price)))
+    assert [{k: v for k, v in e.items() if k != "cost_usd"} for e in priced] == plain
+    assert not any("cost_usd" in e for e in plain)
+
+
+def test_reported_cost_is_true_price_on_configured_fraction():
+    events = list(simulate(FleetConfig(runs=1000, seed=4, price_fn=linear_price, cost_fraction=0.3)))
+    llm = [e for e in events if e["type"] == "llm_call"]
+    with_cost = [e for e in llm if "cost_usd" in e]
+    assert 0.27 < len(with_cost) / len(llm) < 0.33
+    for e in with_cost:
+        assert e["cost_usd"] == linear_price(e["model"], e["provider"], e["input_tokens"], e["output_tokens"],
+                                             e["cache_read_input_tokens"])
+
+
+def test_every_event_has_the_fields_of_its_type(fleet):
+    _, events, _ = fleet
+    ids = set()
+    for e in events:
+        assert COMMON <= e.keys(), e
+        assert e.keys() <= COMMON | BY_TYPE[e["type"]] | OPTIONAL, e
+        assert BY_TYPE[e["type"]] <= e.keys(), e
+        assert isinstance(e["ts"], int) and all(isinstance(e[k], str) for k in COMMON - {"ts"})
+        ids.add(e["event_id"])
+        if e["type"] == "llm_call":
+            assert sim.MODELS[e["model"]][0] == e["provider"]
+            assert e["status"] in ("ok", "error")
+            assert 300 <= e["latency_ms"] <= 8000
+            if e["status"] == "ok":
+                assert 500 <= e["input_tokens"] <= 20000 and 20 <= e["output_tokens"] <= 1500
+                assert 0 <= e["cache_read_input_tokens"] <= e["input_tokens"]
+                assert "error_type" not in e
+            else:
+                assert e["error_type"] in ("rate_limit", "context_length_exceeded")
+        elif e["type"] == "tool_call":
+            assert e["status"] in ("ok", "error", "timeout")
+            assert 20 <= e["latency_ms"] <= 3000
+            json.dumps(e["args"])
+            assert ("error_type" in e) == ("error_message" in e) == (e["status"] != "ok")
+        elif e["type"] == "run_end":
+            assert e["outcome"] in ("success", "failure", "escalated", "aborted")
+            assert 0 <= e.get("score", 0) <= 1
+            assert ("error_type" in e) == ("error_message" in e) == (e["outcome"] == "failure")
+    assert len(ids) == len(events)
+
+
+def test_global_order_and_order_within_runs(fleet):
+    cfg, events, labels = fleet
+    assert all(a["ts"] <= b["ts"] for a, b in itertools.pairwise(events))
+    for run_id, evs in by_run(events).items():
+        assert evs[0]["type"] == "run_start"
+        assert all(e["type"] != "run_start" for e in evs[1:])
+        assert all(e["type"] != "run_end" for e in evs[:-1])
+        for prev, cur in itertools.pairwise(evs):
+            assert cur["ts"] > prev["ts"]
+            if cur["type"] in ("llm_call", "tool_call"):
+                assert cur["ts"] - prev["ts"] == cur["latency_ms"]  # ts marks when the call finished
+        steps = sum(e["type"] in ("llm_call", "tool_call") for e in evs)
+        if not labels[run_id]["timeout"]:
+            assert 3 <= steps <= 30
+
+
+def test_runs_overlap(fleet):
+    _, events, _ = fleet
+    spans = [(evs[0]["ts"], evs[-1]["ts"]) for evs in by_run(events).values()]
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    assert max(itertools.accumulate(d for _, d in edges)) >= 10
+
+
+def test_loops_injected_at_rate_and_detectable(fleet):
+    cfg, events, labels = fleet
+    loops = sum(label["loop"] for label in labels.values())
+    assert abs(loops / cfg.runs - cfg.loop_fraction) < 0.015
+    detected = truth(events)["runs"]  # loop flag from the events, by definition
+    assert {r: v["loop"] for r, v in detected.items()} == {r: v["loop"] for r, v in labels.items()}
+    for run_id, label in labels.items():
+        if label["loop"]:
+            assert label["outcome"] in ("aborted", "failure") and label["failure_family"] == "tool_loop"
+
+
+def test_pagination_is_not_a_loop(fleet):
+    _, events, labels = fleet
+    detected = truth(events)["runs"]
+    paged = 0
+    for run_id, evs in by_run(events).items():
+        pages = [e["args"]["page"] for e in evs if e["type"] == "tool_call" and e["tool"] == "web_search"]
+        if len(set(pages)) >= 3 and not labels[run_id]["loop"]:
+            paged += 1
+            assert not detected[run_id]["loop"]
+    assert paged > 10
+
+
+def test_timeouts_have_no_run_end_and_sit_in_first_half(fleet):
+    cfg, events, labels = fleet
+    runs = by_run(events)
+    mid = cfg.start_ms + cfg.duration_ms // 2
+    timeouts = [r for r, label in labels.items() if label["timeout"]]
+    assert abs(len(timeouts) / cfg.runs - cfg.timeout_fraction) < 0.015
+    for run_id in timeouts:
+        assert all(e["type"] != "run_end" and e["ts"] < mid for e in runs[run_id])
+    for run_id, label in labels.items():
+        if not label["timeout"]:
+            assert runs[run_id][-1]["type"] == "run_end"
+            assert runs[run_id][-1]["outcome"] == label["outcome"]
+    outcomes = truth(events, labels=labels)["runs"]
+    assert all(outcomes[r]["outcome"] == "timeout" for r in timeouts)
+
+
+def test_canary_degrades_success_and_raises_cost():
+    canary = CanarySpec("coder", "0.11.0-rc1", share=0.5, success_rate=0.35, cost_multiplier=1.6)
+    cfg = FleetConfig(runs=3000, seed=9, canary=canary, price_fn=linear_price)
+    events = list(simulate(cfg))
+    labels = run_labels(cfg)
+    canary_start = cfg.start_ms + cfg.duration_ms // 2
+    assert all(label["start_ms"] >= canary_start for label in labels.values() if label["canary"])
+    groups = truth(events, price_fn=linear_price)["groups"]
+    bad, good = groups[("coder", "0.11.0-rc1")], groups[("coder", "0.9.3")]
+    assert bad["runs"] > 100
+    assert bad["success_rate"] < good["success_rate"] - 0.2
+    assert bad["cost_usd"] / bad["runs"] > 1.2 * good["cost_usd"] / good["runs"]
+    # the other agents' runs are untouched by the canary
+    plain = run_labels(FleetConfig(runs=3000, seed=9))
+    assert all(plain[r] == label for r, label in labels.items() if label["agent_id"] != "coder")
+
+
+def test_truth_on_hand_made_events():
+    base = {"agent_id": "a", "agent_version": "1"}
+
+    def ev(i, run, type_, **kw):
+        return {"event_id": f"e{i}", "ts": i, "type": type_, "run_id": run, **base, **kw}
+
+    def llm(i, run, cost=None, tokens=(1000, 100, 0)):
+        e = ev(i, run, "llm_call", model="gpt-4o", provider="openai", input_tokens=tokens[0],
+               output_tokens=tokens[1], cache_read_input_tokens=tokens[2], latency_ms=1, status="ok")
+        if cost is not None:
+            e["cost_usd"] = cost
+        return e
+
+    def tool(i, run, args):
+        return ev(i, run, "tool_call", tool="lookup_order", args=args, status="ok", latency_ms=1)
+
+    events = [
+        ev(1, "r1", "run_start"), llm(2, "r1", cost=0.5), tool(3, "r1", {"id": 1}), llm(4, "r1"),
+        ev(5, "r1", "run_end", outcome="success"),
+        ev(6, "r2", "run_start"), llm(7, "r2", cost=0.25), tool(8, "r2", {"id": 2}), llm(9, "r2", cost=0.25),
+        tool(10, "r2", {"id": 2}), llm(11, "r2", cost=0.0), tool(12, "r2", {"id": 2}),
+        ev(13, "r2", "run_end", outcome="aborted"),
+        ev(14, "r3", "run_start"), llm(15, "r3"), tool(16, "r3", {"id": 3}),  # never ends
+    ]
+    # events arrive out of order in a pipeline; truth must not care
+    got = truth(list(reversed(events)), price_fn=lambda m, p, i, o, c: 0.125)
+    assert got["runs"]["r1"] == {"agent_id": "a", "agent_version": "1", "outcome": "success", "steps": 3,
+                                 "loop": False, "cost_usd": 0.625, "unpriced_llm_calls": 0}
+    assert got["runs"]["r2"]["loop"] and got["runs"]["r2"]["steps"] == 6 and got["runs"]["r2"]["cost_usd"] == 0.5
+    assert got["runs"]["r3"]["outcome"] == "timeout" and got["runs"]["r3"]["cost_usd"] == 0.125
+    g = got["groups"][("a", "1")]
+    assert (g["runs"], g["successes"], g["loops"]) == (3, 1, 1)
+    assert g["outcomes"] == {"success": 1, "aborted": 1, "timeout": 1}
+    assert g["cost_usd"] == 1.25 and g["cost_per_success"] == 1.25  # failed runs' cost counts too
+    # without a price table the unreported calls are counted, not guessed
+    unpriced = truth(events)["groups"][("a", "1")]
+    assert unpriced["cost_usd"] == 1.0 and unpriced["unpriced_llm_calls"] == 2
+    assert truth(events, labels={"r2": {"loop": False}})["runs"]["r2"]["loop"] is False
+
+
+def test_cost_per_success_is_none_without_successes():
+    events = [{"event_id": "x", "ts": 1, "type": "run_end", "run_id": "r", "agent_id": "a",
+               "agent_version": "1", "outcome": "failure"}]
+    assert truth(events)["groups"][("a", "1")]["cost_per_success"] is None
+
+
+def test_invalid_config_is_rejected():
+    with pytest.raises(ValueError):
+        run_labels(FleetConfig(canary=CanarySpec("nobody", "2")))
+    with pytest.raises(ValueError):
+        run_labels(FleetConfig(loop_fraction=1.5))
+
+
+def test_cli_writes_jsonl(tmp_path):
+    out = tmp_path / "fleet.jsonl"
+    assert sim.main(["--runs", "20", "--seed", "7", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines and {json.loads(line)["run_id"] for line in lines} == set(run_labels(FleetConfig(runs=20, seed=7)))
+
+
+def test_genai_prices_fn_knows_the_models():
+    pytest.importorskip("genai_prices")
+    for model, (provider, _) in sim.MODELS.items():
+        price = sim.genai_prices_fn(model, provider, 5000, 300, 1024)
+        assert price is not None and price > 0, model
+    assert sim.genai_prices_fn("no-such-model", "openai", 10, 10, 0) is None
+
+
+def test_speed_of_200k_events():
+    began = time.perf_counter()
+    n = sum(1 for _ in itertools.islice(simulate(FleetConfig(runs=17_000, seed=1)), 200_000))
+    took = time.perf_counter() - began
+    print(f"\n{n} events in {took:.2f}s ({n / took:,.0f} events/s)")
