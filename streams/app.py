@@ -127,7 +127,9 @@ def create_app(settings: Settings) -> faust.App:
             partition = message.message.partition
             state = windows.get(partition)
             if state is None:
-                state = windows[partition] = MetricWindows(settings.window_seconds * 1000, idle_timeout_ms)
+                state = windows[partition] = MetricWindows(
+                    settings.window_seconds * 1000, idle_timeout_ms, settings.partitions
+                )
             rows = state.apply(result["runs"], result["partition"], result["watermark"], now_ms())
             if rows:
                 await metric_results.send(value=orjson.dumps({"metrics": rows}), partition=partition)

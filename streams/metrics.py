@@ -3,7 +3,7 @@
 A run belongs to the window that holds its `ended_at`. Windows stay open, and are re-emitted
 whenever a run lands in them, until every upstream partition's watermark has passed the
 window's end plus the run idle timeout (a run can close that long after its last event);
-upstream partitions that never sent anything are not waited for. Then the window is final and forgotten, and a run that still arrives for it is counted as
+an upstream partition silent for `idle_source_ms` of wall time is not waited for. Then the window is final and forgotten, and a run that still arrives for it is counted as
 late. Cost per successful task = cost of all runs in the window / runs that succeeded.
 """
 
@@ -92,13 +92,17 @@ class Window:
 class MetricWindows:
     """The open windows of the agents of one partition."""
 
-    def __init__(self, window_ms: int, idle_timeout_ms: int) -> None:
+    def __init__(self, window_ms: int, idle_timeout_ms: int, upstream_partitions: int, idle_source_ms: int = 60_000) -> None:
         self.window_ms = window_ms
         self.idle_timeout_ms = idle_timeout_ms
+        self.upstream_partitions = upstream_partitions
+        self.idle_source_ms = idle_source_ms
         self.windows: dict[tuple[str, str, int], Window] = {}
         self.final_before = 0  # windows ending at or before this are final
         self.upstream: dict[int, int] = {}  # upstream partition -> its watermark
+        self.heard: dict[int, int] = {}  # upstream partition -> wall time of its last message
         self.late_runs = 0
+        self._started = 0
         self._version = 0
 
     def window_of(self, ts: int) -> int:
@@ -120,13 +124,24 @@ class MetricWindows:
                 dirty.add(key)
         if upstream_watermark > self.upstream.get(upstream_partition, 0):
             self.upstream[upstream_partition] = upstream_watermark
+        self.heard[upstream_partition] = now_ms
+        self._started = self._started or now_ms
         return self._emit(dirty, now_ms)
 
+    def _min_watermark(self, now_ms: int) -> int | None:
+        """The slowest upstream partition's watermark, leaving out partitions silent for long."""
+        live = [
+            self.upstream.get(partition, 0) for partition in range(self.upstream_partitions)
+            if now_ms - self.heard.get(partition, self._started) < self.idle_source_ms
+        ]
+        return min(live) if live else None
+
     def _emit(self, dirty: set[tuple[str, str, int]], now_ms: int) -> list[dict]:
-        # Upstream partitions that never sent anything hold no runs back; counting them
-        # would keep every window open forever on a topic with an unused partition.
-        if self.upstream:
-            self.final_before = max(self.final_before, min(self.upstream.values()) - self.idle_timeout_ms)
+        # A partition that has not reported yet may hold runs of any window: wait for it,
+        # but not forever (an unused partition never reports).
+        slowest = self._min_watermark(now_ms)
+        if slowest is not None:
+            self.final_before = max(self.final_before, slowest - self.idle_timeout_ms)
         final = [key for key, window in self.windows.items() if window.end <= self.final_before]
         rows = []
         for key in dirty | set(final):

@@ -18,7 +18,7 @@ def run_row(run_id, ended_at, outcome="success", cost=1.0, duration=1000, versio
 
 
 def test_cost_per_success_counts_the_cost_of_failed_runs_too():
-    windows = MetricWindows(5 * MIN, 30 * MIN)
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2)
     rows = windows.apply(
         [run_row("a", T0 + 1, cost=1.0), run_row("b", T0 + 2, "failure", cost=3.0), run_row("c", T0 + 3, cost=2.0)],
         upstream_partition=0, upstream_watermark=T0, now_ms=1,
@@ -30,27 +30,35 @@ def test_cost_per_success_counts_the_cost_of_failed_runs_too():
 
 
 def test_no_success_gives_no_cost_per_success():
-    windows = MetricWindows(5 * MIN, 30 * MIN)
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2)
     (row,) = windows.apply([run_row("a", T0, "failure")], 0, T0, now_ms=1)
     assert row["cost_per_success"] is None
 
 
 def test_runs_fall_in_the_window_of_their_end():
-    windows = MetricWindows(5 * MIN, 30 * MIN)
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2)
     rows = windows.apply([run_row("a", T0 + 4 * MIN), run_row("b", T0 + 5 * MIN)], 0, T0, now_ms=1)
     assert sorted(row["window_start"] for row in rows) == [T0, T0 + 5 * MIN]
 
 
 def test_a_re_emitted_run_replaces_its_earlier_numbers():
-    windows = MetricWindows(5 * MIN, 30 * MIN)
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2)
     windows.apply([run_row("a", T0, cost=1.0, version=3)], 0, T0, now_ms=1)
     (row,) = windows.apply([run_row("a", T0, cost=2.0, version=4)], 0, T0, now_ms=2)
     assert row["runs"] == 1 and row["cost_usd"] == 2.0
     assert windows.apply([run_row("a", T0, cost=9.0, version=4)], 0, T0, now_ms=3) == []
 
 
+def test_a_partition_that_has_not_reported_holds_windows_open_until_it_is_idle():
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2, idle_source_ms=60_000)
+    windows.apply([run_row("a", T0)], 0, T0 + 60 * MIN, now_ms=1_000)
+    assert windows.windows, "partition 1 has not reported: nothing may be final"
+    (row,) = windows.apply([], 0, T0 + 60 * MIN, now_ms=62_000)
+    assert row["is_final"]
+
+
 def test_window_is_final_once_every_upstream_partition_passed_end_plus_idle_timeout():
-    windows = MetricWindows(5 * MIN, 30 * MIN)
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2)
     windows.apply([run_row("a", T0)], 0, T0, now_ms=1)
     windows.apply([], 1, T0, now_ms=1)
     # Partition 0 is far ahead, partition 1 is not: nothing is final.
@@ -63,7 +71,7 @@ def test_window_is_final_once_every_upstream_partition_passed_end_plus_idle_time
 
 
 def test_versions_increase():
-    windows = MetricWindows(5 * MIN, 30 * MIN)
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2)
     first = windows.apply([run_row("a", T0)], 0, T0, now_ms=5)[0]["version"]
     second = windows.apply([run_row("b", T0)], 0, T0, now_ms=5)[0]["version"]
     assert second > first
