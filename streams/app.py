@@ -3,15 +3,16 @@
 `assemble_runs` folds the ingest stage's event batches into runs (`streams.runs`) and sends
 closed runs, grouped by the partition of their agent, to `trackside.run-results`;
 `compute_metrics` folds those into event-time windows (`streams.metrics`) and sends the
-changed window rows to `trackside.metric-results`. The store sink lands both.
+changed window rows to `trackside.metric-results`. The store sink lands both. A partition's
+state is rebuilt from the store the first time a worker sees it (`streams.recovery`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
-import zlib
 from collections import defaultdict
 
 import faust
@@ -19,7 +20,9 @@ import orjson
 
 from streams import topics
 from streams.metrics import MetricWindows
-from streams.runs import RunAssembler
+from streams.errors import StoreError
+from streams.recovery import open_run_events, open_windows
+from streams.runs import RunAssembler, agent_partition
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,19 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def agent_partition(agent_id: str, partitions: int) -> int:
-    """The partition of an agent's windows: stable across processes and restarts."""
-    return zlib.crc32(agent_id.encode()) % partitions
+async def _from_store(query, *args):  # noqa: ANN001, ANN202
+    """Run a blocking store query off the event loop; retry while the store is unavailable.
+
+    An exception must not escape an agent: faust would restart it past the current message.
+    """
+    delay = 0.5
+    while True:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, query, *args)
+        except StoreError as error:
+            log.warning("%s failed (%s); retrying in %.1f s", query.__name__, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
@@ -105,9 +118,12 @@ def create_app(settings: Settings) -> faust.App:
             batch = orjson.loads(message.value)
             partition = message.message.partition
             assembler = assemblers.get(partition)
+            closed = []
             if assembler is None:
                 assembler = assemblers[partition] = RunAssembler(idle_timeout_ms, lateness_ms)
-            closed = assembler.apply(batch["events"], now_ms())
+                stored = await _from_store(open_run_events, settings, partition)
+                closed = assembler.apply(stored, now_ms())
+            closed += assembler.apply(batch["events"], now_ms())
             by_target: dict[int, list[dict]] = defaultdict(list)
             for row in closed:
                 by_target[agent_partition(row["agent_id"], settings.partitions)].append(row)
@@ -130,6 +146,8 @@ def create_app(settings: Settings) -> faust.App:
                 state = windows[partition] = MetricWindows(
                     settings.window_seconds * 1000, idle_timeout_ms, settings.partitions
                 )
+                stored, final_before = await _from_store(open_windows, settings, partition)
+                state.restore(stored, final_before)
             rows = state.apply(result["runs"], result["partition"], result["watermark"], now_ms())
             if rows:
                 await metric_results.send(value=orjson.dumps({"metrics": rows}), partition=partition)

@@ -110,23 +110,30 @@ class MetricWindows:
 
     def apply(self, rows: list[dict], upstream_partition: int, upstream_watermark: int, now_ms: int) -> list[dict]:
         """Fold closed runs in; returns the `agent_metrics` rows that changed or became final."""
-        dirty: set[tuple[str, str, int]] = set()
-        for row in rows:
-            start = self.window_of(row["ended_at"])
-            if start + self.window_ms <= self.final_before:
-                self.late_runs += 1
-                continue
-            key = (row["agent_id"], row["agent_version"], start)
-            window = self.windows.get(key)
-            if window is None:
-                window = self.windows[key] = Window(key[0], key[1], start, start + self.window_ms)
-            if window.add(row):
-                dirty.add(key)
+        dirty = {key for key in map(self._add, rows) if key is not None}
         if upstream_watermark > self.upstream.get(upstream_partition, 0):
             self.upstream[upstream_partition] = upstream_watermark
         self.heard[upstream_partition] = now_ms
         self._started = self._started or now_ms
         return self._emit(dirty, now_ms)
+
+    def restore(self, rows: list[dict], final_before: int) -> None:
+        """Put back the runs of open windows and where final windows end, as before a restart."""
+        self.final_before = max(self.final_before, final_before)
+        for row in rows:
+            self._add(row)
+
+    def _add(self, row: dict) -> tuple[str, str, int] | None:
+        """Fold one run into its window; the window's key if that changed it."""
+        start = self.window_of(row["ended_at"])
+        if start + self.window_ms <= self.final_before:
+            self.late_runs += 1
+            return None
+        key = (row["agent_id"], row["agent_version"], start)
+        window = self.windows.get(key)
+        if window is None:
+            window = self.windows[key] = Window(key[0], key[1], start, start + self.window_ms)
+        return key if window.add(row) else None
 
     def _min_watermark(self, now_ms: int) -> int | None:
         """The slowest upstream partition's watermark, leaving out partitions silent for long."""

@@ -9,6 +9,7 @@ closed run's row only grows (its `version` is its number of distinct events).
 from __future__ import annotations
 
 import heapq
+import zlib
 from dataclasses import dataclass, field
 
 from streams.cost import PRICE_TABLE, REPORTED, UNKNOWN
@@ -20,6 +21,11 @@ EVENT_FIELDS = (
     "status", "error_type", "error_message", "tool", "args_hash", "outcome", "score",
     "cost_usd", "cost_source",
 )
+
+
+def agent_partition(agent_id: str, partitions: int) -> int:
+    """The partition of an agent's closed runs and windows: stable across processes and restarts."""
+    return zlib.crc32(agent_id.encode()) % partitions
 
 
 @dataclass(slots=True)

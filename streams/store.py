@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
+import orjson
 import pyarrow as pa
 
 from streams.errors import StoreBusyError, StoreError
@@ -87,23 +88,33 @@ class Store:
         with self._lock:
             return self.client.query_arrow(sql, parameters=parameters, settings=QUERY_SETTINGS)
 
-    def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
-        """The result of any SQL in any ClickHouse output format, as the server writes it."""
+    def query_raw(
+        self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True, parameters: dict | None = None
+    ) -> bytes:
+        """The result of any SQL in any ClickHouse output format, as the server writes it.
+
+        `parameters` bind `{name:Type}` placeholders server-side: values never become SQL text.
+        """
         settings = dict(QUERY_SETTINGS)
+        if fmt.startswith("JSON"):
+            settings["output_format_json_quote_64bit_integers"] = 0
         with self._lock:
             try:
                 if readonly:
-                    self._check_reads_only(sql)
-                return self.client.raw_query(sql, settings=settings, fmt=fmt)
+                    self._check_reads_only(sql, parameters)
+                return self.client.raw_query(sql, parameters=parameters, settings=settings, fmt=fmt)
             except StoreError:
                 raise
             except Exception as error:  # the server's message is what the person needs
                 raise StoreError(_scrub(str(error), self._url)) from None
 
-    def _check_reads_only(self, sql: str) -> None:
+    def query_json(self, sql: str, parameters: dict | None = None) -> list[dict]:
+        return _json_rows(self.query_raw(sql, "JSONEachRow", parameters=parameters))
+
+    def _check_reads_only(self, sql: str, parameters: dict | None) -> None:
         # ClickHouse's own parser says what the statement is. (The `readonly` setting cannot
         # serve here: chdb applies per-query settings with SET and cannot undo readonly=1.)
-        kind = self.client.raw_query(f"EXPLAIN AST {sql}").decode().split(maxsplit=1)[0]
+        kind = self.client.raw_query(f"EXPLAIN AST {sql}", parameters=parameters).decode().split(maxsplit=1)[0]
         if not kind.startswith(READ_ONLY_STATEMENTS):
             raise StoreError(f"read-only: a {kind} statement changes the store; pass --write to run it")
 
@@ -184,7 +195,8 @@ class QueryService:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 try:
                     body = service.store.query_raw(
-                        request["sql"], request.get("format", "PrettyCompact"), readonly=request.get("readonly", True)
+                        request["sql"], request.get("format", "PrettyCompact"),
+                        readonly=request.get("readonly", True), parameters=request.get("parameters"),
                     )
                 except Exception as error:
                     self._reply(400, str(error).encode())
@@ -224,10 +236,12 @@ class RemoteStore:
         self._url = f"http://127.0.0.1:{port}/query"
         self._token = token
 
-    def query_raw(self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True) -> bytes:
+    def query_raw(
+        self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True, parameters: dict | None = None
+    ) -> bytes:
         request = urllib.request.Request(
             self._url,
-            data=json.dumps({"sql": sql, "format": fmt, "readonly": readonly}).encode(),
+            data=json.dumps({"sql": sql, "format": fmt, "readonly": readonly, "parameters": parameters}).encode(),
             headers={"X-Trackside-Token": self._token, "Content-Type": "application/json"},
         )
         try:
@@ -238,8 +252,12 @@ class RemoteStore:
         except OSError as error:
             raise StoreError(f"the query service of the running stack did not answer: {error}") from None
 
-    def query_json(self, sql: str) -> list[dict]:
-        return [json.loads(line) for line in self.query_raw(sql, "JSONEachRow").splitlines() if line]
+    def query_json(self, sql: str, parameters: dict | None = None) -> list[dict]:
+        return _json_rows(self.query_raw(sql, "JSONEachRow", parameters=parameters))
+
+
+def _json_rows(body: bytes) -> list[dict]:
+    return [orjson.loads(line) for line in body.splitlines() if line]
 
 
 def running_service(settings: Settings) -> RemoteStore | None:

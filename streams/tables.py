@@ -1,7 +1,8 @@
 """Arrow schemas of the rows Trackside lands in ClickHouse, and the one way to build them.
 
 The column names are those of `sql/migrations`; a test checks that they agree.
-Money travels as float64 and becomes Decimal in ClickHouse on insert.
+Money is computed as float64 and rounded to Decimal(18, 9) here (ClickHouse's own
+float -> Decimal conversion truncates, which biases every sum downwards).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pyarrow as pa
 
 _TS = pa.timestamp("ms", tz="UTC")
 _TEXT = pa.string()
+_MONEY = pa.decimal128(18, 9)
 
 EVENTS = pa.schema(
     [
@@ -19,7 +21,7 @@ EVENTS = pa.schema(
         ("input_tokens", pa.uint64()), ("output_tokens", pa.uint64()), ("cache_read_input_tokens", pa.uint64()),
         ("latency_ms", pa.float64()), ("status", _TEXT), ("error_type", _TEXT), ("error_message", _TEXT),
         ("tool", _TEXT), ("args_hash", _TEXT), ("args", _TEXT), ("outcome", _TEXT), ("score", pa.float64()),
-        ("cost_usd", pa.float64()), ("cost_source", _TEXT), ("attributes", _TEXT),
+        ("cost_usd", _MONEY), ("cost_source", _TEXT), ("attributes", _TEXT),
         ("source", _TEXT), ("ingested_at", _TS),
     ]
 )
@@ -33,7 +35,7 @@ RUNS = pa.schema(
         ("steps", pa.uint32()), ("llm_calls", pa.uint32()), ("tool_calls", pa.uint32()),
         ("tool_errors", pa.uint32()), ("llm_errors", pa.uint32()),
         ("input_tokens", pa.uint64()), ("output_tokens", pa.uint64()), ("cache_read_input_tokens", pa.uint64()),
-        ("cost_usd", pa.float64()), ("cost_source", _TEXT), ("unpriced_calls", pa.uint32()),
+        ("cost_usd", _MONEY), ("cost_source", _TEXT), ("unpriced_calls", pa.uint32()),
         ("duration_ms", pa.uint64()), ("tool_path", pa.list_(_TEXT)), ("loop_detected", pa.bool_()),
         ("failure_cluster_id", _TEXT), ("event_count", pa.uint32()), ("closed_by", _TEXT),
         ("version", pa.uint64()), ("updated_at", _TS),
@@ -44,7 +46,7 @@ AGENT_METRICS = pa.schema(
     [
         ("agent_id", _TEXT), ("agent_version", _TEXT), ("window_start", _TS), ("window_end", _TS),
         ("runs", pa.uint32()), ("successes", pa.uint32()), ("failures", pa.uint32()), ("timeouts", pa.uint32()),
-        ("cost_usd", pa.float64()), ("cost_per_success", pa.float64()), ("success_rate", pa.float64()),
+        ("cost_usd", _MONEY), ("cost_per_success", _MONEY), ("success_rate", pa.float64()),
         ("p50_duration_ms", pa.float64()), ("p95_duration_ms", pa.float64()), ("loop_rate", pa.float64()),
         ("tool_calls", pa.uint32()), ("tool_errors", pa.uint32()), ("tool_error_rate", pa.float64()),
         ("input_tokens", pa.uint64()), ("output_tokens", pa.uint64()),
@@ -68,4 +70,11 @@ def to_arrow(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
     Column-wise construction is ~10x faster than `pa.Table.from_pylist` here.
     """
-    return pa.Table.from_pydict({name: [row[name] for row in rows] for name in schema.names}, schema=schema)
+    columns = []
+    for field in schema:
+        values = [row[field.name] for row in rows]
+        if pa.types.is_decimal(field.type):
+            columns.append(pa.array(values, pa.float64()).cast(field.type, safe=False))
+        else:
+            columns.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)

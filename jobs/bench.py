@@ -1,0 +1,243 @@
+"""Benchmark: events/s through the whole path, against a raw confluent-kafka consumer on the same broker.
+
+    python -m jobs.bench [--events 200000] [--workers 1] [--partitions 4]
+
+1. Starts `trackside up` (a subprocess, as a user runs it) on a fresh data dir and port.
+2. Raw baseline: produces the same events to a scratch topic and reads them back with a
+   bare confluent-kafka consumer (no decoding): messages/s.
+3. Pipeline: produces the events to `agent.events` and times first publish -> last run
+   queryable in ClickHouse; events/s = events / that time.
+4. Latency: while the pipeline is loaded and then idle, small probe runs are published one
+   at a time; for each, the time from publish until its event, and then its run, can be
+   queried through `trackside sql`'s query service (polled every 10 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from rich.console import Console
+from rich.table import Table
+
+from jobs.simulate import FleetConfig, simulate
+from streams.settings import Settings
+from streams.store import running_service
+
+RAW_TOPIC = "bench.raw"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _produce(bootstrap: str, topic: str, lines: list[bytes], keys: list[bytes]) -> float:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1 << 20, "log.connection.close": False})
+    started = time.perf_counter()
+    for value, key in zip(lines, keys):
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(120)
+    return time.perf_counter() - started
+
+
+def raw_consume_rate(bootstrap: str, lines: list[bytes], keys: list[bytes], partitions: int) -> tuple[float, float]:
+    """(produce msgs/s, consume msgs/s) of bare confluent-kafka clients on this broker."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(RAW_TOPIC, partitions, 1)])[RAW_TOPIC].result()
+    produce_s = _produce(bootstrap, RAW_TOPIC, lines, keys)
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}", "auto.offset.reset": "earliest",
+        "session.timeout.ms": 6000, "fetch.wait.max.ms": 50, "enable.auto.commit": False,
+    })
+    consumer.subscribe([RAW_TOPIC])
+    seen = 0
+    started = None
+    while seen < len(lines):
+        batch = consumer.consume(10000, 1.0)
+        if batch and started is None:
+            started = time.perf_counter()
+            first = len(batch)
+        seen += sum(1 for message in batch if message.error() is None)
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    # The first batch arrived at `started`: rate over the rest.
+    return len(lines) / produce_s, (seen - first) / elapsed
+
+
+class Probe:
+    """Publishes one tiny run at a time and times until its event and its run are queryable."""
+
+    def __init__(self, bootstrap: str, settings: Settings, ts: int) -> None:
+        # Event time inside the benchmark fleet's span: a probe stamped "now" would move its
+        # partition's watermark weeks ahead and time out every open run of the fleet.
+        self.ts = ts
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "log.connection.close": False})
+        self.store = running_service(settings)
+        self.event_ms: list[float] = []
+        self.run_ms: list[float] = []
+
+    def once(self) -> None:
+        run_id = f"probe-{uuid.uuid4()}"
+        base = {"run_id": run_id, "agent_id": "bench-probe", "agent_version": "1", "ts": self.ts}
+        start = orjson.dumps({**base, "event_id": f"{run_id}-s", "type": "run_start"})
+        end = orjson.dumps({**base, "event_id": f"{run_id}-e", "type": "run_end", "outcome": "success"})
+        sent = time.perf_counter()
+        self.producer.produce("agent.events", value=start, key=run_id.encode())
+        self.producer.produce("agent.events", value=end, key=run_id.encode())
+        self.producer.flush(10)
+        self.event_ms.append(self._until(f"SELECT count() FROM events WHERE event_id = '{run_id}-s'", sent))
+        self.run_ms.append(self._until(f"SELECT count() FROM runs WHERE run_id = '{run_id}'", sent))
+
+    def _until(self, sql: str, sent: float, timeout: float = 60) -> float:
+        while time.perf_counter() - sent < timeout:
+            if self.store.query_raw(sql, "TSV").strip() != b"0":
+                return (time.perf_counter() - sent) * 1000
+            time.sleep(0.01)
+        return float("nan")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    values = sorted(v for v in values if v == v)
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MB."""
+    total = 0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        pids += [int(child) for child in children]
+    return total / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--probes", type=int, default=40)
+    args = parser.parse_args(argv)
+    console = Console()
+
+    runs = max(10, args.events // 12)  # the default fleet has ~12.6 events per run
+    config = FleetConfig(seed=1, runs=runs, duration_ms=max(2, runs // 2000) * 3_600_000)
+    with console.status(f"simulating {runs} runs"):
+        # The whole fleet, not a cut: a run cut short at the end of the stream would never close.
+        events = list(simulate(config))
+    lines = [orjson.dumps(event) for event in events]
+    keys = [event["run_id"].encode() for event in events]
+    run_ids = {event["run_id"] for event in events}
+
+    data_dir = Path(tempfile.mkdtemp(prefix="trackside-bench-"))
+    port = _free_port()
+    env = {
+        **os.environ, "TRACKSIDE_DATA_DIR": str(data_dir), "TRACKSIDE_EMBEDDED_PORT": str(port),
+        "TRACKSIDE_WORKERS": str(args.workers), "TRACKSIDE_PARTITIONS": str(args.partitions),
+    }
+    env.pop("TRACKSIDE_BOOTSTRAP", None)
+    settings = Settings(data_dir=data_dir, embedded_port=port)
+    bootstrap = f"127.0.0.1:{port}"
+    up = subprocess.Popen(
+        [str(Path(sys.executable).parent / "trackside"), "up"], env=env,
+        stdout=subprocess.PIPE, stderr=open(data_dir / "up.err", "wb"),
+    )
+    try:
+        with console.status("starting trackside up"):
+            for line in up.stdout:
+                if line.startswith(b"trackside ready"):
+                    break
+            while running_service(settings) is None:
+                time.sleep(0.1)
+        with console.status("raw confluent-kafka baseline"):
+            produce_rate, raw_rate = raw_consume_rate(bootstrap, lines, keys, args.partitions)
+
+        probe = Probe(bootstrap, settings, config.start_ms + 1000)
+        probe.once()  # warm-up, not counted
+        probe.event_ms.clear()
+        probe.run_ms.clear()
+        store = running_service(settings)
+        with console.status(f"pipeline: {len(lines)} events of {len(run_ids)} runs"):
+            # Publish in a thread, so the clock starts at the first publish and runs to the last run landed.
+            started = time.perf_counter()
+            publisher = threading.Thread(target=_produce, args=(bootstrap, "agent.events", lines, keys))
+            publisher.start()
+            loaded_probes = 0
+            while True:
+                landed = int(store.query_raw("SELECT count() FROM runs WHERE agent_id != 'bench-probe'", "TSV"))
+                if landed >= len(run_ids):
+                    break
+                if loaded_probes < args.probes // 2:
+                    probe.once()
+                    loaded_probes += 1
+                else:
+                    time.sleep(0.05)
+                if time.perf_counter() - started > 300:
+                    raise RuntimeError(f"only {landed} of {len(run_ids)} runs landed in 5 minutes")
+            elapsed = time.perf_counter() - started
+            publisher.join()
+        rss = _rss_mb(up.pid)
+        loaded = (list(probe.event_ms), list(probe.run_ms))
+        probe.event_ms.clear()
+        probe.run_ms.clear()
+        with console.status("idle latency probes"):
+            for _ in range(args.probes - loaded_probes):
+                probe.once()
+        idle = (probe.event_ms, probe.run_ms)
+    finally:
+        up.terminate()
+        up.wait(60)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    rate = len(lines) / elapsed
+    table = Table(title=f"Trackside benchmark: {len(lines)} events, {len(run_ids)} runs, "
+                        f"{args.partitions} partitions, {args.workers} faust worker(s), {os.cpu_count()} cores")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("raw confluent-kafka produce", f"{produce_rate:,.0f} msgs/s")
+    table.add_row("raw confluent-kafka consume (baseline)", f"{raw_rate:,.0f} msgs/s")
+    table.add_row("pipeline, first publish -> last run in ClickHouse", f"{elapsed:.2f} s")
+    table.add_row("pipeline throughput", f"{rate:,.0f} events/s")
+    table.add_row("ratio pipeline / raw consume", f"{rate / raw_rate:.3f}")
+    for label, (event_ms, run_ms) in (("under load", loaded), ("idle", idle)):
+        table.add_row(f"publish -> event queryable, {label} (p50 / p99, n={len(event_ms)})",
+                      f"{_quantile(event_ms, .5):,.0f} / {_quantile(event_ms, .99):,.0f} ms")
+        table.add_row(f"publish -> run queryable, {label} (p50 / p99, n={len(run_ms)})",
+                      f"{_quantile(run_ms, .5):,.0f} / {_quantile(run_ms, .99):,.0f} ms")
+    table.add_row("memory of trackside up and children at the end", f"{rss:,.0f} MB")
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Rebuilding a partition's state from the store when a worker (re)starts or takes it over.
+
+The ingest stage lands every valid event in `events` before it hands the event to the
+processors, so the store is the changelog: a partition's open runs are the runs of its
+events that have no row in `runs` yet, and a partition's open windows are those of its
+agents not marked final in `agent_metrics`, rebuilt from their runs. Replaying them through the same pure code gives the same state;
+batches redelivered after the restart are then absorbed (events and runs are deduplicated).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from streams import topics
+from streams.runs import EVENT_FIELDS, agent_partition
+from streams.settings import Settings
+from streams.store import query_store
+
+log = logging.getLogger(__name__)
+
+_EVENT_COLUMNS = ", ".join(
+    {
+        "ts": "toUnixTimestamp64Milli(ts) AS ts",
+        "cost_usd": "toFloat64(cost_usd) AS cost_usd",
+    }.get(name, name)
+    for name in EVENT_FIELDS
+)
+
+_RUN_COLUMNS = (
+    "run_id, agent_id, agent_version, toUnixTimestamp64Milli(ended_at) AS ended_at, outcome, "
+    "toFloat64(cost_usd) AS cost_usd, duration_ms, loop_detected, tool_calls, tool_errors, "
+    "input_tokens, output_tokens, version"
+)
+
+
+def open_run_events(settings: Settings, partition: int) -> list[dict]:
+    """Every landed event of the partition's runs that have not closed, oldest first."""
+    events = query_store(settings).query_json(
+        f"SELECT {_EVENT_COLUMNS} FROM events "
+        "WHERE source LIKE {source:String} AND run_id NOT IN (SELECT run_id FROM runs) ORDER BY ts",
+        {"source": f"{topics.AGENT_EVENTS.name}:{partition}:%"},
+    )
+    if events:
+        log.info("partition %d: rebuilding %d open runs from %d stored events",
+                 partition, len({event["run_id"] for event in events}), len(events))
+    return events
+
+
+def open_windows(settings: Settings, partition: int) -> tuple[list[dict], int]:
+    """The runs of the partition's windows that are not final yet, and where final ends.
+
+    A window emitted as final must stay as it is, and a window still open must be restored
+    whole: re-emitted with part of its runs, it would replace the complete row.
+    """
+    store = query_store(settings)
+    agents = [
+        row["agent_id"] for row in store.query_json("SELECT DISTINCT agent_id FROM runs")
+        if agent_partition(row["agent_id"], settings.partitions) == partition
+    ]
+    if not agents:
+        return [], 0
+    window_ms = settings.window_seconds * 1000
+    # The inner query filters on the columns; the outer one renames them.
+    runs = store.query_json(
+        f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} "
+        "AND (agent_id, agent_version, intDiv(toUnixTimestamp64Milli(ended_at), {window:Int64}) * {window:Int64}) IN "
+        "(SELECT agent_id, agent_version, toUnixTimestamp64Milli(window_start) FROM agent_metrics "
+        " WHERE agent_id IN {agents:Array(String)} AND NOT is_final))",
+        {"agents": agents, "window": window_ms},
+    )
+    (final,) = store.query_json(
+        "SELECT toUnixTimestamp64Milli(max(window_end)) AS final_before FROM agent_metrics "
+        "WHERE agent_id IN {agents:Array(String)} AND is_final",
+        {"agents": agents},
+    )
+    log.info("partition %d: rebuilding windows of %d agents from %d stored runs", partition, len(agents), len(runs))
+    return runs, int(final["final_before"] or 0)

@@ -1,0 +1,114 @@
+"""Restarts on the real broker and chdb: per-run state and windows survive, nothing is counted twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from jobs.simulate import FleetConfig, genai_prices_fn, simulate, truth
+from tests.conftest import RunningStack
+
+pytestmark = pytest.mark.integration
+
+
+def _fleet(seed: int) -> tuple[list[dict], dict]:
+    events = list(simulate(FleetConfig(seed=seed, runs=200, price_fn=genai_prices_fn)))
+    return events, truth(events, price_fn=genai_prices_fn)
+
+
+def _publish(stack: RunningStack, events: list[dict]) -> None:
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}", "linger.ms": 5})
+    for event in events:
+        producer.produce("agent.events", value=orjson.dumps(event), key=event["run_id"].encode())
+    assert producer.flush(30) == 0
+
+
+def _check_everything_landed_once(stack: RunningStack, events: list[dict], expected: dict) -> None:
+    runs = expected["runs"]
+    assert stack.wait_for_count("SELECT count() FROM runs", len(runs)) == len(runs)
+    assert stack.count("SELECT count() FROM events") == len({event["event_id"] for event in events})
+    landed = {
+        row["run_id"]: (row["outcome"], row["steps"], round(row["cost"], 9))
+        for row in stack.query("SELECT run_id, outcome, steps, toFloat64(cost_usd) AS cost FROM runs")
+    }
+    assert landed == {run_id: (run["outcome"], run["steps"], round(run["cost_usd"], 9)) for run_id, run in runs.items()}
+    in_windows = stack.wait_for_count("SELECT sum(runs) FROM agent_metrics", len(runs))
+    assert in_windows == len(runs), stack.query(
+        "SELECT agent_id, agent_version, toStartOfFiveMinutes(ended_at) AS w, count() AS runs FROM runs "
+        "GROUP BY ALL EXCEPT SELECT agent_id, agent_version, window_start, runs FROM agent_metrics"
+    )
+    for row in stack.query(
+        "SELECT agent_id, agent_version, toFloat64(sum(cost_usd)) AS cost, sum(successes) AS successes "
+        "FROM agent_metrics GROUP BY agent_id, agent_version"
+    ):
+        group = expected["groups"][(row["agent_id"], row["agent_version"])]
+        assert row["successes"] == group["successes"]
+        assert row["cost"] == pytest.approx(group["cost_usd"], rel=1e-6)
+
+
+def _split_mid_run(events: list[dict]) -> int:
+    """An index in the middle of the stream where several runs are open."""
+    return len(events) // 2
+
+
+def test_kill_9_of_the_faust_worker_mid_stream_loses_and_doubles_nothing(tmp_path):
+    events, expected = _fleet(seed=21)
+    half = _split_mid_run(events)
+    stack = RunningStack(tmp_path / "stack")
+    stack.start()
+    try:
+        _publish(stack, events[:half])
+        assert stack.wait_for_count("SELECT count() FROM events", len({e["event_id"] for e in events[:half]})) > 0
+        time.sleep(1.5)  # let the worker process (and commit) part of the first half
+        pid = int((stack.data_dir / "run/worker-0.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        _publish(stack, events[half:])
+        _check_everything_landed_once(stack, events, expected)
+        assert "worker-0 exited" in stack.output.read_text()
+    finally:
+        assert stack.stop() == 0
+
+
+def test_open_runs_survive_a_restart_of_the_whole_stack(tmp_path):
+    events, expected = _fleet(seed=22)
+    half = _split_mid_run(events)
+    stack = RunningStack(tmp_path / "stack")
+    stack.start()
+    _publish(stack, events[:half])
+    stack.wait_for_count("SELECT count() FROM events", len({e["event_id"] for e in events[:half]}))
+    time.sleep(2)
+    assert stack.stop() == 0
+    # The embedded broker forgets everything; the store remembers the open runs' events.
+    stack.start()
+    try:
+        _publish(stack, events[half:])
+        _check_everything_landed_once(stack, events, expected)
+    finally:
+        assert stack.stop() == 0
+
+
+def test_up_recovers_after_kill_9(tmp_path):
+    stack = RunningStack(tmp_path / "stack")
+    stack.start()
+    children = [int(path.read_text().split()[0]) for path in (stack.data_dir / "run").glob("*.pid")]
+    assert len(children) == 2  # broker and worker-0
+    stack.process.send_signal(signal.SIGKILL)
+    stack.process.wait(10)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "children outlived a kill -9 of up"
+    stack.ready_line = None
+    stack.start()
+    try:
+        events, expected = _fleet(seed=23)
+        _publish(stack, events)
+        assert stack.wait_for_count("SELECT count() FROM runs", len(expected["runs"])) == len(expected["runs"])
+    finally:
+        assert stack.stop() == 0
