@@ -73,9 +73,9 @@ class RunningStack:
             [str(BIN / "trackside"), *args], env=self.env, input=input, capture_output=True, timeout=300, check=check
         )
 
-    def query(self, sql: str) -> list[dict]:
+    def query(self, sql: str, parameters: dict | None = None) -> list[dict]:
         """Rows of a query through the running stack's query service (FINAL applied)."""
-        return running_service(self.settings).query_json(sql)
+        return running_service(self.settings).query_json(sql, parameters)
 
     def count(self, sql: str) -> int:
         """A one-number query (ClickHouse's JSON quotes 64-bit integers)."""
