@@ -22,7 +22,7 @@ from streams import topics
 from streams.metrics import MetricWindows
 from streams.errors import StoreError
 from streams.recovery import open_run_events, open_windows
-from streams.runs import RunAssembler, agent_partition
+from streams.runs import RunAssembler, agent_partition, unpack
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ def create_app(settings: Settings) -> faust.App:
     """A fresh faust app with its agents; nothing is shared between two apps."""
     app = faust.App(
         APP_ID,
-        broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
+        # trackside:// is faust's aiokafka transport with a short fetch wait (streams/transport.py).
+        broker=[f"trackside://{server}" for server in settings.bootstrap_servers.split(",")],
         broker_credentials=broker_credentials(settings),
         store="memory://",
         datadir=str(settings.data_dir / "faust"),
@@ -123,7 +124,7 @@ def create_app(settings: Settings) -> faust.App:
                 assembler = assemblers[partition] = RunAssembler(idle_timeout_ms, lateness_ms)
                 stored = await _from_store(open_run_events, settings, partition)
                 closed = assembler.apply(stored, now_ms())
-            closed += assembler.apply(batch["events"], now_ms())
+            closed += assembler.apply(unpack(batch["events"]), now_ms())
             by_target: dict[int, list[dict]] = defaultdict(list)
             for row in closed:
                 by_target[agent_partition(row["agent_id"], settings.partitions)].append(row)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable
 
 import orjson
@@ -111,7 +112,7 @@ def _type_name(value: Any) -> str:
 def _check_id(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {_type_name(value)}")
-    if not value.strip():
+    if not value or value.isspace():
         raise ValueError("must not be empty")
     if len(value) > MAX_ID_CHARS:
         raise ValueError(f"longer than {MAX_ID_CHARS} characters ({len(value)})")
@@ -176,7 +177,7 @@ def parse_ts(value: Any) -> int:
         ms = int(moment.timestamp() * 1000)
     else:
         raise ValueError(f"expected an RFC 3339 string or epoch milliseconds, got {_type_name(value)}")
-    latest = int(datetime.now(timezone.utc).timestamp() * 1000) + MAX_FUTURE_MS
+    latest = time.time_ns() // 1_000_000 + MAX_FUTURE_MS
     if not EARLIEST_TS_MS <= ms <= latest:
         raise ValueError(f"event time {ms} ms is before 2000 or more than a day in the future")
     return ms
@@ -205,30 +206,64 @@ def args_hash(args_json: str) -> str:
     return hashlib.sha256(args_json.encode()).hexdigest()[:32]
 
 
-def _apply(fields: tuple[Field, ...], raw: dict, event: dict) -> None:
-    for field in fields:
-        value = raw.get(field.name)
-        if value is None:
-            if field.required:
-                raise InvalidEvent(f"field {field.name!r}: required")
-            continue
-        try:
-            if field.kind == "choice":
-                event[field.name] = _check_choice(value, field.choices)
-            else:
-                event[field.name] = _CHECKS[field.kind](value)
-        except ValueError as error:
-            raise InvalidEvent(f"field {field.name!r}: {error}") from None
+_Check = Callable[[Any], Any]
+
+
+def _check_of(field: Field) -> _Check:
+    if field.kind == "choice":
+        return lambda value: _check_choice(value, field.choices)
+    return _CHECKS[field.kind]
+
+
+# Per event type: every field's check, and the names that must be present.
+_CHECKS_BY_TYPE = {
+    kind: {field.name: _check_of(field) for field in COMMON_FIELDS + TYPE_FIELDS.get(kind, ())}
+    for kind in EVENT_TYPES
+}
+_REQUIRED_BY_TYPE = {
+    kind: tuple(field.name for field in COMMON_FIELDS + TYPE_FIELDS.get(kind, ()) if field.required)
+    for kind in EVENT_TYPES
+}
+_TYPE_CHECK = _check_of(COMMON_FIELDS[2])
 
 
 def validate(raw: Any, *, keep_raw_args: bool = False) -> dict:
-    """The normalised event for one decoded JSON value, or `InvalidEvent` with the reason."""
+    """The normalised event for one decoded JSON value, or `InvalidEvent` with the reason.
+
+    Fields that the contract does not name are kept, under their names, in `attributes`.
+    """
     if not isinstance(raw, dict):
         raise InvalidEvent(f"an event must be a JSON object, got {_type_name(raw)}")
+    kind = raw.get("type")
+    if kind is None:
+        raise InvalidEvent("field 'type': required")
+    try:
+        _TYPE_CHECK(kind)
+    except ValueError as error:
+        raise InvalidEvent(f"field 'type': {error}") from None
+    for name in _REQUIRED_BY_TYPE[kind]:
+        if raw.get(name) is None:
+            raise InvalidEvent(f"field {name!r}: required")
+    checks = _CHECKS_BY_TYPE[kind]
     event = dict(_TEXT_DEFAULTS)
-    _apply(COMMON_FIELDS, raw, event)
-    kind = event["type"]
-    _apply(TYPE_FIELDS.get(kind, ()), raw, event)
+    extra = None
+    # Only the fields present are looked at: most of an event's optional fields are absent.
+    for name, value in raw.items():
+        check = checks.get(name)
+        if check is None:
+            if extra is None:
+                extra = {}
+            extra[name] = value
+            continue
+        if value is None:
+            continue
+        try:
+            event[name] = check(value)
+        except ValueError as error:
+            raise InvalidEvent(f"field {name!r}: {error}") from None
+    if extra:
+        attributes = orjson.loads(event["attributes"]) if event["attributes"] else {}
+        event["attributes"] = orjson.dumps({**extra, **attributes}, option=orjson.OPT_SORT_KEYS).decode()
     if kind == "tool_call":
         args_json = event["args"]
         if args_json:

@@ -23,7 +23,7 @@ from streams import tables, topics
 from streams.cost import PriceTable, price_event
 from streams.errors import BrokerError
 from streams.events import InvalidEvent, parse
-from streams.runs import EVENT_FIELDS
+from streams.runs import pack
 from streams.settings import Settings
 from streams.store import Store
 
@@ -149,7 +149,7 @@ class StoreSink:
             event["source"] = source
             event["ingested_at"] = ingested_at
             events.append(event)
-            by_partition[partition].append({name: event[name] for name in EVENT_FIELDS})
+            by_partition[partition].append(pack(event))
         self._insert("events", events)
         self._insert("dead_letters", dead)
         for row in dead:

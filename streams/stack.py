@@ -18,6 +18,7 @@ import time
 from streams.broker import Child, embedded_broker, ensure_topics, port_free, wait_for_broker
 from streams.errors import BrokerError, ConfigError, TracksideError
 from streams.ingest import StoreSink
+from streams.runtime import tune_gc
 from streams.settings import Settings
 from streams.store import QueryService, Store, open_store
 
@@ -67,6 +68,7 @@ class Stack:
             self.service = QueryService(self.store, settings.run_dir)
             self.service.start()
 
+        tune_gc()
         self.sink = StoreSink(settings, self.store)
         self._sink_thread = threading.Thread(target=self._run_sink, name="store-sink", daemon=True)
         self._sink_thread.start()

@@ -7,6 +7,8 @@ float -> Decimal conversion truncates, which biases every sum downwards).
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import pyarrow as pa
 
 _TS = pa.timestamp("ms", tz="UTC")
@@ -72,7 +74,7 @@ def to_arrow(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """
     columns = []
     for field in schema:
-        values = [row[field.name] for row in rows]
+        values = list(map(itemgetter(field.name), rows))
         if pa.types.is_decimal(field.type):
             columns.append(pa.array(values, pa.float64()).cast(field.type, safe=False))
         else:

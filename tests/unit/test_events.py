@@ -60,3 +60,8 @@ def test_other_event_types_are_accepted():
 def test_committed_json_schema_is_the_generated_one():
     committed = json.loads((Path(__file__).parents[2] / "streams/schemas/agent-event.json").read_text())
     assert committed == json_schema()
+
+
+def test_fields_outside_the_contract_are_kept_in_attributes():
+    event = parse(orjson.dumps({**GOOD, "gpu": "a100", "attributes": {"team": "x"}}))
+    assert json.loads(event["attributes"]) == {"gpu": "a100", "team": "x"}
