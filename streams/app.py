@@ -97,6 +97,8 @@ def create_app(settings: Settings) -> faust.App:
     event_batches = app.topic(topics.EVENT_BATCHES.name, key_serializer="raw", value_serializer="raw")
     run_results = app.topic(topics.RUN_RESULTS.name, key_serializer="raw", value_serializer="raw")
     metric_results = app.topic(topics.METRIC_RESULTS.name, key_serializer="raw", value_serializer="raw")
+    alerts_out = app.topic(topics.ALERTS.name, key_serializer="raw", value_serializer="raw")
+    loop_policy = settings.loop_policy()
 
     idle_timeout_ms = settings.run_idle_timeout_seconds * 1000
     lateness_ms = settings.allowed_lateness_seconds * 1000
@@ -120,11 +122,15 @@ def create_app(settings: Settings) -> faust.App:
             partition = message.message.partition
             assembler = assemblers.get(partition)
             closed = []
+            already_sent: set[str] = set()
             if assembler is None:
-                assembler = assemblers[partition] = RunAssembler(idle_timeout_ms, lateness_ms)
-                stored = await _from_store(open_run_events, settings, partition)
+                assembler = assemblers[partition] = RunAssembler(idle_timeout_ms, lateness_ms, loop_policy)
+                stored, already_sent = await _from_store(open_run_events, settings, partition)
                 closed = assembler.apply(stored, now_ms())
             closed += assembler.apply(unpack(batch["events"]), now_ms())
+            for alert in assembler.take_alerts():
+                if alert["alert_id"] not in already_sent:
+                    await alerts_out.send(key=alert["fingerprint"].encode(), value=orjson.dumps(alert))
             by_target: dict[int, list[dict]] = defaultdict(list)
             for row in closed:
                 by_target[agent_partition(row["agent_id"], settings.partitions)].append(row)

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from typing import Callable
 
 import orjson
+import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from streams import tables, topics
@@ -73,6 +74,7 @@ class StoreSink:
             topics.AGENT_EVENTS.name: self._ingest_events,
             topics.RUN_RESULTS.name: self._land_runs,
             topics.METRIC_RESULTS.name: self._land_metrics,
+            topics.ALERTS.name: self._land_alerts,
         }
 
     def run(self) -> None:
@@ -192,8 +194,32 @@ class StoreSink:
 
     # Result topics of the processors.
 
+    def _land(self, table: str, messages: list[Message], to_rows: Callable[[bytes], list[dict]]) -> None:
+        """Land the rows of each message; a message that cannot be read is a dead letter."""
+        rows, dead = [], []
+        received_at = now_ms()
+        for message in messages:
+            try:
+                rows += to_rows(message.value())
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, pa.ArrowException) as error:
+                source = f"{message.topic()}:{message.partition()}:{message.offset()}"
+                dead.append(self._dead_letter(message, source, f"unreadable {table} message: {error!r}", received_at))
+        self._insert(table, rows)
+        self._insert("dead_letters", dead)
+        self.stats["dead_letters"] += len(dead)
+
     def _land_runs(self, messages: list[Message]) -> None:
-        self._insert("runs", [row for message in messages for row in orjson.loads(message.value())["runs"]])
+        self._land("runs", messages, lambda value: orjson.loads(value)["runs"])
 
     def _land_metrics(self, messages: list[Message]) -> None:
-        self._insert("agent_metrics", [row for message in messages for row in orjson.loads(message.value())["metrics"]])
+        self._land("agent_metrics", messages, lambda value: orjson.loads(value)["metrics"])
+
+    def _land_alerts(self, messages: list[Message]) -> None:
+        # The table mirrors the topic: every alert as sent, evidence as JSON text.
+        def rows(value: bytes) -> list[dict]:
+            alert = orjson.loads(value)
+            row = {**alert, "evidence": orjson.dumps(alert["evidence"]).decode(), "action": alert.get("action", "")}
+            tables.to_arrow([row], tables.ALERTS)  # others may write this topic: check each one
+            return [row]
+
+        self._land("alerts", messages, rows)

@@ -33,17 +33,21 @@ _RUN_COLUMNS = (
 )
 
 
-def open_run_events(settings: Settings, partition: int) -> list[dict]:
-    """Every landed event of the partition's runs that have not closed, oldest first."""
-    events = query_store(settings).query_json(
+def open_run_events(settings: Settings, partition: int) -> tuple[list[dict], set[str]]:
+    """Every landed event of the partition's runs that have not closed, oldest first, and the
+    ids of the alerts already sent about those runs (replaying the events raises them again)."""
+    store = query_store(settings)
+    events = store.query_json(
         f"SELECT {_EVENT_COLUMNS} FROM events "
         "WHERE source LIKE {source:String} AND run_id NOT IN (SELECT run_id FROM runs) ORDER BY ts",
         {"source": f"{topics.AGENT_EVENTS.name}:{partition}:%"},
     )
-    if events:
-        log.info("partition %d: rebuilding %d open runs from %d stored events",
-                 partition, len({event["run_id"] for event in events}), len(events))
-    return events
+    if not events:
+        return [], set()
+    run_ids = sorted({event["run_id"] for event in events})
+    log.info("partition %d: rebuilding %d open runs from %d stored events", partition, len(run_ids), len(events))
+    sent = store.query_json("SELECT alert_id FROM alerts WHERE run_id IN {runs:Array(String)}", {"runs": run_ids})
+    return events, {row["alert_id"] for row in sent}
 
 
 def open_windows(settings: Settings, partition: int) -> tuple[list[dict], int]:

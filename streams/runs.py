@@ -8,12 +8,15 @@ closed run's row only grows (its `version` is its number of distinct events).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import operator
 import zlib
 from dataclasses import dataclass, field
 
-from streams.cost import PRICE_TABLE, REPORTED, UNKNOWN
+from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert
+from streams.cost import UNKNOWN
+from streams.loops import LoopFinding, LoopPolicy, find_loop
 
 # The fields of a normalised event the assembler reads; the ingest stage sends only these,
 # as positional rows (`pack`), which cost a third of dicts to encode and decode.
@@ -68,8 +71,10 @@ class RunState:
     tool_steps: list[tuple[int, int, str, str, str]] = field(default_factory=list)
     event_ids: set[str] = field(default_factory=set)
     closed_by: str = ""
+    loop: LoopFinding | None = None
+    loop_alerted: bool = False
 
-    def apply(self, event: dict) -> bool:
+    def apply(self, event: dict, policy: LoopPolicy | None = None) -> bool:
         """Fold one event in; False if this event_id was already applied."""
         event_id = event["event_id"]
         if event_id in self.event_ids:
@@ -91,11 +96,14 @@ class RunState:
             self.output_tokens += event["output_tokens"]
             self.cache_read_input_tokens += event["cache_read_input_tokens"]
             self._add_cost(event)
+            self._look_for_loop(policy)
         elif kind == "tool_call":
             self.tool_calls += 1
             self.tool_errors += event["status"] in ("error", "timeout")
-            self.tool_steps.append((ts, len(self.event_ids), event["tool"], event["args_hash"], event["status"]))
+            # Kept in event-time order as calls arrive: loops are found on the tail.
+            bisect.insort(self.tool_steps, (ts, len(self.event_ids), event["tool"], event["args_hash"], event["status"]))
             self._add_cost(event)
+            self._look_for_loop(policy)
         elif kind == "run_end":
             # The first run_end (in event time) decides; a second one is a client bug.
             if self.end_ts is None or ts < self.end_ts:
@@ -105,6 +113,28 @@ class RunState:
                 self.error_type = event["error_type"]
                 self.error_message = event["error_message"]
         return True
+
+    def _look_for_loop(self, policy: LoopPolicy | None) -> None:
+        if policy is None or self.loop is not None:
+            return
+        recent = self.tool_steps[-policy.repeats * policy.max_period:]
+        calls = [(step[2], step[3]) for step in recent]
+        self.loop = find_loop(calls, self.llm_calls + self.tool_calls, policy.budget(self.agent_id), policy)
+
+    def loop_alert(self, status: str, ts: int, now_ms: int) -> dict:
+        """The `loop` alert of this run: firing when found, resolved when the run closes."""
+        evidence = {**self.loop.evidence(), "run_id": self.run_id, "steps": self.llm_calls + self.tool_calls,
+                    "detected_at": now_ms}
+        if status == RESOLVED:
+            evidence["outcome"] = "timeout" if self.end_ts is None else self.outcome
+        return make_alert(
+            kind="loop", severity="critical", status=status,
+            fingerprint=fingerprint("loop", self.agent_id, self.run_id), ts=ts,
+            agent_id=self.agent_id, agent_version=self.agent_version, run_id=self.run_id,
+            summary=f"run {self.run_id} of {self.agent_id} {self.agent_version} is looping: {self.loop.summary}"
+            if status == FIRING else f"run {self.run_id} of {self.agent_id} ended after looping",
+            evidence=evidence, action="stop_run" if status == FIRING else "",
+        )
 
     def _add_cost(self, event: dict) -> None:
         source = event["cost_source"]
@@ -155,7 +185,7 @@ class RunState:
             "unpriced_calls": self.unpriced_calls,
             "duration_ms": ended_at - self.started_at,
             "tool_path": [step[2] for step in steps],
-            "loop_detected": False,
+            "loop_detected": self.loop is not None,
             "failure_cluster_id": "",
             "event_count": len(self.event_ids),
             "closed_by": "idle_timeout" if timed_out else "run_end",
@@ -170,16 +200,21 @@ class RunAssembler:
     The watermark is the newest event time seen minus the allowed lateness. A run with no
     `run_end` closes as `timeout` once the watermark passes its last event + idle timeout.
     A closed run is kept for another idle timeout so that late events update its row
-    instead of starting a phantom run; then it is forgotten.
+    instead of starting a phantom run; then it is forgotten, and an event that would start
+    a run already idle by the watermark is counted as late and not assembled.
     """
 
-    def __init__(self, idle_timeout_ms: int, allowed_lateness_ms: int = 0) -> None:
+    def __init__(self, idle_timeout_ms: int, allowed_lateness_ms: int = 0, loop_policy: LoopPolicy | None = None) -> None:
         self.idle_timeout_ms = idle_timeout_ms
         self.allowed_lateness_ms = allowed_lateness_ms
+        self.loop_policy = loop_policy or LoopPolicy()
+        # Alerts raised since the caller last took them (`take_alerts`).
+        self.alerts: list[dict] = []
         self.open: dict[str, RunState] = {}
         self.closed: dict[str, RunState] = {}
         self.max_ts = 0
         self.duplicates = 0
+        self.late_events = 0
         # (event time at which to look at the run again, run_id): checking only the runs
         # whose deadline the watermark passed keeps a batch's cost independent of open runs.
         self._deadlines: list[tuple[int, str]] = []
@@ -195,11 +230,21 @@ class RunAssembler:
             run_id = event["run_id"]
             run = self.open.get(run_id) or self.closed.get(run_id)
             if run is None:
+                if event["ts"] + self.idle_timeout_ms <= self.watermark:
+                    # Too late to start a run: it would be idle at once. It is a redelivery of
+                    # a run closed and forgotten, or a straggler past the lateness; it is in
+                    # `events`, but a run made of it alone would be a phantom in the metrics.
+                    self.late_events += 1
+                    continue
                 run = self.open[run_id] = RunState(run_id, event["agent_id"], event["agent_version"])
                 heapq.heappush(self._deadlines, (event["ts"] + self.idle_timeout_ms, run_id))
-            if not run.apply(event):
+            if not run.apply(event, self.loop_policy):
                 self.duplicates += 1
                 continue
+            if run.loop is not None and not run.loop_alerted:
+                # At once, while the run goes on: the alert says stop it.
+                run.loop_alerted = True
+                self.alerts.append(run.loop_alert(FIRING, event["ts"], now_ms))
             if event["ts"] > self.max_ts:
                 self.max_ts = event["ts"]
             touched[run_id] = run
@@ -207,10 +252,19 @@ class RunAssembler:
             if run.closed_by:
                 continue
             if run.end_ts is not None:
-                run.closed_by = "run_end"
-                self.closed[run_id] = self.open.pop(run_id)
+                self._close(run, "run_end", now_ms)
         rows = [run.row(now_ms) for run in touched.values() if run.closed_by]
         return rows + self.advance(now_ms)
+
+    def _close(self, run: RunState, closed_by: str, now_ms: int) -> None:
+        run.closed_by = closed_by
+        self.closed[run.run_id] = self.open.pop(run.run_id)
+        if run.loop_alerted:
+            self.alerts.append(run.loop_alert(RESOLVED, max(run.last_ts, run.end_ts or 0), now_ms))
+
+    def take_alerts(self) -> list[dict]:
+        alerts, self.alerts = self.alerts, []
+        return alerts
 
     def advance(self, now_ms: int) -> list[dict]:
         """Close runs idle past the watermark and forget old closed ones; returns closed rows."""
@@ -226,8 +280,7 @@ class RunAssembler:
             if deadline > watermark:
                 heapq.heappush(self._deadlines, (deadline, run_id))
             elif run_id in self.open:
-                run.closed_by = "idle_timeout"
-                self.closed[run_id] = self.open.pop(run_id)
+                self._close(run, "idle_timeout", now_ms)
                 rows.append(run.row(now_ms))
                 heapq.heappush(self._deadlines, (watermark + self.idle_timeout_ms, run_id))
             else:

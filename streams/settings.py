@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.errors import ConfigError
+from streams.loops import LoopPolicy
 
 # Kafka settings with a field of their own; any other TRACKSIDE_KAFKA_* variable is passed
 # to librdkafka as is (TRACKSIDE_KAFKA_SOCKET_KEEPALIVE_ENABLE -> socket.keepalive.enable).
@@ -62,6 +63,14 @@ class Settings(BaseSettings):
     allowed_lateness_seconds: int = Field(120, ge=0, description="late runs within this are counted in their window")
     run_idle_timeout_seconds: int = Field(1800, ge=1, description="a run with no event for this long is closed as timeout")
 
+    # Loop detection (streams/loops.py).
+    loop_repeats: int = Field(3, ge=2, description="identical tool calls (or cycle turns) in a row that make a loop")
+    loop_max_period: int = Field(3, ge=2, description="longest cycle of tool calls looked for")
+    loop_max_steps: int = Field(200, ge=1, description="steps (llm + tool calls) a run may take")
+    loop_step_budgets: dict[str, int] = Field(
+        default_factory=dict, description='per-agent step budgets, JSON: {"coder": 40}'
+    )
+
     # Ingest and sink.
     ingest_batch_max: int = Field(20000, ge=1, description="most messages the ingest stage takes in one poll")
     ingest_poll_seconds: float = Field(0.05, gt=0, description="longest wait of one poll")
@@ -111,6 +120,9 @@ class Settings(BaseSettings):
     def run_dir(self) -> Path:
         """Pid files and the address of the running store's query service."""
         return self.data_dir / "run"
+
+    def loop_policy(self) -> LoopPolicy:
+        return LoopPolicy(self.loop_repeats, self.loop_max_period, self.loop_max_steps, dict(self.loop_step_budgets))
 
     @cached_property
     def kafka_config(self) -> dict[str, str]:

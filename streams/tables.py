@@ -64,7 +64,17 @@ DEAD_LETTERS = pa.schema(
     ]
 )
 
-BY_TABLE = {"events": EVENTS, "runs": RUNS, "agent_metrics": AGENT_METRICS, "dead_letters": DEAD_LETTERS}
+ALERTS = pa.schema(
+    [
+        ("alert_id", _TEXT), ("ts", _TS), ("kind", _TEXT), ("severity", _TEXT), ("status", _TEXT),
+        ("fingerprint", _TEXT), ("agent_id", _TEXT), ("agent_version", _TEXT), ("run_id", _TEXT),
+        ("summary", _TEXT), ("evidence", _TEXT), ("action", _TEXT),
+    ]
+)
+
+BY_TABLE = {
+    "events": EVENTS, "runs": RUNS, "agent_metrics": AGENT_METRICS, "dead_letters": DEAD_LETTERS, "alerts": ALERTS,
+}
 
 
 def to_arrow(rows: list[dict], schema: pa.Schema) -> pa.Table:

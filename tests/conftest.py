@@ -91,8 +91,9 @@ class RunningStack:
         return value
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    """One stack per test module: event time is shared per partition, so modules must not mix."""
     running = RunningStack(tmp_path_factory.mktemp("stack"))
     running.start()
     yield running

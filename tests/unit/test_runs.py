@@ -88,3 +88,14 @@ def test_cost_sources_combine():
     events.insert(2, event("r1-x", "r1", "llm_call", T0 + 1100, cost_usd=None, cost_source="unknown"))
     row = assembler.apply(events, now_ms=0)[0]
     assert row["cost_source"] == "unknown" and row["unpriced_calls"] == 1
+
+
+def test_a_redelivery_after_the_run_was_forgotten_makes_no_phantom_run():
+    assembler = RunAssembler(30 * MIN)
+    events = a_run("r1", T0)
+    assembler.apply(events, now_ms=0)
+    assembler.apply(a_run("r2", T0 + 120 * MIN), now_ms=0)
+    assert "r1" not in assembler.closed
+    assert assembler.apply([events[1]], now_ms=0) == []
+    assert assembler.late_events == 1 and "r1" not in assembler.open
+    assert assembler.apply(a_run("r3", T0 + 200 * MIN)[:2], now_ms=0) == []

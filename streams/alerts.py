@@ -1,0 +1,56 @@
+"""Alerts (SPEC §6): one constructor, stable fingerprints and idempotent ids.
+
+The fingerprint names a condition on a subject (`loop` on run R, `drift` on agent A
+version V): the same condition on the same subject always has the same fingerprint. The
+alert id is derived from the fingerprint, the status and the episode, so an alert sent
+again after a restart carries the same id and the `alerts` table keeps it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget")
+SEVERITIES = ("info", "warning", "critical")
+FIRING, RESOLVED = "firing", "resolved"
+
+
+def fingerprint(kind: str, *subject: str) -> str:
+    return hashlib.sha1("|".join((kind, *subject)).encode()).hexdigest()[:24]
+
+
+def make_alert(
+    *,
+    kind: str,
+    severity: str,
+    status: str,
+    fingerprint: str,
+    ts: int,
+    agent_id: str,
+    agent_version: str = "",
+    run_id: str = "",
+    summary: str,
+    evidence: dict[str, Any],
+    action: str = "",
+    episode: str = "",
+) -> dict:
+    """An alert message; `episode` tells apart two firings of one fingerprint (e.g. its start)."""
+    if kind not in KINDS or severity not in SEVERITIES or status not in (FIRING, RESOLVED):
+        raise ValueError(f"not an alert: kind={kind!r} severity={severity!r} status={status!r}")
+    alert = {
+        "alert_id": hashlib.sha1(f"{fingerprint}|{status}|{episode}".encode()).hexdigest()[:32],
+        "ts": ts,
+        "kind": kind,
+        "severity": severity,
+        "status": status,
+        "fingerprint": fingerprint,
+        "agent_id": agent_id,
+        "agent_version": agent_version,
+        "run_id": run_id,
+        "summary": summary,
+        "evidence": evidence,
+    }
+    if action:
+        alert["action"] = action
+    return alert

@@ -1,0 +1,65 @@
+"""Live loop alerts on the real broker and chdb: sent while the run goes on, resolved once, mirrored in `alerts`."""
+
+import time
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_793_500_000_000
+
+
+def _event(n, kind, **fields):
+    return {"event_id": f"loop-run-{n}", "ts": T0 + n * 1000, "type": kind, "run_id": "loop-run",
+            "agent_id": "looper", "agent_version": "v1", **fields}
+
+
+def _alerts(stack, want: int, timeout: float = 30) -> list[dict]:
+    consumer = Consumer({
+        "bootstrap.servers": f"127.0.0.1:{stack.port}", "group.id": f"test-alerts-{time.time()}",
+        "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
+    })
+    consumer.subscribe(["trackside.alerts"])
+    seen = []
+    deadline = time.monotonic() + timeout
+    while len(seen) < want and time.monotonic() < deadline:
+        seen += [orjson.loads(m.value()) for m in consumer.consume(100, 0.5) if m.error() is None]
+    consumer.close()
+    return [alert for alert in seen if alert["run_id"] == "loop-run"]
+
+
+def test_loop_alert_goes_out_while_the_run_is_open_and_resolves_at_its_end(stack):
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
+    lookup = {"tool": "lookup_order", "args": {"order": 42}}
+    for event in [_event(0, "run_start")] + [_event(n, "tool_call", **lookup) for n in (1, 2, 3)]:
+        producer.produce("agent.events", value=orjson.dumps(event), key=b"loop-run")
+    producer.flush(10)
+
+    (firing,) = _alerts(stack, 1)
+    assert (firing["kind"], firing["status"], firing["action"], firing["severity"]) == ("loop", "firing", "stop_run", "critical")
+    assert [call["tool"] for call in firing["evidence"]["calls"]] == ["lookup_order"] * 3
+    assert stack.count("SELECT count() FROM runs WHERE run_id = 'loop-run'") == 0, "the run is still going"
+
+    producer.produce("agent.events", value=orjson.dumps(_event(9, "run_end", outcome="aborted")), key=b"loop-run")
+    producer.flush(10)
+    assert stack.wait_for_count("SELECT count() FROM runs WHERE run_id = 'loop-run' AND loop_detected", 1) == 1
+    alerts = _alerts(stack, 2)
+    assert [alert["status"] for alert in alerts] == ["firing", "resolved"]
+    assert alerts[0]["fingerprint"] == alerts[1]["fingerprint"]
+
+    # The table mirrors the topic.
+    assert stack.wait_for_count("SELECT count() FROM alerts WHERE run_id = 'loop-run'", 2) == 2
+    stored = stack.query("SELECT alert_id, status, action, evidence FROM alerts WHERE run_id = 'loop-run' ORDER BY ts")
+    assert [row["alert_id"] for row in stored] == [alert["alert_id"] for alert in alerts]
+    assert orjson.loads(stored[0]["evidence"]) == alerts[0]["evidence"]
+
+
+def test_a_malformed_message_on_the_alerts_topic_is_a_dead_letter(stack):
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
+    producer.produce("trackside.alerts", value=b'{"not": "an alert"}', key=b"x")
+    producer.flush(10)
+    assert stack.wait_for_count(
+        "SELECT count() FROM dead_letters WHERE topic = 'trackside.alerts' AND error LIKE 'unreadable alerts message%'", 1
+    ) == 1
