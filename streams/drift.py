@@ -1,0 +1,509 @@
+"""Distribution drift of closed runs per agent version: two-sample tests over event-time windows
+against the version's own trailing reference (or its stable version's), alerting on persistent shifts."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+from streams.alerts import fingerprint, make_alert
+
+# Per-run numeric features. The runs table carries no tool latency, so the tool feature is the
+# run's tool error rate (tool_errors / tool_calls, 0 for a run without tool calls).
+NUMERIC = ("cost_usd", "total_tokens", "steps", "duration_ms", "tool_error_rate")
+# Categorical features: tool_mix counts every tool call of every run's tool_path; outcome and
+# error_type count runs ("" error_type is reported as "none"); success is outcome folded to
+# success / not, whose 1-df test is far more powerful for a success-rate drop than outcome's.
+CATEGORICAL = ("tool_mix", "outcome", "error_type", "success")
+
+
+# --- two-sample statistics ------------------------------------------------------------------------
+
+
+def ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov: (D, p-value)."""
+    res = stats.ks_2samp(reference, current)
+    return float(res.statistic), float(res.pvalue)
+
+
+def _scale(reference: np.ndarray) -> float:
+    # IQR is robust to the heavy tails of cost and duration; features that are mostly one value
+    # (tool error rate) have IQR 0 and fall back to the std, then to the magnitude, then to 1.
+    q25, q75 = np.percentile(reference, (25, 75))
+    for s in (q75 - q25, float(np.std(reference)), abs(float(np.median(reference)))):
+        if s > 0:
+            return float(s)
+    return 1.0
+
+
+def wasserstein(reference: np.ndarray, current: np.ndarray) -> float:
+    """Earth mover's distance in units of the reference's IQR (std when the IQR is 0)."""
+    return float(stats.wasserstein_distance(reference, current)) / _scale(reference)
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10, eps: float = 1e-4) -> float:
+    """Population stability index over quantile bins of the reference (ties merge bins)."""
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    k = len(edges) + 1
+    ref = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=k) / len(reference)
+    cur = np.bincount(np.searchsorted(edges, current, side="right"), minlength=k) / len(current)
+    ref, cur = np.maximum(ref, eps), np.maximum(cur, eps)
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def _aligned(reference: Mapping[str, float], current: Mapping[str, float]) -> tuple[list[str], np.ndarray]:
+    cats = sorted(set(reference) | set(current))
+    table = np.array([[reference.get(c, 0) for c in cats], [current.get(c, 0) for c in cats]], dtype=float)
+    return cats, table
+
+
+def chi2(reference: Mapping[str, int], current: Mapping[str, int], *, design_effect: float = 1.0,
+         min_expected: float = 5.0, mc_draws: int = 20_000, mc_below: float = 0.01,
+         rng: np.random.Generator | None = None) -> tuple[float, float]:
+    """Chi-square test of homogeneity of two category count tables: (statistic, p-value).
+
+    Categories seen on one side only are counted as 0 on the other. Categories whose expected
+    count in `current` is below `min_expected` are pooled into one "other" cell, so rare ones do
+    not each add a df of noise while a new category still shows (it pools into a cell expected
+    near 0). If a cell is still expected below `min_expected` the chi-square approximation is too
+    liberal there, so a p-value under `mc_below` is recomputed as a Monte Carlo exact-conditional
+    one (multivariate hypergeometric draws of the current row given the column totals; floor
+    1/(mc_draws+1)). `design_effect` > 1 deflates counts of clustered observations.
+    """
+    _, table = _aligned(reference, current)
+    table = table / design_effect
+    table = table[:, table.sum(axis=0) > 0]
+    n = table.sum(axis=1)
+    if table.shape[1] < 2 or n.min() <= 0:
+        return 0.0, 1.0
+    rare = table.sum(axis=0) * n[1] / n.sum() < min_expected
+    if rare.sum() > 1:
+        table = np.column_stack([table[:, ~rare], table[:, rare].sum(axis=1)])
+    if table.shape[1] < 2:
+        return 0.0, 1.0
+    stat, p, _, expected = stats.chi2_contingency(table, correction=False)
+    if expected.min() >= min_expected or p >= mc_below or rng is None or mc_draws <= 0:
+        return float(stat), float(p)
+    table = np.rint(table)
+    colors = table.sum(axis=0).astype(np.int64)
+    nsample = int(table[1].sum())
+    if nsample <= 0 or nsample >= colors.sum():
+        return float(stat), float(p)
+    exp_cur = colors * nsample / colors.sum()
+    exp_ref = colors - exp_cur
+
+    def statistic(cur: np.ndarray) -> np.ndarray:
+        return ((cur - exp_cur) ** 2 / exp_cur).sum(axis=-1) + ((colors - cur - exp_ref) ** 2 / exp_ref).sum(axis=-1)
+
+    sims = statistic(rng.multivariate_hypergeometric(colors, nsample, size=mc_draws, method="marginals"))
+    observed = statistic(table[1])
+    return float(stat), float((1 + np.count_nonzero(sims >= observed - 1e-9)) / (mc_draws + 1))
+
+
+def design_effect(per_run_counts: np.ndarray) -> float:
+    """Rao-Scott first-order design effect of category counts clustered in runs (rows), >= 1.
+
+    Tool calls of one run are not independent draws, so a chi-square over calls would be too
+    liberal; dividing the counts by this mean design effect corrects it to first order.
+    """
+    y = np.asarray(per_run_counts, dtype=float)
+    n, k = y.shape
+    m = y.sum(axis=1)
+    total = m.sum()
+    if n < 2 or k < 2 or total <= 0:
+        return 1.0
+    p = y.sum(axis=0) / total
+    # variance of each category's ratio estimator under cluster sampling, vs multinomial sampling
+    v_cluster = n / (n - 1) * ((y - np.outer(m, p)) ** 2).sum(axis=0) / total ** 2
+    v_srs = p * (1 - p) / total
+    ok = v_srs > 0
+    if ok.sum() < 2:
+        return 1.0
+    d = v_cluster[ok] / v_srs[ok]
+    return max(1.0, float(np.sum((1 - p[ok]) * d) / (ok.sum() - 1)))
+
+
+def js(reference: Mapping[str, float], current: Mapping[str, float]) -> float:
+    """Jensen-Shannon distance (base 2, in [0, 1]) between the two category distributions."""
+    _, table = _aligned(reference, current)
+    if table[0].sum() <= 0 or table[1].sum() <= 0:
+        return 0.0
+    return float(jensenshannon(table[0], table[1], base=2))
+
+
+def benjamini_hochberg(p_values: Iterable[float], q: float) -> tuple[np.ndarray, float]:
+    """BH step-up at FDR q: (rejected mask, the p-value cut-off: rank k* of m gives k* q / m)."""
+    p = np.asarray(list(p_values), dtype=float)
+    m = len(p)
+    if m == 0:
+        return np.zeros(0, dtype=bool), q
+    order = np.sort(p)
+    passing = np.nonzero(order <= q * np.arange(1, m + 1) / m)[0]
+    k = int(passing[-1]) + 1 if len(passing) else 0
+    cutoff = q * max(k, 1) / m
+    return (p <= cutoff) if k else np.zeros(m, dtype=bool), cutoff
+
+
+# --- per-run features -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class RunFeatures:
+    version: int
+    numeric: tuple[float, ...]
+    tools: tuple[str, ...]
+    outcome: str
+    error_type: str
+
+
+def run_features(run: Mapping) -> RunFeatures:
+    """The features of one closed run (a `runs` row); `version` orders re-emissions of a run."""
+    tool_calls = int(run.get("tool_calls") or 0)
+    numeric = (
+        float(run.get("cost_usd") or 0.0),
+        float((run.get("input_tokens") or 0) + (run.get("output_tokens") or 0)),
+        float(run.get("steps") or 0),
+        float(run.get("duration_ms") or 0),
+        (run.get("tool_errors") or 0) / tool_calls if tool_calls else 0.0,
+    )
+    return RunFeatures(int(run.get("version") or 0), numeric, tuple(run.get("tool_path") or ()),
+                run.get("outcome") or "", run.get("error_type") or "none")
+
+
+@dataclass(slots=True)
+class _Window:
+    start: int
+    runs: dict[str, RunFeatures] = field(default_factory=dict)
+    tested: bool = False
+    drifted: bool = False  # in a pool that tested significant: kept out of later references
+    _summary: tuple | None = None
+
+    def add(self, run_id: str, run: RunFeatures) -> None:
+        known = self.runs.get(run_id)
+        if known is None or known.version <= run.version:
+            self.runs[run_id] = run
+            self._summary = None
+
+    def summary(self) -> tuple:
+        if self._summary is None:
+            runs = self.runs.values()
+            self._summary = (
+                np.array([r.numeric for r in runs], dtype=float).reshape(-1, len(NUMERIC)),
+                Counter(t for r in runs for t in r.tools),
+                Counter(r.outcome for r in runs),
+                Counter(r.error_type for r in runs),
+                Counter("success" if r.outcome == "success" else "not" for r in runs),
+            )
+        return self._summary
+
+
+def _pool(windows: list[_Window]) -> tuple[np.ndarray, list[Counter]]:
+    parts = [w.summary() for w in windows]
+    numeric = np.concatenate([p[0] for p in parts])
+    cats = [sum((p[i] for p in parts), Counter()) for i in range(1, 1 + len(CATEGORICAL))]
+    return numeric, cats
+
+
+@dataclass(slots=True)
+class _Series:
+    windows: dict[int, _Window] = field(default_factory=dict)
+    firing: bool = False
+    severity: str = "warning"
+    significant_streak: int = 0
+    clear_streak: int = 0
+    episode: int = 0  # window of the firing alert, shared by its resolution
+
+
+# --- detector --------------------------------------------------------------------------------------
+
+
+class DriftDetector:
+    """Event-time drift of each (agent_id, agent_version)'s runs against a reference.
+
+    Runs fall in tumbling windows of `window_ms` by `ended_at`. A window is tested once the
+    watermark (newest ended_at seen - `lateness_ms`) passes its end, or on `flush()`; a run
+    arriving for a tested window is counted in `late_runs` and dropped, on both sides, so a
+    reference never holds runs a tested window could not see. `lateness_ms` must cover the run
+    assembler's idle timeout for timed-out runs to be seen at all, at the price of that delay.
+
+    The tested sample is the window pooled with the windows just before it (at most
+    `max_pool_windows` of event time) until it holds `min_samples` runs, so low traffic still
+    gets tested every window. The reference is the most recent `reference_windows` windows
+    before that pool that were not part of a significant pool, within `max_reference_age_ms`;
+    for a version other than `baseline_version[agent_id]` it is the stable version's windows up
+    to the tested one. Nothing is tested before the reference holds `min_reference` runs: every
+    later test reuses it, so an odd small reference would bias them all alike. When fewer clean
+    reference runs remain (a shift that outlived the age limit), the recent windows become the
+    reference: the new normal.
+
+    Per window, one p-value per feature (KS for numeric, chi-square for categorical) goes
+    through Benjamini-Hochberg at FDR `alpha`. A feature has drifted when its test is rejected
+    and its effect size reaches a floor (scaled Wasserstein or PSI; Jensen-Shannon distance),
+    so huge samples do not alert on negligible shifts. An alert fires after `persistence`
+    consecutive drifted windows (critical when a drifted feature's Wasserstein or JS distance is
+    `critical_factor` times its floor) and resolves after `persistence` consecutive clear ones;
+    windows without enough runs on either side count for neither.
+    """
+
+    def __init__(self, window_ms: int = 300_000, lateness_ms: int = 120_000, min_samples: int = 30,
+                 min_reference: int = 100, max_pool_windows: int = 6, reference_windows: int = 24,
+                 max_reference_age_ms: int = 3 * 3_600_000, alpha: float = 0.005, persistence: int = 2,
+                 wasserstein_floor: float = 0.1, psi_floor: float = 0.1, js_floor: float = 0.05,
+                 critical_factor: float = 4.0, psi_bins: int = 10, mc_draws: int | None = None,
+                 baseline_version: Mapping[str, str] | None = None, random_state: int = 0) -> None:
+        self.window_ms = window_ms
+        self.lateness_ms = lateness_ms
+        self.min_samples = min_samples
+        self.min_reference = min_reference
+        self.max_pool_windows = max_pool_windows
+        self.reference_windows = reference_windows
+        self.max_reference_age_ms = max_reference_age_ms
+        self.alpha = alpha
+        self.persistence = persistence
+        self.wasserstein_floor = wasserstein_floor
+        self.psi_floor = psi_floor
+        self.js_floor = js_floor
+        self.critical_factor = critical_factor
+        self.psi_bins = psi_bins
+        self.mc_draws = mc_draws
+        self.baseline_version = baseline_version
+        self.random_state = random_state
+
+    # state is created lazily, so __init__ stays a pure parameter holder
+    def _state(self) -> None:
+        if not hasattr(self, "series_"):
+            self.series_: dict[tuple[str, str], _Series] = {}
+            self.watermark_ = -(2 ** 62)
+            self.late_runs_ = 0
+            self.rng_ = np.random.default_rng(self.random_state)
+
+    def update(self, runs: Iterable[Mapping]) -> tuple[list[dict], list[dict]]:
+        """Fold closed runs in; test the windows they complete. Returns (drift_rows, alerts)."""
+        self._state()
+        newest = None
+        for run in runs:
+            ended = int(run["ended_at"])
+            newest = ended if newest is None or ended > newest else newest
+            start = ended - ended % self.window_ms
+            key = (run["agent_id"], run["agent_version"])
+            series = self.series_.get(key)
+            if series is None:
+                series = self.series_[key] = _Series()
+            window = series.windows.get(start)
+            if window is None:
+                if start + self.window_ms <= self.watermark_:
+                    self.late_runs_ += 1
+                    continue
+                window = series.windows[start] = _Window(start)
+            elif window.tested:
+                self.late_runs_ += 1
+                continue
+            window.add(run["run_id"], run_features(run))
+        if newest is not None:
+            self.watermark_ = max(self.watermark_, newest - self.lateness_ms)
+        return self._test_until(self.watermark_)
+
+    def flush(self) -> tuple[list[dict], list[dict]]:
+        """Test every pending window, complete or not (end of a replay)."""
+        self._state()
+        return self._test_until(None)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _stable_key(self, key: tuple[str, str]) -> tuple[str, str] | None:
+        stable = (self.baseline_version or {}).get(key[0])
+        return None if stable is None or stable == key[1] else (key[0], stable)
+
+    def _test_until(self, watermark: int | None) -> tuple[list[dict], list[dict]]:
+        due = []
+        for key, series in self.series_.items():
+            canary = self._stable_key(key) is not None
+            for start, window in series.windows.items():
+                if not window.tested and (watermark is None or start + self.window_ms <= watermark):
+                    # a canary's reference is its stable version's same windows: test those first
+                    due.append((start, canary, key))
+        due.sort()
+        rows: list[dict] = []
+        alerts: list[dict] = []
+        for start, _, key in due:
+            r, a = self._test(key, start)
+            rows.extend(r)
+            alerts.extend(a)
+        self._forget(watermark)
+        return rows, alerts
+
+    def _forget(self, watermark: int | None) -> None:
+        if watermark is None:
+            return
+        horizon = watermark - self.max_reference_age_ms - self.max_pool_windows * self.window_ms
+        for series in self.series_.values():
+            for start in [s for s, w in series.windows.items() if w.tested and s < horizon]:
+                del series.windows[start]
+
+    def _reference(self, key: tuple[str, str], pool_start: int, start: int) -> tuple[list[_Window], str]:
+        stable = self._stable_key(key)
+        source = self.series_.get(stable or key)
+        if source is None:
+            return [], ""
+        # own history stops before the pool; a stable version's runs are contemporaneous
+        last = start if stable else pool_start - self.window_ms
+        oldest = last - self.max_reference_age_ms
+        recent = sorted((w for s, w in source.windows.items() if oldest <= s <= last and w.tested and w.runs),
+                        key=lambda w: -w.start)
+        clean = [w for w in recent if not w.drifted][: self.reference_windows]
+        how = "stable" if stable else "trailing"
+        if sum(len(w.runs) for w in clean) < self.min_reference:
+            clean, how = recent[: self.reference_windows], how + " rebaselined"
+        n = sum(len(w.runs) for w in clean)
+        version = (stable or key)[1]
+        return clean, f"{version} {how} {len(clean)} windows, n={n}"
+
+    def _test(self, key: tuple[str, str], start: int) -> tuple[list[dict], list[dict]]:
+        series = self.series_[key]
+        window = series.windows[start]
+        window.tested = True
+        if not window.runs:
+            return [], []
+        pool, n_cur = [], 0
+        for s in range(start, start - self.max_pool_windows * self.window_ms, -self.window_ms):
+            w = series.windows.get(s)
+            if w is not None and w.runs:
+                pool.append(w)
+                n_cur += len(w.runs)
+                if n_cur >= self.min_samples:
+                    break
+        if n_cur < self.min_samples:
+            return [], []
+        reference, baseline = self._reference(key, pool[-1].start, start)
+        n_ref = sum(len(w.runs) for w in reference)
+        if n_ref < self.min_reference:
+            return [], []
+
+        cur_num, cur_cat = _pool(pool)
+        ref_num, ref_cat = _pool(reference)
+        tests = []  # (feature, (test statistic, value), p, [(effect statistic, value, floor)], change)
+        for j, name in enumerate(NUMERIC):
+            r, c = ref_num[:, j], cur_num[:, j]
+            d, p = ks(r, c)
+            effects = [("wasserstein", wasserstein(r, c), self.wasserstein_floor),
+                       ("psi", psi(r, c, self.psi_bins), self.psi_floor)]
+            change = _relative_change(float(r.mean()), float(c.mean()))
+            tests.append((name, ("ks", d), p, effects, change))
+        # a Monte Carlo p-value must be able to fall below the BH bar of the smallest rank
+        draws = self.mc_draws or int(20 * (len(NUMERIC) + len(CATEGORICAL)) / self.alpha)
+        for name, r, c in zip(CATEGORICAL, ref_cat, cur_cat):
+            deff = _tool_design_effect(reference + pool, sorted(set(r) | set(c))) if name == "tool_mix" else 1.0
+            stat, p = chi2(r, c, design_effect=deff, mc_draws=draws, mc_below=max(0.01, 2 * self.alpha),
+                           rng=self.rng_)
+            move = _share(r, c, "success") if name == "success" else _largest_move(r, c)
+            tests.append((name, ("chi2", stat), p, [("js", js(r, c), self.js_floor)], move))
+
+        rejected, cutoff = benjamini_hochberg([t[2] for t in tests], self.alpha)
+        rows, moved = [], []
+        base = {"agent_id": key[0], "agent_version": key[1], "window": start, "baseline": baseline}
+        for (name, (stat_name, stat_value), p, effects, change), rej in zip(tests, rejected):
+            big = any(v >= floor for _, v, floor in effects)
+            drifted = bool(rej and big)
+            rows.append({**base, "feature": name, "statistic": stat_name, "value": stat_value,
+                         "p_value": p, "threshold": cutoff, "significant": drifted})
+            for eff_name, v, floor in effects:
+                rows.append({**base, "feature": name, "statistic": eff_name, "value": v, "p_value": None,
+                             "threshold": floor, "significant": bool(rej and v >= floor)})
+            if drifted:
+                moved.append({"feature": name, "change": change, stat_name: {
+                    "value": stat_value, "p_value": p, "threshold": cutoff},
+                    **{e: {"value": v, "p_value": None, "threshold": f} for e, v, f in effects},
+                    # PSI is biased upwards at small n, so severity reads the other effect sizes
+                    "effect_ratio": max(v / f for e, v, f in effects if e != "psi")})
+
+        if moved:
+            for w in pool:
+                w.drifted = True
+        evidence = {"window": start, "window_ms": self.window_ms, "pool_windows": [w.start for w in pool],
+                    "n_current": n_cur, "n_reference": n_ref, "reference": baseline,
+                    "features": sorted(moved, key=lambda m: _feature_p(m))}
+        return rows, self._advance(key, series, evidence)
+
+    def _advance(self, key: tuple[str, str], series: _Series, evidence: dict) -> list[dict]:
+        if evidence["features"]:
+            series.significant_streak += 1
+            series.clear_streak = 0
+        else:
+            series.clear_streak += 1
+            series.significant_streak = 0
+        if not series.firing and series.significant_streak >= self.persistence:
+            series.firing = True
+            series.episode = evidence["window"]
+            critical = any(m["effect_ratio"] >= self.critical_factor for m in evidence["features"])
+            series.severity = "critical" if critical else "warning"
+            moved = {m["feature"]: m for m in evidence["features"]}
+            # the success rate repeats outcome's line when that line is already about success
+            if moved.get("outcome", {}).get("change", {}).get("category") == "success":
+                moved.pop("success", None)
+            parts = [_describe(m) for m in moved.values()]
+            summary = (f"{key[0]} {key[1]} drifted for {series.significant_streak} windows vs "
+                       f"{evidence['reference']}: " + ", ".join(parts))
+            return [self._alert(key, series, "firing", summary, evidence)]
+        if series.firing and series.clear_streak >= self.persistence:
+            series.firing = False
+            summary = (f"{key[0]} {key[1]} back in line with {evidence['reference']} "
+                       f"for {series.clear_streak} windows")
+            return [self._alert(key, series, "resolved", summary, evidence)]
+        return []
+
+    def _alert(self, key: tuple[str, str], series: _Series, status: str, summary: str, evidence: dict) -> dict:
+        evidence = {**evidence, "episode": series.episode}
+        return make_alert(
+            kind="drift", severity=series.severity, status=status, fingerprint=fingerprint("drift", *key),
+            ts=evidence["window"] + self.window_ms, agent_id=key[0], agent_version=key[1],
+            summary=summary, evidence=evidence, episode=str(series.episode),
+        )
+
+
+def _tool_design_effect(windows: list[_Window], tools: list[str]) -> float:
+    index = {t: i for i, t in enumerate(tools)}
+    runs = [r for w in windows for r in w.runs.values()]
+    counts = np.zeros((len(runs), len(tools)))
+    for i, run in enumerate(runs):
+        for t in run.tools:
+            counts[i, index[t]] += 1
+    return design_effect(counts)
+
+
+def _relative_change(ref_mean: float, cur_mean: float) -> dict:
+    rel = (cur_mean - ref_mean) / abs(ref_mean) if ref_mean else None
+    return {"reference_mean": ref_mean, "current_mean": cur_mean, "relative": rel}
+
+
+def _share(ref: Counter, cur: Counter, category: str) -> dict:
+    nr, nc = sum(ref.values()) or 1, sum(cur.values()) or 1
+    return {"category": category, "reference_share": ref.get(category, 0) / nr,
+            "current_share": cur.get(category, 0) / nc}
+
+
+def _largest_move(ref: Counter, cur: Counter) -> dict:
+    nr, nc = sum(ref.values()) or 1, sum(cur.values()) or 1
+    cats = sorted(set(ref) | set(cur))
+    cat = max(cats, key=lambda c: abs(cur.get(c, 0) / nc - ref.get(c, 0) / nr)) if cats else ""
+    return _share(ref, cur, cat)
+
+
+def _feature_p(moved: dict) -> float:
+    return (moved.get("ks") or moved.get("chi2"))["p_value"]
+
+
+def _describe(moved: dict) -> str:
+    change = moved["change"]
+    if "ks" in moved:
+        rel = change["relative"]
+        how = f"{rel:+.0%}" if rel is not None else f"{change['reference_mean']:.3g}->{change['current_mean']:.3g}"
+        return f"{moved['feature']} {how} (KS p={moved['ks']['p_value']:.0e})"
+    what = "rate" if moved["feature"] == "success" else change["category"]
+    return (f"{moved['feature']} {what} {change['reference_share']:.0%}->"
+            f"{change['current_share']:.0%} (chi2 p={moved['chi2']['p_value']:.0e})")

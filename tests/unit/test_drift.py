@@ -1,0 +1,223 @@
+"""Tests of drift.py: the statistics, the detector's windows and alert life cycle on synthetic runs,
+and the quality bars on simulated fleets (fixed seeds)."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from streams import drift
+from streams.alerts import fingerprint
+from streams.drift import DriftDetector, benjamini_hochberg, chi2, design_effect, js, ks, psi, wasserstein
+from jobs.evaluate_drift import SCENARIOS, SHIFT_AT_MS, WINDOW_MS, replay, score
+from jobs.simulate import DEFAULT_START_MS
+
+MIN = 60_000
+T0 = DEFAULT_START_MS
+ROW_KEYS = {"agent_id", "agent_version", "window", "feature", "statistic", "value", "p_value", "threshold",
+            "baseline", "significant"}
+ALERT_KEYS = {"alert_id", "ts", "kind", "severity", "status", "fingerprint", "agent_id", "agent_version", "run_id",
+              "summary", "evidence"}
+
+
+# --- synthetic runs: fast, with exactly the shift asked for ------------------------------------------
+
+
+def synthetic(rng, start, minutes, per_min=3.0, agent="a", version="v1", cost=1.0, success=0.85,
+              tools=("search", "fetch", "answer"), new_tool=None):
+    n = rng.poisson(per_min * minutes)
+    ended = np.sort(rng.integers(start, start + minutes * MIN, n))
+    runs = []
+    for i, t in enumerate(ended):
+        ok = rng.random() < success
+        path = list(rng.choice(tools, size=rng.integers(1, 5)))
+        if new_tool and rng.random() < 0.5:
+            path.append(new_tool)
+        calls = len(path)
+        tokens = int(rng.lognormal(8, 0.4))
+        runs.append({
+            "run_id": f"{agent}-{version}-{start}-{i}", "agent_id": agent, "agent_version": version,
+            "ended_at": int(t), "outcome": "success" if ok else rng.choice(["failure", "escalated"]),
+            "cost_usd": cost * tokens * 2e-6, "input_tokens": tokens, "output_tokens": 100,
+            "steps": 2 * calls + 1, "llm_calls": calls + 1, "tool_calls": calls,
+            "tool_errors": int(rng.random() < 0.05), "duration_ms": int(rng.lognormal(9, 0.5)),
+            "tool_path": path, "error_type": "" if ok else "not_found", "loop_detected": False,
+        })
+    return runs
+
+
+def feed(det, runs, batch_ms=MIN):
+    rows, alerts = [], []
+    runs = sorted(runs, key=lambda r: r["ended_at"])
+    batches: dict[int, list] = {}
+    for r in runs:
+        batches.setdefault(r["ended_at"] // batch_ms, []).append(r)
+    for b in sorted(batches):
+        out = det.update(batches[b])
+        rows += out[0]
+        alerts += out[1]
+    out = det.flush()
+    return rows + out[0], alerts + out[1]
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def test_numeric_statistics():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 1, 2000)
+    same, moved = rng.normal(0, 1, 500), rng.normal(1.349, 1, 500)  # moved by one IQR
+    assert ks(ref, same)[1] > 0.01 and ks(ref, moved)[1] < 1e-20
+    assert wasserstein(ref, same) < 0.1 and wasserstein(ref, moved) == pytest.approx(1.0, abs=0.1)
+    assert psi(ref, same) < 0.05 and psi(ref, moved) > 0.5
+    # a mostly-zero feature: IQR 0 falls back to the std, quantile bins collapse without error
+    zeros = np.r_[np.zeros(95), np.ones(5)]
+    assert np.isfinite(wasserstein(zeros, np.ones(10))) and np.isfinite(psi(zeros, zeros))
+
+
+def test_categorical_statistics():
+    ref = {"a": 500, "b": 300, "c": 200}
+    assert chi2(ref, {"a": 50, "b": 30, "c": 20})[1] > 0.9
+    assert js(ref, {"a": 5, "b": 3, "c": 2}) == pytest.approx(0.0, abs=1e-9)
+    assert js({"a": 1}, {"b": 1}) == pytest.approx(1.0)
+    # unseen on either side: a new category is a shift; a vanished one too
+    assert chi2(ref, {"a": 40, "b": 25, "c": 15, "new": 20})[1] < 1e-6
+    assert chi2(ref, {"a": 70, "b": 30})[1] < 1e-4
+    # small expected counts go to the exact-conditional Monte Carlo, whose floor is 1/(draws+1)
+    rng = np.random.default_rng(0)
+    _, p = chi2({"a": 300, "b": 2}, {"a": 20, "b": 10}, mc_draws=999, rng=rng)
+    assert p == pytest.approx(1 / 1000)
+    # clustered observations count less than independent ones
+    assert chi2(ref, {"a": 40, "b": 40, "c": 20}, design_effect=4.0)[1] > chi2(ref, {"a": 40, "b": 40, "c": 20})[1]
+
+
+def test_design_effect():
+    rng = np.random.default_rng(1)
+    independent = rng.multinomial(4, [0.5, 0.3, 0.2], size=400)
+    assert design_effect(independent) == pytest.approx(1.0, abs=0.2)
+    clustered = np.zeros((400, 3))
+    clustered[np.arange(400), rng.integers(0, 3, 400)] = 4  # each run calls one tool 4 times
+    assert design_effect(clustered) == pytest.approx(4.0, rel=0.15)
+
+
+def test_benjamini_hochberg():
+    rejected, cutoff = benjamini_hochberg([0.001, 0.008, 0.039, 0.041, 0.9], q=0.05)
+    assert rejected.tolist() == [True, True, False, False, False] and cutoff == pytest.approx(0.02)
+    rejected, cutoff = benjamini_hochberg([0.5, 0.6], q=0.05)
+    assert not rejected.any() and cutoff == pytest.approx(0.025)
+
+
+# --- detector mechanics ----------------------------------------------------------------------------
+
+
+def test_init_only_stores_params():
+    params = {"window_ms": 60_000, "alpha": 0.01, "persistence": 3, "baseline_version": {"a": "v1"}}
+    det = DriftDetector(**params)
+    for name in inspect.signature(DriftDetector).parameters:
+        assert hasattr(det, name)
+    assert {k: getattr(det, k) for k in params} == params
+    assert not [k for k in vars(det) if k.endswith("_")]
+
+
+def test_windows_are_tested_when_complete_or_flushed():
+    rng = np.random.default_rng(2)
+    det = DriftDetector()
+    runs = synthetic(rng, T0, 60)  # reference
+    rows, _ = det.update(runs)
+    assert rows  # windows up to (newest - lateness) are complete
+    assert max(r["window"] for r in rows) + det.window_ms <= max(r["ended_at"] for r in runs) - det.lateness_ms
+    pending = det.flush()[0]
+    assert pending and min(r["window"] for r in pending) > max(r["window"] for r in rows)
+    assert det.update([dict(runs[0], run_id="late")]) == ([], []) and det.late_runs_ == 1
+    for row in rows + pending:
+        assert set(row) == ROW_KEYS
+        assert row["statistic"] in {"ks", "wasserstein", "psi", "chi2", "js"}
+        assert (row["p_value"] is None) == (row["statistic"] in {"wasserstein", "psi", "js"})
+        assert "v1 trailing" in row["baseline"] and "n=" in row["baseline"]
+
+
+def test_fires_once_then_resolves():
+    rng = np.random.default_rng(3)
+    runs = (synthetic(rng, T0, 90) + synthetic(rng, T0 + 90 * MIN, 40, cost=2.0)
+            + synthetic(rng, T0 + 130 * MIN, 60))
+    rows, alerts = feed(DriftDetector(), runs)
+    assert [a["status"] for a in alerts] == ["firing", "resolved"]
+    fire, resolve = alerts
+    assert set(fire) == ALERT_KEYS and fire["kind"] == "drift"
+    assert fire["fingerprint"] == resolve["fingerprint"] == fingerprint("drift", "a", "v1")
+    assert fire["evidence"]["episode"] == resolve["evidence"]["episode"] == fire["evidence"]["window"]
+    assert fire["severity"] == "critical" and "cost_usd +" in fire["summary"]
+    assert T0 + 90 * MIN <= fire["evidence"]["window"] <= T0 + 105 * MIN
+    assert T0 + 130 * MIN <= resolve["evidence"]["window"] <= T0 + 150 * MIN
+    ev = fire["evidence"]
+    assert ev["n_current"] >= 30 and ev["n_reference"] >= 100 and ev["features"][0]["feature"] in {
+        "cost_usd", "total_tokens"}
+    assert {"value", "p_value", "threshold"} <= set(ev["features"][0]["ks"])
+
+
+def test_single_window_blip_does_not_alert():
+    rng = np.random.default_rng(4)
+    runs = synthetic(rng, T0, 90) + synthetic(rng, T0 + 90 * MIN, 5, cost=3.0) + synthetic(rng, T0 + 95 * MIN, 60)
+    _, alerts = feed(DriftDetector(min_samples=15), runs)
+    assert alerts == []
+
+
+def test_new_tool_and_success_drop():
+    rng = np.random.default_rng(5)
+    base = synthetic(rng, T0, 90, agent="b")
+    _, alerts = feed(DriftDetector(), base + synthetic(rng, T0 + 90 * MIN, 30, agent="b", new_tool="delete_db"))
+    assert "tool_mix delete_db 0%->" in alerts[0]["summary"]
+    rng = np.random.default_rng(6)
+    base = synthetic(rng, T0, 90, agent="c")
+    _, alerts = feed(DriftDetector(), base + synthetic(rng, T0 + 90 * MIN, 30, agent="c", success=0.5))
+    assert {"success", "outcome"} & {m["feature"] for m in alerts[0]["evidence"]["features"]}
+
+
+def test_effect_floor_silences_tiny_shifts_on_huge_samples():
+    rng = np.random.default_rng(7)
+    runs = synthetic(rng, T0, 60, per_min=400) + synthetic(rng, T0 + 60 * MIN, 30, per_min=400, cost=1.04)
+    rows, alerts = feed(DriftDetector(reference_windows=6), runs)
+    cost_ks = [r for r in rows if r["feature"] == "cost_usd" and r["statistic"] == "ks"
+               and r["window"] >= T0 + 65 * MIN]
+    assert min(r["p_value"] for r in cost_ks) < 1e-4  # the shift is real and detectable...
+    assert alerts == [] and not any(r["significant"] for r in rows)  # ...but below every floor
+
+
+def test_canary_is_compared_with_the_stable_version():
+    rng = np.random.default_rng(8)
+    stable = synthetic(rng, T0, 120, version="v1")
+    good = synthetic(rng, T0 + 60 * MIN, 60, per_min=1.5, version="v2")
+    bad = synthetic(rng, T0 + 60 * MIN, 60, per_min=1.5, version="v3", cost=2.0)
+    rows, alerts = feed(DriftDetector(baseline_version={"a": "v1"}), stable + good + bad)
+    assert [(a["agent_version"], a["status"]) for a in alerts] == [("v3", "firing")]
+    assert all(r["baseline"].startswith("v1 stable") for r in rows if r["agent_version"] != "v1")
+
+
+def test_a_lasting_shift_becomes_the_new_normal():
+    rng = np.random.default_rng(9)
+    runs = synthetic(rng, T0, 60) + synthetic(rng, T0 + 60 * MIN, 120, cost=2.0)
+    rows, alerts = feed(DriftDetector(max_reference_age_ms=45 * MIN, reference_windows=9), runs)
+    assert [a["status"] for a in alerts] == ["firing", "resolved"]
+    assert "rebaselined" in alerts[1]["evidence"]["reference"]
+
+
+# --- quality bars on the simulator (fixed seeds) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_stable_fleet_has_no_drift_alerts(seed):
+    det = DriftDetector()
+    rows, alerts, _, tests = replay(det, SCENARIOS["stable"].runs(seed, fast_prices=True))
+    assert tests > 40 and alerts == []
+
+
+@pytest.mark.parametrize("name", ["cost_x2", "success_0.5", "new_tool"])
+def test_shift_is_alerted_within_two_windows(name):
+    det = DriftDetector()
+    _, alerts, _, _ = replay(det, SCENARIOS[name].runs(1, fast_prices=True))
+    res = score(SCENARIOS[name], alerts, det.persistence)
+    assert res["false_alerts"] == 0
+    assert res["delay"] is not None and 0 <= res["delay"] <= 2, res
+    assert SHIFT_AT_MS % WINDOW_MS == 0

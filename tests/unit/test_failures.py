@@ -1,0 +1,195 @@
+"""Tests of failure masking, clustering and failure_cluster alerts, and the quality bar on one seed."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from sklearn.base import clone
+from sklearn.metrics import adjusted_rand_score
+
+from jobs.evaluate_failures import assemble_runs, scored
+from streams.failures import FIRING, RESOLVED, FailureClusterer, mask, signature
+from jobs.simulate import FleetConfig, run_labels, simulate
+
+T0 = 1_793_491_200_000
+MIN = 60_000
+
+
+def run(run_id, ended_at=T0, agent="support-bot", error_type="not_found", message="order #48213 not found",
+        tool_path=("lookup_order",), outcome="failure", version="v1", **extra):
+    return {"run_id": run_id, "agent_id": agent, "agent_version": version, "ended_at": ended_at,
+            "outcome": outcome, "error_type": error_type, "error_message": message,
+            "tool_path": list(tool_path), "tool_errors": 1, **extra}
+
+
+# --- mask ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message, template", [
+    ("order #48213 not found", "order #<id> not found"),
+    ("booking ABC123 for user 3f2a9c1e-1b2c-4d5e-8f90-123456789abc failed", "booking <id> for user <id> failed"),
+    ("commit deadbeef1234 at 0x7ffe12", "commit <hex> at <hex>"),
+    ("mail to bob.smith@example.com bounced", "mail to <email> bounced"),
+    ("HTTP 403 Forbidden fetching https://arxiv.org/abs/2401.01234?x=1", "HTTP <num> Forbidden fetching <url>"),
+    ("No such file: 'src/a.py' or \"b c\"", "No such file: <str> or <str>"),
+    ("refund of $12.50 exceeds limit, retry after 30s", "refund of $<num> exceeds limit, retry after <num>s"),
+    ("12 tests failed in tests/test_auth.py::test_x_1", "<num> tests failed in <path>"),
+    ("at 2026-11-01T00:00:00Z  request req_512", "at <ts> request <id>"),
+    ("can't parse and/or decode", "can't parse and/or decode"),
+    ("", ""),
+])
+def test_mask(message, template):
+    assert mask(message) == template
+
+
+def test_mask_is_idempotent_and_collapses_a_family():
+    a = mask("SMTP relay mx12.mail.example.com timed out after 3000 ms (message 4821)")
+    b = mask("SMTP relay mx7.mail.example.com timed out after 3000 ms (message 77)")
+    assert a == b and mask(a) == a
+
+
+def test_signature_names_type_template_tool_and_outcome():
+    sig = signature(run("r1", tool_path=["get_customer", "lookup_order"]))
+    assert sig == "not_found | order #<id> not found | tool:lookup_order | outcome:failure"
+    assert signature(run("r2", error_type="", message="", tool_path=[], outcome="aborted", loop_detected=True)) \
+        == "- | - | tool:- | outcome:aborted | loop"
+
+
+# --- clustering -------------------------------------------------------------------------------------------
+
+
+def test_estimator_conventions():
+    model = FailureClusterer(threshold=0.8)
+    assert vars(model) == model.get_params()  # __init__ stores parameters only
+    assert clone(model).threshold == 0.8
+    assert model.partial_fit([run("r1")]) is model
+    assert model.clusters_ and model.predict([run("r9", outcome="success")]) == [""]
+
+
+def test_same_template_joins_other_failure_modes_do_not():
+    model = FailureClusterer()
+    rows, _, assigned = model.update([
+        run("a1", message="order #1 not found"), run("a2", message="order #99821 not found", ended_at=T0 + 1),
+        run("b1", error_type="timeout", message="SMTP relay mx3.mail.example.com timed out after 3000 ms",
+            tool_path=["send_email"], ended_at=T0 + 2),
+        run("c1", error_type="", message="", tool_path=["refund"], outcome="aborted", ended_at=T0 + 3),
+        run("s1", outcome="success", ended_at=T0 + 4),
+    ])
+    assert assigned["a1"] == assigned["a2"]
+    assert len({assigned["a1"], assigned["b1"], assigned["c1"]}) == 3
+    assert "s1" not in assigned
+    row = next(r for r in rows if r["cluster_id"] == assigned["a1"])
+    assert row["size"] == 2 and row["example_run_ids"] == ["a1", "a2"]
+    assert row["label"] == "not_found: order #<id> not found (failure after lookup_order)"
+    assert (row["first_seen"], row["last_seen"]) == (T0, T0 + 1)
+    assert model.predict([run("a3", message="order #5 not found")]) == [assigned["a1"]]
+
+
+def test_one_error_type_with_other_messages_is_another_failure_mode():
+    _, _, assigned = FailureClusterer().update([
+        run("a", error_type="tool_error", message="payments-api refused the connection", tool_path=["refund"]),
+        run("b", error_type="tool_error", message="card number 4242 is invalid", tool_path=["refund"]),
+    ])
+    assert assigned["a"] != assigned["b"]
+
+
+def test_agents_never_share_a_cluster():
+    _, _, assigned = FailureClusterer().update([run("a", agent="one"), run("b", agent="two")])
+    assert assigned["a"] != assigned["b"]
+
+
+def test_ids_stable_as_clusters_grow_and_deterministic():
+    batches = [[run(f"r{b}{i}", ended_at=T0 + b * MIN + i, message=f"order #{b}{i} not found") for i in range(4)]
+               for b in range(3)]
+    first, second = FailureClusterer(), FailureClusterer()
+    ids = [set(first.update(batch)[2].values()) for batch in batches]
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 1
+    second.update([r for batch in batches for r in batch])
+    assert set(second.clusters_) == ids[0]
+    cid = next(iter(ids[0]))
+    sig = "not_found | order #<id> not found | tool:lookup_order | outcome:failure"
+    assert cid == "fc-" + hashlib.sha1(f"support-bot|{sig}".encode()).hexdigest()[:12]
+
+
+def test_redelivered_run_is_counted_once():
+    model = FailureClusterer()
+    model.update([run("r1")])
+    _, _, assigned = model.update([run("r1")])
+    assert assigned == {"r1": next(iter(model.clusters_))}
+    assert next(iter(model.clusters_.values())).size == 1
+
+
+# --- alerts ------------------------------------------------------------------------------------------------
+
+
+def test_new_cluster_alert_fires_once_at_min_size():
+    model = FailureClusterer(min_size=3)
+    alerts = []
+    for i in range(6):
+        alerts += model.update([run(f"r{i}", ended_at=T0 + i * 1000)])[1]
+    assert len(alerts) == 1
+    alert = alerts[0]
+    cid = alert["evidence"]["cluster_id"]
+    assert alert["kind"] == "failure_cluster" and alert["status"] == FIRING and alert["evidence"]["size"] == 3
+    assert alert["fingerprint"] == hashlib.sha1(f"failure_cluster|new|{cid}".encode()).hexdigest()[:24]
+    assert alert["agent_id"] == "support-bot" and alert["agent_version"] == "v1" and alert["summary"]
+
+
+def test_partial_fit_warms_up_silently():
+    model = FailureClusterer().partial_fit([run(f"r{i}", ended_at=T0 + i) for i in range(5)])
+    assert model.update([run("r9", ended_at=T0 + 10)])[1] == []
+
+
+def _steady(model, windows, per_window, start=0, prefix="s"):
+    """Each window: `per_window` failures among 20 runs of the agent."""
+    alerts = []
+    for w in range(start, start + windows):
+        at = T0 + w * 5 * MIN
+        batch = [run(f"{prefix}{w}-{i}", ended_at=at + i * 1000) for i in range(per_window)]
+        batch += [run(f"{prefix}{w}-ok{i}", ended_at=at + i * 1000, outcome="success") for i in range(20 - per_window)]
+        alerts += model.update(batch)[1]
+    return alerts
+
+
+def test_spike_fires_once_and_resolves_once():
+    model = FailureClusterer(min_size=100)  # no "new" alert in the way
+    assert _steady(model, 8, 1) == []
+    alerts = _steady(model, 2, 12, start=8, prefix="b")  # two windows of 12 in 20 against 1 in 20
+    assert [a["status"] for a in alerts] == [FIRING]
+    spike = alerts[0]
+    cid = spike["evidence"]["cluster_id"]
+    assert spike["fingerprint"] == hashlib.sha1(f"failure_cluster|spike|{cid}".encode()).hexdigest()[:24]
+    assert spike["evidence"]["count"] >= 5 and spike["evidence"]["p_value"] <= 1e-3
+    alerts = _steady(model, 4, 1, start=10, prefix="c")
+    assert [a["status"] for a in alerts] == [RESOLVED]
+    assert alerts[0]["fingerprint"] == spike["fingerprint"]
+
+
+def test_a_burst_of_traffic_is_not_a_spike():
+    model = FailureClusterer(min_size=100)
+    _steady(model, 8, 1)
+    at = T0 + 8 * 5 * MIN
+    burst = [run(f"x{i}", ended_at=at + i, outcome="failure" if i % 20 == 0 else "success") for i in range(400)]
+    assert model.update(burst)[1] == []  # 20 failures, but still 1 in 20 runs
+
+
+def test_alerts_match_streams_alerts():
+    alerts = pytest.importorskip("streams.alerts")
+    model = FailureClusterer()
+    alert = model.update([run(f"r{i}", ended_at=T0 + i) for i in range(3)])[1][0]
+    fields = {k: v for k, v in alert.items() if k not in ("alert_id", "kind")}
+    assert alerts.make_alert(kind="failure_cluster", **fields, episode=alert["evidence"]["cluster_id"]) == alert
+
+
+# --- quality on the simulator ---------------------------------------------------------------------------
+
+
+def test_adjusted_rand_index_on_simulated_fleet():
+    cfg = FleetConfig(seed=7, runs=1500)
+    runs = assemble_runs(simulate(cfg))
+    _, _, assigned = FailureClusterer().update(runs)
+    pairs = scored(runs, run_labels(cfg))
+    assert len(pairs) > 250
+    ari = adjusted_rand_score(["/".join(f) for _, f in pairs], [assigned[r] for r, _ in pairs])
+    assert ari >= 0.8
