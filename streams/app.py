@@ -2,8 +2,9 @@
 
 `assemble_runs` folds the ingest stage's event batches into runs (`streams.runs`) and sends
 closed runs, grouped by the partition of their agent, to `trackside.run-results`;
-`compute_metrics` folds those into event-time windows (`streams.metrics`) and sends the
-changed window rows to `trackside.metric-results`. The store sink lands both. A partition's
+`compute_metrics` folds those into event-time windows (`streams.metrics`), drift tests
+(`streams.drift`) and failure clusters (`streams.failures`), and sends the changed rows to
+`trackside.metric-results` and the alerts to `trackside.alerts`. The store sink lands both. A partition's
 state is rebuilt from the store the first time a worker sees it (`streams.recovery`).
 """
 
@@ -19,10 +20,12 @@ import faust
 import orjson
 
 from streams import topics
+from streams.drift import DriftDetector
+from streams.failures import FailureClusterer
 from streams.metrics import MetricWindows
 from streams.errors import StoreError
 from streams.recovery import open_run_events, open_windows
-from streams.runs import RunAssembler, agent_partition, unpack
+from streams.runs import RunAssembler, agent_partition, row_version, unpack
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,9 +104,12 @@ def create_app(settings: Settings) -> faust.App:
     loop_policy = settings.loop_policy()
 
     idle_timeout_ms = settings.run_idle_timeout_seconds * 1000
+    window_ms = settings.window_seconds * 1000
     lateness_ms = settings.allowed_lateness_seconds * 1000
     assemblers: dict[int, RunAssembler] = {}
     windows: dict[int, MetricWindows] = {}
+    detectors: dict[int, DriftDetector] = {}
+    clusterers: dict[int, FailureClusterer] = {}
     told: dict[tuple[int, int], float] = {}  # (from partition, to partition) -> wall time of last watermark
 
     @app.on_partitions_revoked.connect
@@ -113,7 +119,8 @@ def create_app(settings: Settings) -> faust.App:
             if tp.topic == topics.EVENT_BATCHES.name:
                 assemblers.pop(tp.partition, None)
             elif tp.topic == topics.RUN_RESULTS.name:
-                windows.pop(tp.partition, None)
+                for state in (windows, detectors, clusterers):
+                    state.pop(tp.partition, None)
 
     @app.agent(event_batches, name="assemble_runs")
     async def assemble_runs(stream) -> None:  # noqa: ANN001
@@ -150,13 +157,26 @@ def create_app(settings: Settings) -> faust.App:
             partition = message.message.partition
             state = windows.get(partition)
             if state is None:
-                state = windows[partition] = MetricWindows(
-                    settings.window_seconds * 1000, idle_timeout_ms, settings.partitions
-                )
+                state = windows[partition] = MetricWindows(window_ms, idle_timeout_ms, settings.partitions)
                 stored, final_before = await _from_store(open_windows, settings, partition)
                 state.restore(stored, final_before)
-            rows = state.apply(result["runs"], result["partition"], result["watermark"], now_ms())
-            if rows:
-                await metric_results.send(value=orjson.dumps({"metrics": rows}), partition=partition)
+            now = now_ms()
+            runs = result["runs"]
+            out = {"metrics": state.apply(runs, result["partition"], result["watermark"], now)}
+            if partition not in detectors:
+                detectors[partition] = DriftDetector(window_ms=window_ms, lateness_ms=lateness_ms)
+                clusterers[partition] = FailureClusterer(window_ms=window_ms)
+            drift_rows, drift_alerts = detectors[partition].update(runs)
+            out["drift"] = [{**row, "updated_at": now} for row in drift_rows]
+            out["failure_clusters"], cluster_alerts, assigned = clusterers[partition].update(runs, now)
+            # The run's row again, with its failure cluster: it replaces the plain one.
+            out["runs"] = [
+                {**row, "failure_cluster_id": assigned[row["run_id"]], "version": row_version(row["event_count"], True)}
+                for row in runs if assigned.get(row["run_id"])
+            ]
+            if any(out.values()):
+                await metric_results.send(value=orjson.dumps(out), partition=partition)
+            for alert in drift_alerts + cluster_alerts:
+                await alerts_out.send(key=alert["fingerprint"].encode(), value=orjson.dumps(alert))
 
     return app

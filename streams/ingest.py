@@ -194,32 +194,42 @@ class StoreSink:
 
     # Result topics of the processors.
 
-    def _land(self, table: str, messages: list[Message], to_rows: Callable[[bytes], list[dict]]) -> None:
-        """Land the rows of each message; a message that cannot be read is a dead letter."""
-        rows, dead = [], []
+    def _land(self, messages: list[Message], decode: Callable[[bytes], dict[str, list[dict]]]) -> None:
+        """Land the rows each message holds, by table; a message that cannot be read is a dead letter."""
+        rows: dict[str, list[dict]] = defaultdict(list)
+        dead = []
         received_at = now_ms()
         for message in messages:
             try:
-                rows += to_rows(message.value())
+                for table, table_rows in decode(message.value()).items():
+                    rows[table] += table_rows
             except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, pa.ArrowException) as error:
                 source = f"{message.topic()}:{message.partition()}:{message.offset()}"
-                dead.append(self._dead_letter(message, source, f"unreadable {table} message: {error!r}", received_at))
-        self._insert(table, rows)
+                dead.append(self._dead_letter(message, source, f"unreadable {message.topic()} message: {error!r}", received_at))
+        for table, table_rows in rows.items():
+            self._insert(table, table_rows)
         self._insert("dead_letters", dead)
         self.stats["dead_letters"] += len(dead)
 
     def _land_runs(self, messages: list[Message]) -> None:
-        self._land("runs", messages, lambda value: orjson.loads(value)["runs"])
+        self._land(messages, lambda value: {"runs": orjson.loads(value)["runs"]})
 
     def _land_metrics(self, messages: list[Message]) -> None:
-        self._land("agent_metrics", messages, lambda value: orjson.loads(value)["metrics"])
+        # One message of the metrics stage carries rows for several tables.
+        tables_by_key = {"metrics": "agent_metrics", "drift": "drift", "failure_clusters": "failure_clusters", "runs": "runs"}
+
+        def decode(value: bytes) -> dict[str, list[dict]]:
+            result = orjson.loads(value)
+            return {table: result[key] for key, table in tables_by_key.items() if result.get(key)}
+
+        self._land(messages, decode)
 
     def _land_alerts(self, messages: list[Message]) -> None:
         # The table mirrors the topic: every alert as sent, evidence as JSON text.
-        def rows(value: bytes) -> list[dict]:
+        def decode(value: bytes) -> dict[str, list[dict]]:
             alert = orjson.loads(value)
             row = {**alert, "evidence": orjson.dumps(alert["evidence"]).decode(), "action": alert.get("action", "")}
             tables.to_arrow([row], tables.ALERTS)  # others may write this topic: check each one
-            return [row]
+            return {"alerts": [row]}
 
-        self._land("alerts", messages, rows)
+        self._land(messages, decode)

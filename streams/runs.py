@@ -3,7 +3,7 @@
 Plain Python over normalised events (see `streams.events`), no Kafka: the faust agent
 feeds it batches and emits what it returns. Delivery is at-least-once, so applying the
 same event twice changes nothing (events are deduplicated per run by event_id), and a
-closed run's row only grows (its `version` is its number of distinct events).
+closed run's row only grows (its `version` grows with its number of distinct events).
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ pack = operator.itemgetter(*EVENT_FIELDS)
 
 def unpack(rows: list[list]) -> list[dict]:
     return [dict(zip(EVENT_FIELDS, row)) for row in rows]
+
+
+def row_version(event_count: int, enriched: bool = False) -> int:
+    """A runs row with more events replaces one with fewer; with as many, the enriched one
+    (its failure cluster assigned by the metrics stage) replaces the plain one."""
+    return 2 * event_count + enriched
 
 
 def agent_partition(agent_id: str, partitions: int) -> int:
@@ -189,7 +195,7 @@ class RunState:
             "failure_cluster_id": "",
             "event_count": len(self.event_ids),
             "closed_by": "idle_timeout" if timed_out else "run_end",
-            "version": len(self.event_ids),
+            "version": row_version(len(self.event_ids)),
             "updated_at": updated_at,
         }
 

@@ -72,8 +72,24 @@ ALERTS = pa.schema(
     ]
 )
 
+DRIFT = pa.schema(
+    [
+        ("agent_id", _TEXT), ("agent_version", _TEXT), ("window", _TS), ("feature", _TEXT), ("statistic", _TEXT),
+        ("value", pa.float64()), ("p_value", pa.float64()), ("threshold", pa.float64()), ("baseline", _TEXT),
+        ("significant", pa.bool_()), ("updated_at", _TS),
+    ]
+)
+
+FAILURE_CLUSTERS = pa.schema(
+    [
+        ("cluster_id", _TEXT), ("agent_id", _TEXT), ("label", _TEXT), ("size", pa.uint64()), ("first_seen", _TS),
+        ("last_seen", _TS), ("example_run_ids", pa.list_(_TEXT)), ("updated_at", _TS),
+    ]
+)
+
 BY_TABLE = {
     "events": EVENTS, "runs": RUNS, "agent_metrics": AGENT_METRICS, "dead_letters": DEAD_LETTERS, "alerts": ALERTS,
+    "drift": DRIFT, "failure_clusters": FAILURE_CLUSTERS,
 }
 
 

@@ -61,5 +61,5 @@ def test_a_malformed_message_on_the_alerts_topic_is_a_dead_letter(stack):
     producer.produce("trackside.alerts", value=b'{"not": "an alert"}', key=b"x")
     producer.flush(10)
     assert stack.wait_for_count(
-        "SELECT count() FROM dead_letters WHERE topic = 'trackside.alerts' AND error LIKE 'unreadable alerts message%'", 1
+        "SELECT count() FROM dead_letters WHERE topic = 'trackside.alerts' AND error LIKE 'unreadable trackside.alerts message%'", 1
     ) == 1

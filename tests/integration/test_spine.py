@@ -127,3 +127,16 @@ def test_sql_command_works_while_up_runs(stack, fleet):
     refused = stack.cli("sql", "DROP TABLE trackside.runs", check=False)
     assert refused.returncode == 2 and b"read-only" in refused.stderr
     assert stack.count("SELECT count() FROM system.tables WHERE database = 'trackside' AND name = 'runs'") == 1
+
+
+def test_failed_runs_are_clustered_and_the_clusters_land(stack, fleet):
+    runs = fleet["truth"]["runs"]
+    failed = sum(run["outcome"] != "success" for run in runs.values())
+    assert stack.wait_for_count("SELECT count() FROM runs WHERE outcome != 'success' AND failure_cluster_id != ''", failed) == failed
+    assert stack.count("SELECT count() FROM runs WHERE outcome = 'success' AND failure_cluster_id != ''") == 0
+    assert stack.count("SELECT count() FROM runs") == len(runs), "a run with its cluster replaces its plain row"
+    clusters = stack.query("SELECT cluster_id, size, label FROM failure_clusters")
+    assert clusters and sum(int(row["size"]) for row in clusters) == failed
+    assert {row["cluster_id"] for row in clusters} == {
+        row["failure_cluster_id"] for row in stack.query("SELECT DISTINCT failure_cluster_id FROM runs WHERE failure_cluster_id != ''")
+    }

@@ -39,7 +39,7 @@ def test_run_closes_at_run_end_with_its_numbers():
     assert row["cost_usd"] == 0.5 and row["cost_source"] == "reported"
     assert row["duration_ms"] == 3000
     assert row["tool_path"] == ["lookup", "search"]  # by event time, not arrival
-    assert row["version"] == 5
+    assert row["version"] == 10 and row["event_count"] == 5
 
 
 def test_duplicates_are_applied_once():
