@@ -1,4 +1,4 @@
-"""The `trackside` command (SPEC §1): up, publish, sql, demo."""
+"""The `trackside` command (SPEC §1): up, publish, sql, import, demo."""
 
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    import orjson
+
+    from jobs.publish import publish_lines
+    from jobs.tau_bench import import_runs, summary, write_jsonl
+
+    events = import_runs(args.file)
+    facts = " ".join(f"{key}={value}" for key, value in summary(events).items())
+    if args.out:
+        write_jsonl(events, args.out)
+        print(f"wrote {args.out}: {facts}")
+        return 0
+    report = publish_lines(_settings(), (orjson.dumps(event) for event in events))
+    print(f"published produced={report.produced} rejected={report.rejected}: {facts}")
+    return 1 if report.rejected else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -81,6 +98,12 @@ def parser() -> argparse.ArgumentParser:
     sql.add_argument("--format", default="PrettyCompact", help="any ClickHouse output format (default PrettyCompact)")
     sql.add_argument("--write", action="store_true", help="allow statements that change data")
     sql.set_defaults(handler=cmd_sql)
+
+    importer = commands.add_parser("import", help="turn recorded agent runs into agent events and publish them")
+    importer.add_argument("source", choices=["tau-bench"], help="the format of FILE")
+    importer.add_argument("file", help="e.g. ../shared/data/tau-bench/gpt-4o-airline.json")
+    importer.add_argument("--out", help="write the events as JSON Lines here instead of publishing them")
+    importer.set_defaults(handler=cmd_import)
 
     demo = commands.add_parser("demo", help="start the stack, play a simulated fleet, print what it found")
     demo.add_argument("--runs", type=int, default=600)
