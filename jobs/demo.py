@@ -27,8 +27,17 @@ MALFORMED = (
 SUMMARY = """
 SELECT agent_id, agent_version, count() AS runs, countIf(outcome = 'success') AS successes,
        sum(cost_usd) AS cost, sum(cost_usd) / nullIf(countIf(outcome = 'success'), 0) AS cost_per_success,
-       quantile(0.95)(duration_ms) AS p95_duration_ms, countIf(outcome = 'timeout') AS timeouts
+       quantile(0.95)(duration_ms) AS p95_duration_ms, countIf(outcome = 'timeout') AS timeouts,
+       countIf(loop_detected) AS loops
 FROM runs GROUP BY agent_id, agent_version ORDER BY agent_id, agent_version
+"""
+ALERTS = """
+SELECT kind, countIf(status = 'firing') AS firing, countIf(status = 'resolved') AS resolved,
+       argMax(summary, ts) AS latest
+FROM alerts GROUP BY kind ORDER BY kind
+"""
+CLUSTERS = """
+SELECT agent_id, size, label FROM failure_clusters ORDER BY size DESC LIMIT 6
 """
 DEAD_BY_AGENT = """
 SELECT JSONExtractString(toString(payload), 'agent_id') AS agent_id,
@@ -92,14 +101,29 @@ def _wait_for_runs(stack: Stack, expected: int, timeout: float) -> int:
 def _print_summary(console: Console, stack: Stack) -> None:
     dead = {(agent, version): count for agent, version, count in stack.store.query_rows(DEAD_BY_AGENT)}
     table = Table(title="Trackside: per agent and version (read back from ClickHouse)")
-    for column in ("agent", "version", "runs", "success rate", "cost / successful task", "p95 duration", "timeouts", "dead letters"):
+    columns = ("agent", "version", "runs", "success rate", "cost / successful task", "p95 duration", "timeouts",
+               "loops", "dead letters")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("agent", "version") else "right")
-    for agent, version, runs, successes, _cost, per_success, p95, timeouts in stack.store.query_rows(SUMMARY):
+    for agent, version, runs, successes, _cost, per_success, p95, timeouts, loops in stack.store.query_rows(SUMMARY):
         table.add_row(
             agent, version, str(runs), f"{successes / runs:.1%}",
             "-" if per_success is None else f"${per_success:.4f}", f"{p95 / 1000:.1f} s", str(timeouts),
-            str(dead.pop((agent, version), 0)),
+            str(loops), str(dead.pop((agent, version), 0)),
         )
-    unattributed = sum(dead.values())
-    table.add_row("(no agent)", "", "", "", "", "", "", str(unattributed))
+    table.add_row("(no agent)", *[""] * (len(columns) - 2), str(sum(dead.values())))
     console.print(table)
+
+    alerts = Table(title="Alerts sent on trackside.alerts")
+    for column in ("kind", "firing", "resolved", "latest"):
+        alerts.add_column(column, justify="right" if column in ("firing", "resolved") else "left")
+    for kind, firing, resolved, latest in stack.store.query_rows(ALERTS):
+        alerts.add_row(kind, str(firing), str(resolved), latest)
+    console.print(alerts)
+
+    clusters = Table(title="Largest failure clusters")
+    for column in ("agent", "runs", "failure mode"):
+        clusters.add_column(column, justify="right" if column == "runs" else "left")
+    for agent, size, label in stack.store.query_rows(CLUSTERS):
+        clusters.add_row(agent, str(size), label)
+    console.print(clusters)

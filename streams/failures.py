@@ -4,6 +4,7 @@ and `failure_cluster` alerts when a cluster appears or spikes (SPEC §6, table `
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 import math
 import re
 from collections import Counter, OrderedDict
@@ -437,7 +438,7 @@ class FailureClusterer(BaseEstimator):
             ts=cluster.last_seen, agent_id=cluster.agent_id, agent_version=version,
             run_id=cluster.example_run_ids[-1],
             summary=f"new failure cluster for {cluster.agent_id}: {cluster.size} runs failing as "
-                    f"\"{cluster.label}\" since {cluster.first_seen}",
+                    f"\"{cluster.label}\" since {_iso(cluster.first_seen)}",
             evidence=evidence, episode=cluster.cluster_id)
 
     def _spike_alert(self, cluster: Cluster, status: str, numbers: dict) -> dict:
@@ -456,3 +457,7 @@ class FailureClusterer(BaseEstimator):
             kind=KIND, severity="critical", status=status, fingerprint=fingerprint(KIND, "spike", cluster.cluster_id),
             ts=self.clock_, agent_id=cluster.agent_id, agent_version=version, run_id=cluster.example_run_ids[-1],
             summary=summary, evidence=evidence, episode=str(cluster.spike_since))
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

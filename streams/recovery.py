@@ -36,7 +36,7 @@ _RUN_COLUMNS = (
 def open_run_events(settings: Settings, partition: int) -> tuple[list[dict], set[str]]:
     """Every landed event of the partition's runs that have not closed, oldest first, and the
     ids of the alerts already sent about those runs (replaying the events raises them again)."""
-    store = query_store(settings)
+    store = query_store(settings, may_open=False)
     events = store.query_json(
         f"SELECT {_EVENT_COLUMNS} FROM events "
         "WHERE source LIKE {source:String} AND run_id NOT IN (SELECT run_id FROM runs) ORDER BY ts",
@@ -56,7 +56,7 @@ def open_windows(settings: Settings, partition: int) -> tuple[list[dict], int]:
     A window emitted as final must stay as it is, and a window still open must be restored
     whole: re-emitted with part of its runs, it would replace the complete row.
     """
-    store = query_store(settings)
+    store = query_store(settings, may_open=False)
     agents = [
         row["agent_id"] for row in store.query_json("SELECT DISTINCT agent_id FROM runs")
         if agent_partition(row["agent_id"], settings.partitions) == partition

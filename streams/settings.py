@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from functools import cached_property
@@ -120,6 +121,17 @@ class Settings(BaseSettings):
     def run_dir(self) -> Path:
         """Pid files and the address of the running store's query service."""
         return self.data_dir / "run"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as TRACKSIDE_* variables: what a child process needs to see the same."""
+        env = {}
+        for name, value in self:
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if value is None:
+                continue
+            env[f"TRACKSIDE_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+        return env
 
     def loop_policy(self) -> LoopPolicy:
         return LoopPolicy(self.loop_repeats, self.loop_max_period, self.loop_max_steps, dict(self.loop_step_budgets))

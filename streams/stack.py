@@ -92,7 +92,9 @@ class Stack:
 
     def _worker(self, index: int) -> Child:
         command = [sys.executable, "-m", "streams", "worker", "--without-web", "--loglevel", "info"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The workers see exactly this stack's settings, however they were made (the demo
+        # changes the data dir and port of the environment's).
+        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         return Child(f"worker-{index}", command, self.settings.run_dir, self.settings.data_dir / "logs", env)
 
     def _run_sink(self) -> None:

@@ -284,12 +284,18 @@ def open_store(settings: Settings) -> Store:
     return Store(settings.store_url, settings.database, cluster=settings.cluster)
 
 
-def query_store(settings: Settings) -> Store | RemoteStore:
-    """Something with `query_raw` for this settings' store, whether or not `up` runs."""
+def query_store(settings: Settings, *, may_open: bool = True) -> Store | RemoteStore:
+    """Something with `query_raw` for this settings' store, whether or not `up` runs.
+
+    `may_open=False` is for processes of a running stack: they must never open its embedded
+    store themselves (that would lock the owner out), only go through its query service.
+    """
     if settings.store_is_embedded:
         remote = running_service(settings)
         if remote is not None:
             return remote
+        if not may_open:
+            raise StoreError(f"no query service of a running stack in {settings.run_dir}")
     return open_store(settings)
 
 
