@@ -9,7 +9,8 @@
    queryable in ClickHouse; events/s = events / that time.
 4. Latency: while the pipeline is loaded and then idle, small probe runs are published one
    at a time; for each, the time from publish until its event, and then its run, can be
-   queried through `trackside sql`'s query service (polled every 10 ms).
+   queried through `trackside sql`'s query service (polled every 10 ms); and a looping
+   probe run, timed from its third identical tool call to its `loop` alert on the topic.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _produce(bootstrap: str, topic: str, lines: list[bytes], keys: list[bytes]) -> float:
+def _produce(bootstrap: str, topic: str, lines: list[bytes], keys: list[bytes], progress: list[int] | None = None) -> float:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1 << 20, "log.connection.close": False})
     started = time.perf_counter()
-    for value, key in zip(lines, keys):
+    for index, (value, key) in enumerate(zip(lines, keys)):
+        if progress is not None:
+            progress[0] = index
         while True:
             try:
                 producer.produce(topic, value=value, key=key)
@@ -88,18 +91,27 @@ def raw_consume_rate(bootstrap: str, lines: list[bytes], keys: list[bytes], part
 class Probe:
     """Publishes one tiny run at a time and times until its event and its run are queryable."""
 
-    def __init__(self, bootstrap: str, settings: Settings, ts: int) -> None:
-        # Event time inside the benchmark fleet's span: a probe stamped "now" would move its
-        # partition's watermark weeks ahead and time out every open run of the fleet.
-        self.ts = ts
+    def __init__(self, bootstrap: str, settings: Settings, clock) -> None:  # noqa: ANN001
+        # Probes are stamped with the stream's own event time (`clock()`): stamped "now" they
+        # would move their partition's watermark weeks ahead of the fleet, and stamped in the
+        # past they would be late events that start no run.
+        self.clock = clock
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "log.connection.close": False})
         self.store = running_service(settings)
         self.event_ms: list[float] = []
         self.run_ms: list[float] = []
+        self.loop_ms: list[float] = []
+        self.alerts = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": f"bench-alerts-{uuid.uuid4()}", "auto.offset.reset": "latest",
+            "session.timeout.ms": 6000, "fetch.wait.max.ms": 10, "enable.auto.commit": False,
+        })
+        self.alerts.subscribe(["trackside.alerts"])
+        while not self.alerts.assignment():
+            self.alerts.poll(0.1)
 
     def once(self) -> None:
         run_id = f"probe-{uuid.uuid4()}"
-        base = {"run_id": run_id, "agent_id": "bench-probe", "agent_version": "1", "ts": self.ts}
+        base = {"run_id": run_id, "agent_id": "bench-probe", "agent_version": "1", "ts": self.clock()}
         start = orjson.dumps({**base, "event_id": f"{run_id}-s", "type": "run_start"})
         end = orjson.dumps({**base, "event_id": f"{run_id}-e", "type": "run_end", "outcome": "success"})
         sent = time.perf_counter()
@@ -108,6 +120,27 @@ class Probe:
         self.producer.flush(10)
         self.event_ms.append(self._until(f"SELECT count() FROM events WHERE event_id = '{run_id}-s'", sent))
         self.run_ms.append(self._until(f"SELECT count() FROM runs WHERE run_id = '{run_id}'", sent))
+
+    def loop_once(self) -> None:
+        """A run that calls one tool three times with the same arguments: time until its alert."""
+        run_id = f"loop-probe-{uuid.uuid4()}"
+        base = {"run_id": run_id, "agent_id": "bench-probe", "agent_version": "1", "ts": self.clock()}
+        calls = [{**base, "event_id": f"{run_id}-s", "type": "run_start"}] + [
+            {**base, "event_id": f"{run_id}-{n}", "type": "tool_call", "tool": "lookup", "args": {"id": 7}}
+            for n in range(3)
+        ]
+        for event in calls[:-1]:
+            self.producer.produce("agent.events", value=orjson.dumps(event), key=run_id.encode())
+        self.producer.flush(10)
+        sent = time.perf_counter()
+        self.producer.produce("agent.events", value=orjson.dumps(calls[-1]), key=run_id.encode())
+        self.producer.flush(10)
+        while time.perf_counter() - sent < 60:
+            message = self.alerts.poll(0.005)
+            if message is not None and message.error() is None and orjson.loads(message.value())["run_id"] == run_id:
+                self.loop_ms.append((time.perf_counter() - sent) * 1000)
+                return
+        self.loop_ms.append(float("nan"))
 
     def _until(self, sql: str, sent: float, timeout: float = 60) -> float:
         while time.perf_counter() - sent < timeout:
@@ -147,11 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--probes", type=int, default=40)
+    parser.add_argument(
+        "--hours", type=float, default=1.0,
+        help="event time the fleet spans: a replay compresses it, and each (version, window) costs a drift test",
+    )
     args = parser.parse_args(argv)
     console = Console()
 
     runs = max(10, args.events // 12)  # the default fleet has ~12.6 events per run
-    config = FleetConfig(seed=1, runs=runs, duration_ms=max(2, runs // 2000) * 3_600_000)
+    config = FleetConfig(seed=1, runs=runs, duration_ms=int(args.hours * 3_600_000))
     with console.status(f"simulating {runs} runs"):
         # The whole fleet, not a cut: a run cut short at the end of the stream would never close.
         events = list(simulate(config))
@@ -182,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         with console.status("raw confluent-kafka baseline"):
             produce_rate, raw_rate = raw_consume_rate(bootstrap, lines, keys, args.partitions)
 
-        probe = Probe(bootstrap, settings, config.start_ms + 1000)
+        published = [0]
+        probe = Probe(bootstrap, settings, lambda: events[published[0]]["ts"])
         probe.once()  # warm-up, not counted
         probe.event_ms.clear()
         probe.run_ms.clear()
@@ -190,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         with console.status(f"pipeline: {len(lines)} events of {len(run_ids)} runs"):
             # Publish in a thread, so the clock starts at the first publish and runs to the last run landed.
             started = time.perf_counter()
-            publisher = threading.Thread(target=_produce, args=(bootstrap, "agent.events", lines, keys))
+            publisher = threading.Thread(target=_produce, args=(bootstrap, "agent.events", lines, keys, published))
             publisher.start()
             loaded_probes = 0
             while True:
@@ -199,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 if loaded_probes < args.probes // 2:
                     probe.once()
+                    probe.loop_once()
                     loaded_probes += 1
                 else:
                     time.sleep(0.05)
@@ -207,21 +246,23 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.perf_counter() - started
             publisher.join()
         rss = _rss_mb(up.pid)
-        loaded = (list(probe.event_ms), list(probe.run_ms))
+        loaded = (list(probe.event_ms), list(probe.run_ms), list(probe.loop_ms))
         probe.event_ms.clear()
         probe.run_ms.clear()
+        probe.loop_ms.clear()
         with console.status("idle latency probes"):
             for _ in range(args.probes - loaded_probes):
                 probe.once()
-        idle = (probe.event_ms, probe.run_ms)
+                probe.loop_once()
+        idle = (probe.event_ms, probe.run_ms, probe.loop_ms)
     finally:
         up.terminate()
         up.wait(60)
         shutil.rmtree(data_dir, ignore_errors=True)
 
     rate = len(lines) / elapsed
-    table = Table(title=f"Trackside benchmark: {len(lines)} events, {len(run_ids)} runs, "
-                        f"{args.partitions} partitions, {args.workers} faust worker(s), {os.cpu_count()} cores")
+    table = Table(title=f"Trackside benchmark: {len(lines)} events, {len(run_ids)} runs over {args.hours:g} h of event "
+                        f"time, {args.partitions} partitions, {args.workers} faust worker(s), {os.cpu_count()} cores")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("raw confluent-kafka produce", f"{produce_rate:,.0f} msgs/s")
@@ -229,11 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("pipeline, first publish -> last run in ClickHouse", f"{elapsed:.2f} s")
     table.add_row("pipeline throughput", f"{rate:,.0f} events/s")
     table.add_row("ratio pipeline / raw consume", f"{rate / raw_rate:.3f}")
-    for label, (event_ms, run_ms) in (("under load", loaded), ("idle", idle)):
+    for label, (event_ms, run_ms, loop_ms) in (("under load", loaded), ("idle", idle)):
         table.add_row(f"publish -> event queryable, {label} (p50 / p99, n={len(event_ms)})",
                       f"{_quantile(event_ms, .5):,.0f} / {_quantile(event_ms, .99):,.0f} ms")
         table.add_row(f"publish -> run queryable, {label} (p50 / p99, n={len(run_ms)})",
                       f"{_quantile(run_ms, .5):,.0f} / {_quantile(run_ms, .99):,.0f} ms")
+        table.add_row(f"looping call published -> loop alert on topic, {label} (p50 / p99, n={len(loop_ms)})",
+                      f"{_quantile(loop_ms, .5):,.0f} / {_quantile(loop_ms, .99):,.0f} ms")
     table.add_row("memory of trackside up and children at the end", f"{rss:,.0f} MB")
     console.print(table)
     return 0

@@ -122,6 +122,10 @@ def create_app(settings: Settings) -> faust.App:
                 for state in (windows, detectors, clusterers):
                     state.pop(tp.partition, None)
 
+    async def send_alerts(alerts) -> None:  # noqa: ANN001
+        for alert in alerts:
+            await alerts_out.send(key=alert["fingerprint"].encode(), value=orjson.dumps(alert))
+
     @app.agent(event_batches, name="assemble_runs")
     async def assemble_runs(stream) -> None:  # noqa: ANN001
         async for message in stream.events():
@@ -135,9 +139,7 @@ def create_app(settings: Settings) -> faust.App:
                 stored, already_sent = await _from_store(open_run_events, settings, partition)
                 closed = assembler.apply(stored, now_ms())
             closed += assembler.apply(unpack(batch["events"]), now_ms())
-            for alert in assembler.take_alerts():
-                if alert["alert_id"] not in already_sent:
-                    await alerts_out.send(key=alert["fingerprint"].encode(), value=orjson.dumps(alert))
+            await send_alerts(alert for alert in assembler.take_alerts() if alert["alert_id"] not in already_sent)
             by_target: dict[int, list[dict]] = defaultdict(list)
             for row in closed:
                 by_target[agent_partition(row["agent_id"], settings.partitions)].append(row)
@@ -176,7 +178,6 @@ def create_app(settings: Settings) -> faust.App:
             ]
             if any(out.values()):
                 await metric_results.send(value=orjson.dumps(out), partition=partition)
-            for alert in drift_alerts + cluster_alerts:
-                await alerts_out.send(key=alert["fingerprint"].encode(), value=orjson.dumps(alert))
+            await send_alerts(drift_alerts + cluster_alerts)
 
     return app
