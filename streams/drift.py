@@ -3,7 +3,6 @@ against the version's own trailing reference (or its stable version's), alerting
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping

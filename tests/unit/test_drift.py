@@ -8,7 +8,6 @@ import inspect
 import numpy as np
 import pytest
 
-from streams import drift
 from streams.alerts import fingerprint
 from streams.drift import DriftDetector, benjamini_hochberg, chi2, design_effect, js, ks, psi, wasserstein
 from jobs.evaluate_drift import SCENARIOS, SHIFT_AT_MS, WINDOW_MS, replay, score
