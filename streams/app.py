@@ -24,7 +24,7 @@ from streams.drift import DriftDetector
 from streams.failures import FailureClusterer
 from streams.metrics import MetricWindows
 from streams.errors import StoreError
-from streams.recovery import open_run_events, open_windows
+from streams.recovery import open_run_events, open_windows, recent_runs
 from streams.runs import RunAssembler, agent_partition, row_version, unpack
 from streams.settings import Settings
 
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 APP_ID = "trackside-processors"
 # A partition whose watermark moved tells the metric partitions without runs at most this often.
 WATERMARK_EVERY_S = 1.0
+# Event time of runs the drift tests and failure clusters relearn when a worker takes a
+# partition: the drift reference's longest age.
+DETECTION_HISTORY_MS = 3 * 3_600_000
 
 
 def now_ms() -> int:
@@ -111,6 +114,9 @@ def create_app(settings: Settings) -> faust.App:
     detectors: dict[int, DriftDetector] = {}
     clusterers: dict[int, FailureClusterer] = {}
     told: dict[tuple[int, int], float] = {}  # (from partition, to partition) -> wall time of last watermark
+    # Alert ids sent before this worker took the partition: redelivered events raise them again.
+    sent: dict[int, set[str]] = {}
+    sent_detections: dict[int, set[str]] = {}
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(app, revoked, **kwargs) -> None:  # noqa: ANN001 (faust's signal signature)
@@ -118,8 +124,9 @@ def create_app(settings: Settings) -> faust.App:
         for tp in revoked:
             if tp.topic == topics.EVENT_BATCHES.name:
                 assemblers.pop(tp.partition, None)
+                sent.pop(tp.partition, None)
             elif tp.topic == topics.RUN_RESULTS.name:
-                for state in (windows, detectors, clusterers):
+                for state in (windows, detectors, clusterers, sent_detections):
                     state.pop(tp.partition, None)
 
     async def send_alerts(alerts) -> None:  # noqa: ANN001
@@ -133,13 +140,12 @@ def create_app(settings: Settings) -> faust.App:
             partition = message.message.partition
             assembler = assemblers.get(partition)
             closed = []
-            already_sent: set[str] = set()
             if assembler is None:
                 assembler = assemblers[partition] = RunAssembler(idle_timeout_ms, lateness_ms, loop_policy)
-                stored, already_sent = await _from_store(open_run_events, settings, partition)
+                stored, sent[partition] = await _from_store(open_run_events, settings, partition, 2 * idle_timeout_ms)
                 closed = assembler.apply(stored, now_ms())
             closed += assembler.apply(unpack(batch["events"]), now_ms())
-            await send_alerts(alert for alert in assembler.take_alerts() if alert["alert_id"] not in already_sent)
+            await send_alerts(alert for alert in assembler.take_alerts() if alert["alert_id"] not in sent[partition])
             by_target: dict[int, list[dict]] = defaultdict(list)
             for row in closed:
                 by_target[agent_partition(row["agent_id"], settings.partitions)].append(row)
@@ -168,6 +174,12 @@ def create_app(settings: Settings) -> faust.App:
             if partition not in detectors:
                 detectors[partition] = DriftDetector(window_ms=window_ms, lateness_ms=lateness_ms)
                 clusterers[partition] = FailureClusterer(window_ms=window_ms)
+                # Learn the recent past again. Its rows are sent again (they replace themselves);
+                # its alerts only if they never went out. Runs also in this message count once.
+                history, sent_detections[partition] = await _from_store(
+                    recent_runs, settings, partition, DETECTION_HISTORY_MS
+                )
+                runs = history + runs
             drift_rows, drift_alerts = detectors[partition].update(runs)
             out["drift"] = [{**row, "updated_at": now} for row in drift_rows]
             out["failure_clusters"], cluster_alerts, assigned = clusterers[partition].update(runs, now)
@@ -178,6 +190,8 @@ def create_app(settings: Settings) -> faust.App:
             ]
             if any(out.values()):
                 await metric_results.send(value=orjson.dumps(out), partition=partition)
-            await send_alerts(drift_alerts + cluster_alerts)
+            await send_alerts(
+                alert for alert in drift_alerts + cluster_alerts if alert["alert_id"] not in sent_detections[partition]
+            )
 
     return app

@@ -14,6 +14,7 @@ import logging
 from streams import topics
 from streams.runs import EVENT_FIELDS, agent_partition
 from streams.settings import Settings
+from streams.tables import RUNS
 from streams.store import query_store
 
 log = logging.getLogger(__name__)
@@ -33,21 +34,60 @@ _RUN_COLUMNS = (
 )
 
 
-def open_run_events(settings: Settings, partition: int) -> tuple[list[dict], set[str]]:
+def open_run_events(settings: Settings, partition: int, horizon_ms: int) -> tuple[list[dict], set[str]]:
     """Every landed event of the partition's runs that have not closed, oldest first, and the
-    ids of the alerts already sent about those runs (replaying the events raises them again)."""
+    ids of the alerts already sent about the partition's runs of the last `horizon_ms` of
+    event time: replayed or redelivered events raise those alerts again."""
     store = query_store(settings, may_open=False)
+    source = {"source": f"{topics.AGENT_EVENTS.name}:{partition}:%"}
     events = store.query_json(
         f"SELECT {_EVENT_COLUMNS} FROM events "
         "WHERE source LIKE {source:String} AND run_id NOT IN (SELECT run_id FROM runs) ORDER BY ts",
-        {"source": f"{topics.AGENT_EVENTS.name}:{partition}:%"},
+        source,
     )
-    if not events:
-        return [], set()
-    run_ids = sorted({event["run_id"] for event in events})
-    log.info("partition %d: rebuilding %d open runs from %d stored events", partition, len(run_ids), len(events))
-    sent = store.query_json("SELECT alert_id FROM alerts WHERE run_id IN {runs:Array(String)}", {"runs": run_ids})
+    if events:
+        log.info("partition %d: rebuilding %d open runs from %d stored events",
+                 partition, len({event["run_id"] for event in events}), len(events))
+    sent = store.query_json(
+        "SELECT alert_id FROM alerts WHERE run_id IN (SELECT run_id FROM events WHERE source LIKE {source:String} "
+        "AND ts >= (SELECT max(ts) FROM events WHERE source LIKE {source:String}) - toIntervalMillisecond({horizon:Int64}))",
+        {**source, "horizon": horizon_ms},
+    )
     return events, {row["alert_id"] for row in sent}
+
+
+def recent_runs(settings: Settings, partition: int, horizon_ms: int) -> tuple[list[dict], set[str]]:
+    """The partition's agents' runs of the last `horizon_ms` of event time, oldest first, which
+    the drift tests and the failure clusters learn again after a restart, and the ids of the
+    alerts already sent about those agents."""
+    store = query_store(settings, may_open=False)
+    agents = _agents_of(store, settings, partition)
+    if not agents:
+        return [], set()
+    columns = ", ".join(
+        f"toUnixTimestamp64Milli({name}) AS {name}" if name in ("started_at", "ended_at", "updated_at")
+        else "toFloat64(cost_usd) AS cost_usd" if name == "cost_usd" else name
+        for name in RUNS.names
+    )
+    # The inner query filters on the columns; the outer one renames them.
+    runs = store.query_json(
+        f"SELECT {columns} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} AND ended_at >= "
+        "(SELECT max(ended_at) FROM runs WHERE agent_id IN {agents:Array(String)}) - toIntervalMillisecond({horizon:Int64})) "
+        "ORDER BY ended_at, run_id",
+        {"agents": agents, "horizon": horizon_ms},
+    )
+    sent = store.query_json(
+        "SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)} AND kind IN ('drift', 'failure_cluster')",
+        {"agents": agents},
+    )
+    return runs, {row["alert_id"] for row in sent}
+
+
+def _agents_of(store, settings: Settings, partition: int) -> list[str]:  # noqa: ANN001
+    return [
+        row["agent_id"] for row in store.query_json("SELECT DISTINCT agent_id FROM runs")
+        if agent_partition(row["agent_id"], settings.partitions) == partition
+    ]
 
 
 def open_windows(settings: Settings, partition: int) -> tuple[list[dict], int]:
@@ -57,10 +97,7 @@ def open_windows(settings: Settings, partition: int) -> tuple[list[dict], int]:
     whole: re-emitted with part of its runs, it would replace the complete row.
     """
     store = query_store(settings, may_open=False)
-    agents = [
-        row["agent_id"] for row in store.query_json("SELECT DISTINCT agent_id FROM runs")
-        if agent_partition(row["agent_id"], settings.partitions) == partition
-    ]
+    agents = _agents_of(store, settings, partition)
     if not agents:
         return [], 0
     window_ms = settings.window_seconds * 1000

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
 from jobs.simulate import FleetConfig, genai_prices_fn, simulate, truth
 from tests.conftest import RunningStack
@@ -52,6 +52,26 @@ def _check_everything_landed_once(stack: RunningStack, events: list[dict], expec
         assert row["cost"] == pytest.approx(group["cost_usd"], rel=1e-6)
 
 
+def _alert_ids_on_topic(stack: RunningStack) -> list[str]:
+    stack.wait_for_count("SELECT count() > 0 FROM alerts", 1)
+    expected = stack.count("SELECT count() FROM alerts")
+    consumer = Consumer({
+        "bootstrap.servers": f"127.0.0.1:{stack.port}", "group.id": "test-recovery-alerts",
+        "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
+    })
+    consumer.subscribe(["trackside.alerts"])
+    ids: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ids += [orjson.loads(m.value())["alert_id"] for m in consumer.consume(500, 1.0) if m.error() is None]
+        if len(ids) >= expected:
+            time.sleep(2)  # anything sent twice would arrive by now
+            ids += [orjson.loads(m.value())["alert_id"] for m in consumer.consume(500, 1.0) if m.error() is None]
+            break
+    consumer.close()
+    return ids
+
+
 def _split_mid_run(events: list[dict]) -> int:
     """An index in the middle of the stream where several runs are open."""
     return len(events) // 2
@@ -71,6 +91,9 @@ def test_kill_9_of_the_faust_worker_mid_stream_loses_and_doubles_nothing(tmp_pat
         _publish(stack, events[half:])
         _check_everything_landed_once(stack, events, expected)
         assert "worker-0 exited" in stack.output.read_text()
+        sent = _alert_ids_on_topic(stack)
+        assert sent, "the fleet raises loop and failure-cluster alerts"
+        assert len(sent) == len(set(sent)), "an alert went out twice"
     finally:
         assert stack.stop() == 0
 
