@@ -3,7 +3,7 @@
 Start order: lock the data dir, start the broker (unless TRACKSIDE_BOOTSTRAP names one),
 create the topics, open the store and apply the migrations, serve queries, start the
 store sink, start the faust workers, then print the ready line. Stop order is the reverse.
-A worker that dies is restarted; its partitions' state is rebuilt from the stream.
+A worker that dies is restarted; its partitions' state is rebuilt from the store.
 """
 
 from __future__ import annotations
