@@ -153,17 +153,24 @@ class StoreSink:
             events.append(event)
             by_partition[partition].append(pack(event))
         self._insert("events", events)
-        self._insert("dead_letters", dead)
-        for row in dead:
-            self._producer.produce(
-                topics.DEAD_LETTERS.name, value=row["payload_full"], key=row["key"] or None,
-                headers=[("trackside.error", row["error"].encode()), ("trackside.source", row["source"].encode())],
-            )
+        self._reject(dead)
         for partition, batch in by_partition.items():
             for start in range(0, len(batch), EVENTS_PER_BATCH_MESSAGE):
                 chunk = batch[start:start + EVENTS_PER_BATCH_MESSAGE]
-                self._produce(topics.EVENT_BATCHES.name, partition, orjson.dumps({"partition": partition, "events": chunk}))
+                self._produce(
+                    topics.EVENT_BATCHES.name, orjson.dumps({"partition": partition, "events": chunk}), partition=partition
+                )
         self.stats["events"] += len(events)
+
+    def _reject(self, dead: list[dict]) -> None:
+        """The one error policy: a message that cannot be processed goes to the dead-letter
+        table and topic, with why and where from, and the stream goes on."""
+        self._insert("dead_letters", dead)
+        for row in dead:
+            self._produce(
+                topics.DEAD_LETTERS.name, row["payload_full"], key=row["key"] or None,
+                headers=[("trackside.error", row["error"].encode()), ("trackside.source", row["source"].encode())],
+            )
         self.stats["dead_letters"] += len(dead)
 
     def _dead_letter(self, message: Message, source: str, error: str, received_at: int) -> dict:
@@ -182,10 +189,10 @@ class StoreSink:
             "payload_full": payload,
         }
 
-    def _produce(self, topic: str, partition: int, value: bytes) -> None:
+    def _produce(self, topic: str, value: bytes, **options) -> None:  # noqa: ANN003 (Producer.produce's options)
         while True:
             try:
-                self._producer.produce(topic, value=value, partition=partition)
+                self._producer.produce(topic, value=value, **options)
                 return
             except BufferError:
                 self._producer.poll(0.1)
@@ -208,8 +215,7 @@ class StoreSink:
                 dead.append(self._dead_letter(message, source, f"unreadable {message.topic()} message: {error!r}", received_at))
         for table, table_rows in rows.items():
             self._insert(table, table_rows)
-        self._insert("dead_letters", dead)
-        self.stats["dead_letters"] += len(dead)
+        self._reject(dead)
 
     def _land_runs(self, messages: list[Message]) -> None:
         self._land(messages, lambda value: {"runs": orjson.loads(value)["runs"]})

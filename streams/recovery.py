@@ -27,10 +27,11 @@ _EVENT_COLUMNS = ", ".join(
     for name in EVENT_FIELDS
 )
 
-_RUN_COLUMNS = (
-    "run_id, agent_id, agent_version, toUnixTimestamp64Milli(ended_at) AS ended_at, outcome, "
-    "toFloat64(cost_usd) AS cost_usd, duration_ms, loop_detected, tool_calls, tool_errors, "
-    "input_tokens, output_tokens, version"
+# Every column of `runs`, times as epoch milliseconds and money as a float, as the processors hold them.
+_RUN_COLUMNS = ", ".join(
+    f"toUnixTimestamp64Milli({name}) AS {name}" if name in ("started_at", "ended_at", "updated_at")
+    else "toFloat64(cost_usd) AS cost_usd" if name == "cost_usd" else name
+    for name in RUNS.names
 )
 
 
@@ -64,14 +65,9 @@ def recent_runs(settings: Settings, partition: int, horizon_ms: int) -> tuple[li
     agents = _agents_of(store, settings, partition)
     if not agents:
         return [], set()
-    columns = ", ".join(
-        f"toUnixTimestamp64Milli({name}) AS {name}" if name in ("started_at", "ended_at", "updated_at")
-        else "toFloat64(cost_usd) AS cost_usd" if name == "cost_usd" else name
-        for name in RUNS.names
-    )
     # The inner query filters on the columns; the outer one renames them.
     runs = store.query_json(
-        f"SELECT {columns} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} AND ended_at >= "
+        f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} AND ended_at >= "
         "(SELECT max(ended_at) FROM runs WHERE agent_id IN {agents:Array(String)}) - toIntervalMillisecond({horizon:Int64})) "
         "ORDER BY ended_at, run_id",
         {"agents": agents, "horizon": horizon_ms},

@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -297,13 +296,3 @@ def query_store(settings: Settings, *, may_open: bool = True) -> Store | RemoteS
         if not may_open:
             raise StoreError(f"no query service of a running stack in {settings.run_dir}")
     return open_store(settings)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
-    """Poll `predicate` until it is true or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
