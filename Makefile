@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test unit integration bench install clean schema
 
+TAU_BENCH ?= ../shared/data/tau-bench/gpt-4o-airline.json
+
 demo: $(STAMP)
-	$(BIN)/trackside demo
+	$(BIN)/trackside demo $(if $(wildcard $(TAU_BENCH)),--tau-bench $(TAU_BENCH))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -56,12 +56,23 @@ def demo_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"data_dir": data_dir, "embedded_port": port})
 
 
-def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7) -> int:
+def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: str | None = None) -> int:
     console = Console(width=None if Console().is_terminal else 110)
     settings = demo_settings(settings) if settings.embedded else settings
     config = FleetConfig(seed=seed, runs=runs, canary=DEFAULT_CANARY, price_fn=genai_prices_fn)
-    events = [orjson.dumps(event) for event in simulate(config)]
+    fleet = list(simulate(config))
     expected_runs = len(run_labels(config))
+    recorded = ""
+    if tau_bench:
+        from jobs.tau_bench import import_runs
+
+        real = import_runs(tau_bench)
+        real_runs = len({event["run_id"] for event in real})
+        # both start at the same event time: merged by it, as live traffic would arrive
+        fleet = sorted(fleet + real, key=lambda event: event["ts"])
+        expected_runs += real_runs
+        recorded = f" (with {real_runs} recorded tau-bench runs)"
+    events = [orjson.dumps(event) for event in fleet]
     lines = events[: len(events) // 2] + list(MALFORMED) + events[len(events) // 2:] + events[:50]
 
     started = time.monotonic()
@@ -72,7 +83,7 @@ def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7) -> int:
         console.print(stack.ready_line)
         report = publish_lines(settings, lines)
         console.print(
-            f"published {report.produced} messages: {len(events)} events of {expected_runs} runs, "
+            f"published {report.produced} messages: {len(events)} events of {expected_runs} runs{recorded}, "
             f"{len(MALFORMED)} malformed, 50 redelivered duplicates"
         )
         with console.status("waiting for every run to land in ClickHouse"):

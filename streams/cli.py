@@ -78,7 +78,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
-    return run_demo(_settings(), runs=args.runs, seed=args.seed)
+    return run_demo(_settings(), runs=args.runs, seed=args.seed, tau_bench=args.tau_bench)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start the stack, play a simulated fleet, print what it found")
     demo.add_argument("--runs", type=int, default=600)
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--tau-bench", metavar="FILE",
+                      help="also play these recorded runs, e.g. ../shared/data/tau-bench/gpt-4o-airline.json")
     demo.set_defaults(handler=cmd_demo)
     return top
 

@@ -216,6 +216,7 @@ class _Series:
     severity: str = "warning"
     significant_streak: int = 0
     clear_streak: int = 0
+    counted: frozenset = frozenset()  # windows of the drifted pool last counted in the streak
     episode: int = 0  # window of the firing alert, shared by its resolution
 
 
@@ -231,9 +232,10 @@ class DriftDetector:
     reference never holds runs a tested window could not see. `lateness_ms` must cover the run
     assembler's idle timeout for timed-out runs to be seen at all, at the price of that delay.
 
-    The tested sample is the window pooled with the windows just before it (at most
-    `max_pool_windows` of event time) until it holds `min_samples` runs, so low traffic still
-    gets tested every window. The reference is the most recent `reference_windows` windows
+    Each window is tested at two scales: the window pooled with the windows just before it (at
+    most `max_pool_windows` of event time) until it holds `min_samples` runs, so low traffic
+    still gets tested every window; and a short pool (at most `short_pool_windows`, at least
+    `min_short_samples` runs) that a big shift at low traffic moves sooner. The reference is the most recent `reference_windows` windows
     before that pool that were not part of a significant pool, within `max_reference_age_ms`;
     for a version other than `baseline_version[agent_id]` it is the stable version's windows up
     to the tested one. Nothing is tested before the reference holds `min_reference` runs: every
@@ -241,17 +243,20 @@ class DriftDetector:
     reference runs remain (a shift that outlived the age limit), the recent windows become the
     reference: the new normal.
 
-    Per window, one p-value per feature (KS for numeric, chi-square for categorical) goes
-    through Benjamini-Hochberg at FDR `alpha`. A feature has drifted when its test is rejected
+    Per window, one p-value per feature and scale (KS for numeric, chi-square for categorical)
+    goes through Benjamini-Hochberg at FDR `alpha`; short-scale rows in `drift` are named
+    `feature@short`. A feature has drifted when its test is rejected
     and its effect size reaches a floor (scaled Wasserstein or PSI; Jensen-Shannon distance),
     so huge samples do not alert on negligible shifts. An alert fires after `persistence`
-    consecutive drifted windows (critical when a drifted feature's Wasserstein or JS distance is
+    consecutive drifted windows whose drifted pools are disjoint, i.e. independent confirmations
+    (a single bad window inside two overlapping pools is one confirmation, not two) (critical when a drifted feature's Wasserstein or JS distance is
     `critical_factor` times its floor) and resolves after `persistence` consecutive clear ones;
     windows without enough runs on either side count for neither.
     """
 
     def __init__(self, window_ms: int = 300_000, lateness_ms: int = 120_000, min_samples: int = 30,
-                 min_reference: int = 100, max_pool_windows: int = 6, reference_windows: int = 24,
+                 min_reference: int = 100, max_pool_windows: int = 6, short_pool_windows: int = 2,
+                 min_short_samples: int = 10, reference_windows: int = 24,
                  max_reference_age_ms: int = 3 * 3_600_000, alpha: float = 0.005, persistence: int = 2,
                  wasserstein_floor: float = 0.1, psi_floor: float = 0.1, js_floor: float = 0.05,
                  critical_factor: float = 4.0, psi_bins: int = 10, mc_draws: int | None = None,
@@ -261,6 +266,8 @@ class DriftDetector:
         self.min_samples = min_samples
         self.min_reference = min_reference
         self.max_pool_windows = max_pool_windows
+        self.short_pool_windows = short_pool_windows
+        self.min_short_samples = min_short_samples
         self.reference_windows = reference_windows
         self.max_reference_age_ms = max_reference_age_ms
         self.alpha = alpha
@@ -369,73 +376,105 @@ class DriftDetector:
         window.tested = True
         if not window.runs:
             return [], []
-        pool, n_cur = [], 0
-        for s in range(start, start - self.max_pool_windows * self.window_ms, -self.window_ms):
-            w = series.windows.get(s)
-            if w is not None and w.runs:
-                pool.append(w)
-                n_cur += len(w.runs)
-                if n_cur >= self.min_samples:
-                    break
-        if n_cur < self.min_samples:
+        long_pool = self._pool_back(series, start, self.max_pool_windows, self.min_samples)
+        short_pool = self._pool_back(series, start, self.short_pool_windows, self.min_short_samples)
+        pools = [p for p in (short_pool, long_pool) if p is not None]
+        if not pools:
             return [], []
-        reference, baseline = self._reference(key, pool[-1].start, start)
+        pools = list({tuple(w.start for w in p): p for p in pools}.values())  # one test if both are the same
+        widest = max(pools, key=len)
+        reference, baseline = self._reference(key, widest[-1].start, start)
         n_ref = sum(len(w.runs) for w in reference)
         if n_ref < self.min_reference:
             return [], []
-
-        cur_num, cur_cat = _pool(pool)
         ref_num, ref_cat = _pool(reference)
-        tests = []  # (feature, (test statistic, value), p, [(effect statistic, value, floor)], change)
+        tests = []  # (scale, feature, (test statistic, value), p, [(effect, value, floor)], change)
+        scales = {}
+        for pool in pools:
+            scale = "short" if pool is short_pool and len(pools) > 1 else "long"
+            scales[scale] = pool
+            tests += self._feature_tests(scale, pool, reference, ref_num, ref_cat, len(pools))
+
+        rejected, cutoff = benjamini_hochberg([t[3] for t in tests], self.alpha)
+        rows, moved, drifted_pools = [], {}, []
+        base = {"agent_id": key[0], "agent_version": key[1], "window": start, "baseline": baseline}
+        for (scale, name, (stat_name, stat_value), p, effects, change), rej in zip(tests, rejected):
+            big = any(v >= floor for _, v, floor in effects)
+            drifted = bool(rej and big)
+            feature = name if scale == "long" else f"{name}@short"
+            rows.append({**base, "feature": feature, "statistic": stat_name, "value": stat_value,
+                         "p_value": p, "threshold": cutoff, "significant": drifted})
+            for eff_name, v, floor in effects:
+                rows.append({**base, "feature": feature, "statistic": eff_name, "value": v, "p_value": None,
+                             "threshold": floor, "significant": bool(rej and v >= floor)})
+            if drifted:
+                pool = scales[scale]
+                if pool not in drifted_pools:
+                    drifted_pools.append(pool)
+                finding = {"feature": name, "scale": scale, "n_current": sum(len(w.runs) for w in pool),
+                           "change": change, stat_name: {"value": stat_value, "p_value": p, "threshold": cutoff},
+                           **{e: {"value": v, "p_value": None, "threshold": f} for e, v, f in effects},
+                           # PSI is biased upwards at small n, so severity reads the other effect sizes
+                           "effect_ratio": max(v / f for e, v, f in effects if e != "psi")}
+                if name not in moved or _feature_p(finding) < _feature_p(moved[name]):
+                    moved[name] = finding
+
+        for pool in drifted_pools:
+            for w in pool:
+                w.drifted = True
+        n_cur = sum(len(w.runs) for w in widest)
+        evidence = {"window": start, "window_ms": self.window_ms, "pool_windows": [w.start for w in widest],
+                    "n_current": n_cur, "n_reference": n_ref, "reference": baseline,
+                    "features": sorted(moved.values(), key=_feature_p)}
+        evidence["drifted_pools"] = [frozenset(w.start for w in p) for p in drifted_pools]
+        return rows, self._advance(key, series, evidence)
+
+    def _pool_back(self, series: _Series, start: int, windows: int, min_runs: int) -> list[_Window] | None:
+        """The window at `start` and those just before it, at most `windows` of event time, until
+        they hold `min_runs` runs; None if they never do."""
+        pool, n = [], 0
+        for s in range(start, start - windows * self.window_ms, -self.window_ms):
+            w = series.windows.get(s)
+            if w is not None and w.runs:
+                pool.append(w)
+                n += len(w.runs)
+                if n >= min_runs:
+                    return pool
+        return None
+
+    def _feature_tests(self, scale: str, pool: list[_Window], reference: list[_Window], ref_num: np.ndarray,
+                       ref_cat: list[Counter], scales: int) -> list[tuple]:
+        cur_num, cur_cat = _pool(pool)
+        tests = []
         for j, name in enumerate(NUMERIC):
             r, c = ref_num[:, j], cur_num[:, j]
             d, p = ks(r, c)
             effects = [("wasserstein", wasserstein(r, c), self.wasserstein_floor),
                        ("psi", psi(r, c, self.psi_bins), self.psi_floor)]
-            change = _relative_change(float(r.mean()), float(c.mean()))
-            tests.append((name, ("ks", d), p, effects, change))
+            tests.append((scale, name, ("ks", d), p, effects, _relative_change(float(r.mean()), float(c.mean()))))
         # a Monte Carlo p-value must be able to fall below the BH bar of the smallest rank
-        draws = self.mc_draws or int(20 * (len(NUMERIC) + len(CATEGORICAL)) / self.alpha)
+        draws = self.mc_draws or int(20 * scales * (len(NUMERIC) + len(CATEGORICAL)) / self.alpha)
         for name, r, c in zip(CATEGORICAL, ref_cat, cur_cat):
             deff = _tool_design_effect(reference + pool, sorted(set(r) | set(c))) if name == "tool_mix" else 1.0
             stat, p = chi2(r, c, design_effect=deff, mc_draws=draws, mc_below=max(0.01, 2 * self.alpha),
                            rng=self.rng_)
             move = _share(r, c, "success") if name == "success" else _largest_move(r, c)
-            tests.append((name, ("chi2", stat), p, [("js", js(r, c), self.js_floor)], move))
-
-        rejected, cutoff = benjamini_hochberg([t[2] for t in tests], self.alpha)
-        rows, moved = [], []
-        base = {"agent_id": key[0], "agent_version": key[1], "window": start, "baseline": baseline}
-        for (name, (stat_name, stat_value), p, effects, change), rej in zip(tests, rejected):
-            big = any(v >= floor for _, v, floor in effects)
-            drifted = bool(rej and big)
-            rows.append({**base, "feature": name, "statistic": stat_name, "value": stat_value,
-                         "p_value": p, "threshold": cutoff, "significant": drifted})
-            for eff_name, v, floor in effects:
-                rows.append({**base, "feature": name, "statistic": eff_name, "value": v, "p_value": None,
-                             "threshold": floor, "significant": bool(rej and v >= floor)})
-            if drifted:
-                moved.append({"feature": name, "change": change, stat_name: {
-                    "value": stat_value, "p_value": p, "threshold": cutoff},
-                    **{e: {"value": v, "p_value": None, "threshold": f} for e, v, f in effects},
-                    # PSI is biased upwards at small n, so severity reads the other effect sizes
-                    "effect_ratio": max(v / f for e, v, f in effects if e != "psi")})
-
-        if moved:
-            for w in pool:
-                w.drifted = True
-        evidence = {"window": start, "window_ms": self.window_ms, "pool_windows": [w.start for w in pool],
-                    "n_current": n_cur, "n_reference": n_ref, "reference": baseline,
-                    "features": sorted(moved, key=lambda m: _feature_p(m))}
-        return rows, self._advance(key, series, evidence)
+            tests.append((scale, name, ("chi2", stat), p, [("js", js(r, c), self.js_floor)], move))
+        return tests
 
     def _advance(self, key: tuple[str, str], series: _Series, evidence: dict) -> list[dict]:
-        if evidence["features"]:
+        # Pools span earlier windows too, so one bad window would make several significant tests
+        # in a row: a test counts for the streak only if one of its drifted pools shares no window
+        # with the pool counted last; one that overlaps neither extends nor breaks the streak.
+        fresh = [p for p in evidence.pop("drifted_pools") if not p & series.counted]
+        if fresh:
             series.significant_streak += 1
             series.clear_streak = 0
-        else:
+            series.counted = min(fresh, key=len)
+        elif not evidence["features"]:
             series.clear_streak += 1
             series.significant_streak = 0
+            series.counted = frozenset()
         if not series.firing and series.significant_streak >= self.persistence:
             series.firing = True
             series.episode = evidence["window"]
