@@ -9,7 +9,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from jobs.publish import publish_lines
+from jobs.publish import agent_key, publish_lines
+from streams import topics
 from jobs.simulate import DEFAULT_CANARY, FleetConfig, genai_prices_fn, run_labels, simulate
 from streams.broker import port_free
 from streams.settings import Settings
@@ -36,6 +37,12 @@ SELECT kind, countIf(status = 'firing') AS firing, countIf(status = 'resolved') 
        argMax(summary, ts) AS latest
 FROM alerts GROUP BY kind ORDER BY kind
 """
+CANARIES = """
+SELECT agent_id, version, stable_version, since, inferred, decision, decided_at, canary_runs, stable_runs, reason,
+       evidence
+FROM canaries ORDER BY agent_id, version
+"""
+ROLLBACKS = "SELECT agent_id, from_version, to_version, ts, length(alert_ids) FROM rollbacks"
 CLUSTERS = """
 SELECT agent_id, size, label FROM failure_clusters ORDER BY size DESC LIMIT 6
 """
@@ -44,6 +51,21 @@ SELECT JSONExtractString(toString(payload), 'agent_id') AS agent_id,
        JSONExtractString(toString(payload), 'agent_version') AS agent_version, count()
 FROM dead_letters GROUP BY agent_id, agent_version
 """
+
+
+def demo_deployments(config: FleetConfig) -> list[dict]:
+    """What deploy tooling would have said: support-bot's stable versions, then its canary at
+    the share and time the simulator starts it. Other agents send none: their roles are inferred."""
+    canary = config.canary
+    since = canary.start_ms if canary.start_ms is not None else config.start_ms + config.duration_ms // 2
+    return [
+        {"agent_id": "support-bot", "version": "v1.5.0", "role": "stable", "traffic_pct": 20,
+         "ts": config.start_ms - 2 * 86_400_000},
+        {"agent_id": "support-bot", "version": "v1.4.2", "role": "stable", "traffic_pct": 80,
+         "ts": config.start_ms - 86_400_000},
+        {"agent_id": canary.agent_id, "version": canary.version, "role": "canary",
+         "traffic_pct": round(100 * canary.share), "ts": since},
+    ]
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -73,6 +95,7 @@ def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: s
         expected_runs += real_runs
         recorded = f" (with {real_runs} recorded tau-bench runs)"
     events = [orjson.dumps(event) for event in fleet]
+    deployments = demo_deployments(config)
     lines = events[: len(events) // 2] + list(MALFORMED) + events[len(events) // 2:] + events[:50]
 
     started = time.monotonic()
@@ -81,10 +104,12 @@ def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: s
         stack.start()
     try:
         console.print(stack.ready_line)
+        publish_lines(settings, [orjson.dumps(d) for d in deployments], topic=topics.AGENT_DEPLOYMENTS.name,
+                      key=agent_key)
         report = publish_lines(settings, lines)
         console.print(
             f"published {report.produced} messages: {len(events)} events of {expected_runs} runs{recorded}, "
-            f"{len(MALFORMED)} malformed, 50 redelivered duplicates"
+            f"{len(MALFORMED)} malformed, 50 redelivered duplicates; {len(deployments)} deployment events"
         )
         with console.status("waiting for every run to land in ClickHouse"):
             landed = _wait_for_runs(stack, expected_runs, timeout=120)
@@ -132,9 +157,42 @@ def _print_summary(console: Console, stack: Stack) -> None:
         alerts.add_row(kind, str(firing), str(resolved), latest)
     console.print(alerts)
 
+    _print_rollouts(console, stack)
+
     clusters = Table(title="Largest failure clusters")
     for column in ("agent", "runs", "failure mode"):
         clusters.add_column(column, justify="right" if column == "runs" else "left")
     for agent, size, label in stack.store.query_rows(CLUSTERS):
         clusters.add_row(agent, str(size), label)
     console.print(clusters)
+
+
+def _print_rollouts(console: Console, stack: Stack) -> None:
+    """Each canary's verdict; a rollback told as a story, with the evidence behind it."""
+    rollbacks = {(agent, version): (to, ts, alerts) for agent, version, to, ts, alerts in
+                 stack.store.query_rows(ROLLBACKS)}
+    console.print("[bold]Canaries[/bold] (sequential test against the stable version; rollbacks on trackside.rollbacks)")
+    for (agent, version, stable, since, inferred, decision, decided_at, canary_runs, stable_runs, reason,
+         evidence) in stack.store.query_rows(CANARIES):
+        roles = "roles inferred from traffic" if inferred else "roles from agent.deployments"
+        head = f"  {agent} {version} vs {stable} ({roles}, canary since {since:%H:%M:%S}): "
+        sent = rollbacks.get((agent, version))
+        if decision != "rollback" or sent is None:
+            console.print(head + f"{decision} after {canary_runs} canary runs. {reason}")
+            continue
+        to, ts, alerts = sent
+        console.print(head + f"[bold red]ROLLED BACK[/bold red] to {to} at {ts:%H:%M:%S} event time, after "
+                      f"{canary_runs} canary runs ({stable_runs} stable runs meanwhile), with {alerts} alert(s): {reason}")
+        table = Table(title=f"evidence of the {agent} {version} rollback")
+        for column in ("metric", stable, version, "n stable", "n canary", "margin", "z", "always-valid p", "alpha",
+                       "worse"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for m in orjson.loads(evidence)["metrics"]:
+            table.add_row(m["metric"], _num(m["stable"]), _num(m["canary"]), str(m["n_stable"]), str(m["n_canary"]),
+                          _num(m["margin"]), _num(m["statistic"]), _num(m["p_value"]), _num(m["threshold"]),
+                          "yes" if m["worse"] else "")
+        console.print(table)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

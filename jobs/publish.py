@@ -39,11 +39,23 @@ def run_key(line: bytes) -> bytes | None:
     return run_id.encode() if isinstance(run_id, str) else None
 
 
-def publish_lines(settings: Settings, lines: Iterable[bytes], *, on_line=None) -> PublishReport:
-    """Produce each non-blank line; returns the counts once every delivery is confirmed."""
+def agent_key(line: bytes) -> bytes | None:
+    """The agent_id of a deployment line, as the message key; None when the line has none."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    agent_id = value.get("agent_id") if isinstance(value, dict) else None
+    return agent_id.encode() if isinstance(agent_id, str) else None
+
+
+def publish_lines(settings: Settings, lines: Iterable[bytes], *, on_line=None,
+                  topic: str = topics.AGENT_EVENTS.name, key=run_key) -> PublishReport:  # noqa: ANN001
+    """Produce each non-blank line to `topic` (agent events keyed by run_id unless told
+    otherwise); returns the counts once every delivery is confirmed."""
     wait_for_broker(settings, timeout=10)
     report = PublishReport()
-    producer = Producer({**producer_config(settings), "linger.ms": 20})
+    producer = Producer({**producer_config(settings), "linger.ms": 20, "log_level": 4})
 
     def delivered(error: KafkaError | None, message) -> None:
         if error is None:
@@ -60,7 +72,7 @@ def publish_lines(settings: Settings, lines: Iterable[bytes], *, on_line=None) -
             continue
         while True:
             try:
-                producer.produce(topics.AGENT_EVENTS.name, value=line, key=run_key(line), on_delivery=delivered)
+                producer.produce(topic, value=line, key=key(line), on_delivery=delivered)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -70,22 +82,25 @@ def publish_lines(settings: Settings, lines: Iterable[bytes], *, on_line=None) -
                 break
         producer.poll(0)
     remaining = producer.flush(60)
+    producer.close()  # now, not when collected: by then the broker may be gone
     if remaining:
         report.rejected += remaining
         report.errors.append(f"{remaining} messages not confirmed by the broker within 60 s")
     return report
 
 
-def publish_file(settings: Settings, path: str, *, progress: bool = True) -> PublishReport:
-    """Publish a JSON Lines file (or `-` for standard input) with a progress bar."""
+def publish_file(settings: Settings, path: str, *, progress: bool = True, deployments: bool = False) -> PublishReport:
+    """Publish a JSON Lines file (or `-` for standard input) with a progress bar; agent
+    events, or deployment events to `agent.deployments` keyed by agent_id."""
+    where = {"topic": topics.AGENT_DEPLOYMENTS.name, "key": agent_key} if deployments else {}
     if path == "-":
-        return publish_lines(settings, _lines(sys.stdin.buffer))
+        return publish_lines(settings, _lines(sys.stdin.buffer), **where)
     size = Path(path).stat().st_size
     with open(path, "rb") as handle, Progress(
         TextColumn("publishing"), BarColumn(), TransferSpeedColumn(), disable=not progress, transient=True,
     ) as bar:
         task = bar.add_task("publish", total=size)
-        return publish_lines(settings, _lines(handle), on_line=lambda n: bar.advance(task, n))
+        return publish_lines(settings, _lines(handle), on_line=lambda n: bar.advance(task, n), **where)
 
 
 def _lines(handle: BinaryIO) -> Iterable[bytes]:

@@ -24,7 +24,8 @@ from streams.drift import DriftDetector
 from streams.failures import FailureClusterer
 from streams.metrics import MetricWindows
 from streams.errors import StoreError
-from streams.recovery import open_run_events, open_windows, recent_runs
+from streams.recovery import open_run_events, open_windows, recent_runs, rollout_state
+from streams.rollout import RolloutController, tenant_partition_key
 from streams.runs import RunAssembler, agent_partition, row_version, unpack
 from streams.settings import Settings
 
@@ -104,7 +105,9 @@ def create_app(settings: Settings) -> faust.App:
     run_results = app.topic(topics.RUN_RESULTS.name, key_serializer="raw", value_serializer="raw")
     metric_results = app.topic(topics.METRIC_RESULTS.name, key_serializer="raw", value_serializer="raw")
     alerts_out = app.topic(topics.ALERTS.name, key_serializer="raw", value_serializer="raw")
+    rollbacks_out = app.topic(topics.ROLLBACKS.name, key_serializer="raw", value_serializer="raw")
     loop_policy = settings.loop_policy()
+    policy = settings.policy()
 
     idle_timeout_ms = settings.run_idle_timeout_seconds * 1000
     window_ms = settings.window_seconds * 1000
@@ -113,6 +116,7 @@ def create_app(settings: Settings) -> faust.App:
     windows: dict[int, MetricWindows] = {}
     detectors: dict[int, DriftDetector] = {}
     clusterers: dict[int, FailureClusterer] = {}
+    controllers: dict[int, RolloutController] = {}
     told: dict[tuple[int, int], float] = {}  # (from partition, to partition) -> wall time of last watermark
     # Alert ids sent before this worker took the partition: redelivered events raise them again.
     sent: dict[int, set[str]] = {}
@@ -126,7 +130,7 @@ def create_app(settings: Settings) -> faust.App:
                 assemblers.pop(tp.partition, None)
                 sent.pop(tp.partition, None)
             elif tp.topic == topics.RUN_RESULTS.name:
-                for state in (windows, detectors, clusterers, sent_detections):
+                for state in (windows, detectors, clusterers, controllers, sent_detections):
                     state.pop(tp.partition, None)
 
     async def send_alerts(alerts) -> None:  # noqa: ANN001
@@ -141,7 +145,8 @@ def create_app(settings: Settings) -> faust.App:
             assembler = assemblers.get(partition)
             closed = []
             if assembler is None:
-                assembler = assemblers[partition] = RunAssembler(idle_timeout_ms, lateness_ms, loop_policy)
+                assembler = assemblers[partition] = RunAssembler(
+                    idle_timeout_ms, lateness_ms, loop_policy, lambda agent: policy.budget(agent, "run_usd"))
                 stored, sent[partition] = await _from_store(open_run_events, settings, partition, 2 * idle_timeout_ms)
                 closed = assembler.apply(stored, now_ms())
             closed += assembler.apply(unpack(batch["events"]), now_ms())
@@ -158,40 +163,78 @@ def create_app(settings: Settings) -> faust.App:
                 value = {"partition": partition, "watermark": assembler.watermark, "runs": rows or []}
                 await run_results.send(value=orjson.dumps(value), partition=target)
 
+    async def take_partition(partition: int) -> list[dict]:
+        """A metrics partition's state the first time this worker sees it, rebuilt from the
+        store; returns the recent runs the detectors learn again. Their rows are sent again
+        (they replace themselves); their alerts and rollbacks only if they never went out."""
+        state = windows[partition] = MetricWindows(window_ms, idle_timeout_ms, settings.partitions)
+        stored, final_before = await _from_store(open_windows, settings, partition)
+        state.restore(stored, final_before)
+        history, sent_detections[partition] = await _from_store(recent_runs, settings, partition, DETECTION_HISTORY_MS)
+        deployments, tenant_runs, sent_rollouts = await _from_store(
+            rollout_state, settings, partition, policy.tenant_budgets)
+        controller = controllers[partition] = RolloutController(
+            policy, window_ms, sent_detections[partition] | sent_rollouts)
+        controller.deploy(deployments)
+        controller.spend_tenants(tenant_runs)
+        sent_detections[partition] |= sent_rollouts
+        detectors[partition] = DriftDetector(window_ms=window_ms, lateness_ms=lateness_ms,
+                                             baseline_version=controller.rollouts.canary_baseline)
+        clusterers[partition] = FailureClusterer(window_ms=window_ms)
+        return history
+
+    async def send_tenant_costs(partition: int, runs: list[dict]) -> list[dict]:
+        """Each run's cost to the partition of its tenant, whose budget sums every agent's runs."""
+        by_target: dict[int, list[dict]] = defaultdict(list)
+        for row in runs:
+            if row.get("tenant"):
+                by_target[agent_partition(tenant_partition_key(row["tenant"]), settings.partitions)].append(
+                    {key: row[key] for key in ("run_id", "agent_id", "tenant", "ended_at", "cost_usd")})
+        alerts = []
+        for target, items in by_target.items():
+            if target == partition:
+                alerts += controllers[partition].spend_tenants(items)
+            else:
+                await run_results.send(value=orjson.dumps({"tenant_runs": items}), partition=target)
+        return alerts
+
     @app.agent(run_results, name="compute_metrics")
     async def compute_metrics(stream) -> None:  # noqa: ANN001
         async for message in stream.events():
             result = orjson.loads(message.value)
             partition = message.message.partition
-            state = windows.get(partition)
-            if state is None:
-                state = windows[partition] = MetricWindows(window_ms, idle_timeout_ms, settings.partitions)
-                stored, final_before = await _from_store(open_windows, settings, partition)
-                state.restore(stored, final_before)
+            history = await take_partition(partition) if partition not in windows else []
+            controller = controllers[partition]
+            alerts: list[dict] = []
+            if "deployments" in result:  # from the store sink: deploy tooling's rollout changes
+                alerts += controller.deploy(result["deployments"])
+            if "tenant_runs" in result:  # from another metrics partition
+                alerts += controller.spend_tenants(result["tenant_runs"])
             now = now_ms()
-            runs = result["runs"]
-            out = {"metrics": state.apply(runs, result["partition"], result["watermark"], now)}
-            if partition not in detectors:
-                detectors[partition] = DriftDetector(window_ms=window_ms, lateness_ms=lateness_ms)
-                clusterers[partition] = FailureClusterer(window_ms=window_ms)
-                # Learn the recent past again. Its rows are sent again (they replace themselves);
-                # its alerts only if they never went out. Runs also in this message count once.
-                history, sent_detections[partition] = await _from_store(
-                    recent_runs, settings, partition, DETECTION_HISTORY_MS
-                )
-                runs = history + runs
-            drift_rows, drift_alerts = detectors[partition].update(runs)
-            out["drift"] = [{**row, "updated_at": now} for row in drift_rows]
-            out["failure_clusters"], cluster_alerts, assigned = clusterers[partition].update(runs, now)
-            # The run's row again, with its failure cluster: it replaces the plain one.
-            out["runs"] = [
-                {**row, "failure_cluster_id": assigned[row["run_id"]], "version": row_version(row["event_count"], True)}
-                for row in runs if assigned.get(row["run_id"])
-            ]
+            out: dict[str, list] = {}
+            if "watermark" in result:  # from the run assembler
+                out["metrics"] = windows[partition].apply(result["runs"], result["partition"], result["watermark"], now)
+            runs = history + result.get("runs", [])  # a run in both counts once
+            rollbacks: list[dict] = []
+            if runs:
+                drift_rows, drift_alerts = detectors[partition].update(runs)
+                out["drift"] = [{**row, "updated_at": now} for row in drift_rows]
+                out["failure_clusters"], cluster_alerts, assigned = clusterers[partition].update(runs, now)
+                # The run's row again, with its failure cluster: it replaces the plain one.
+                out["runs"] = [
+                    {**row, "failure_cluster_id": assigned[row["run_id"]],
+                     "version": row_version(row["event_count"], True)}
+                    for row in runs if assigned.get(row["run_id"])
+                ]
+                rollbacks, rollout_alerts, canaries = controller.update(runs)
+                out["canaries"] = [{**row, "updated_at": now} for row in canaries]
+                alerts += drift_alerts + cluster_alerts + rollout_alerts
+                if policy.tenant_budgets:
+                    alerts += await send_tenant_costs(partition, runs)
             if any(out.values()):
                 await metric_results.send(value=orjson.dumps(out), partition=partition)
-            await send_alerts(
-                alert for alert in drift_alerts + cluster_alerts if alert["alert_id"] not in sent_detections[partition]
-            )
+            await send_alerts(alert for alert in alerts if alert["alert_id"] not in sent_detections[partition])
+            for decision in rollbacks:
+                await rollbacks_out.send(key=decision["agent_id"].encode(), value=orjson.dumps(decision))
 
     return app

@@ -41,7 +41,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from jobs.publish import publish_file
 
-    report = publish_file(_settings(), args.file, progress=sys.stderr.isatty())
+    report = publish_file(_settings(), args.file, progress=sys.stderr.isatty(), deployments=args.deployments)
     for error in report.errors[:20]:
         print(f"rejected: {error}", file=sys.stderr)
     print(f"published produced={report.produced} rejected={report.rejected}")
@@ -91,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
 
     publish = commands.add_parser("publish", help="produce JSON Lines agent events to agent.events")
     publish.add_argument("file", help="a JSON Lines file, or - for standard input")
+    publish.add_argument("--deployments", action="store_true",
+                         help="the lines are deployment events (SPEC §5): produce them to agent.deployments")
     publish.set_defaults(handler=cmd_publish)
 
     sql = commands.add_parser("sql", help="run ClickHouse SQL against the store")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from scipy import stats
@@ -237,8 +237,9 @@ class DriftDetector:
     still gets tested every window; and a short pool (at most `short_pool_windows`, at least
     `min_short_samples` runs) that a big shift at low traffic moves sooner. The reference is the most recent `reference_windows` windows
     before that pool that were not part of a significant pool, within `max_reference_age_ms`;
-    for a version other than `baseline_version[agent_id]` it is the stable version's windows up
-    to the tested one. Nothing is tested before the reference holds `min_reference` runs: every
+    for a version other than `baseline_version[agent_id]` (or, when `baseline_version` is a
+    function of (agent, version), the version it names: the rollout's stable one for a canary)
+    it is the stable version's windows up to the tested one. Nothing is tested before the reference holds `min_reference` runs: every
     later test reuses it, so an odd small reference would bias them all alike. When fewer clean
     reference runs remain (a shift that outlived the age limit), the recent windows become the
     reference: the new normal.
@@ -260,7 +261,8 @@ class DriftDetector:
                  max_reference_age_ms: int = 3 * 3_600_000, alpha: float = 0.005, persistence: int = 2,
                  wasserstein_floor: float = 0.1, psi_floor: float = 0.1, js_floor: float = 0.05,
                  critical_factor: float = 4.0, psi_bins: int = 10, mc_draws: int | None = None,
-                 baseline_version: Mapping[str, str] | None = None, random_state: int = 0) -> None:
+                 baseline_version: Mapping[str, str] | Callable[[str, str], str | None] | None = None,
+                 random_state: int = 0) -> None:
         self.window_ms = window_ms
         self.lateness_ms = lateness_ms
         self.min_samples = min_samples
@@ -323,7 +325,10 @@ class DriftDetector:
     # --- internals -------------------------------------------------------------------------
 
     def _stable_key(self, key: tuple[str, str]) -> tuple[str, str] | None:
-        stable = (self.baseline_version or {}).get(key[0])
+        if callable(self.baseline_version):
+            stable = self.baseline_version(*key)
+        else:
+            stable = (self.baseline_version or {}).get(key[0])
         return None if stable is None or stable == key[1] else (key[0], stable)
 
     def _test_until(self, watermark: int | None) -> tuple[list[dict], list[dict]]:

@@ -24,7 +24,8 @@ from streams import tables, topics
 from streams.cost import PriceTable, price_event
 from streams.errors import BrokerError
 from streams.events import InvalidEvent, parse
-from streams.runs import pack
+from streams.rollout import parse_deployment
+from streams.runs import agent_partition, pack
 from streams.settings import Settings
 from streams.store import Store
 
@@ -72,6 +73,8 @@ class StoreSink:
         self._producer = Producer(producer_config(settings))
         self._handlers: dict[str, Callable[[list[Message]], None]] = {
             topics.AGENT_EVENTS.name: self._ingest_events,
+            topics.AGENT_DEPLOYMENTS.name: self._ingest_deployments,
+            topics.ROLLBACKS.name: self._land_rollbacks,
             topics.RUN_RESULTS.name: self._land_runs,
             topics.METRIC_RESULTS.name: self._land_metrics,
             topics.ALERTS.name: self._land_alerts,
@@ -162,6 +165,28 @@ class StoreSink:
                 )
         self.stats["events"] += len(events)
 
+    # agent.deployments
+
+    def _ingest_deployments(self, messages: list[Message]) -> None:
+        """Land deployment events and hand them to the metrics stage, in the partition of
+        their agent (where its runs meet), whatever partition deploy tooling wrote them to."""
+        received_at = now_ms()
+        rows, dead = [], []
+        by_target: dict[int, list[dict]] = defaultdict(list)
+        for message in messages:
+            source = f"{message.topic()}:{message.partition()}:{message.offset()}"
+            try:
+                event = parse_deployment(message.value())
+            except InvalidEvent as error:
+                dead.append(self._dead_letter(message, source, str(error), received_at))
+                continue
+            rows.append({**event, "source": source})
+            by_target[agent_partition(event["agent_id"], self.settings.partitions)].append(event)
+        self._insert("deployments", rows)
+        self._reject(dead)
+        for target, events in by_target.items():
+            self._produce(topics.RUN_RESULTS.name, orjson.dumps({"deployments": events}), partition=target)
+
     def _reject(self, dead: list[dict]) -> None:
         """The one error policy: a message that cannot be processed goes to the dead-letter
         table and topic, with why and where from, and the stream goes on."""
@@ -218,11 +243,13 @@ class StoreSink:
         self._reject(dead)
 
     def _land_runs(self, messages: list[Message]) -> None:
-        self._land(messages, lambda value: {"runs": orjson.loads(value)["runs"]})
+        # the topic also carries deployments and tenant costs to the metrics stage: no rows
+        self._land(messages, lambda value: {"runs": orjson.loads(value).get("runs") or []})
 
     def _land_metrics(self, messages: list[Message]) -> None:
         # One message of the metrics stage carries rows for several tables.
-        tables_by_key = {"metrics": "agent_metrics", "drift": "drift", "failure_clusters": "failure_clusters", "runs": "runs"}
+        tables_by_key = {"metrics": "agent_metrics", "drift": "drift", "failure_clusters": "failure_clusters",
+                         "runs": "runs", "canaries": "canaries"}
 
         def decode(value: bytes) -> dict[str, list[dict]]:
             result = orjson.loads(value)
@@ -237,5 +264,15 @@ class StoreSink:
             row = {**alert, "evidence": orjson.dumps(alert["evidence"]).decode(), "action": alert.get("action", "")}
             tables.to_arrow([row], tables.ALERTS)  # others may write this topic: check each one
             return {"alerts": [row]}
+
+        self._land(messages, decode)
+
+    def _land_rollbacks(self, messages: list[Message]) -> None:
+        # The table mirrors the topic, like alerts.
+        def decode(value: bytes) -> dict[str, list[dict]]:
+            decision = orjson.loads(value)
+            row = {**decision, "evidence": orjson.dumps(decision["evidence"]).decode()}
+            tables.to_arrow([row], tables.ROLLBACKS)
+            return {"rollbacks": [row]}
 
         self._land(messages, decode)

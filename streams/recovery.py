@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from streams import topics
+from streams.rollout import tenant_partition_key
 from streams.runs import EVENT_FIELDS, agent_partition
 from streams.settings import Settings
 from streams.tables import RUNS
@@ -72,11 +73,39 @@ def recent_runs(settings: Settings, partition: int, horizon_ms: int) -> tuple[li
         "ORDER BY ended_at, run_id",
         {"agents": agents, "horizon": horizon_ms},
     )
-    sent = store.query_json(
-        "SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)} AND kind IN ('drift', 'failure_cluster')",
-        {"agents": agents},
-    )
+    # every alert about these agents: drift, failure clusters, canary metrics, hourly budgets
+    sent = store.query_json("SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)}", {"agents": agents})
     return runs, {row["alert_id"] for row in sent}
+
+
+def rollout_state(settings: Settings, partition: int, tenant_budgets: bool) -> tuple[list[dict], list[dict], set[str]]:
+    """What the rollout controller of a metrics partition starts from: the deployment events
+    of its agents, the runs of the last two days of its tenants (when tenant budgets are on),
+    and the ids of rollbacks and tenant budget alerts already sent."""
+    store = query_store(settings, may_open=False)
+
+    def mine(key: str) -> bool:
+        return agent_partition(key, settings.partitions) == partition
+
+    deployments = [
+        row for row in store.query_json(
+            "SELECT agent_id, version, role, traffic_pct, toUnixTimestamp64Milli(ts) AS ts FROM deployments ORDER BY ts")
+        if mine(row["agent_id"])
+    ]
+    sent = {row["rollback_id"] for row in store.query_json("SELECT rollback_id, agent_id FROM rollbacks")
+            if mine(row["agent_id"])}
+    tenant_runs: list[dict] = []
+    if tenant_budgets:
+        tenant_runs = [
+            row for row in store.query_json(
+                "SELECT run_id, agent_id, tenant, toUnixTimestamp64Milli(ended_at) AS ended_at, "
+                "toFloat64(cost_usd) AS cost_usd FROM runs WHERE tenant != '' "
+                "AND ended_at >= (SELECT max(ended_at) FROM runs) - INTERVAL 2 DAY")
+            if mine(tenant_partition_key(row["tenant"]))
+        ]
+        sent |= {row["alert_id"] for row in store.query_json(
+            "SELECT alert_id FROM alerts WHERE kind = 'budget' AND agent_id = '' AND run_id = ''")}
+    return deployments, tenant_runs, sent
 
 
 def _agents_of(store, settings: Settings, partition: int) -> list[str]:  # noqa: ANN001

@@ -13,6 +13,7 @@ import heapq
 import operator
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert
 from streams.cost import UNKNOWN
@@ -79,6 +80,7 @@ class RunState:
     closed_by: str = ""
     loop: LoopFinding | None = None
     loop_alerted: bool = False
+    budget_alert: dict | None = None  # the firing alert when the run went over its cost envelope
 
     def apply(self, event: dict, policy: LoopPolicy | None = None) -> bool:
         """Fold one event in; False if this event_id was already applied."""
@@ -210,10 +212,13 @@ class RunAssembler:
     a run already idle by the watermark is counted as late and not assembled.
     """
 
-    def __init__(self, idle_timeout_ms: int, allowed_lateness_ms: int = 0, loop_policy: LoopPolicy | None = None) -> None:
+    def __init__(self, idle_timeout_ms: int, allowed_lateness_ms: int = 0, loop_policy: LoopPolicy | None = None,
+                 run_budget: Callable[[str], float] | None = None) -> None:
         self.idle_timeout_ms = idle_timeout_ms
         self.allowed_lateness_ms = allowed_lateness_ms
         self.loop_policy = loop_policy or LoopPolicy()
+        # An agent's cost envelope per run in USD (0: none); crossing it raises a `budget` alert.
+        self.run_budget = run_budget
         # Alerts raised since the caller last took them (`take_alerts`).
         self.alerts: list[dict] = []
         self.open: dict[str, RunState] = {}
@@ -251,6 +256,8 @@ class RunAssembler:
                 # At once, while the run goes on: the alert says stop it.
                 run.loop_alerted = True
                 self.alerts.append(run.loop_alert(FIRING, event["ts"], now_ms))
+            if run.budget_alert is None and self.run_budget is not None:
+                self._check_budget(run, event["ts"])
             if event["ts"] > self.max_ts:
                 self.max_ts = event["ts"]
             touched[run_id] = run
@@ -267,6 +274,28 @@ class RunAssembler:
         self.closed[run.run_id] = self.open.pop(run.run_id)
         if run.loop_alerted:
             self.alerts.append(run.loop_alert(RESOLVED, max(run.last_ts, run.end_ts or 0), now_ms))
+        if run.budget_alert is not None:
+            firing = run.budget_alert
+            self.alerts.append(make_alert(
+                kind="budget", severity=firing["severity"], status=RESOLVED, fingerprint=firing["fingerprint"],
+                ts=max(run.last_ts, run.end_ts or 0), agent_id=run.agent_id, agent_version=run.agent_version,
+                run_id=run.run_id, summary=f"run {run.run_id} of {run.agent_id} ended at ${run.cost_usd:.4f}",
+                evidence={**firing["evidence"], "cost_usd": run.cost_usd}))
+
+    def _check_budget(self, run: RunState, ts: int) -> None:
+        limit = self.run_budget(run.agent_id)
+        if limit <= 0 or run.cost_usd <= limit:
+            return
+        # At once, while the run goes on, like a loop: the alert says stop it.
+        run.budget_alert = make_alert(
+            kind="budget", severity="critical", status=FIRING, fingerprint=fingerprint("budget", "run", run.run_id),
+            ts=ts, agent_id=run.agent_id, agent_version=run.agent_version, run_id=run.run_id,
+            summary=f"run {run.run_id} of {run.agent_id} {run.agent_version} has cost ${run.cost_usd:.4f}, "
+                    f"over its envelope of ${limit:.4f}",
+            evidence={"scope": "run", "cost_usd": run.cost_usd, "limit_usd": limit,
+                      "steps": run.llm_calls + run.tool_calls},
+            action="stop_run")
+        self.alerts.append(run.budget_alert)
 
     def take_alerts(self) -> list[dict]:
         alerts, self.alerts = self.alerts, []

@@ -7,6 +7,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -14,6 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.errors import ConfigError
 from streams.loops import LoopPolicy
+
+if TYPE_CHECKING:
+    from streams.policy import Policy
 
 # Kafka settings with a field of their own; any other TRACKSIDE_KAFKA_* variable is passed
 # to librdkafka as is (TRACKSIDE_KAFKA_SOCKET_KEEPALIVE_ENABLE -> socket.keepalive.enable).
@@ -71,6 +75,9 @@ class Settings(BaseSettings):
     loop_step_budgets: dict[str, int] = Field(
         default_factory=dict, description='per-agent step budgets, JSON: {"coder": 40}'
     )
+
+    # Lifecycle: canary analysis and budgets (streams/policy.py, example: infra/policy.toml).
+    policy_file: str = Field("", description="TOML policy file; empty: the built-in defaults")
 
     # Ingest and sink.
     ingest_batch_max: int = Field(20000, ge=1, description="most messages the ingest stage takes in one poll")
@@ -132,6 +139,11 @@ class Settings(BaseSettings):
                 continue
             env[f"TRACKSIDE_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
         return env
+
+    def policy(self) -> Policy:
+        from streams.policy import Policy
+
+        return Policy.load(self.policy_file)
 
     def loop_policy(self) -> LoopPolicy:
         return LoopPolicy(self.loop_repeats, self.loop_max_period, self.loop_max_steps, dict(self.loop_step_budgets))

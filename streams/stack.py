@@ -45,6 +45,7 @@ class Stack:
 
     def start(self, *, ready_timeout: float = 90.0) -> None:
         settings = self.settings
+        settings.policy()  # a bad policy file stops here, not in every worker
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         if settings.embedded:

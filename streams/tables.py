@@ -87,9 +87,32 @@ FAILURE_CLUSTERS = pa.schema(
     ]
 )
 
+ROLLBACKS = pa.schema(
+    [
+        ("rollback_id", _TEXT), ("ts", _TS), ("agent_id", _TEXT), ("from_version", _TEXT), ("to_version", _TEXT),
+        ("reason", _TEXT), ("alert_ids", pa.list_(_TEXT)), ("evidence", _TEXT),
+    ]
+)
+
+DEPLOYMENTS = pa.schema(
+    [
+        ("agent_id", _TEXT), ("version", _TEXT), ("role", _TEXT), ("traffic_pct", pa.float64()), ("ts", _TS),
+        ("source", _TEXT),
+    ]
+)
+
+CANARIES = pa.schema(
+    [
+        ("agent_id", _TEXT), ("version", _TEXT), ("stable_version", _TEXT), ("since", _TS), ("inferred", pa.bool_()),
+        ("decision", _TEXT), ("decided_at", _TS), ("canary_runs", pa.uint64()), ("stable_runs", pa.uint64()),
+        ("reason", _TEXT), ("evidence", _TEXT), ("updated_at", _TS),
+    ]
+)
+
 BY_TABLE = {
     "events": EVENTS, "runs": RUNS, "agent_metrics": AGENT_METRICS, "dead_letters": DEAD_LETTERS, "alerts": ALERTS,
-    "drift": DRIFT, "failure_clusters": FAILURE_CLUSTERS,
+    "drift": DRIFT, "failure_clusters": FAILURE_CLUSTERS, "rollbacks": ROLLBACKS, "deployments": DEPLOYMENTS,
+    "canaries": CANARIES,
 }
 
 

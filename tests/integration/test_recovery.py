@@ -11,14 +11,14 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from jobs.simulate import FleetConfig, genai_prices_fn, simulate, truth
+from jobs.simulate import DEFAULT_START_MS, CanarySpec, FleetConfig, genai_prices_fn, simulate, truth
 from tests.conftest import RunningStack
 
 pytestmark = pytest.mark.integration
 
 
-def _fleet(seed: int) -> tuple[list[dict], dict]:
-    events = list(simulate(FleetConfig(seed=seed, runs=200, price_fn=genai_prices_fn)))
+def _fleet(seed: int, runs: int = 200, canary: CanarySpec | None = None) -> tuple[list[dict], dict]:
+    events = list(simulate(FleetConfig(seed=seed, runs=runs, price_fn=genai_prices_fn, canary=canary)))
     return events, truth(events, price_fn=genai_prices_fn)
 
 
@@ -52,21 +52,23 @@ def _check_everything_landed_once(stack: RunningStack, events: list[dict], expec
         assert row["cost"] == pytest.approx(group["cost_usd"], rel=1e-6)
 
 
-def _alert_ids_on_topic(stack: RunningStack) -> list[str]:
-    stack.wait_for_count("SELECT count() > 0 FROM alerts", 1)
-    expected = stack.count("SELECT count() FROM alerts")
+def _ids_on_topic(stack: RunningStack, topic: str = "trackside.alerts", table: str = "alerts",
+                  key: str = "alert_id") -> list[str]:
+    """Every id sent on a topic whose table mirrors it, waiting a little for duplicates."""
+    stack.wait_for_count(f"SELECT count() > 0 FROM {table}", 1)
+    expected = stack.count(f"SELECT count() FROM {table}")
     consumer = Consumer({
-        "bootstrap.servers": f"127.0.0.1:{stack.port}", "group.id": "test-recovery-alerts",
+        "bootstrap.servers": f"127.0.0.1:{stack.port}", "group.id": f"test-recovery-{topic}",
         "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
     })
-    consumer.subscribe(["trackside.alerts"])
+    consumer.subscribe([topic])
     ids: list[str] = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        ids += [orjson.loads(m.value())["alert_id"] for m in consumer.consume(500, 1.0) if m.error() is None]
+        ids += [orjson.loads(m.value())[key] for m in consumer.consume(500, 1.0) if m.error() is None]
         if len(ids) >= expected:
             time.sleep(2)  # anything sent twice would arrive by now
-            ids += [orjson.loads(m.value())["alert_id"] for m in consumer.consume(500, 1.0) if m.error() is None]
+            ids += [orjson.loads(m.value())[key] for m in consumer.consume(500, 1.0) if m.error() is None]
             break
     consumer.close()
     return ids
@@ -78,7 +80,10 @@ def _split_mid_run(events: list[dict]) -> int:
 
 
 def test_kill_9_of_the_faust_worker_mid_stream_loses_and_doubles_nothing(tmp_path):
-    events, expected = _fleet(seed=21)
+    # a bad canary from the first half hour, so that a rollback decision is in the stream too
+    canary = CanarySpec("support-bot", "v1.6.0-rc1", share=0.5, success_rate=0.4, cost_multiplier=2.0,
+                        start_ms=DEFAULT_START_MS + 30 * 60_000)
+    events, expected = _fleet(seed=21, runs=300, canary=canary)
     half = _split_mid_run(events)
     stack = RunningStack(tmp_path / "stack")
     stack.start()
@@ -91,9 +96,16 @@ def test_kill_9_of_the_faust_worker_mid_stream_loses_and_doubles_nothing(tmp_pat
         _publish(stack, events[half:])
         _check_everything_landed_once(stack, events, expected)
         assert "worker-0 exited" in stack.output.read_text()
-        sent = _alert_ids_on_topic(stack)
+        sent = _ids_on_topic(stack)
         assert sent, "the fleet raises loop and failure-cluster alerts"
-        assert len(sent) == len(set(sent)), "an alert went out twice"
+        twice = [i for i in set(sent) if sent.count(i) > 1]
+        assert not twice, ("an alert went out twice", stack.query(
+            "SELECT kind, status, agent_id, agent_version, run_id, summary FROM alerts "
+            "WHERE alert_id IN {ids:Array(String)}", {"ids": twice}))
+        rollbacks = _ids_on_topic(stack, "trackside.rollbacks", "rollbacks", "rollback_id")
+        assert len(rollbacks) == len(set(rollbacks)), "a rollback went out twice"
+        # roles are inferred here (no deployment events): other newer versions may be judged too
+        assert "v1.6.0-rc1" in {row["from_version"] for row in stack.query("SELECT from_version FROM rollbacks")}
     finally:
         assert stack.stop() == 0
 

@@ -1,0 +1,119 @@
+"""Lifecycle policy: canary analysis and budgets, per agent and tenant, from one TOML file.
+
+With no file every default applies (`TRACKSIDE_POLICY_FILE` empty); `infra/policy.toml`
+shows every key. Layout:
+
+    [canary]                      # defaults for every agent (streams.canary.CanaryPolicy)
+    min_runs = 20
+    [canary.margins]
+    success_rate = 0.03
+    [budget]                      # defaults for every agent; 0 turns a limit off
+    run_usd = 5.0                 # one run's cost envelope: alert with action=stop_run
+    agent_hour_usd = 0.0          # cost of an agent's runs ended within one hour (event time)
+    tenant_day_usd = 0.0          # cost of a tenant's runs ended within one UTC day
+    [agents."support-bot".canary] # per agent, merged over the defaults
+    rollback_on = ["success_rate", "cost_per_success"]
+    [agents."support-bot".budget]
+    run_usd = 0.05
+    [tenants.acme]
+    day_usd = 20.0
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from streams.canary import CanaryPolicy
+from streams.errors import TracksideError
+
+BUDGET_KEYS = ("run_usd", "agent_hour_usd", "tenant_day_usd")
+DEFAULT_BUDGET = {"run_usd": 5.0, "agent_hour_usd": 0.0, "tenant_day_usd": 0.0}
+
+
+class PolicyError(TracksideError):
+    pass
+
+
+@dataclass(frozen=True)
+class Policy:
+    canary_defaults: Mapping[str, Any] = field(default_factory=dict)
+    budget_defaults: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_BUDGET))
+    agents: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    tenants: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "Policy":
+        """The policy of a TOML file; the defaults when `path` is empty."""
+        if not path:
+            return cls()
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise PolicyError(f"cannot read the policy file {path}: {error}") from None
+        return cls.from_mapping(data, str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str = "policy") -> "Policy":
+        unknown = set(data) - {"canary", "budget", "agents", "tenants"}
+        if unknown:
+            raise PolicyError(f"{where}: unknown sections {sorted(unknown)}")
+        policy = cls(
+            canary_defaults=dict(data.get("canary", {})),
+            budget_defaults={**DEFAULT_BUDGET, **_budget(data.get("budget", {}), f"{where} [budget]")},
+            agents={agent: dict(spec) for agent, spec in data.get("agents", {}).items()},
+            tenants={tenant: dict(spec) for tenant, spec in data.get("tenants", {}).items()},
+        )
+        # Check every part now, so a bad file fails at start, not at the first canary.
+        for agent, spec in policy.agents.items():
+            unknown = set(spec) - {"canary", "budget"}
+            if unknown:
+                raise PolicyError(f"{where} [agents.{agent}]: unknown keys {sorted(unknown)}")
+            _budget(spec.get("budget", {}), f"{where} [agents.{agent}.budget]")
+            policy.canary(agent)
+        policy.canary("")
+        for tenant, spec in policy.tenants.items():
+            if set(spec) - {"day_usd"} or not _is_amount(spec.get("day_usd", 0.0)):
+                raise PolicyError(f"{where} [tenants.{tenant}]: only day_usd = a non-negative number is allowed")
+        return policy
+
+    def canary(self, agent_id: str) -> CanaryPolicy:
+        spec = self.agents.get(agent_id, {}).get("canary", {})
+        merged = {**self.canary_defaults, **spec}
+        for per_metric in ("margins", "tau"):  # per-metric tables merge key by key
+            values = {**self.canary_defaults.get(per_metric, {}), **spec.get(per_metric, {})}
+            if values:
+                merged[per_metric] = values
+        try:
+            return CanaryPolicy.from_mapping(merged)
+        except (ValueError, TypeError) as error:
+            raise PolicyError(f"canary policy of {agent_id or 'every agent'}: {error}") from None
+
+    def budget(self, agent_id: str, key: str) -> float:
+        """A budget limit of an agent in USD (0: none); `key` is one of BUDGET_KEYS."""
+        return float(self.agents.get(agent_id, {}).get("budget", {}).get(key, self.budget_defaults[key]))
+
+    @property
+    def tenant_budgets(self) -> bool:
+        """Whether any tenant has a daily budget (else no tenant costs are summed at all)."""
+        return self.budget_defaults["tenant_day_usd"] > 0 or any(
+            spec.get("day_usd", 0) > 0 for spec in self.tenants.values())
+
+    def tenant_day_usd(self, tenant: str) -> float:
+        return float(self.tenants.get(tenant, {}).get("day_usd", self.budget_defaults["tenant_day_usd"]))
+
+
+def _is_amount(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def _budget(spec: Mapping[str, Any], where: str) -> dict[str, float]:
+    unknown = set(spec) - set(BUDGET_KEYS)
+    if unknown:
+        raise PolicyError(f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(BUDGET_KEYS)})")
+    for key, value in spec.items():
+        if not _is_amount(value):
+            raise PolicyError(f"{where}: {key} must be a non-negative number of USD, not {value!r}")
+    return {key: float(value) for key, value in spec.items()}

@@ -1,0 +1,351 @@
+"""Rollout state, canary decisions and cost budgets per agent (SPEC §5, §6, §7).
+
+`Rollouts` knows each agent's stable and canary versions: from `agent.deployments`, or,
+for an agent that never sent one, inferred from traffic (the version with most runs in the
+last complete window is stable, any version first seen after it is a canary).
+`RolloutController` runs in the metrics stage, where all runs of an agent meet: it feeds
+each canary and its stable version to a sequential `CanaryAnalysis`, and on a `rollback`
+verdict sends one alert per degraded metric and one rollback decision that names them;
+a `promote` verdict is recorded in `canaries`, never rolled back. It also keeps the
+per-agent-hour and per-tenant-day budgets of `streams.policy`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import orjson
+
+from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert
+from streams.canary import CanaryAnalysis, Verdict
+from streams.events import InvalidEvent, _check_amount, _check_choice, _check_id, parse_ts
+from streams.policy import Policy
+
+ROLES = ("stable", "canary")
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+# Stable runs kept per agent so that a canary first seen late still gets the stable runs
+# that ended after it started.
+STABLE_BACKLOG = 5_000
+# The alert kind of each canary metric; SPEC §6 names the first three.
+METRIC_KINDS = {
+    "success_rate": "success_rate", "cost_per_success": "cost", "tool_error_rate": "error_rate",
+    "loop_rate": "loop_rate", "p95_duration": "latency",
+}
+
+
+def parse_deployment(value: bytes | None) -> dict:
+    """A deployment event (SPEC §5) checked field by field; InvalidEvent says what is wrong."""
+    try:
+        raw = orjson.loads(value or b"")
+    except orjson.JSONDecodeError as error:
+        raise InvalidEvent(f"not JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise InvalidEvent("a deployment event must be a JSON object")
+    checks = {"agent_id": _check_id, "version": _check_id, "role": lambda v: _check_choice(v, ROLES),
+              "traffic_pct": _check_amount, "ts": parse_ts}
+    event: dict[str, Any] = {}
+    for name, check in checks.items():
+        if name not in raw:
+            if name == "traffic_pct":  # a stable deployment without a share takes the rest
+                event[name] = 100.0 if raw.get("role") == "stable" else 0.0
+                continue
+            raise InvalidEvent(f"{name}: required")
+        try:
+            event[name] = check(raw[name])
+        except ValueError as error:
+            raise InvalidEvent(f"{name}: {error}") from None
+    if event["traffic_pct"] > 100:
+        raise InvalidEvent(f"traffic_pct: must be between 0 and 100, got {event['traffic_pct']}")
+    return event
+
+
+@dataclass
+class _Agent:
+    deployed: dict[str, dict] = field(default_factory=dict)  # version -> its latest deployment event
+    first_seen: dict[str, int] = field(default_factory=dict)  # version -> earliest run start
+    windows: dict[int, Counter] = field(default_factory=dict)  # window start -> runs per version
+    newest_end: int = 0
+
+
+class Rollouts:
+    """Stable and canary versions per agent, declared or inferred (SPEC §5)."""
+
+    def __init__(self, window_ms: int) -> None:
+        self.window_ms = window_ms
+        self.agents: dict[str, _Agent] = defaultdict(_Agent)
+
+    def deploy(self, event: Mapping) -> None:
+        agent = self.agents[event["agent_id"]]
+        known = agent.deployed.get(event["version"])
+        if known is None or known["ts"] <= event["ts"]:
+            agent.deployed[event["version"]] = dict(event)
+
+    def observe(self, run: Mapping) -> None:
+        agent = self.agents[run["agent_id"]]
+        version, started, ended = run["agent_version"], int(run["started_at"]), int(run["ended_at"])
+        if started < agent.first_seen.get(version, started + 1):
+            agent.first_seen[version] = started
+        start = ended - ended % self.window_ms
+        agent.windows.setdefault(start, Counter())[version] += 1
+        agent.newest_end = max(agent.newest_end, ended)
+        for old in [s for s in agent.windows if s < agent.newest_end - 3 * self.window_ms]:
+            del agent.windows[old]
+
+    def declared(self, agent_id: str) -> bool:
+        return bool(self.agents[agent_id].deployed)
+
+    def stable(self, agent_id: str) -> str | None:
+        """The last known good version: the newest stable deployment, or the inferred one."""
+        agent = self.agents[agent_id]
+        stables = [d for d in agent.deployed.values() if d["role"] == "stable"]
+        if stables:
+            return max(stables, key=lambda d: (d["ts"], d["version"]))["version"]
+        if not agent.windows:
+            return None
+        # the last complete window (the newest is still filling), else the newest
+        current = agent.newest_end - agent.newest_end % self.window_ms
+        complete = [s for s in agent.windows if s < current]
+        counts = agent.windows[max(complete) if complete else current]
+        return max(counts, key=lambda v: (counts[v], -agent.first_seen.get(v, 0)))
+
+    def canary_baseline(self, agent_id: str, version: str) -> str | None:
+        """The version a canary is compared with (its stable one); None for any other version."""
+        return self.stable(agent_id) if self.canary_since(agent_id, version) is not None else None
+
+    def canary_since(self, agent_id: str, version: str) -> int | None:
+        """When `version` became a canary (event time), or None if it is not one now."""
+        agent = self.agents[agent_id]
+        stable = self.stable(agent_id)
+        if stable is None or version == stable:
+            return None
+        if agent.deployed:
+            d = agent.deployed.get(version)
+            return d["ts"] if d is not None and d["role"] == "canary" and d["traffic_pct"] > 0 else None
+        first, stable_first = agent.first_seen.get(version), agent.first_seen.get(stable)
+        return first if first is not None and stable_first is not None and first > stable_first else None
+
+
+@dataclass
+class _Canary:
+    agent_id: str
+    version: str
+    stable: str
+    since: int
+    inferred: bool
+    analysis: CanaryAnalysis
+    newest: int = 0  # newest ended_at of either arm
+    changed: bool = True
+    verdict: Verdict | None = None
+    decided_at: int | None = None
+    alerts: list[dict] = field(default_factory=list)  # the firing alerts of a rollback
+
+
+class RolloutController:
+    """Canary analyses and budgets of the agents of one metrics partition; see the module doc."""
+
+    def __init__(self, policy: Policy, window_ms: int, sent: Iterable[str] = ()) -> None:
+        self.policy = policy
+        self.rollouts = Rollouts(window_ms)
+        self.canaries: dict[tuple[str, str, str], _Canary] = {}
+        self.stable_runs: dict[str, deque] = defaultdict(lambda: deque(maxlen=STABLE_BACKLOG))
+        self.sent = set(sent)  # alert and rollback ids already out (after a restart)
+        self.hour_costs: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+        self.tenant_costs: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+        self.budget_firing: dict[str, dict] = {}  # fingerprint -> its firing alert
+
+    # --- inputs --------------------------------------------------------------------------
+
+    def deploy(self, deployments: Iterable[Mapping]) -> list[dict]:
+        """Apply deployment events; returns alerts resolved because a canary left."""
+        events = sorted(deployments, key=lambda d: d["ts"])
+        if not events:
+            return []
+        for event in events:
+            self.rollouts.deploy(event)
+        alerts = []
+        for canary in self.canaries.values():
+            if canary.alerts and self.rollouts.canary_since(canary.agent_id, canary.version) != canary.since:
+                # rolled back (or promoted) by the deploy tooling: the condition is gone
+                alerts += [self._resolve(alert, events[-1]["ts"]) for alert in canary.alerts]
+                canary.alerts = []
+        return self._fresh(alerts)
+
+    def update(self, runs: Iterable[Mapping]) -> tuple[list[dict], list[dict], list[dict]]:
+        """Fold closed runs in: (rollback decisions, alerts, `canaries` rows that changed)."""
+        alerts: list[dict] = []
+        for run in sorted(runs, key=lambda r: (r["ended_at"], r["run_id"])):
+            self.rollouts.observe(run)
+            self._route(run)
+            alerts += self._budget(run)
+        rollbacks, rows = [], []
+        for canary in self.canaries.values():
+            if not canary.changed:
+                continue
+            canary.changed = False
+            if canary.decided_at is None:
+                verdict = canary.analysis.decide()
+                canary.verdict = verdict
+                if verdict.decision != "pending":
+                    canary.decided_at = canary.newest
+                    if verdict.decision == "rollback":
+                        decision, fired = self._rollback(canary, verdict)
+                        alerts += fired
+                        rollbacks.append(decision)
+            rows.append(self._row(canary))
+        return [r for r in rollbacks if r["rollback_id"] not in self.sent], self._fresh(alerts), rows
+
+    # --- canaries ------------------------------------------------------------------------
+
+    def _route(self, run: Mapping) -> None:
+        agent_id, version, ended = run["agent_id"], run["agent_version"], int(run["ended_at"])
+        stable = self.rollouts.stable(agent_id)
+        since = self.rollouts.canary_since(agent_id, version)
+        if since is not None and ended >= since:
+            key = (agent_id, version, stable)
+            canary = self.canaries.get(key)
+            if canary is None:
+                canary = self.canaries[key] = _Canary(
+                    agent_id, version, stable, since, not self.rollouts.declared(agent_id),
+                    CanaryAnalysis(self.policy.canary(agent_id)))
+                backlog = [r for r in self.stable_runs[agent_id] if r["agent_version"] == stable
+                           and r["ended_at"] >= since]
+                if backlog:
+                    canary.analysis.add("stable", backlog)
+            self._add(canary, "canary", run)
+        elif version == stable:
+            self.stable_runs[agent_id].append(run)
+            for canary in self.canaries.values():
+                if canary.agent_id == agent_id and canary.stable == version and ended >= canary.since:
+                    self._add(canary, "stable", run)
+
+    @staticmethod
+    def _add(canary: _Canary, arm: str, run: Mapping) -> None:
+        if canary.decided_at is not None:
+            return
+        canary.analysis.add(arm, [run])
+        canary.newest = max(canary.newest, int(run["ended_at"]))
+        canary.changed = True
+
+    def _rollback(self, canary: _Canary, verdict: Verdict) -> tuple[dict, list[dict]]:
+        episode = str(canary.since)
+        alerts = []
+        for metric in verdict.metrics:
+            if not metric.worse:
+                continue
+            kind = METRIC_KINDS.get(metric.metric, metric.metric)
+            alerts.append(make_alert(
+                kind=kind, severity="critical", status=FIRING,
+                fingerprint=fingerprint(kind, "canary", canary.agent_id, canary.version),
+                ts=canary.decided_at, agent_id=canary.agent_id, agent_version=canary.version,
+                summary=f"canary {canary.agent_id} {canary.version} worse than {canary.stable}: "
+                        f"{_describe(metric)} after {verdict.canary_runs} canary runs",
+                evidence={**metric.as_dict(), "stable_version": canary.stable, "since": canary.since},
+                action="rollback", episode=episode))
+        canary.alerts = alerts
+        decision = {
+            "rollback_id": hashlib.sha1(f"{canary.agent_id}|{canary.version}|{episode}".encode()).hexdigest()[:32],
+            "ts": canary.decided_at, "agent_id": canary.agent_id, "from_version": canary.version,
+            "to_version": canary.stable, "reason": verdict.reason, "alert_ids": [a["alert_id"] for a in alerts],
+            "evidence": {**verdict.as_dict(), "since": canary.since, "inferred_roles": canary.inferred},
+        }
+        return decision, alerts
+
+    def _row(self, canary: _Canary) -> dict:
+        verdict = canary.verdict
+        return {
+            "agent_id": canary.agent_id, "version": canary.version, "stable_version": canary.stable,
+            "since": canary.since, "inferred": canary.inferred,
+            "decision": verdict.decision if verdict else "pending", "decided_at": canary.decided_at,
+            "canary_runs": verdict.canary_runs if verdict else 0, "stable_runs": verdict.stable_runs if verdict else 0,
+            "reason": verdict.reason if verdict else "",
+            "evidence": orjson.dumps(verdict.as_dict() if verdict else {}).decode(),
+        }
+
+    # --- budgets ---------------------------------------------------------------------------
+
+    def spend_tenants(self, runs: Iterable[Mapping]) -> list[dict]:
+        """Per-tenant-day budgets. A tenant's runs come from every agent, so the caller sends
+        each run's cost to the partition of its tenant (`tenant_partition_key`) and calls this there."""
+        alerts = []
+        for run in sorted(runs, key=lambda r: (r["ended_at"], r["run_id"])):
+            ended = int(run["ended_at"])
+            alerts += self._spend(self.tenant_costs, (run["tenant"], ended - ended % DAY_MS), run,
+                                  self.policy.tenant_day_usd(run["tenant"]), DAY_MS, "tenant_day")
+            alerts += self._clear("tenant_day", ended)
+        return self._fresh(alerts)
+
+    def _budget(self, run: Mapping) -> list[dict]:
+        """Per agent per hour, by the event time the run ended."""
+        ended = int(run["ended_at"])
+        alerts = self._spend(self.hour_costs, (run["agent_id"], ended - ended % HOUR_MS), run,
+                             self.policy.budget(run["agent_id"], "agent_hour_usd"), HOUR_MS, "agent_hour")
+        return alerts + self._clear("agent_hour", ended)
+
+    def _clear(self, scope: str, ended: int) -> list[dict]:
+        """Resolve budgets of periods that runs now end after; drop sums no run can reach."""
+        alerts = []
+        for fp, alert in list(self.budget_firing.items()):
+            evidence = alert["evidence"]
+            if evidence["scope"] == scope and ended >= evidence["period_start"] + evidence["period_ms"] + HOUR_MS:
+                alerts.append(self._resolve(alert, ended))
+                del self.budget_firing[fp]
+        costs, length = (self.hour_costs, HOUR_MS) if scope == "agent_hour" else (self.tenant_costs, DAY_MS)
+        for key in [k for k in costs if k[1] + 2 * length <= ended]:
+            del costs[key]
+        return alerts
+
+    def _spend(self, costs: dict, key: tuple[str, int], run: Mapping, limit: float, length: int,
+               scope: str) -> list[dict]:
+        runs = costs[key]
+        runs[run["run_id"]] = float(run.get("cost_usd") or 0.0)  # a run seen again counts once
+        total = math.fsum(runs.values())
+        fp = fingerprint("budget", scope, *map(str, key))
+        if limit <= 0 or total <= limit or fp in self.budget_firing:
+            return []
+        subject, start = key
+        who = f"tenant {subject}" if scope == "tenant_day" else subject
+        period = "day" if scope == "tenant_day" else "hour"
+        alert = make_alert(
+            kind="budget", severity="critical" if total >= 2 * limit else "warning", status=FIRING,
+            fingerprint=fp, ts=int(run["ended_at"]), agent_id=run["agent_id"] if scope == "agent_hour" else "",
+            summary=f"{who} spent ${total:.4f} in the {period} from {_utc(start)}, over its budget of ${limit:.4f}",
+            evidence={"scope": scope, "subject": subject, "period_start": start, "period_ms": length,
+                      "spent_usd": total, "limit_usd": limit, "runs": len(runs), "last_run_id": run["run_id"]},
+            episode=str(start))
+        self.budget_firing[fp] = alert
+        return [alert]
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve(alert: dict, ts: int | None = None) -> dict:
+        return make_alert(
+            kind=alert["kind"], severity=alert["severity"], status=RESOLVED, fingerprint=alert["fingerprint"],
+            ts=alert["ts"] if ts is None else ts, agent_id=alert["agent_id"], agent_version=alert["agent_version"],
+            summary="cleared: " + alert["summary"], evidence=alert["evidence"],
+            episode=alert["alert_id"])
+
+    def _fresh(self, alerts: list[dict]) -> list[dict]:
+        return [a for a in alerts if a["alert_id"] not in self.sent]
+
+
+def tenant_partition_key(tenant: str) -> str:
+    """The key whose agent partition holds a tenant's budget (tenants and agents share partitions)."""
+    return "tenant:" + tenant
+
+
+def _describe(metric: Any) -> str:
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4g}"
+    return (f"{metric.metric} {fmt(metric.stable)} -> {fmt(metric.canary)} "
+            f"(always-valid p={metric.p_value:.1e} < {metric.threshold:.1e})")
+
+
+def _utc(ms: int) -> str:
+    import datetime as dt
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,184 @@
+"""Rollout state, canary decisions and budgets (streams/rollout.py, streams/policy.py), no services."""
+
+import orjson
+import pytest
+
+from streams.events import InvalidEvent
+from streams.policy import Policy, PolicyError
+from streams.rollout import DAY_MS, HOUR_MS, RolloutController, Rollouts, parse_deployment
+from streams.runs import RunAssembler
+
+T0 = 1_793_491_200_000  # 2026-11-01T00:00:00Z
+MIN = 60_000
+WINDOW = 5 * MIN
+
+
+def run(i: int, version: str, ended: int, *, agent: str = "bot", success: bool = True, cost: float = 0.01,
+        tenant: str = "acme", duration: int = 4_000) -> dict:
+    return {"run_id": f"{agent}-{version}-{i}", "agent_id": agent, "agent_version": version, "tenant": tenant,
+            "started_at": ended - duration, "ended_at": ended, "outcome": "success" if success else "failure",
+            "cost_usd": cost, "loop_detected": False, "tool_calls": 3, "tool_errors": 0, "duration_ms": duration}
+
+
+def fleet(n: int, start: int, *, canary_success: float = 0.85, canary_cost: float = 0.01,
+          stable_success: float = 0.85) -> list[dict]:
+    """n runs one every 10 s from `start`: stable v1, and a canary v2 taking 3 runs in 10.
+    Successes are spread evenly in each arm (a low-discrepancy sequence), so rates are exact."""
+    runs, seen = [], {"v1": 0, "v2": 0}
+    for i in range(n):
+        version = "v2" if i % 10 in (1, 4, 7) else "v1"
+        rate = canary_success if version == "v2" else stable_success
+        k = seen[version] = seen[version] + 1
+        runs.append(run(i, version, start + i * 10_000, success=(k * rate) % 1 < rate,
+                        cost=canary_cost if version == "v2" else 0.01))
+    return runs
+
+
+def test_parse_deployment_checks_every_field():
+    event = parse_deployment(orjson.dumps({"agent_id": "bot", "version": "v2", "role": "canary", "traffic_pct": 10,
+                                           "ts": "2026-11-01T00:00:00Z"}))
+    assert event == {"agent_id": "bot", "version": "v2", "role": "canary", "traffic_pct": 10.0, "ts": T0}
+    assert parse_deployment(orjson.dumps({"agent_id": "bot", "version": "v1", "role": "stable", "ts": T0}))[
+        "traffic_pct"] == 100.0
+    for bad, why in (({"agent_id": "bot", "version": "v2", "role": "beta", "ts": T0}, "role"),
+                     ({"agent_id": "bot", "role": "canary", "ts": T0}, "version: required"),
+                     ({"agent_id": "bot", "version": "v2", "role": "canary", "traffic_pct": 140, "ts": T0}, "traffic_pct"),
+                     ({"agent_id": "bot", "version": "v2", "role": "canary", "ts": "soon"}, "ts")):
+        with pytest.raises(InvalidEvent, match=why):
+            parse_deployment(orjson.dumps(bad))
+    with pytest.raises(InvalidEvent, match="JSON object"):
+        parse_deployment(b"[1]")
+
+
+def test_roles_inferred_from_traffic_without_deployments():
+    rollouts = Rollouts(WINDOW)
+    for r in fleet(120, T0):
+        rollouts.observe(r)
+    assert rollouts.stable("bot") == "v1"
+    assert rollouts.canary_since("bot", "v2") is not None and rollouts.canary_since("bot", "v1") is None
+    # a version first seen before the stable one is an old version, not a canary
+    old = Rollouts(WINDOW)
+    old.observe(run(0, "v0", T0 - MIN))
+    for r in fleet(60, T0):
+        old.observe(r)
+    assert old.stable("bot") == "v1" and old.canary_since("bot", "v0") is None
+    assert old.canary_since("bot", "v2") is not None
+
+
+def test_declared_roles_rule_and_newest_stable_is_last_known_good():
+    rollouts = Rollouts(WINDOW)
+    for r in fleet(120, T0):
+        rollouts.observe(r)
+    rollouts.deploy({"agent_id": "bot", "version": "v0", "role": "stable", "traffic_pct": 100, "ts": T0 - DAY_MS})
+    rollouts.deploy({"agent_id": "bot", "version": "v1", "role": "stable", "traffic_pct": 100, "ts": T0 - HOUR_MS})
+    rollouts.deploy({"agent_id": "bot", "version": "v2", "role": "canary", "traffic_pct": 50, "ts": T0})
+    assert rollouts.stable("bot") == "v1"
+    assert rollouts.canary_since("bot", "v2") == T0
+    assert rollouts.canary_baseline("bot", "v2") == "v1" and rollouts.canary_baseline("bot", "v0") is None
+    rollouts.deploy({"agent_id": "bot", "version": "v2", "role": "canary", "traffic_pct": 0, "ts": T0 + HOUR_MS})
+    assert rollouts.canary_since("bot", "v2") is None
+
+
+def test_bad_canary_is_rolled_back_once_with_its_alerts():
+    controller = RolloutController(Policy(), WINDOW)
+    runs = fleet(1500, T0, canary_success=0.5)
+    rollbacks, alerts, rows = [], [], []
+    for i in range(0, len(runs), 30):  # one batch per 5 minutes
+        rb, al, rw = controller.update(runs[i:i + 30])
+        rollbacks += rb
+        alerts += al
+        rows += rw
+    assert len(rollbacks) == 1
+    decision = rollbacks[0]
+    assert decision["from_version"] == "v2" and decision["to_version"] == "v1" and decision["agent_id"] == "bot"
+    fired = [a for a in alerts if a["kind"] == "success_rate"]
+    assert fired and set(decision["alert_ids"]) == {a["alert_id"] for a in alerts if a["status"] == "firing"}
+    assert decision["evidence"]["decision"] == "rollback"
+    assert rows[-1]["decision"] == "rollback" and rows[-1]["decided_at"] == decision["ts"]
+    # decided early: far fewer canary runs than the fleet holds
+    assert decision["evidence"]["canary_runs"] < 200
+    # the same runs again (a restart replaying history), with the ids already sent: nothing new
+    again = RolloutController(Policy(), WINDOW, sent={decision["rollback_id"], *decision["alert_ids"]})
+    replayed = [again.update(runs[i:i + 30]) for i in range(0, len(runs), 30)]
+    assert not any(rb for rb, _, _ in replayed) and not any(al for _, al, _ in replayed)
+    # when deploy tooling takes the canary away, its alerts resolve once
+    resolved = controller.deploy([{"agent_id": "bot", "version": "v2", "role": "canary", "traffic_pct": 0,
+                                   "ts": T0 + DAY_MS}])
+    firing = [a for a in alerts if a["status"] == "firing"]
+    assert sorted(a["fingerprint"] for a in resolved) == sorted(a["fingerprint"] for a in firing)
+    assert {a["status"] for a in resolved} == {"resolved"}
+    assert controller.deploy([{"agent_id": "bot", "version": "v2", "role": "canary", "traffic_pct": 0,
+                               "ts": T0 + DAY_MS + 1}]) == []
+
+
+def test_canary_as_good_as_stable_is_promoted_not_rolled_back():
+    controller = RolloutController(Policy(), WINDOW)
+    runs = fleet(4000, T0)  # 1,200 canary runs: past max_runs
+    rollbacks, rows = [], []
+    for i in range(0, len(runs), 30):
+        rb, _, rw = controller.update(runs[i:i + 30])
+        rollbacks += rb
+        rows += rw
+    assert rollbacks == []
+    assert rows[-1]["decision"] == "promote"
+
+
+def test_budgets_per_agent_hour_and_per_tenant_day():
+    policy = Policy.from_mapping({"budget": {"agent_hour_usd": 1.0}, "tenants": {"acme": {"day_usd": 2.5}}})
+    controller = RolloutController(policy, WINDOW)
+    runs = [run(i, "v1", T0 + i * MIN, cost=0.1) for i in range(130)]  # $6 an hour
+    _, alerts, _ = controller.update(runs[:10])
+    assert alerts == []  # $1.00 is not over $1
+    _, alerts, _ = controller.update(runs[9:11])  # the 10th again (redelivered) counts once
+    (hour,) = alerts
+    assert hour["kind"] == "budget" and hour["status"] == "firing" and hour["agent_id"] == "bot"
+    assert hour["evidence"]["runs"] == 11 and hour["evidence"]["spent_usd"] == pytest.approx(1.1)
+    _, alerts, _ = controller.update(runs[11:130])
+    # the second hour goes over at its 11th run; the first clears once runs end an hour after it
+    assert [(a["status"], a["evidence"]["period_start"]) for a in alerts] == [
+        ("firing", T0 + HOUR_MS), ("resolved", T0)]
+    tenant = controller.spend_tenants(runs[:26])
+    assert len(tenant) == 1 and tenant[0]["evidence"]["spent_usd"] == pytest.approx(2.6)
+    assert controller.spend_tenants(runs[:30]) == []  # fires once per tenant and day
+
+
+def test_run_cost_envelope_alerts_while_the_run_goes_on():
+    assembler = RunAssembler(30 * MIN, run_budget=lambda agent: 0.05)
+    base = {"run_id": "r1", "agent_id": "bot", "agent_version": "v1", "task_id": "", "session_id": "",
+            "tenant": "", "environment": "", "type": "llm_call", "model": "m", "provider": "p", "input_tokens": 1,
+            "output_tokens": 1, "cache_read_input_tokens": 0, "status": "ok", "error_type": "", "cost_usd": 0.03,
+            "cost_source": "reported", "latency_ms": 1}
+    assembler.apply([{**base, "event_id": "e1", "ts": T0}], 0)
+    assert assembler.take_alerts() == []
+    assembler.apply([{**base, "event_id": "e2", "ts": T0 + 1000}], 0)
+    (alert,) = assembler.take_alerts()
+    assert alert["kind"] == "budget" and alert["action"] == "stop_run" and alert["run_id"] == "r1"
+    assembler.apply([{**base, "event_id": "e3", "ts": T0 + 2000}], 0)
+    assert assembler.take_alerts() == []  # once per run
+    assembler.apply([{**base, "event_id": "e4", "ts": T0 + 3000, "type": "run_end", "outcome": "success",
+                      "score": None, "error_message": ""}], 0)
+    assert [a["status"] for a in assembler.take_alerts()] == ["resolved"]
+
+
+def test_policy_file_errors_are_clear(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text('[budget]\nrun_usd = "lots"\n')
+    with pytest.raises(PolicyError, match="run_usd must be a non-negative number"):
+        Policy.load(path)
+    path.write_text('[agents.bot.canary]\nmin_runz = 3\n')
+    with pytest.raises(PolicyError, match="canary policy of bot"):
+        Policy.load(path)
+    path.write_text('[agents.bot.budget]\nrun_usd = 0.5\n[tenants.acme]\nday_usd = 10\n')
+    policy = Policy.load(path)
+    assert policy.budget("bot", "run_usd") == 0.5 and policy.budget("other", "run_usd") == 5.0
+    assert policy.tenant_day_usd("acme") == 10 and policy.tenant_budgets
+    assert not Policy().tenant_budgets and Policy.load("") == Policy()
+
+
+def test_the_shipped_policy_file_states_the_defaults():
+    # infra/policy.toml documents every default: loading it must change nothing
+    from pathlib import Path
+
+    shipped = Policy.load(Path(__file__).parents[2] / "infra" / "policy.toml")
+    assert shipped.canary("any") == Policy().canary("any")
+    assert dict(shipped.budget_defaults) == dict(Policy().budget_defaults)
