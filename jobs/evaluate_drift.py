@@ -67,11 +67,11 @@ def runs_from_events(events) -> list[dict]:
 def _fleet(seed: int, agents, start: int, duration: int, runs: int, canary: CanarySpec | None = None,
            fast_prices: bool = False) -> list[dict]:
     cfg = FleetConfig(seed=seed, runs=runs, start_ms=start, duration_ms=duration, agents=agents, canary=canary,
-                      price_fn=_linear_price if fast_prices else genai_prices_fn, cost_fraction=1.0)
+                      price_fn=linear_price if fast_prices else genai_prices_fn, cost_fraction=1.0)
     return runs_from_events(simulate(cfg))
 
 
-def _linear_price(model: str, provider: str, inp: int, out: int, cached: int) -> float:
+def linear_price(model: str, provider: str, inp: int, out: int, cached: int) -> float:
     # a stand-in for genai-prices when speed matters (tests): per-million-token list prices
     per_in, per_out = {"gpt-4o": (2.5, 10), "gpt-4o-mini": (0.15, 0.6), "claude-sonnet-4-5": (3, 15),
                        "claude-haiku-4-5": (1, 5)}.get(model, (1, 5))

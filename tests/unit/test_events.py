@@ -65,3 +65,20 @@ def test_committed_json_schema_is_the_generated_one():
 def test_fields_outside_the_contract_are_kept_in_attributes():
     event = parse(orjson.dumps({**GOOD, "gpu": "a100", "attributes": {"team": "x"}}))
     assert json.loads(event["attributes"]) == {"gpu": "a100", "team": "x"}
+
+
+def test_a_field_given_twice_is_rejected_not_guessed():
+    from streams.events import InvalidEvent, parse
+
+    twice = (b'{"event_id": "a", "ts": 1793491200000, "type": "run_start", "run_id": "r", "agent_id": "x", '
+             b'"agent_version": "v1", "event_id": "b"}')
+    try:
+        parse(twice)
+    except InvalidEvent as error:
+        assert "field 'event_id': given more than once" in str(error)
+    else:
+        raise AssertionError("a duplicate event_id was accepted")
+    # a field name that is also a value, or repeated inside attributes, is fine
+    fine = (b'{"event_id": "run_id", "ts": 1793491200000, "type": "run_start", "run_id": "r", "agent_id": "x", '
+            b'"agent_version": "v1", "attributes": {"a": {"k": 1}, "b": {"k": 2}}}')
+    assert parse(fine)["event_id"] == "run_id"
