@@ -14,6 +14,8 @@ T0 = 1_793_600_000_000
 POLICY = """
 [agents.spender.budget]
 run_usd = 0.05
+[tenants.globex]
+day_usd = 0.01
 """
 
 
@@ -135,3 +137,24 @@ def test_a_run_over_its_cost_envelope_is_stopped_while_it_goes_on(stack: Running
     assert (alert["kind"], alert["status"], alert["action"]) == ("budget", "firing", "stop_run")
     assert alert["evidence"]["limit_usd"] == 0.05 and alert["evidence"]["cost_usd"] == pytest.approx(0.06)
     assert stack.count("SELECT count() FROM runs WHERE run_id = 'spendy'") == 0, "the run is still going"
+
+
+def test_a_tenant_budget_sums_runs_of_agents_on_other_partitions(stack: RunningStack):
+    # alpha and beta live on metrics partitions 2 and 3, tenant globex on 1 (of 4): each run's
+    # cost travels to the tenant's partition, and the third run goes over $0.01
+    assert stack.settings.partitions == 4
+    start = T0 + 6_000_000
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
+    for n, agent in enumerate(["alpha", "beta", "alpha"]):
+        for event in _run_events(n, "v1", True, start + n * 60_000, agent=agent):
+            event["tenant"] = "globex"
+            if event["type"] == "llm_call":
+                event["cost_usd"] = 0.004
+            producer.produce("agent.events", value=orjson.dumps(event), key=event["run_id"].encode())
+    producer.flush(10)
+    alerts = _consume(stack, "trackside.alerts",
+                      lambda seen: any(a["kind"] == "budget" and a["evidence"].get("scope") == "tenant_day"
+                                       for a in seen))
+    (alert,) = [a for a in alerts if a["kind"] == "budget" and a["evidence"].get("scope") == "tenant_day"]
+    assert alert["evidence"]["subject"] == "globex" and alert["evidence"]["runs"] == 3
+    assert alert["evidence"]["spent_usd"] == pytest.approx(0.012)
