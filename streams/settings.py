@@ -91,11 +91,12 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
-    @field_validator("database")
+    @field_validator("database", "cluster")
     @classmethod
-    def _identifier(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise ValueError("database must be a plain identifier")
+    def _identifier(cls, value: str, info) -> str:  # noqa: ANN001 (pydantic's ValidationInfo)
+        # both are written into SQL (no parameter can name a database): only plain names
+        if (value or info.field_name == "database") and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"{info.field_name} must be a plain identifier")
         return value
 
     # Derived values.
@@ -132,7 +133,8 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """These settings as TRACKSIDE_* variables: what a child process needs to see the same."""
         env = {}
-        for name, value in self:
+        for name in type(self).model_fields:  # fields only: cached properties are not settings
+            value = getattr(self, name)
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             if value is None:
