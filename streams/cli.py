@@ -75,6 +75,23 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 1 if report.rejected else 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply the store's migrations and create the topics, then exit: the one-shot set-up of a
+    deployment on a real cluster (a Kubernetes Job, a compose service), before the processors."""
+    from streams.broker import ensure_topics, wait_for_broker
+    from streams.store import open_store
+
+    settings = _settings()
+    settings.policy()  # a bad policy file fails the set-up, not the processors later
+    applied = open_store(settings).migrate()
+    print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+    if not settings.embedded:
+        wait_for_broker(settings)
+        created = ensure_topics(settings)
+        print(f"topics created: {', '.join(created) or 'none (all exist)'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -106,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
     importer.add_argument("file", help="e.g. ../shared/data/tau-bench/gpt-4o-airline.json")
     importer.add_argument("--out", help="write the events as JSON Lines here instead of publishing them")
     importer.set_defaults(handler=cmd_import)
+
+    migrate = commands.add_parser("migrate", help="apply the store's migrations and create the topics, then exit")
+    migrate.set_defaults(handler=cmd_migrate)
 
     demo = commands.add_parser("demo", help="start the stack, play a simulated fleet, print what it found")
     demo.add_argument("--runs", type=int, default=600)

@@ -24,8 +24,9 @@ from streams import tables, topics
 from streams.cost import PriceTable, price_event
 from streams.errors import BrokerError
 from streams.events import InvalidEvent, parse
+from streams.otlp import InvalidOtlp, otlp_to_events
 from streams.rollout import parse_deployment
-from streams.runs import agent_partition, pack
+from streams.runs import agent_partition, pack, run_partition
 from streams.settings import Settings
 from streams.store import Store
 
@@ -74,6 +75,7 @@ class StoreSink:
         self._handlers: dict[str, Callable[[list[Message]], None]] = {
             topics.AGENT_EVENTS.name: self._ingest_events,
             topics.AGENT_DEPLOYMENTS.name: self._ingest_deployments,
+            topics.OTLP_SPANS.name: self._ingest_otlp,
             topics.ROLLBACKS.name: self._land_rollbacks,
             topics.RUN_RESULTS.name: self._land_runs,
             topics.METRIC_RESULTS.name: self._land_metrics,
@@ -157,12 +159,54 @@ class StoreSink:
             by_partition[partition].append(pack(event))
         self._insert("events", events)
         self._reject(dead)
+        self._hand_over(by_partition)
+        self.stats["events"] += len(events)
+
+    def _hand_over(self, by_partition: dict[int, list]) -> None:
+        """The packed events to the run assemblers, one message per partition and chunk."""
         for partition, batch in by_partition.items():
             for start in range(0, len(batch), EVENTS_PER_BATCH_MESSAGE):
                 chunk = batch[start:start + EVENTS_PER_BATCH_MESSAGE]
                 self._produce(
                     topics.EVENT_BATCHES.name, orjson.dumps({"partition": partition, "events": chunk}), partition=partition
                 )
+
+    # otlp_spans
+
+    def _ingest_otlp(self, messages: list[Message]) -> None:
+        """OpenTelemetry spans (streams/otlp.py) become agent events and take the same path.
+
+        A message is not keyed by run, so its events go to the assembler of `run_partition`
+        of their run (the trace). An unreadable message, or one with spans that cannot be
+        mapped, is a dead letter (whole, with each span's reason); its good spans still count.
+        """
+        ingested_at = now_ms()
+        keep_raw_args = self.settings.store_raw_tool_args
+        events: list[dict] = []
+        dead: list[dict] = []
+        by_partition: dict[int, list[dict]] = defaultdict(list)
+        for message in messages:
+            source = f"{message.topic()}:{message.partition()}:{message.offset()}"
+            try:
+                mapped = otlp_to_events(message.value() or b"", normalise=True, keep_raw_args=keep_raw_args)
+            except InvalidOtlp as error:
+                dead.append(self._dead_letter(message, source, str(error), ingested_at))
+                continue
+            if mapped.rejected:
+                shown = "; ".join(f"span {r.where}: {r.reason}" for r in mapped.rejected[:20])
+                more = f"; and {len(mapped.rejected) - 20} more" if len(mapped.rejected) > 20 else ""
+                dead.append(self._dead_letter(
+                    message, source, f"{len(mapped.rejected)} span(s) cannot be mapped: {shown}{more}", ingested_at))
+            self.stats["otlp_spans_skipped"] += mapped.skipped_total
+            for event in mapped.events:
+                price_event(self.prices, event)
+                event["source"] = source
+                event["ingested_at"] = ingested_at
+                events.append(event)
+                by_partition[run_partition(event["run_id"], self.settings.partitions)].append(pack(event))
+        self._insert("events", events)
+        self._reject(dead)
+        self._hand_over(by_partition)
         self.stats["events"] += len(events)
 
     # agent.deployments

@@ -36,24 +36,31 @@ _RUN_COLUMNS = ", ".join(
 )
 
 
+# The events of one assembler partition: from its agent.events partition, and the events of
+# OTLP spans, which went to the assembler of CRC32(run_id) (streams.runs.run_partition).
+_PARTITION_EVENTS = ("(source LIKE {source:String} OR (startsWith(source, {otlp:String}) "
+                     "AND CRC32(run_id) % {partitions:UInt32} = {partition:UInt32}))")
+
+
 def open_run_events(settings: Settings, partition: int, horizon_ms: int) -> tuple[list[dict], set[str]]:
     """Every landed event of the partition's runs that have not closed, oldest first, and the
     ids of the alerts already sent about the partition's runs of the last `horizon_ms` of
     event time: replayed or redelivered events raise those alerts again."""
     store = query_store(settings, may_open=False)
     source = {"source": f"{topics.AGENT_EVENTS.name}:{partition}:%"}
+    params = {**source, "otlp": f"{topics.OTLP_SPANS.name}:", "partitions": settings.partitions, "partition": partition}
     events = store.query_json(
         f"SELECT {_EVENT_COLUMNS} FROM events "
-        "WHERE source LIKE {source:String} AND run_id NOT IN (SELECT run_id FROM runs) ORDER BY ts",
-        source,
+        f"WHERE {_PARTITION_EVENTS} AND run_id NOT IN (SELECT run_id FROM runs) ORDER BY ts",
+        params,
     )
     if events:
         log.info("partition %d: rebuilding %d open runs from %d stored events",
                  partition, len({event["run_id"] for event in events}), len(events))
     sent = store.query_json(
-        "SELECT alert_id FROM alerts WHERE run_id IN (SELECT run_id FROM events WHERE source LIKE {source:String} "
-        "AND ts >= (SELECT max(ts) FROM events WHERE source LIKE {source:String}) - toIntervalMillisecond({horizon:Int64}))",
-        {**source, "horizon": horizon_ms},
+        f"SELECT alert_id FROM alerts WHERE run_id IN (SELECT run_id FROM events WHERE {_PARTITION_EVENTS} "
+        f"AND ts >= (SELECT max(ts) FROM events WHERE {_PARTITION_EVENTS}) - toIntervalMillisecond({{horizon:Int64}}))",
+        {**params, "horizon": horizon_ms},
     )
     return events, {row["alert_id"] for row in sent}
 

@@ -47,6 +47,12 @@ def agent_partition(agent_id: str, partitions: int) -> int:
     return zlib.crc32(agent_id.encode()) % partitions
 
 
+def run_partition(run_id: str, partitions: int) -> int:
+    """The assembler partition of a run whose events come unkeyed (OTLP spans): CRC-32 of the
+    run id, the same function as ClickHouse's `CRC32`, so recovery can select them in SQL."""
+    return zlib.crc32(run_id.encode()) % partitions
+
+
 @dataclass(slots=True)
 class RunState:
     run_id: str
@@ -97,6 +103,10 @@ class RunState:
             if not getattr(self, name) and event[name]:
                 setattr(self, name, event[name])
         kind = event["type"]
+        if kind == "run_start":
+            # The run's own start names its agent; events that came first (OTLP child spans
+            # travel before their invoke_agent span) may have carried a fallback identity.
+            self.agent_id, self.agent_version = event["agent_id"], event["agent_version"]
         if kind == "llm_call":
             self.llm_calls += 1
             self.llm_errors += event["status"] == "error"

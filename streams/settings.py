@@ -76,6 +76,9 @@ class Settings(BaseSettings):
         default_factory=dict, description='per-agent step budgets, JSON: {"coder": 40}'
     )
 
+    # Operations.
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of `up`; 0 = off")
+
     # Lifecycle: canary analysis and budgets (streams/policy.py, example: infra/policy.toml).
     policy_file: str = Field("", description="TOML policy file; empty: the built-in defaults")
 

@@ -69,7 +69,7 @@ def test_names_written_into_sql_must_be_plain_identifiers():
 # Values that may be spliced into SQL text: column lists and names fixed in the code, and the
 # database and cluster settings, which are checked identifiers (above). A user's own query
 # (`trackside sql`) is passed whole, never joined with anything but these.
-ALLOWED_IN_SQL = {"_EVENT_COLUMNS", "_RUN_COLUMNS", "self.database", "table", "on_cluster", "sql", "database",
+ALLOWED_IN_SQL = {"_EVENT_COLUMNS", "_RUN_COLUMNS", "_PARTITION_EVENTS", "self.database", "table", "on_cluster", "sql", "database",
                   "settings.database"}
 SQL_START = ("SELECT", "INSERT", "CREATE", "OPTIMIZE", "ALTER", "DROP", "EXPLAIN", "DELETE", "SET", "USE", "SYSTEM")
 

@@ -1,0 +1,1015 @@
+"""OTLP traces -> agent events: one `otlp_spans` message (SPEC §3) in, agent events (SPEC §4) out.
+
+The OpenTelemetry Collector's Kafka exporter writes one `TracesData` batch per message,
+encoded `otlp_proto` (protobuf binary, its default) or `otlp_json` (OTLP/JSON: the protobuf
+JSON mapping with lowerCamelCase names, trace and span ids as hex, 64-bit integers as
+strings or numbers, enums as integers; enum names and base64 ids, as plain protobuf JSON
+writes them, are read too; field names must be lowerCamelCase, as OTLP/JSON requires).
+Spans are read as the OpenTelemetry GenAI semantic conventions (v1.41 names) describe them.
+
+API
+---
+- `otlp_to_events(value, encoding=None, *, normalise=False, keep_raw_args=False) -> Mapped`:
+  the one call of the ingest stage. `encoding` is `"otlp_proto"`, `"otlp_json"` or None
+  (detect: JSON when the first byte after whitespace is `{`; a value that looks like JSON
+  but does not parse as JSON is tried as protobuf before giving up).
+- `decode_traces(value, encoding=None) -> TracesData`: the message as a protobuf object
+  (for tools; the ingest path reads OTLP/JSON without building protobuf objects).
+- `spans_to_events(traces, *, normalise=False, keep_raw_args=False) -> Mapped`: the mapping
+  of a `TracesData` or of an already parsed OTLP/JSON object (a dict).
+- `Mapped(events, rejected, skipped)`: `events` raw agent-event dicts, each already checked
+  by `streams.events.validate` (with `normalise=True`, validate's normalised rows instead,
+  as `events.parse` gives them); `rejected` a list of `Rejection(where, reason)`, `where` =
+  `<traceId>:<spanId>` in hex (or the span's position in the message when its ids are
+  unreadable), for the caller's dead-letter queue; `skipped` a `Counter` of reasons for
+  spans that are deliberately not events (`skipped_total` sums them). Events come sorted by
+  time (run_start first). The same span twice in one message maps once (`duplicate_span`).
+- `InvalidOtlp` (a `TracksideError`): the whole message is unreadable (empty, bad protobuf,
+  bad JSON, not a TracesData): dead-letter the message.
+
+Which spans become which events (`gen_ai.operation.name`)
+--------------------------------------------------------
+- `invoke_agent` -> the run: `run_start` (ts = span start) and `run_end` (ts = span end,
+  with the outcome below). An `invoke_agent` span below another one in the same batch is a
+  sub-agent: skipped (`nested_invoke_agent`); its LLM and tool calls count in the run.
+- `chat`, `text_completion`, `generate_content` -> `llm_call` (ts = span start).
+- `execute_tool` -> `tool_call` (ts = span start).
+- Skipped and counted, never an error: spans with no `gen_ai.*` attribute (`not_genai`),
+  spans with `gen_ai.*` attributes but no operation name (`genai_without_operation`, e.g.
+  instrumentations older than semconv 1.27), and GenAI operations Trackside has no event for
+  (`operation:embeddings`, `operation:retrieval`, `operation:create_agent`,
+  `operation:invoke_workflow`, `operation:other` for values not in the conventions).
+
+Runs: one trace = one agent run
+-------------------------------
+`run_id` is the trace id (32 hex digits) for every event of a trace. Spans of one trace
+may arrive in different messages (spans are exported when they end, so an agent's LLM and
+tool spans usually travel before its `invoke_agent` span); the trace id is the only id a
+child span and its run share whatever the batch boundaries, so children and run always
+agree. Consequence: a trace with several top-level `invoke_agent` spans (a workflow calling
+agents one after another) is one run; and a sub-agent whose parent `invoke_agent` travels in
+another message is taken for the run (so the Collector's `groupbytrace` processor, or the
+Kafka exporter's `partition_traces_by_id`, is recommended in front of Trackside).
+
+Fields
+------
+- `event_id`: `otlp:<traceId>:<spanId>` (`:start` / `:end` added for the run's two events):
+  a redelivered message gives the same ids, which the store and run assembly count once.
+- `agent_id`: the span's `gen_ai.agent.id`, else its `gen_ai.agent.name`, else those of the
+  run's `invoke_agent` span when it is in the same batch, else the resource's
+  `gen_ai.agent.id` / `gen_ai.agent.name` (a Trackside extension), else the resource's
+  `service.name` (the SDK default `unknown_service*` does not count). None of these: the
+  span is rejected. `agent_version`: `gen_ai.agent.version` by the same order (a span
+  naming another agent than its run's does not take the run's version), else the
+  resource's `gen_ai.agent.version`, else `service.version`, else `"unknown"`.
+  Tip: put `gen_ai.agent.*` on the resource (or make `service.name` / `service.version`
+  the agent's) so that spans travelling without their run name the same agent.
+- `session_id`: `gen_ai.conversation.id` (span, else its run). `environment`: resource
+  `deployment.environment.name` (deprecated `deployment.environment`). `task_id`,
+  `tenant`: `trackside.task_id`, `trackside.tenant` (span, run, resource).
+- `llm_call`: `model` = `gen_ai.request.model`, else `gen_ai.response.model`; `provider` =
+  `gen_ai.provider.name`, else the deprecated `gen_ai.system`; `input_tokens` =
+  `gen_ai.usage.input_tokens` (deprecated `gen_ai.usage.prompt_tokens`); `output_tokens` =
+  `gen_ai.usage.output_tokens` (deprecated `gen_ai.usage.completion_tokens`);
+  `cache_read_input_tokens` = `gen_ai.usage.cache_read.input_tokens`; the status message,
+  which `llm_call` has no field for, goes to `attributes["otel.status_message"]`.
+- `tool_call`: `tool` = `gen_ai.tool.name` (else the name in a span named
+  `execute_tool <name>`; neither: rejected); `args` = `gen_ai.tool.call.arguments` when it is
+  a JSON object (a JSON string holding an object, or an OTLP kvlist); any other value (JSON
+  that is not an object, or text that is not JSON) is not stored: `args_hash` = the hash
+  (`streams.events.args_hash`) of its canonical JSON, or of the raw text, so loops on
+  repeated arguments are still found. `error_message` = the status message, else the
+  `exception` event's `exception.message`.
+- Status (llm and tool): span status ERROR, or `error.type` set on a span whose status is not
+  OK, is an error; a tool error whose `error.type` contains `timeout` or `deadline` is
+  `timeout`. `error_type` = `error.type`, else the `exception` event's `exception.type`.
+  `latency_ms` = end - start.
+- `attributes`: the span's other attributes (at most 64, strings cut at 1,024 characters,
+  arrays at 32 items), plus `otel.span_name`, `otel.span_id`, `otel.parent_span_id`, and
+  `gen_ai.evaluation` (the span's evaluation results). Never kept: message content
+  (`gen_ai.input.messages`, `gen_ai.output.messages`, `gen_ai.system_instructions`,
+  `gen_ai.tool.definitions`, `gen_ai.tool.call.result`, `gen_ai.retrieval.*`, the legacy
+  `gen_ai.prompt*` / `gen_ai.completion*`): large and sensitive.
+
+Run outcome (`run_end`)
+-----------------------
+The first rule that gives an answer decides:
+1. the attribute `trackside.outcome` on the `invoke_agent` span (`success`, `failure`,
+   `escalated`, `aborted`; any other value rejects the span: a client bug to see in the DLQ);
+2. the last `gen_ai.evaluation.result` event (GenAI conventions: an evaluation parented to
+   the operation it evaluates, attributes `gen_ai.evaluation.name`,
+   `gen_ai.evaluation.score.label`, `gen_ai.evaluation.score.value`,
+   `gen_ai.evaluation.explanation`, `error.type` when the evaluation itself failed) on the
+   `invoke_agent` span whose `score.label` Trackside recognises: pass / passed / success /
+   succeeded / correct / resolved / completed / true / yes -> success; fail / failed / failure
+   / incorrect / unresolved / false / no -> failure; escalated -> escalated; aborted /
+   cancelled / canceled -> aborted. Other labels (`relevant`, `toxic`, ...) judge quality,
+   not the task, and do not decide; evaluations with `error.type` are ignored;
+3. the span status: ERROR -> failure, OK or UNSET -> success.
+Only evaluations recorded as span events reach `otlp_spans`; ones emitted through the Logs
+API travel in the Collector's logs pipeline, which Trackside does not read.
+The explicit attribute comes first because it is the agent's own statement in Trackside's
+vocabulary (and the only way to say `escalated`); evaluations of any kind may be attached,
+so only a recognised verdict label decides. `score` = `score.value` of the deciding
+evaluation, else of the last evaluation, when it lies in 0..1 (the conventions fix no range;
+others stay in attributes). `error_type` / `error_message` as for calls.
+`attributes["trackside.outcome_source"]` says which rule decided.
+
+Rejected spans (returned, for the DLQ; the rest of the batch still maps): a mapped span
+whose ids are missing, malformed or all zeros, whose fields have the wrong OTLP/JSON
+types, that has no start or end time or ends before it starts, a negative / fractional /
+non-numeric token count, no agent identity, a tool span without a tool name, an unknown
+`trackside.outcome`, or an event `streams.events.validate` refuses (e.g. a time before
+2000).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import orjson
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
+
+from streams.errors import ConfigError, TracksideError
+from streams.events import MAX_COUNT, MAX_TEXT_CHARS, OUTCOMES, InvalidEvent, args_hash, validate
+
+ENCODINGS = ("otlp_proto", "otlp_json")
+DEFAULT_MAX_BYTES = 16 << 20
+
+RUN_OPERATIONS = frozenset({"invoke_agent"})
+LLM_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
+TOOL_OPERATIONS = frozenset({"execute_tool"})
+# GenAI operations of the conventions that are no Trackside event: skipped, counted by name.
+UNMAPPED_OPERATIONS = frozenset({"embeddings", "retrieval", "create_agent", "invoke_workflow"})
+
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_CHARS = 1024
+MAX_ATTRIBUTE_ITEMS = 32
+MAX_EVALUATIONS = 8
+MAX_ANCESTORS = 256
+
+STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
+_STATUS_NAMES = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}
+
+EVALUATION_EVENT = "gen_ai.evaluation.result"
+EXCEPTION_EVENT = "exception"
+_WANTED_EVENTS = frozenset({EVALUATION_EVENT, EXCEPTION_EVENT})
+
+# gen_ai.evaluation.score.label -> outcome; other labels do not decide.
+EVALUATION_LABELS = {
+    **dict.fromkeys(
+        ("pass", "passed", "success", "succeeded", "successful", "correct", "resolved", "completed",
+         "complete", "true", "yes"), "success"),
+    **dict.fromkeys(("fail", "failed", "failure", "incorrect", "unresolved", "false", "no"), "failure"),
+    "escalated": "escalated",
+    **dict.fromkeys(("aborted", "cancelled", "canceled"), "aborted"),
+}
+
+# Attributes that became event fields: not repeated in `attributes`.
+_MAPPED = frozenset({
+    "gen_ai.operation.name", "gen_ai.agent.id", "gen_ai.agent.version", "gen_ai.conversation.id",
+    "gen_ai.request.model", "gen_ai.provider.name", "gen_ai.system",
+    "gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "gen_ai.usage.output_tokens",
+    "gen_ai.usage.completion_tokens", "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.tool.name", "gen_ai.tool.call.arguments", "error.type",
+    "trackside.outcome", "trackside.task_id", "trackside.tenant",
+})
+# Message content: large and sensitive, never stored.
+_CONTENT = frozenset({
+    "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions",
+    "gen_ai.tool.definitions", "gen_ai.tool.call.result", "gen_ai.prompt", "gen_ai.completion",
+})
+_CONTENT_PREFIXES = ("gen_ai.prompt.", "gen_ai.completion.", "gen_ai.retrieval.")
+
+_ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
+_TYPE_RANK = {"run_start": 0, "llm_call": 1, "tool_call": 1, "run_end": 2}
+
+
+class InvalidOtlp(TracksideError):
+    """A message that is not a readable OTLP TracesData; `str()` is the reason for the DLQ."""
+
+
+class Rejection(NamedTuple):
+    where: str  # <traceId>:<spanId> in hex, or the span's position in the message
+    reason: str
+
+
+class Mapped(NamedTuple):
+    events: list[dict]
+    rejected: list[Rejection]
+    skipped: Counter  # reason -> spans
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+class _Reject(Exception):
+    """One span cannot be mapped; the message is the reason."""
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding
+
+
+def _encoding_of(value: bytes, encoding: str | None) -> str:
+    if encoding is None:
+        return "otlp_json" if value.lstrip()[:1] == b"{" else "otlp_proto"
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"unknown OTLP encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+    return encoding
+
+
+def _check_size(value: bytes | None, max_bytes: int | None) -> bytes:
+    if value is None or not len(value):
+        raise InvalidOtlp("empty message (no OTLP TracesData)")
+    if max_bytes is not None and len(value) > max_bytes:
+        raise InvalidOtlp(f"message of {len(value)} bytes is larger than the limit of {max_bytes}")
+    return value
+
+
+def _parse_proto(value: bytes) -> TracesData:
+    try:
+        traces = TracesData.FromString(value)
+    except (DecodeError, ValueError, RuntimeError) as error:
+        raise InvalidOtlp(f"not OTLP protobuf: {error}") from None
+    if not traces.resource_spans:
+        # Every field of the bytes was unknown to TracesData: something else was sent.
+        raise InvalidOtlp("not OTLP TracesData: protobuf without resource spans")
+    return traces
+
+
+def _parse_json(value: bytes) -> dict:
+    raw = orjson.loads(value)  # JSONDecodeError for the caller to handle
+    if not isinstance(raw, dict):
+        raise InvalidOtlp(f"OTLP/JSON must be an object, got {type(raw).__name__}")
+    if "resourceSpans" not in raw:
+        raise InvalidOtlp("not OTLP TracesData: JSON object without resourceSpans")
+    return raw
+
+
+def _decode(value: bytes, encoding: str | None, max_bytes: int | None) -> TracesData | dict:
+    value = _check_size(value, max_bytes)
+    chosen = _encoding_of(value, encoding)
+    if chosen == "otlp_proto":
+        return _parse_proto(value)
+    try:
+        return _parse_json(value)
+    except orjson.JSONDecodeError as error:
+        if encoding is None:
+            # `{` after whitespace may also begin protobuf: tag 0x0a (a newline), length 123.
+            try:
+                return _parse_proto(value)
+            except InvalidOtlp:
+                pass
+        raise InvalidOtlp(f"not valid OTLP/JSON: {error}") from None
+
+
+def decode_traces(value: bytes, encoding: str | None = None, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> TracesData:
+    """The message as a `TracesData`; OTLP/JSON ids may be hex (the spec) or base64 (plain
+    protobuf JSON). Raises `InvalidOtlp`."""
+    decoded = _decode(value, encoding, max_bytes)
+    if isinstance(decoded, TracesData):
+        return decoded
+    try:
+        _ids_to_base64(decoded)
+        return json_format.ParseDict(decoded, TracesData(), ignore_unknown_fields=True)
+    except (_Reject, json_format.ParseError, ValueError, TypeError, AttributeError) as error:
+        raise InvalidOtlp(f"not valid OTLP/JSON: {error}") from None
+
+
+def _ids_to_base64(raw: dict) -> None:
+    """Hex ids (OTLP/JSON) -> base64 (protobuf JSON), in place, for `json_format`."""
+    sizes = {"traceId": 16, "spanId": 8, "parentSpanId": 8}
+    for resource_spans in raw.get("resourceSpans") or ():
+        for scope_spans in resource_spans.get("scopeSpans") or ():
+            for span in scope_spans.get("spans") or ():
+                for item in (span, *(span.get("links") or ())):
+                    for key, size in sizes.items():
+                        if isinstance(item.get(key), str) and item[key]:
+                            item[key] = base64.b64encode(_json_id(item[key], size, key)).decode()
+
+
+def _json_id(value: Any, size: int, name: str) -> bytes:
+    """An id of OTLP/JSON: hex (the spec) or base64 (protobuf's JSON mapping of bytes)."""
+    if not isinstance(value, str):
+        raise _Reject(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        if len(value) == 2 * size:
+            return bytes.fromhex(value)
+        decoded = base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        raise _Reject(f"{name} {value[:64]!r} is neither hex nor base64") from None
+    if len(decoded) != size:
+        raise _Reject(f"{name} {value[:64]!r} is not {size} bytes")
+    return decoded
+
+
+# ---------------------------------------------------------------------------------------
+# Spans: one light view of a proto span or an OTLP/JSON span
+
+
+def _proto_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "int_value":
+        return value.int_value
+    if kind == "double_value":
+        return value.double_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "array_value":
+        return [_proto_value(item) for item in value.array_value.values]
+    if kind == "kvlist_value":
+        return {item.key: _proto_value(item.value) for item in value.kvlist_value.values}
+    if kind == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode()
+    return None
+
+
+def _json_value(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise _Reject(f"an attribute value must be an AnyValue object, got {type(value).__name__}")
+    for kind, inner in value.items():
+        if kind == "stringValue":
+            if not isinstance(inner, str):
+                raise _Reject("stringValue must be a string")
+            return inner
+        if kind == "intValue":
+            if isinstance(inner, bool) or not isinstance(inner, (int, str, float)):
+                raise _Reject("intValue must be an integer")
+            try:
+                number = int(inner)
+            except ValueError:
+                raise _Reject(f"intValue {str(inner)[:64]!r} is not an integer") from None
+            if isinstance(inner, float) and inner != number:
+                raise _Reject(f"intValue {inner!r} is not an integer")
+            return number
+        if kind == "doubleValue":
+            try:
+                return float(inner)
+            except (TypeError, ValueError):
+                raise _Reject(f"doubleValue {str(inner)[:64]!r} is not a number") from None
+        if kind == "boolValue":
+            if not isinstance(inner, bool):
+                raise _Reject("boolValue must be true or false")
+            return inner
+        if kind == "arrayValue":
+            return [_json_value(item) for item in _json_list(inner, "values")]
+        if kind == "kvlistValue":
+            return _json_attributes(_json_list(inner, "values"))
+        if kind == "bytesValue":
+            return inner
+    return None
+
+
+def _json_list(container: Any, key: str) -> list:
+    if not isinstance(container, dict):
+        raise _Reject(f"expected an object holding {key!r}")
+    items = container.get(key)
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise _Reject(f"{key!r} must be a list")
+    return items
+
+
+def _json_attributes(items: list) -> dict:
+    out = {}
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+            raise _Reject("an attribute must be an object with a string key")
+        out[item["key"]] = _json_value(item.get("value", {}))
+    return out
+
+
+def _json_int(value: Any, name: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise _Reject(f"{name} must be an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise _Reject(f"{name} {str(value)[:64]!r} is not an integer") from None
+
+
+class _Resource:
+    __slots__ = ("agent_id", "agent_version", "environment", "service", "task_id", "tenant")
+
+    def __init__(self, attrs: dict) -> None:
+        service = _text(attrs.get("service.name"))
+        if service.startswith("unknown_service"):  # the SDK's default: no identity
+            service = ""
+        self.service = service
+        self.agent_id = _text(attrs.get("gen_ai.agent.id")) or _text(attrs.get("gen_ai.agent.name")) or service
+        self.agent_version = _text(attrs.get("gen_ai.agent.version")) or _text(attrs.get("service.version"))
+        self.environment = _text(attrs.get("deployment.environment.name")) or _text(attrs.get("deployment.environment"))
+        self.task_id = _text(attrs.get("trackside.task_id"))
+        self.tenant = _text(attrs.get("trackside.tenant"))
+
+
+class _Span:
+    """What the mapping reads of a span. `load` fills the rest for the spans that map."""
+
+    __slots__ = (
+        "attrs",
+        "end_ns",
+        "events",
+        "genai",
+        "id_error",
+        "identity",
+        "key",
+        "name",
+        "op",
+        "parent_id",
+        "raw",
+        "resource",
+        "span_id",
+        "start_ns",
+        "status_code",
+        "status_message",
+        "trace_id",
+        "where",
+    )
+
+    def __init__(self, raw: Any, resource: _Resource, where: str) -> None:
+        self.raw = raw
+        self.resource = resource
+        self.where = where
+        self.trace_id = self.span_id = self.parent_id = self.key = self.id_error = ""
+        self.op: str | None = None
+        self.genai = False
+        self.identity: tuple[str, ...] | None = None
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+
+class _ProtoSpan(_Span):
+    __slots__ = ()
+
+    def __init__(self, raw: Any, resource: _Resource, where: str) -> None:
+        super().__init__(raw, resource, where)
+        for item in raw.attributes:
+            key = item.key
+            if key.startswith("gen_ai."):
+                self.genai = True
+                if key == "gen_ai.operation.name":
+                    self.op = str(_proto_value(item.value)).lower()
+                    break
+        trace_id, span_id = raw.trace_id, raw.span_id
+        parent_id = raw.parent_span_id
+        if len(trace_id) != 16 or len(span_id) != 8 or len(parent_id) not in (0, 8):
+            self.id_error = (f"malformed ids: trace id of {len(trace_id)} bytes, span id of {len(span_id)} bytes, "
+                             f"parent span id of {len(parent_id)} bytes")
+        elif trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            self.id_error = "trace id or span id is all zeros"
+        else:
+            self.trace_id, self.span_id = trace_id.hex(), span_id.hex()
+            self.key = self.trace_id + self.span_id
+            if parent_id:
+                self.parent_id = parent_id.hex()
+
+    def load(self) -> None:
+        raw = self.raw
+        if self.id_error:
+            raise _Reject(self.id_error)
+        self.name = raw.name
+        self.start_ns = raw.start_time_unix_nano
+        self.end_ns = raw.end_time_unix_nano
+        self.status_code = raw.status.code
+        self.status_message = raw.status.message
+        self.events = [
+            (event.name, event.time_unix_nano, {item.key: _proto_value(item.value) for item in event.attributes})
+            for event in raw.events if event.name in _WANTED_EVENTS
+        ]
+        self.attrs = {item.key: _proto_value(item.value) for item in raw.attributes}  # last: loaded
+
+
+class _JsonSpan(_Span):
+    __slots__ = ()
+
+    def __init__(self, raw: Any, resource: _Resource, where: str) -> None:
+        super().__init__(raw, resource, where)
+        attributes = raw.get("attributes")
+        if isinstance(attributes, list):
+            for item in attributes:
+                key = item.get("key") if isinstance(item, dict) else None
+                if isinstance(key, str) and key.startswith("gen_ai."):
+                    self.genai = True
+                    if key == "gen_ai.operation.name":
+                        try:
+                            self.op = str(_json_value(item.get("value", {}))).lower()
+                        except _Reject:
+                            self.op = "?"
+                        break
+        try:
+            trace_id = _json_id(raw.get("traceId"), 16, "traceId")
+            span_id = _json_id(raw.get("spanId"), 8, "spanId")
+            parent = raw.get("parentSpanId")
+            parent_id = _json_id(parent, 8, "parentSpanId").hex() if parent else ""
+        except _Reject as error:
+            self.id_error = str(error)
+            return
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            self.id_error = "trace id or span id is all zeros"
+            return
+        self.trace_id, self.span_id, self.parent_id = trace_id.hex(), span_id.hex(), parent_id
+        self.key = self.trace_id + self.span_id
+
+    def load(self) -> None:
+        raw = self.raw
+        if self.id_error:
+            raise _Reject(self.id_error)
+        name = raw.get("name", "")
+        self.name = name if isinstance(name, str) else ""
+        self.start_ns = _json_int(raw.get("startTimeUnixNano"), "startTimeUnixNano")
+        self.end_ns = _json_int(raw.get("endTimeUnixNano"), "endTimeUnixNano")
+        status = raw.get("status") or {}
+        if not isinstance(status, dict):
+            raise _Reject("status must be an object")
+        code = status.get("code", 0)
+        if isinstance(code, str):
+            code = _STATUS_NAMES.get(code, code)
+        self.status_code = _json_int(code, "status.code")
+        message = status.get("message", "")
+        self.status_message = message if isinstance(message, str) else ""
+        attrs = _json_attributes(_json_list(raw, "attributes"))
+        events = []
+        for event in _json_list(raw, "events"):
+            if not isinstance(event, dict) or event.get("name") not in _WANTED_EVENTS:
+                continue
+            events.append((
+                event["name"], _json_int(event.get("timeUnixNano"), "timeUnixNano"),
+                _json_attributes(_json_list(event, "attributes")),
+            ))
+        self.events = events
+        self.attrs = attrs  # last: a span with `attrs` is completely loaded
+
+
+def _proto_spans(traces: TracesData) -> Iterator[_Span]:
+    for r, resource_spans in enumerate(traces.resource_spans):
+        resource = _Resource({item.key: _proto_value(item.value) for item in resource_spans.resource.attributes})
+        for s, scope_spans in enumerate(resource_spans.scope_spans):
+            for n, span in enumerate(scope_spans.spans):
+                yield _ProtoSpan(span, resource, f"resourceSpans[{r}].scopeSpans[{s}].spans[{n}]")
+
+
+def _json_spans(raw: Mapping) -> Iterator[_Span]:
+    def listed(container: Any, key: str) -> list:
+        if not isinstance(container, dict):
+            raise InvalidOtlp(f"OTLP/JSON: the items of a list holding {key!r} must be objects")
+        items = container.get(key)
+        if items is None:
+            return []
+        if not isinstance(items, list):
+            raise InvalidOtlp(f"OTLP/JSON: {key!r} must be a list")
+        return items
+
+    for r, resource_spans in enumerate(listed(raw, "resourceSpans")):
+        resource_value = resource_spans.get("resource") if isinstance(resource_spans, dict) else None
+        try:
+            attrs = _json_attributes(_json_list(resource_value or {}, "attributes"))
+        except _Reject as error:
+            raise InvalidOtlp(f"OTLP/JSON: resourceSpans[{r}].resource: {error}") from None
+        resource = _Resource(attrs)
+        for s, scope_spans in enumerate(listed(resource_spans, "scopeSpans")):
+            for n, span in enumerate(listed(scope_spans, "spans")):
+                if not isinstance(span, dict):
+                    raise InvalidOtlp(f"OTLP/JSON: resourceSpans[{r}].scopeSpans[{s}].spans[{n}] is not an object")
+                yield _JsonSpan(span, resource, f"resourceSpans[{r}].scopeSpans[{s}].spans[{n}]")
+
+
+# ---------------------------------------------------------------------------------------
+# Mapping
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ATTRIBUTE_CHARS else value[:MAX_ATTRIBUTE_CHARS]
+    if isinstance(value, list):
+        if depth >= 2:
+            return None
+        return [_bounded(item, depth + 1) for item in value[:MAX_ATTRIBUTE_ITEMS]]
+    if isinstance(value, dict):
+        if depth >= 2:
+            return None
+        return {key: _bounded(item, depth + 1) for key, item in list(value.items())[:MAX_ATTRIBUTE_ITEMS]}
+    if isinstance(value, float) and math.isnan(value):  # NaN has no JSON
+        return None
+    return value
+
+
+def _count(attrs: dict, *keys: str) -> int | None:
+    for key in keys:
+        value = attrs.get(key)
+        if value is None:
+            continue
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Reject(f"{key} must be a whole number, got {value!r}"[:200])
+        if not 0 <= value <= MAX_COUNT:
+            raise _Reject(f"{key} must be between 0 and {MAX_COUNT}, got {value}")
+        return value
+    return None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
+
+
+def _exception(span: _Span) -> tuple[str, str]:
+    for name, _, attrs in span.events:
+        if name == EXCEPTION_EVENT:
+            return _text(attrs.get("exception.type")), _text(attrs.get("exception.message"))
+    return "", ""
+
+
+def _errors(span: _Span) -> tuple[bool, str, str]:
+    """(failed, error_type, error_message) of a span."""
+    error_type = _text(span.attrs.get("error.type"))
+    failed = span.status_code == STATUS_ERROR or (bool(error_type) and span.status_code != STATUS_OK)
+    message = span.status_message
+    if failed and (not error_type or not message):
+        exc_type, exc_message = _exception(span)
+        error_type = error_type or exc_type
+        message = message or exc_message
+    return failed, _clip(error_type), _clip(message)
+
+
+def _evaluations(span: _Span) -> list[dict]:
+    out = []
+    for name, time_ns, attrs in span.events:
+        if name != EVALUATION_EVENT:
+            continue
+        out.append({
+            "name": _text(attrs.get("gen_ai.evaluation.name")),
+            "label": _text(attrs.get("gen_ai.evaluation.score.label")),
+            "value": attrs.get("gen_ai.evaluation.score.value"),
+            "error_type": _text(attrs.get("error.type")),
+            "time": time_ns,
+        })
+    out.sort(key=lambda evaluation: evaluation["time"])  # stable: equal times keep their order
+    return out
+
+
+def _fraction(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0 <= value <= 1 else None
+
+
+def _outcome(span: _Span, evaluations: list[dict]) -> tuple[str, str, float | None]:
+    """(outcome, which rule decided, score) of a run's invoke_agent span: see the docstring."""
+    usable = [evaluation for evaluation in evaluations if not evaluation["error_type"]]
+    deciding = None
+    for evaluation in reversed(usable):
+        if evaluation["label"].lower() in EVALUATION_LABELS:
+            deciding = evaluation
+            break
+    score = _fraction(deciding["value"]) if deciding else None
+    if score is None and usable:
+        score = _fraction(usable[-1]["value"])
+    explicit = span.attrs.get("trackside.outcome")
+    if explicit is not None:
+        outcome = _text(explicit).lower()
+        if outcome not in OUTCOMES:
+            raise _Reject(f"trackside.outcome must be one of {', '.join(OUTCOMES)}, got {str(explicit)[:64]!r}")
+        return outcome, "attribute", score
+    if deciding is not None:
+        return EVALUATION_LABELS[deciding["label"].lower()], "evaluation", score
+    return ("failure" if span.status_code == STATUS_ERROR else "success"), "status", score
+
+
+def _extra(span: _Span) -> dict:
+    """The span's attributes that are no event field, bounded, and where it is in the trace."""
+    out = {}
+    for key, value in span.attrs.items():
+        if key in _MAPPED or key in _CONTENT or key.startswith(_CONTENT_PREFIXES):
+            continue
+        if len(out) >= MAX_ATTRIBUTES:
+            break
+        out[key] = _bounded(value)
+    out["otel.span_name"] = span.name[:MAX_ATTRIBUTE_CHARS]
+    out["otel.span_id"] = span.span_id
+    if span.parent_id:
+        out["otel.parent_span_id"] = span.parent_id
+    return out
+
+
+class _Batch:
+    """The spans of one message, indexed for the walk from a span up to its run."""
+
+    def __init__(self, spans: list[_Span]) -> None:
+        self.spans = spans
+        self.index = {span.key: span for span in spans if span.key}
+
+    def run_of(self, span: _Span) -> _Span | None:
+        """The outermost invoke_agent ancestor of `span` in this batch (not `span` itself)."""
+        found = None
+        current = span
+        for _ in range(MAX_ANCESTORS):
+            if not current.parent_id:
+                break
+            current = self.index.get(current.trace_id + current.parent_id)
+            if current is None:
+                break
+            if current.op in RUN_OPERATIONS:
+                found = current
+        return found
+
+
+def _ensure_loaded(span: _Span) -> None:
+    if not hasattr(span, "attrs"):
+        span.load()
+
+
+# (agent id, agent version, session, task, tenant) of a span's own attributes
+_IDENTITY_KEYS = (
+    ("gen_ai.agent.id", "gen_ai.agent.name"), ("gen_ai.agent.version",), ("gen_ai.conversation.id",),
+    ("trackside.task_id",), ("trackside.tenant",),
+)
+_NO_IDENTITY = ("",) * len(_IDENTITY_KEYS)
+
+
+def _first(attrs: dict, keys: tuple[str, ...]) -> str:
+    for key in keys:
+        value = attrs.get(key)
+        if value is not None:
+            text = _text(value)
+            if text:
+                return text
+    return ""
+
+
+def _identity(span: _Span | None) -> tuple[str, ...]:
+    if span is None:
+        return _NO_IDENTITY
+    if span.identity is None:
+        attrs = span.attrs
+        span.identity = tuple(_first(attrs, keys) for keys in _IDENTITY_KEYS)
+    return span.identity
+
+
+def _common(span: _Span, run: _Span | None) -> dict:
+    """The fields every event has: the span's own attributes, else its run's, else the resource's."""
+    resource = span.resource
+    agent_id, version, session_id, task_id, tenant = _identity(span)
+    run_agent, run_version, run_session, run_task, run_tenant = _identity(run)
+    if not agent_id:
+        agent_id, version = run_agent, version or run_version
+    elif agent_id == run_agent:
+        version = version or run_version
+    # (a span naming another agent than its run's does not take the run's version)
+    if not agent_id:
+        agent_id = resource.agent_id
+        if not agent_id:
+            raise _Reject(
+                "no agent identity: no gen_ai.agent.id or gen_ai.agent.name on the span or its run, "
+                "and no service.name on the resource"
+            )
+    event = {
+        "run_id": span.trace_id,
+        "agent_id": agent_id,
+        "agent_version": version or resource.agent_version or "unknown",
+    }
+    session_id = session_id or run_session
+    if session_id:
+        event["session_id"] = session_id
+    task_id = task_id or run_task or resource.task_id
+    if task_id:
+        event["task_id"] = task_id
+    tenant = tenant or run_tenant or resource.tenant
+    if tenant:
+        event["tenant"] = tenant
+    if resource.environment:
+        event["environment"] = resource.environment
+    return event
+
+
+def _times(span: _Span) -> tuple[int, float]:
+    if span.start_ns <= 0:
+        raise _Reject("no start time")
+    if span.end_ns <= 0:
+        raise _Reject("no end time")
+    if span.end_ns < span.start_ns:
+        raise _Reject("ends before it starts")
+    return span.start_ns // 1_000_000, (span.end_ns - span.start_ns) / 1e6
+
+
+def _llm_call(span: _Span, run: _Span | None) -> list[dict]:
+    start_ms, latency_ms = _times(span)
+    attrs = span.attrs
+    event = _common(span, run)
+    failed, error_type, message = _errors(span)
+    event.update(event_id=f"otlp:{span.trace_id}:{span.span_id}", ts=start_ms, type="llm_call",
+                 latency_ms=latency_ms, status="error" if failed else "ok")
+    model = _text(attrs.get("gen_ai.request.model")) or _text(attrs.get("gen_ai.response.model"))
+    if model:
+        event["model"] = model
+    provider = _text(attrs.get("gen_ai.provider.name")) or _text(attrs.get("gen_ai.system"))
+    if provider:
+        event["provider"] = provider
+    for field, keys in (
+        ("input_tokens", ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")),
+        ("output_tokens", ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")),
+        ("cache_read_input_tokens", ("gen_ai.usage.cache_read.input_tokens",)),
+    ):
+        count = _count(attrs, *keys)
+        if count is not None:
+            event[field] = count
+    if error_type:
+        event["error_type"] = error_type
+    extra = _extra(span)
+    if message:
+        extra["otel.status_message"] = message
+    evaluations = _evaluations(span)
+    if evaluations:
+        extra["gen_ai.evaluation"] = _evaluation_summary(evaluations)
+    event["attributes"] = extra
+    return [event]
+
+
+def _tool_args(value: Any) -> tuple[dict | None, str]:
+    """(args object, args_hash) of gen_ai.tool.call.arguments: see the docstring."""
+    if isinstance(value, dict):
+        return value, ""
+    if isinstance(value, str):
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None, args_hash(value)
+        if isinstance(parsed, dict):
+            return parsed, ""
+        value = parsed
+    return None, args_hash(orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode())
+
+
+def _tool_call(span: _Span, run: _Span | None) -> list[dict]:
+    start_ms, latency_ms = _times(span)
+    attrs = span.attrs
+    tool = _text(attrs.get("gen_ai.tool.name"))
+    if not tool and span.name.startswith("execute_tool "):
+        tool = span.name[len("execute_tool "):].strip()
+    if not tool:
+        raise _Reject("execute_tool span without gen_ai.tool.name")
+    event = _common(span, run)
+    failed, error_type, message = _errors(span)
+    status = "ok"
+    if failed:
+        lowered = error_type.lower()
+        status = "timeout" if "timeout" in lowered or "deadline" in lowered else "error"
+    event.update(event_id=f"otlp:{span.trace_id}:{span.span_id}", ts=start_ms, type="tool_call", tool=tool,
+                 latency_ms=latency_ms, status=status)
+    raw_args = attrs.get("gen_ai.tool.call.arguments")
+    if raw_args is not None:
+        args, hashed = _tool_args(raw_args)
+        if args is not None:
+            event["args"] = args
+        else:
+            event["args_hash"] = hashed
+    if error_type:
+        event["error_type"] = error_type
+    if message:
+        event["error_message"] = message
+    extra = _extra(span)
+    evaluations = _evaluations(span)
+    if evaluations:
+        extra["gen_ai.evaluation"] = _evaluation_summary(evaluations)
+    event["attributes"] = extra
+    return [event]
+
+
+def _evaluation_summary(evaluations: list[dict]) -> list[dict]:
+    return [
+        {key: _bounded(evaluation[key]) for key in ("name", "label", "value", "error_type") if evaluation[key] not in ("", None)}
+        for evaluation in evaluations[-MAX_EVALUATIONS:]
+    ]
+
+
+def _run(span: _Span, run: _Span | None) -> list[dict]:
+    start_ms, _ = _times(span)
+    end_ms = span.end_ns // 1_000_000
+    common = _common(span, None)
+    evaluations = _evaluations(span)
+    outcome, source, score = _outcome(span, evaluations)
+    base_id = f"otlp:{span.trace_id}:{span.span_id}"
+    start = {**common, "event_id": base_id + ":start", "ts": start_ms, "type": "run_start", "attributes": _extra(span)}
+    end = {**common, "event_id": base_id + ":end", "ts": end_ms, "type": "run_end", "outcome": outcome}
+    if score is not None:
+        end["score"] = score
+    _, error_type, message = _errors(span)
+    if error_type:
+        end["error_type"] = error_type
+    if message:
+        end["error_message"] = message
+    end_attributes: dict[str, Any] = {"trackside.outcome_source": source, "otel.span_id": span.span_id}
+    if evaluations:
+        end_attributes["gen_ai.evaluation"] = _evaluation_summary(evaluations)
+    end["attributes"] = end_attributes
+    return [start, end]
+
+
+_MAPPERS = {
+    **dict.fromkeys(RUN_OPERATIONS, _run),
+    **dict.fromkeys(LLM_OPERATIONS, _llm_call),
+    **dict.fromkeys(TOOL_OPERATIONS, _tool_call),
+}
+
+
+def _skip_reason(span: _Span) -> str | None:
+    op = span.op
+    if op is None:
+        return "genai_without_operation" if span.genai else "not_genai"
+    if op in _MAPPERS:
+        return None
+    return f"operation:{op}" if op in UNMAPPED_OPERATIONS else "operation:other"
+
+
+def _map(spans: list[_Span], normalise: bool, keep_raw_args: bool) -> Mapped:
+    batch = _Batch(spans)
+    events: list[dict] = []
+    rejected: list[Rejection] = []
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+    for span in spans:
+        reason = _skip_reason(span)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        if span.key:
+            if span.key in seen:
+                skipped["duplicate_span"] += 1  # the same span twice in one message: one set of events
+                continue
+            seen.add(span.key)
+        where = f"{span.trace_id}:{span.span_id}" if span.key else span.where
+        run = batch.run_of(span) if span.key else None
+        if span.op in RUN_OPERATIONS and run is not None:
+            skipped["nested_invoke_agent"] += 1
+            continue
+        if run is not None:
+            try:
+                _ensure_loaded(run)
+            except _Reject:
+                run = None  # the run's span is rejected on its own; its children map without it
+        try:
+            _ensure_loaded(span)
+            mapped = _MAPPERS[span.op](span, run)
+            checked = [validate(event, keep_raw_args=keep_raw_args) for event in mapped]
+        except _Reject as error:
+            rejected.append(Rejection(where, f"{span.op} span {_name(span)}: {error}"))
+            continue
+        except InvalidEvent as error:
+            rejected.append(Rejection(where, f"{span.op} span {_name(span)} makes an invalid event: {error}"))
+            continue
+        events.extend(checked if normalise else mapped)
+    events.sort(key=lambda event: (event["ts"], _TYPE_RANK[event["type"]]))
+    return Mapped(events, rejected, skipped)
+
+
+def _name(span: _Span) -> str:
+    raw = span.raw
+    name = raw.get("name") if isinstance(raw, dict) else raw.name
+    return repr(name[:80]) if isinstance(name, str) and name else "(unnamed)"
+
+
+def spans_to_events(traces: TracesData | Mapping, *, normalise: bool = False, keep_raw_args: bool = False) -> Mapped:
+    """Agent events of a `TracesData`, or of a parsed OTLP/JSON object; see the module docstring."""
+    if isinstance(traces, TracesData):
+        spans = list(_proto_spans(traces))
+    elif isinstance(traces, Mapping):
+        spans = list(_json_spans(traces))
+    else:
+        raise TypeError(f"expected TracesData or an OTLP/JSON object, got {type(traces).__name__}")
+    return _map(spans, normalise, keep_raw_args)
+
+
+def otlp_to_events(
+    value: bytes,
+    encoding: str | None = None,
+    *,
+    normalise: bool = False,
+    keep_raw_args: bool = False,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> Mapped:
+    """Agent events of one `otlp_spans` message. Raises `InvalidOtlp` when the message is
+    unreadable; spans that cannot be mapped are in `rejected`."""
+    return spans_to_events(_decode(value, encoding, max_bytes), normalise=normalise, keep_raw_args=keep_raw_args)
