@@ -14,12 +14,12 @@ import asyncio
 import logging
 import ssl
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import faust
 import orjson
 
-from streams import topics
+from streams import telemetry, topics
 from streams.drift import DriftDetector
 from streams.failures import FailureClusterer
 from streams.metrics import MetricWindows
@@ -136,10 +136,12 @@ def create_app(settings: Settings) -> faust.App:
     async def send_alerts(alerts) -> None:  # noqa: ANN001
         for alert in alerts:
             await alerts_out.send(key=alert["fingerprint"].encode(), value=orjson.dumps(alert))
+            telemetry.ALERTS.labels(alert["kind"], alert["status"]).inc()
 
     @app.agent(event_batches, name="assemble_runs")
     async def assemble_runs(stream) -> None:  # noqa: ANN001
         async for message in stream.events():
+            started = time.monotonic()
             batch = orjson.loads(message.value)
             partition = message.message.partition
             assembler = assemblers.get(partition)
@@ -148,8 +150,11 @@ def create_app(settings: Settings) -> faust.App:
                 assembler = assemblers[partition] = RunAssembler(
                     idle_timeout_ms, lateness_ms, loop_policy, lambda agent: policy.budget(agent, "run_usd"))
                 stored, sent[partition] = await _from_store(open_run_events, settings, partition, 2 * idle_timeout_ms)
+                telemetry.STATE_REBUILD_SECONDS.labels("assemble_runs").observe(time.monotonic() - started)
                 closed = assembler.apply(stored, now_ms())
             closed += assembler.apply(unpack(batch["events"]), now_ms())
+            for outcome, count in Counter(row["outcome"] for row in closed).items():
+                telemetry.RUNS_CLOSED.labels(outcome).inc(count)
             await send_alerts(alert for alert in assembler.take_alerts() if alert["alert_id"] not in sent[partition])
             by_target: dict[int, list[dict]] = defaultdict(list)
             for row in closed:
@@ -162,6 +167,7 @@ def create_app(settings: Settings) -> faust.App:
                 told[(partition, target)] = wall
                 value = {"partition": partition, "watermark": assembler.watermark, "runs": rows or []}
                 await run_results.send(value=orjson.dumps(value), partition=target)
+            telemetry.PROCESSOR_MESSAGE_SECONDS.labels("assemble_runs").observe(time.monotonic() - started)
 
     async def take_partition(partition: int) -> list[dict]:
         """A metrics partition's state the first time this worker sees it, rebuilt from the
@@ -201,9 +207,13 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(run_results, name="compute_metrics")
     async def compute_metrics(stream) -> None:  # noqa: ANN001
         async for message in stream.events():
+            started = time.monotonic()
             result = orjson.loads(message.value)
             partition = message.message.partition
-            history = await take_partition(partition) if partition not in windows else []
+            history = []
+            if partition not in windows:
+                history = await take_partition(partition)
+                telemetry.STATE_REBUILD_SECONDS.labels("compute_metrics").observe(time.monotonic() - started)
             controller = controllers[partition]
             alerts: list[dict] = []
             if "deployments" in result:  # from the store sink: deploy tooling's rollout changes
@@ -236,5 +246,7 @@ def create_app(settings: Settings) -> faust.App:
             await send_alerts(alert for alert in alerts if alert["alert_id"] not in sent_detections[partition])
             for decision in rollbacks:
                 await rollbacks_out.send(key=decision["agent_id"].encode(), value=orjson.dumps(decision))
+                telemetry.ROLLBACKS.inc()
+            telemetry.PROCESSOR_MESSAGE_SECONDS.labels("compute_metrics").observe(time.monotonic() - started)
 
     return app

@@ -38,6 +38,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forward(args: argparse.Namespace) -> int:
+    from streams import telemetry
+    from streams.forward import AlertForwarder, build_targets
+
+    settings = _settings()
+    forwarder = AlertForwarder(settings, build_targets(settings))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    metrics = (telemetry.start_metrics_server(args.metrics_port, host=settings.metrics_host)
+               if args.metrics_port else None)
+    try:
+        forwarder.run(stop)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from jobs.publish import publish_file
 
@@ -106,6 +125,12 @@ def parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run the embedded stack in the foreground until Ctrl-C")
     up.set_defaults(handler=cmd_up)
 
+    forward = commands.add_parser(
+        "forward", help="deliver trackside.alerts to Alertmanager and/or a webhook until Ctrl-C (what `up` runs "
+                        "as a thread when TRACKSIDE_ALERTMANAGER_URL or TRACKSIDE_ALERT_WEBHOOK_URL is set)")
+    forward.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (default: off)")
+    forward.set_defaults(handler=cmd_forward)
+
     publish = commands.add_parser("publish", help="produce JSON Lines agent events to agent.events")
     publish.add_argument("file", help="a JSON Lines file, or - for standard input")
     publish.add_argument("--deployments", action="store_true",
@@ -139,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command == "up" else logging.WARNING,
+        level=logging.INFO if args.verbose or args.command in ("up", "forward") else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

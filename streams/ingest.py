@@ -18,9 +18,9 @@ from typing import Callable
 
 import orjson
 import pyarrow as pa
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer
 
-from streams import tables, topics
+from streams import tables, telemetry, topics
 from streams.cost import PriceTable, price_event
 from streams.errors import BrokerError
 from streams.events import InvalidEvent, parse
@@ -95,7 +95,11 @@ class StoreSink:
 
     def process(self, messages: list[Message]) -> None:
         """Handle one poll's messages and commit their offsets once everything is landed."""
+        started = time.monotonic()
+        telemetry.SINK_BATCH_MESSAGES.observe(len(messages))
+        telemetry.SINK_INFLIGHT_MESSAGES.set(len(messages))
         by_topic: dict[str, list[Message]] = defaultdict(list)
+        oldest: dict[str, int] = {}  # Kafka timestamp (ms) of each topic's oldest message
         for message in messages:
             error = message.error()
             if error is not None:
@@ -103,14 +107,24 @@ class StoreSink:
                     log.warning("consumer error: %s", error)
                 continue
             by_topic[message.topic()].append(message)
+            kind, stamp = message.timestamp()
+            if kind != TIMESTAMP_NOT_AVAILABLE and 0 < stamp < oldest.get(message.topic(), 1 << 62):
+                oldest[message.topic()] = stamp
         for topic, batch in by_topic.items():
             self._handlers[topic](batch)
         self._producer.flush(30)
         try:
             self._consumer.commit(asynchronous=False)
+            telemetry.SINK_LAST_COMMIT.set(time.time())
         except KafkaException as error:
             # Offsets not committed means redelivery, which the idempotent store absorbs.
+            telemetry.SINK_COMMIT_FAILURES.inc()
             log.warning("offset commit failed, the batch will be redelivered: %s", error)
+        telemetry.SINK_INFLIGHT_MESSAGES.set(0)
+        telemetry.SINK_BATCH_SECONDS.observe(time.monotonic() - started)
+        landed = now_ms()
+        for topic, stamp in oldest.items():
+            telemetry.INGEST_DELAY_SECONDS.labels(topic).observe(max(0, landed - stamp) / 1000)
 
     def _insert(self, table: str, rows: list[dict]) -> None:
         """Insert rows, retrying with backoff while the store refuses; gives up only on stop."""
@@ -120,14 +134,20 @@ class StoreSink:
         delay = 0.1
         while True:
             try:
+                started = time.monotonic()
                 self.store.insert_arrow(table, data)
+                telemetry.STORE_INSERT_SECONDS.labels(table).observe(time.monotonic() - started)
+                telemetry.STORE_ROWS.labels(table).inc(len(rows))
                 self.stats[f"rows_{table}"] += len(rows)
                 if self._retrying:
                     log.warning("store accepts writes again; %d %s rows landed", len(rows), table)
                     self._retrying = False
+                    telemetry.STORE_RETRYING.set(0)
                 return
             except Exception as error:  # any failure of the store: retry, never skip
                 self.stats["store_retries"] += 1
+                telemetry.STORE_RETRIES.labels(table).inc()
+                telemetry.STORE_RETRYING.set(1)
                 if not self._retrying:
                     log.warning("store refused %d %s rows (%s); retrying with backoff", len(rows), table, error)
                 self._retrying = True
@@ -161,6 +181,7 @@ class StoreSink:
         self._reject(dead)
         self._hand_over(by_partition)
         self.stats["events"] += len(events)
+        telemetry.EVENTS_INGESTED.inc(len(events))
 
     def _hand_over(self, by_partition: dict[int, list]) -> None:
         """The packed events to the run assemblers, one message per partition and chunk."""
@@ -208,6 +229,7 @@ class StoreSink:
         self._reject(dead)
         self._hand_over(by_partition)
         self.stats["events"] += len(events)
+        telemetry.EVENTS_INGESTED.inc(len(events))
 
     # agent.deployments
 
@@ -241,6 +263,8 @@ class StoreSink:
                 headers=[("trackside.error", row["error"].encode()), ("trackside.source", row["source"].encode())],
             )
         self.stats["dead_letters"] += len(dead)
+        for topic, count in Counter(row["topic"] for row in dead).items():
+            telemetry.DEAD_LETTERS.labels(topic).inc(count)
 
     def _dead_letter(self, message: Message, source: str, error: str, received_at: int) -> dict:
         payload = message.value() or b""

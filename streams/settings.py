@@ -77,7 +77,20 @@ class Settings(BaseSettings):
     )
 
     # Operations.
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port of `up`; 0 = off")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port of `up`; 0 = off")
+    metrics_host: str = Field("127.0.0.1", description="address /metrics listens on (0.0.0.0 in a container)")
+
+    # Alert forwarding (streams/forward.py); no URL = no forwarder.
+    alertmanager_url: SecretStr = Field(
+        SecretStr(""), description="Alertmanager base URL (http://am:9093); user:pass@ = basic auth; empty = off")
+    alertmanager_resend_seconds: float = Field(
+        60.0, ge=0, description="re-post firing alerts this often (endsAt = now + 4x); 0 = post once")
+    alert_webhook_url: SecretStr = Field(SecretStr(""), description="webhook URL to POST each alert to; empty = off")
+    alert_webhook_token: SecretStr = Field(SecretStr(""), description="bearer token for the webhook; empty = none")
+    alert_generator_url: str = Field(
+        "", description="generatorURL template of Alertmanager alerts ({agent_id}, {run_id}, ...); empty = none")
+    alert_retry_max_seconds: float = Field(30.0, gt=0, description="cap of the backoff while a target refuses")
+    alert_http_timeout_seconds: float = Field(10.0, gt=0, description="timeout of one HTTP request to a target")
 
     # Lifecycle: canary analysis and budgets (streams/policy.py, example: infra/policy.toml).
     policy_file: str = Field("", description="TOML policy file; empty: the built-in defaults")

@@ -15,8 +15,10 @@ import sys
 import threading
 import time
 
+from streams import telemetry
 from streams.broker import Child, embedded_broker, ensure_topics, port_free, wait_for_broker
 from streams.errors import BrokerError, ConfigError, TracksideError
+from streams.forward import AlertForwarder, build_targets
 from streams.ingest import StoreSink
 from streams.runtime import tune_gc
 from streams.settings import Settings
@@ -38,6 +40,9 @@ class Stack:
         self.sink: StoreSink | None = None
         self.workers: list[Child] = []
         self._sink_thread: threading.Thread | None = None
+        self.metrics: telemetry.MetricsServer | None = None
+        self._forwarder_thread: threading.Thread | None = None
+        self._forwarder_stop = threading.Event()
         self._lock_file = None
         self._started = False
 
@@ -48,6 +53,9 @@ class Stack:
         settings.policy()  # a bad policy file stops here, not in every worker
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock()
+        # Before any metric is used here and before the workers start (they inherit it).
+        metrics_dir = self._prepare_metrics() if settings.metrics_port else None
+        targets = build_targets(settings)  # a bad URL stops here
         if settings.embedded:
             if not port_free(settings.embedded_port):
                 raise BrokerError(
@@ -73,6 +81,15 @@ class Stack:
         self.sink = StoreSink(settings, self.store)
         self._sink_thread = threading.Thread(target=self._run_sink, name="store-sink", daemon=True)
         self._sink_thread.start()
+        if targets:
+            self._forwarder_thread = threading.Thread(target=self._run_forwarder, name="alert-forwarder", daemon=True)
+            self._forwarder_thread.start()
+        if settings.metrics_port:
+            try:
+                self.metrics = telemetry.start_metrics_server(settings.metrics_port, metrics_dir, settings.metrics_host)
+            except OSError as error:  # e.g. a second stack on this machine: it runs, without /metrics
+                log.warning("no /metrics: cannot listen on %s:%d (%s); set TRACKSIDE_METRICS_PORT",
+                            settings.metrics_host, settings.metrics_port, error)
 
         self.workers = [self._worker(index) for index in range(settings.workers)]
         for worker in self.workers:
@@ -97,6 +114,22 @@ class Stack:
         # changes the data dir and port of the environment's).
         env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         return Child(f"worker-{index}", command, self.settings.run_dir, self.settings.data_dir / "logs", env)
+
+    def _prepare_metrics(self):  # noqa: ANN202
+        try:
+            return telemetry.prepare_multiproc_dir(self.settings.run_dir / "metrics")
+        except RuntimeError as error:  # metrics already used in this process (a second Stack)
+            log.warning("/metrics shows this process only: %s", error)
+            return None
+
+    def _run_forwarder(self) -> None:
+        """The alert forwarder, restarted (its state rebuilt from the topic) if it fails."""
+        while not self._forwarder_stop.is_set():
+            try:
+                AlertForwarder(self.settings, build_targets(self.settings)).run(self._forwarder_stop)
+            except Exception:
+                log.exception("the alert forwarder failed; restarting it in 5 s")
+                self._forwarder_stop.wait(5)
 
     def _run_sink(self) -> None:
         try:
@@ -135,6 +168,7 @@ class Stack:
             for worker in self.workers:
                 if not worker.alive:
                     log.warning("%s exited with code %s; restarting it", worker.name, worker.process.returncode)
+                    telemetry.mark_process_dead(worker.process.pid)
                     worker.start()
             if self._sink_thread is not None and not self._sink_thread.is_alive():
                 raise TracksideError("the store sink stopped; see the log above")
@@ -144,6 +178,11 @@ class Stack:
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
+        if self._forwarder_thread is not None:
+            self._forwarder_stop.set()
+            self._forwarder_thread.join(30)
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.sink is not None:
             self.sink.stop.set()
             self._sink_thread.join(30)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,12 @@ class RunningStack:
     def __init__(self, data_dir: Path, extra_env: dict | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
+        self.metrics_port = free_port()
         self.env = {
             **os.environ,
             "TRACKSIDE_DATA_DIR": str(data_dir),
             "TRACKSIDE_EMBEDDED_PORT": str(self.port),
+            "TRACKSIDE_METRICS_PORT": str(self.metrics_port),
             **(extra_env or {}),
         }
         self.env.pop("TRACKSIDE_BOOTSTRAP", None)
@@ -76,6 +79,11 @@ class RunningStack:
     def query(self, sql: str, parameters: dict | None = None) -> list[dict]:
         """Rows of a query through the running stack's query service (FINAL applied)."""
         return running_service(self.settings).query_json(sql, parameters)
+
+    def metrics(self) -> str:
+        """The text of `up`'s Prometheus /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            return response.read().decode()
 
     def count(self, sql: str) -> int:
         """A one-number query (ClickHouse's JSON quotes 64-bit integers)."""

@@ -25,6 +25,14 @@ def _committed(stack: RunningStack) -> dict[int, int]:
         consumer.close()
 
 
+def _sample(metrics: str, name: str) -> float:
+    """The value of one sample of a Prometheus text exposition."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def _publish(stack: RunningStack, events: list[dict]) -> None:
     producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}", "linger.ms": 5})
     for event in events:
@@ -53,11 +61,16 @@ def test_a_refusing_store_loses_and_doubles_nothing(tmp_path):
         assert "store refused" in log.read_text(), "the outage is logged"
         time.sleep(2)  # a few retries
         assert _committed(stack) == before, "nothing is committed while the store refuses"
+        metrics = stack.metrics()  # the backlog is visible to an operator
+        assert "trackside_store_retrying 1.0" in metrics
+        assert _sample(metrics, 'trackside_store_retries_total{table="events"}') >= 2
+        assert 0 < _sample(metrics, "trackside_sink_inflight_messages") <= len(second)
 
         stack.cli("sql", "--write", "ATTACH TABLE events")
         total = len({event["event_id"] for event in events})
         assert stack.wait_for_count("SELECT count() FROM events", total) == total
         assert "store accepts writes again" in log.read_text()
+        assert "trackside_store_retrying 0.0" in stack.metrics()
         time.sleep(1)
         assert sum(_committed(stack).values()) == len(events)
         # every run is assembled once from the delayed batches, nothing doubled
