@@ -113,6 +113,8 @@ def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: s
         )
         with console.status("waiting for every run to land in ClickHouse"):
             landed = _wait_for_runs(stack, expected_runs, timeout=120)
+        with console.status("waiting for the last verdicts, alerts and drift tests"):
+            _settle(stack)
         _print_summary(console, stack)
         console.print(
             f"{landed} of {expected_runs} runs landed; whole demo took {time.monotonic() - started:.1f} s"
@@ -132,6 +134,26 @@ def _wait_for_runs(stack: Stack, expected: int, timeout: float) -> int:
             break
         time.sleep(0.5)
     return landed
+
+
+SETTLED = """
+SELECT (SELECT count() FROM alerts), (SELECT count() FROM rollbacks), (SELECT count() FROM canaries),
+       (SELECT count() FROM drift), (SELECT count() FROM agent_metrics)
+"""
+
+
+def _settle(stack: Stack, quiet: float = 2.0, timeout: float = 30.0) -> None:
+    """Wait until the processors' outputs stop changing for `quiet` seconds: the last runs
+    are in, but the verdicts and alerts they trigger land a moment later."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = stack.store.query_rows(SETTLED)[0]
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.25)
 
 
 def _print_summary(console: Console, stack: Stack) -> None:

@@ -226,9 +226,14 @@ def create_app(settings: Settings) -> faust.App:
                 out["metrics"] = windows[partition].apply(result["runs"], result["partition"], result["watermark"], now)
             runs = history + result.get("runs", [])  # a run in both counts once
             rollbacks: list[dict] = []
-            if runs:
-                drift_rows, drift_alerts = detectors[partition].update(runs)
+            if runs or "watermark" in result:
+                # A window is tested once every upstream partition has passed it, so none of
+                # its runs is late here; a message with no runs may be what moves that on.
+                drift_rows, drift_alerts = detectors[partition].update(
+                    runs, windows[partition].slowest_watermark(now) or -(2 ** 62))
                 out["drift"] = [{**row, "updated_at": now} for row in drift_rows]
+                alerts += drift_alerts
+            if runs:
                 out["failure_clusters"], cluster_alerts, assigned = clusterers[partition].update(runs, now)
                 # The run's row again, with its failure cluster: it replaces the plain one.
                 out["runs"] = [
@@ -238,7 +243,7 @@ def create_app(settings: Settings) -> faust.App:
                 ]
                 rollbacks, rollout_alerts, canaries = controller.update(runs)
                 out["canaries"] = [{**row, "updated_at": now} for row in canaries]
-                alerts += drift_alerts + cluster_alerts + rollout_alerts
+                alerts += cluster_alerts + rollout_alerts
                 if policy.tenant_budgets:
                     alerts += await send_tenant_costs(partition, runs)
             if any(out.values()):

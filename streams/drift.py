@@ -291,8 +291,13 @@ class DriftDetector:
             self.late_runs_ = 0
             self.rng_ = np.random.default_rng(self.random_state)
 
-    def update(self, runs: Iterable[Mapping]) -> tuple[list[dict], list[dict]]:
-        """Fold closed runs in; test the windows they complete. Returns (drift_rows, alerts)."""
+    def update(self, runs: Iterable[Mapping], watermark: int | None = None) -> tuple[list[dict], list[dict]]:
+        """Fold closed runs in; test the windows they complete. Returns (drift_rows, alerts).
+
+        Without `watermark` the detector's own (newest ended_at seen - lateness) is used; a
+        caller fed by several upstream partitions passes the slowest one's instead, so runs
+        of a partition that is behind are not late here.
+        """
         self._state()
         newest = None
         for run in runs:
@@ -313,7 +318,9 @@ class DriftDetector:
                 self.late_runs_ += 1
                 continue
             window.add(run["run_id"], run_features(run))
-        if newest is not None:
+        if watermark is not None:
+            self.watermark_ = max(self.watermark_, watermark)
+        elif newest is not None:
             self.watermark_ = max(self.watermark_, newest - self.lateness_ms)
         return self._test_until(self.watermark_)
 

@@ -135,6 +135,11 @@ class MetricWindows:
             window = self.windows[key] = Window(key[0], key[1], start, start + self.window_ms)
         return key if window.add(row) else None
 
+    def slowest_watermark(self, now_ms: int) -> int | None:
+        """Event time every live upstream partition has passed (None before any reported):
+        what a downstream test of windows may wait for so that no partition's runs are late."""
+        return self._min_watermark(now_ms)
+
     def _min_watermark(self, now_ms: int) -> int | None:
         """The slowest upstream partition's watermark, leaving out partitions silent for long."""
         live = [

@@ -20,6 +20,15 @@ def test_demo_lands_every_run_and_prints_the_summary(tmp_path):
     out = result.stdout.decode()
     assert result.returncode == 0, out + result.stderr.decode()
     assert "600 of 600 runs landed" in out
-    for heading in ("per agent and version", "Alerts sent", "Largest failure clusters"):
+    for heading in ("per agent and version", "Alerts sent", "Largest failure clusters", "Canaries"):
         assert heading in out
+    # the story: the bad canary is rolled back, with when, after how many runs and why
+    assert "support-bot v1.6.0-rc1 vs v1.4.2 (roles from agent.deployments" in out and "ROLLED BACK to" in out
+    assert "evidence of the support-bot v1.6.0-rc1 rollback" in out
     assert not list((tmp_path / "demo" / "run").glob("*.pid")), "a child process was left behind"
+    # published all at once, the fleet still gets its drift tests (partitions run ahead of
+    # each other; a window is tested once the slowest has passed it)
+    sql = subprocess.run(
+        [str(Path(sys.executable).parent / "trackside"), "sql", "SELECT count() FROM drift", "--format", "TSV"],
+        env={**env, "TRACKSIDE_DATA_DIR": str(tmp_path / "demo")}, capture_output=True, timeout=60, check=True)
+    assert int(sql.stdout) > 100

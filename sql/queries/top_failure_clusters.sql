@@ -1,0 +1,62 @@
+-- Top failure clusters of the last days, with example runs.
+--
+-- Answers: which ways of failing cost us the most runs this week, on which agent and versions,
+-- and which runs should I open to see one? A failure cluster groups failed runs by their masked
+-- error signature (ids, numbers and paths replaced, plus where in the tool path it failed); its
+-- id is stable, so the same failure mode keeps its cluster_id across days and restarts.
+--
+-- Source: runs (each failed run carries its failure_cluster_id) counted over the period,
+-- joined with failure_clusters (label, lifetime size, first/last seen, first example runs).
+--
+-- Parameters:
+-- @param days UInt32 7          look-back, in days of event time, ending at the newest run in the store
+-- @param agent_id String ''     one agent, or '' for every agent
+-- @param limit UInt32 20        clusters returned
+--
+-- "This week" ends at the newest run's ended_at, not at now(): live the two coincide, and a
+-- replayed or paused store still answers about its own last week.
+--
+-- Reading the result: one row per cluster, most runs in the period first. runs_in_period /
+-- runs_total tells a new or growing mode (close to 1) from an old steady one; share_of_agent is
+-- its part of that agent's clustered failures in the period; versions lists the agent versions
+-- it hit (one version only: suspect that version; all of them: suspect a dependency).
+-- example_run_ids are the first runs the cluster saw (stored with the cluster), recent_run_ids
+-- the newest in the period, latest_error the raw (unmasked) message of the newest one; open a
+-- run with `SELECT * FROM runs FINAL WHERE run_id = '...'` or its events in `events`.
+--
+-- Deduplication: explicit FINAL on both tables.
+WITH (SELECT max(ended_at) FROM runs FINAL) AS newest
+SELECT
+    c.cluster_id AS cluster_id,
+    c.agent_id AS agent_id,
+    c.label AS label,
+    r.n AS runs_in_period,
+    c.size AS runs_total,
+    round(r.n / sum(r.n) OVER (PARTITION BY c.agent_id), 4) AS share_of_agent,
+    r.versions AS versions,
+    r.outcomes AS outcomes,
+    r.cost AS cost_usd_in_period,
+    c.first_seen AS first_seen,
+    c.last_seen AS last_seen,
+    c.example_run_ids AS example_run_ids,
+    r.recent AS recent_run_ids,
+    r.latest_error AS latest_error
+FROM
+(
+    SELECT
+        failure_cluster_id,
+        count() AS n,
+        arraySort(groupUniqArray(agent_version)) AS versions,
+        arraySort(groupUniqArray(toString(outcome))) AS outcomes,
+        toFloat64(sum(cost_usd)) AS cost,
+        arrayMap(x -> x.2, arraySlice(arrayReverseSort(groupArray((ended_at, run_id))), 1, 3)) AS recent,
+        argMax(error_message, ended_at) AS latest_error
+    FROM runs FINAL
+    WHERE failure_cluster_id != ''
+      AND ended_at > newest - toIntervalDay({days:UInt32})
+      AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+    GROUP BY failure_cluster_id
+) AS r
+INNER JOIN failure_clusters AS c FINAL ON c.cluster_id = r.failure_cluster_id
+ORDER BY runs_in_period DESC, cluster_id
+LIMIT {limit:UInt32}
