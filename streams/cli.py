@@ -68,10 +68,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
+    from streams.queries import load_query, parse_params
     from streams.store import query_store
 
+    if (args.query is None) == (args.file is None):
+        raise TracksideError("give a query or --file FILE (a saved query: sql/queries/NAME.sql, or its NAME)")
+    sql, defaults = load_query(args.file) if args.file else (args.query, {})
+    parameters = parse_params(args.param, defaults)
     store = query_store(_settings())
-    output = store.query_raw(args.query, args.format, readonly=not args.write)
+    output = store.query_raw(sql, args.format, readonly=not args.write, parameters=parameters or None)
     sys.stdout.buffer.write(output)
     sys.stdout.flush()
     return 0
@@ -138,7 +143,10 @@ def parser() -> argparse.ArgumentParser:
     publish.set_defaults(handler=cmd_publish)
 
     sql = commands.add_parser("sql", help="run ClickHouse SQL against the store")
-    sql.add_argument("query")
+    sql.add_argument("query", nargs="?")
+    sql.add_argument("--file", help="run a saved query: a file, or the NAME of sql/queries/NAME.sql")
+    sql.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                     help="a query parameter {NAME:Type}; a saved query's header gives the defaults")
     sql.add_argument("--format", default="PrettyCompact", help="any ClickHouse output format (default PrettyCompact)")
     sql.add_argument("--write", action="store_true", help="allow statements that change data")
     sql.set_defaults(handler=cmd_sql)

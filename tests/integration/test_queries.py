@@ -29,6 +29,8 @@ from jobs.demo import MALFORMED, demo_deployments
 from jobs.publish import agent_key, publish_lines
 from jobs.simulate import DEFAULT_CANARY, FleetConfig, default_agents, genai_prices_fn, run_labels, simulate, truth
 from streams import topics
+from streams.queries import PARAM
+from streams.queries import load_query as saved_query
 from tests.conftest import RunningStack
 
 pytestmark = pytest.mark.integration
@@ -51,19 +53,11 @@ CODER_HOUR_USD, ACME_DAY_USD = 6.0, 8.0
 
 TABLES = {"events", "runs", "agent_metrics", "dead_letters", "alerts", "rollbacks", "drift", "failure_clusters",
           "deployments", "canaries"}
-PARAM = re.compile(r"^--\s*@param\s+(\w+)\s+(\S+)\s+(\S+)", re.MULTILINE)
 PLACEHOLDER = re.compile(r"\{(\w+):([^}]+)\}")
 
 
 def load_query(name: str) -> tuple[str, dict]:
-    sql = (QUERIES / f"{name}.sql").read_text()
-    return sql, {n: _literal(t, d) for n, t, d in PARAM.findall(sql)}
-
-
-def _literal(type_: str, text: str):
-    if text.startswith("'"):
-        return text[1:-1]
-    return float(text) if type_.startswith("Float") else int(text)
+    return saved_query(QUERIES / f"{name}.sql")
 
 
 def query_names() -> list[str]:
@@ -482,3 +476,13 @@ def test_queries_on_the_stopped_data_dir(filled: Filled):
     for name in names:
         assert len(stopped[name]) == len(running[name]), name
         assert stopped[name] == running[name], name
+
+
+def test_trackside_sql_runs_a_saved_query_with_parameters(filled):
+    stack = filled.stack
+    result = stack.cli("sql", "--file", "cost_per_success_by_version", "--param", "agent_id=support-bot",
+                       "--format", "JSONEachRow")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows and {row["agent_id"] for row in rows} == {"support-bot"}
+    bad = stack.cli("sql", "--file", "cost_per_success_by_version", "--param", "bucket_seconds=hourly", check=False)
+    assert bad.returncode == 2 and b"is not an integer" in bad.stderr
