@@ -31,6 +31,8 @@ DAY_MS = 24 * HOUR_MS
 # Stable runs kept per agent so that a canary first seen late still gets the stable runs
 # that ended after it started.
 STABLE_BACKLOG = 5_000
+# Another version takes over as the inferred stable one with this many times its runs.
+STICKY = 2.0
 # The alert kind of each canary metric; SPEC §6 names the first three.
 METRIC_KINDS = {
     "success_rate": "success_rate", "cost_per_success": "cost", "tool_error_rate": "error_rate",
@@ -70,6 +72,7 @@ class _Agent:
     first_seen: dict[str, int] = field(default_factory=dict)  # version -> earliest run start
     windows: dict[int, Counter] = field(default_factory=dict)  # window start -> runs per version
     newest_end: int = 0
+    inferred: str | None = None  # the stable version inferred so far (kept unless clearly overtaken)
 
 
 class Rollouts:
@@ -111,7 +114,13 @@ class Rollouts:
         current = agent.newest_end - agent.newest_end % self.window_ms
         complete = [s for s in agent.windows if s < current]
         counts = agent.windows[max(complete) if complete else current]
-        return max(counts, key=lambda v: (counts[v], -agent.first_seen.get(v, 0)))
+        leader = max(counts, key=lambda v: (counts[v], -agent.first_seen.get(v, 0)))
+        # At low traffic one window's counts are noisy: two versions at 60/40 would swap roles
+        # back and forth. The inferred stable version changes only when another one has at
+        # least twice its runs in a complete window.
+        if agent.inferred is None or (complete and counts[leader] >= STICKY * max(counts[agent.inferred], 1)):
+            agent.inferred = leader
+        return agent.inferred
 
     def canary_baseline(self, agent_id: str, version: str) -> str | None:
         """The version a canary is compared with (its stable one); None for any other version."""

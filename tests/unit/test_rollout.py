@@ -182,3 +182,17 @@ def test_the_shipped_policy_file_states_the_defaults():
     shipped = Policy.load(Path(__file__).parents[2] / "infra" / "policy.toml")
     assert shipped.canary("any") == Policy().canary("any")
     assert dict(shipped.budget_defaults) == dict(Policy().budget_defaults)
+
+
+def test_inferred_roles_do_not_swap_on_noise():
+    rollouts = Rollouts(WINDOW)
+    # two versions at about 50/50: per 5-minute window 3-2, then 2-3, then 3-2, ...
+    pattern = (["v1", "v2", "v1", "v2", "v1"] + ["v2", "v1", "v2", "v1", "v2"]) * 6
+    for i, version in enumerate(pattern):
+        rollouts.observe(run(i, version, T0 + i * 60_000 + (0 if version == "v1" else 1)))
+        assert rollouts.stable("bot") == "v1", f"swapped at run {i}"  # asked at every run, as the controller does
+    # a version that clearly takes the traffic over becomes stable
+    for i in range(len(pattern), len(pattern) + 40):
+        rollouts.observe(run(i, "v3", T0 + i * 60_000))
+        rollouts.stable("bot")
+    assert rollouts.stable("bot") == "v3"
