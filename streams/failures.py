@@ -113,6 +113,7 @@ class Cluster:
     versions: Counter = field(default_factory=Counter)
     windows: dict[int, Counter] = field(default_factory=dict)  # window start -> versions -> runs
     new_done: bool = False  # the "new" condition was reached (alerted, or learned silently)
+    new_alert: dict | None = None  # the firing "new" alert, until the cluster goes quiet
     spike_since: int | None = None  # window start of the spike that is firing
 
     @property
@@ -186,7 +187,7 @@ class FailureClusterer(BaseEstimator):
                  history_windows: int = 12, min_history_windows: int = 3, spike_min_count: int = 5,
                  spike_ratio: float = 3.0, spike_p_value: float = 1e-3, spike_floor: float = 0.2,
                  max_examples: int = 5, warmup_ms: int = 0, weights: dict | None = None,
-                 n_features: int = 2**20) -> None:
+                 n_features: int = 2**20, new_quiet_ms: int = 3_600_000) -> None:
         self.threshold = threshold
         self.window_ms = window_ms
         self.min_size = min_size
@@ -198,6 +199,8 @@ class FailureClusterer(BaseEstimator):
         self.spike_floor = spike_floor
         self.max_examples = max_examples
         self.warmup_ms = warmup_ms
+        # a "new cluster" alert resolves once the cluster has had no run for this long
+        self.new_quiet_ms = new_quiet_ms
         self.weights = weights
         self.n_features = n_features
 
@@ -280,6 +283,7 @@ class FailureClusterer(BaseEstimator):
         self.started_ = None  # first ended_at seen, for the warm-up
         self.traffic_: dict[str, dict[int, int]] = {}  # agent -> window start -> closed runs
         self.seen_runs_: OrderedDict[str, str] = OrderedDict()  # run_id -> cluster id ("" for a success)
+        self.new_firing_: set[str] = set()  # clusters whose "new" alert fires
 
     def _learn(self, runs: list[dict], emit: bool) -> tuple[list[str], list[dict], dict[str, str]]:
         self._ensure_state()
@@ -303,7 +307,7 @@ class FailureClusterer(BaseEstimator):
                 self.started_ = ended
             if self.clock_ and self.window_of(ended) > self.window_of(self.clock_):
                 # a window closed: judge spikes as of then, before this run opens the next one
-                alerts += self._check_spikes(touched, emit)
+                alerts += self._check_spikes(touched, emit) + self._check_quiet(emit)
             self.clock_ = max(self.clock_, ended)
             traffic = self.traffic_.setdefault(run["agent_id"], {})
             traffic[self.window_of(ended)] = traffic.get(self.window_of(ended), 0) + 1
@@ -319,7 +323,9 @@ class FailureClusterer(BaseEstimator):
             if not cluster.new_done and cluster.size >= self.min_size:
                 cluster.new_done = True
                 if emit and cluster.first_seen - self.started_ >= self.warmup_ms:
-                    alerts.append(self._new_alert(cluster))
+                    cluster.new_alert = self._new_alert(cluster)
+                    self.new_firing_.add(cluster.cluster_id)
+                    alerts.append(cluster.new_alert)
         alerts += self._check_spikes(touched, emit)
         return list(touched), alerts, assigned
 
@@ -425,6 +431,26 @@ class FailureClusterer(BaseEstimator):
                         "window_start": current, "window_end": current + self.window_ms,
                         "count": cluster.count(current)}))
                 cluster.spike_since = None
+        return alerts
+
+    def _check_quiet(self, emit: bool) -> list[dict]:
+        """Resolve the "new cluster" alerts of clusters with no run for `new_quiet_ms`."""
+        alerts = []
+        for cid in sorted(self.new_firing_):
+            cluster = self.clusters_[cid]
+            if self.clock_ - cluster.last_seen < self.new_quiet_ms:
+                continue
+            self.new_firing_.discard(cid)
+            firing, cluster.new_alert = cluster.new_alert, None
+            if emit:
+                alerts.append(make_alert(
+                    kind=KIND, severity=firing["severity"], status=RESOLVED, fingerprint=firing["fingerprint"],
+                    ts=self.clock_, agent_id=cluster.agent_id, agent_version=firing["agent_version"],
+                    run_id=firing["run_id"], episode=cluster.cluster_id,
+                    summary=f"failure cluster of {cluster.agent_id} quiet since {_iso(cluster.last_seen)}: "
+                            f"\"{cluster.label}\" ({cluster.size} runs)",
+                    evidence={**firing["evidence"], "size": cluster.size, "last_seen": cluster.last_seen,
+                              "quiet_ms": self.new_quiet_ms}))
         return alerts
 
     def _new_alert(self, cluster: Cluster) -> dict:

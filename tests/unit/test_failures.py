@@ -193,3 +193,26 @@ def test_adjusted_rand_index_on_simulated_fleet():
     assert len(pairs) > 250
     ari = adjusted_rand_score(["/".join(f) for _, f in pairs], [assigned[r] for r, _ in pairs])
     assert ari >= 0.8
+
+
+def test_a_new_cluster_alert_resolves_once_the_cluster_goes_quiet():
+    from streams.failures import FailureClusterer
+
+    def failed(i: int, ended: int) -> dict:
+        return {"run_id": f"q{i}", "agent_id": "quiet-bot", "agent_version": "v1", "outcome": "failure",
+                "ended_at": ended, "error_type": "timeout", "error_message": f"upstream took {i} s",
+                "tool_path": ["fetch"], "loop_detected": False}
+
+    def ok(i: int, ended: int) -> dict:
+        return {**failed(i, ended), "run_id": f"ok{i}", "outcome": "success", "error_type": "", "error_message": ""}
+
+    model = FailureClusterer(new_quiet_ms=3_600_000)
+    t0 = 1_793_491_200_000
+    _, alerts, _ = model.update([failed(i, t0 + i * 60_000) for i in range(4)])
+    assert [(a["evidence"]["condition"], a["status"]) for a in alerts] == [("new", "firing")]
+    # successes only for the next two hours: quiet for an hour, the alert resolves, once
+    later = []
+    for i in range(120):
+        later += model.update([ok(i, t0 + 10 * 60_000 + i * 60_000)])[1]
+    assert [(a["evidence"]["condition"], a["status"]) for a in later] == [("new", "resolved")]
+    assert later[0]["fingerprint"] == alerts[0]["fingerprint"] and later[0]["alert_id"] != alerts[0]["alert_id"]
