@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 from scipy.spatial.distance import jensenshannon
 
 from streams.alerts import fingerprint, make_alert
@@ -43,7 +43,19 @@ def _scale(reference: np.ndarray) -> float:
 
 def wasserstein(reference: np.ndarray, current: np.ndarray) -> float:
     """Earth mover's distance in units of the reference's IQR (std when the IQR is 0)."""
-    return float(stats.wasserstein_distance(reference, current)) / _scale(reference)
+    return _emd(reference, current) / _scale(reference)
+
+
+def _emd(u: np.ndarray, v: np.ndarray) -> float:
+    """1-D Wasserstein-1 distance: the area between the two empirical CDFs (what
+    scipy.stats.wasserstein_distance computes, without its per-call argument machinery)."""
+    u, v = np.sort(u), np.sort(v)
+    values = np.concatenate((u, v))
+    values.sort(kind="mergesort")
+    deltas = np.diff(values)
+    u_cdf = np.searchsorted(u, values[:-1], side="right") / len(u)
+    v_cdf = np.searchsorted(v, values[:-1], side="right") / len(v)
+    return float(np.sum(np.abs(u_cdf - v_cdf) * deltas))
 
 
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10, eps: float = 1e-4) -> float:
@@ -86,7 +98,7 @@ def chi2(reference: Mapping[str, int], current: Mapping[str, int], *, design_eff
         table = np.column_stack([table[:, ~rare], table[:, rare].sum(axis=1)])
     if table.shape[1] < 2:
         return 0.0, 1.0
-    stat, p, _, expected = stats.chi2_contingency(table, correction=False)
+    stat, p, expected = _chi2_homogeneity(table)
     if expected.min() >= min_expected or p >= mc_below or rng is None or mc_draws <= 0:
         return float(stat), float(p)
     table = np.rint(table)
@@ -103,6 +115,15 @@ def chi2(reference: Mapping[str, int], current: Mapping[str, int], *, design_eff
     sims = statistic(rng.multivariate_hypergeometric(colors, nsample, size=mc_draws, method="marginals"))
     observed = statistic(table[1])
     return float(stat), float((1 + np.count_nonzero(sims >= observed - 1e-9)) / (mc_draws + 1))
+
+
+def _chi2_homogeneity(table: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Pearson's chi-square of a 2 x k table, no continuity correction: (statistic, p, expected);
+    the same numbers as scipy.stats.chi2_contingency(correction=False), at a fraction of its cost."""
+    rows, cols = table.sum(axis=1), table.sum(axis=0)
+    expected = np.outer(rows, cols) / table.sum()
+    stat = float(np.sum((table - expected) ** 2 / expected))
+    return stat, float(special.chdtrc(table.shape[1] - 1, stat)), expected
 
 
 def design_effect(per_run_counts: np.ndarray) -> float:

@@ -220,3 +220,20 @@ def test_shift_is_alerted_within_two_windows(name):
     assert res["false_alerts"] == 0
     assert res["delay"] is not None and 0 <= res["delay"] <= 2, res
     assert SHIFT_AT_MS % WINDOW_MS == 0
+
+
+def test_fast_statistics_equal_scipys():
+    from scipy import stats
+
+    from streams.drift import _chi2_homogeneity, _emd
+
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        u, v = rng.lognormal(0, 1, rng.integers(2, 300)), rng.lognormal(0.2, 1.2, rng.integers(2, 60))
+        assert _emd(u, v) == pytest.approx(stats.wasserstein_distance(u, v), rel=1e-9, abs=1e-12)
+        table = rng.integers(1, 200, size=(2, rng.integers(2, 8))).astype(float)
+        stat, p, expected = _chi2_homogeneity(table)
+        ref = stats.chi2_contingency(table, correction=False)
+        assert (stat, p) == pytest.approx((ref[0], ref[1]), rel=1e-9) and np.allclose(expected, ref[3])
+    ties = np.array([1.0, 1.0, 2.0, 2.0, 2.0])
+    assert _emd(ties, np.array([2.0, 3.0])) == pytest.approx(stats.wasserstein_distance(ties, [2.0, 3.0]))
