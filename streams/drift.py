@@ -273,7 +273,9 @@ class DriftDetector:
     consecutive drifted windows whose drifted pools are disjoint, i.e. independent confirmations
     (a single bad window inside two overlapping pools is one confirmation, not two) (critical when a drifted feature's Wasserstein or JS distance is
     `critical_factor` times its floor) and resolves after `persistence` consecutive clear ones;
-    windows without enough runs on either side count for neither.
+    windows without enough runs on either side count for neither, and so do windows where no
+    feature passes the corrected bar but one is below `alpha` uncorrected (so an alert on a
+    shift that persists does not resolve while the evidence only wavers).
     """
 
     def __init__(self, window_ms: int = 300_000, lateness_ms: int = 120_000, min_samples: int = 30,
@@ -458,7 +460,7 @@ class DriftDetector:
         n_cur = sum(len(w.runs) for w in widest)
         evidence = {"window": start, "window_ms": self.window_ms, "pool_windows": [w.start for w in widest],
                     "n_current": n_cur, "n_reference": n_ref, "reference": baseline,
-                    "features": sorted(moved.values(), key=_feature_p)}
+                    "features": sorted(moved.values(), key=_feature_p), "min_p_value": min(t[3] for t in tests)}
         evidence["drifted_pools"] = [frozenset(w.start for w in p) for p in drifted_pools]
         return rows, self._advance(key, series, evidence)
 
@@ -504,7 +506,9 @@ class DriftDetector:
             series.significant_streak += 1
             series.clear_streak = 0
             series.counted = min(fresh, key=len)
-        elif not evidence["features"]:
+        elif not evidence["features"] and evidence["min_p_value"] >= self.alpha:
+            # clean: not even one feature below alpha before the multiple-testing correction
+            # (a firing alert does not resolve on windows that only narrowly miss the bar)
             series.clear_streak += 1
             series.significant_streak = 0
             series.counted = frozenset()
