@@ -44,13 +44,10 @@ answers quoted in the log are scrubbed of them.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import functools
 import http.client
 import logging
-import signal
-import sys
 import threading
 import time
 import urllib.error
@@ -70,8 +67,6 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams import telemetry, topics
 from streams.errors import ConfigError
@@ -91,24 +86,6 @@ RESEND_CHUNK = 500
 RESEND_RETRY_S = 10.0
 USER_AGENT = "trackside-forwarder"
 _MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
-
-
-class ForwarderSettings(BaseSettings):
-    """The forwarder's settings, to be merged into `streams.settings.Settings` as they are."""
-
-    model_config = SettingsConfigDict(env_prefix="TRACKSIDE_", frozen=True, extra="ignore")
-
-    alertmanager_url: SecretStr = Field(
-        SecretStr(""), description="Alertmanager base URL (http://am:9093); user:pass@ = basic auth; empty = off")
-    alertmanager_resend_seconds: float = Field(
-        60.0, ge=0, description="re-post firing alerts this often (endsAt = now + 4x); 0 = post once")
-    alert_webhook_url: SecretStr = Field(SecretStr(""), description="webhook URL to POST each alert to; empty = off")
-    alert_webhook_token: SecretStr = Field(SecretStr(""), description="bearer token for the webhook; empty = none")
-    alert_generator_url: str = Field(
-        "", description="generatorURL of Alertmanager alerts, with {alert_id} {fingerprint} {kind} {agent_id} "
-                        "{agent_version} {run_id} placeholders; empty = none")
-    alert_retry_max_seconds: float = Field(30.0, gt=0, description="cap of the backoff while a target refuses")
-    alert_http_timeout_seconds: float = Field(10.0, gt=0, description="timeout of one HTTP request to a target")
 
 
 _GENERATOR_FIELDS = ("alert_id", "fingerprint", "kind", "agent_id", "agent_version", "run_id")
@@ -602,10 +579,8 @@ def _check_url(variable: str, url: str) -> str:
     return url
 
 
-def build_targets(settings: ForwarderSettings | Settings) -> list[HttpTarget]:
-    """The targets the settings configure (none when no URL is set); ConfigError on a bad setting.
-
-    Takes ForwarderSettings, or Settings once the fields are merged into it (same names)."""
+def build_targets(settings: Settings) -> list[HttpTarget]:
+    """The targets the settings configure (none when no URL is set); ConfigError on a bad setting."""
     template = settings.alert_generator_url
     if template:
         try:
@@ -810,38 +785,3 @@ class AlertForwarder:
         # message before the committed offset is gone with retention or was a control record).
         for partition in list(self._replaying):
             self._replay_done(partition)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m streams.forward`: run the forwarder in the foreground until SIGINT/SIGTERM."""
-    from pydantic import ValidationError
-
-    parser = argparse.ArgumentParser(prog="python -m streams.forward", description=__doc__.split("\n")[0])
-    parser.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
-    parser.add_argument("--metrics-host", default="127.0.0.1")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        settings, forwarder_settings = Settings(), ForwarderSettings()
-        forwarder = AlertForwarder(settings, build_targets(forwarder_settings))
-    except ValidationError as error:
-        # pydantic shows SecretStr inputs masked.
-        print(f"trackside forward: bad TRACKSIDE_* setting: {error}", file=sys.stderr)
-        return 2
-    except ConfigError as error:
-        print(f"trackside forward: {error}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    server = telemetry.start_metrics_server(args.metrics_port, host=args.metrics_host) if args.metrics_port else None
-    try:
-        forwarder.run(stop)
-    finally:
-        if server is not None:
-            server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

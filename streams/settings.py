@@ -146,10 +146,13 @@ class Settings(BaseSettings):
         """Pid files and the address of the running store's query service."""
         return self.data_dir / "run"
 
-    def to_env(self) -> dict[str, str]:
-        """These settings as TRACKSIDE_* variables: what a child process needs to see the same."""
+    def to_env(self, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+        """These settings as TRACKSIDE_* variables: what a child process needs to see the same
+        (but `exclude`: settings it has no use for, e.g. secrets of another component)."""
         env = {}
         for name in type(self).model_fields:  # fields only: cached properties are not settings
+            if name in exclude:
+                continue
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()

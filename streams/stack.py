@@ -19,6 +19,8 @@ from streams import telemetry
 from streams.broker import Child, embedded_broker, ensure_topics, port_free, wait_for_broker
 from streams.errors import BrokerError, ConfigError, TracksideError
 from streams.forward import AlertForwarder, build_targets
+
+FORWARDER_SETTINGS = ("alertmanager_url", "alert_webhook_url", "alert_webhook_token")
 from streams.ingest import StoreSink
 from streams.runtime import tune_gc
 from streams.settings import Settings
@@ -112,7 +114,10 @@ class Stack:
         command = [sys.executable, "-m", "streams", "worker", "--without-web", "--loglevel", "info"]
         # The workers see exactly this stack's settings, however they were made (the demo
         # changes the data dir and port of the environment's).
-        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        # the forwarder runs here, not in the workers: its credentials stay in this process
+        env = {**os.environ, **self.settings.to_env(exclude=FORWARDER_SETTINGS), "PYTHONUNBUFFERED": "1"}
+        for name in FORWARDER_SETTINGS:
+            env.pop(f"TRACKSIDE_{name.upper()}", None)
         return Child(f"worker-{index}", command, self.settings.run_dir, self.settings.data_dir / "logs", env)
 
     def _prepare_metrics(self):  # noqa: ANN202

@@ -18,18 +18,17 @@ from datetime import datetime
 import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
-from streams.settings import Settings
 
 from streams.forward import (
     AlertForwarder,
     AlertmanagerTarget,
-    ForwarderSettings,
     Stopped,
     WebhookTarget,
     build_targets,
     decode,
     rfc3339,
 )
+from streams.settings import Settings
 from tests.alert_receiver import AM_PATH, Receiver
 
 TOPIC = "trackside.alerts"
@@ -249,7 +248,7 @@ def test_secrets_are_not_in_logs(caplog):
                         (400, {}, echo(f"/services/{key} {token}")))
         basic = base64.b64encode(f"admin:{password}".encode()).decode()
         receiver.answer(AM_PATH, (500, {}, f"Authorization: Basic {basic}".encode()), (400, {}, password.encode()))
-        settings = ForwarderSettings(
+        settings = Settings(
             alertmanager_url=f"http://admin:{password}@127.0.0.1:{receiver.port}",
             alert_webhook_url=f"{receiver.url}/services/{key}", alert_webhook_token=token,
         )
@@ -274,10 +273,10 @@ def test_bad_settings_do_not_show_the_secret():
 
     for url in ("ftp://user:hunter2@example.com/key", "http://user:hunter2@example.com:99999/key"):
         with pytest.raises(ConfigError) as raised:
-            build_targets(ForwarderSettings(alert_webhook_url=url))
+            build_targets(Settings(alert_webhook_url=url))
         assert "hunter2" not in str(raised.value) and "TRACKSIDE_ALERT_WEBHOOK_URL" in str(raised.value)
     with pytest.raises(ConfigError, match="TRACKSIDE_ALERT_GENERATOR_URL"):
-        build_targets(ForwarderSettings(alert_webhook_url="http://x/", alert_generator_url="http://x/{nope}"))
+        build_targets(Settings(alert_webhook_url="http://x/", alert_generator_url="http://x/{nope}"))
 
 
 def test_settings_from_environment(monkeypatch):
@@ -285,12 +284,12 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("TRACKSIDE_ALERT_WEBHOOK_URL", "https://hooks.example/x")
     monkeypatch.setenv("TRACKSIDE_ALERT_WEBHOOK_TOKEN", "t")
     monkeypatch.setenv("TRACKSIDE_ALERTMANAGER_RESEND_SECONDS", "0")
-    am, hook = build_targets(ForwarderSettings())
+    am, hook = build_targets(Settings())
     assert am.endpoint.url == "http://am:9093/api/v2/alerts" and not am.needs_history
     assert hook.endpoint.url == "https://hooks.example/x" and hook.endpoint.headers == {"Authorization": "Bearer t"}
     monkeypatch.delenv("TRACKSIDE_ALERTMANAGER_URL")
     monkeypatch.delenv("TRACKSIDE_ALERT_WEBHOOK_URL")
-    assert build_targets(ForwarderSettings()) == []
+    assert build_targets(Settings()) == []
 
 
 def test_not_alerts_and_consumer_errors_are_skipped_and_committed(receiver, caplog):

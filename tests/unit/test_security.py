@@ -96,3 +96,14 @@ def test_tool_arguments_are_stored_hashed_unless_configured():
     assert stored["args"] == "" and len(stored["args_hash"]) >= 16 and "4111" not in orjson.dumps(stored).decode()
     assert "4111" in parse(orjson.dumps(event), keep_raw_args=True)["args"]
     assert Settings().store_raw_tool_args is False
+
+
+def test_the_workers_do_not_get_the_forwarders_credentials(tmp_path, monkeypatch):
+    from streams.stack import Stack
+
+    monkeypatch.setenv("TRACKSIDE_ALERT_WEBHOOK_TOKEN", SECRET)
+    settings = Settings(data_dir=tmp_path, alert_webhook_url=f"https://hooks.example/{SECRET}",
+                        kafka_sasl_password=SECRET)
+    env = Stack(settings)._worker(0).env
+    assert SECRET not in env.get("TRACKSIDE_ALERT_WEBHOOK_URL", "") + env.get("TRACKSIDE_ALERT_WEBHOOK_TOKEN", "")
+    assert env["TRACKSIDE_KAFKA_SASL_PASSWORD"] == SECRET  # what the workers do need, they get
