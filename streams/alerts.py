@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget")
+# SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.rollout)
+KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency")
 SEVERITIES = ("info", "warning", "critical")
 FIRING, RESOLVED = "firing", "resolved"
 

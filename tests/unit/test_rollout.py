@@ -196,3 +196,28 @@ def test_inferred_roles_do_not_swap_on_noise():
         rollouts.observe(run(i, "v3", T0 + i * 60_000))
         rollouts.stable("bot")
     assert rollouts.stable("bot") == "v3"
+
+
+def test_every_canary_metric_can_raise_its_alert():
+    from streams.alerts import KINDS
+    from streams.canary import METRICS
+    from streams.rollout import METRIC_KINDS
+
+    assert set(METRICS) == set(METRIC_KINDS) and set(METRIC_KINDS.values()) <= set(KINDS)
+
+
+def test_a_canary_that_loops_and_slows_down_is_rolled_back_on_those_metrics():
+    controller = RolloutController(Policy.from_mapping({"canary": {"rollback_on": ["loop_rate", "p95_duration"]}}),
+                                   WINDOW)
+    runs = fleet(1500, T0)
+    for r in runs:
+        if r["agent_version"] == "v2":
+            r["loop_detected"] = int(r["run_id"].rsplit("-", 1)[1]) % 3 == 0
+            r["duration_ms"] *= 3
+    rollbacks, alerts = [], []
+    for i in range(0, len(runs), 30):
+        rb, al, _ = controller.update(runs[i:i + 30])
+        rollbacks += rb
+        alerts += al
+    assert len(rollbacks) == 1
+    assert {a["kind"] for a in alerts} <= {"loop_rate", "latency"} and alerts
