@@ -40,17 +40,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_forward(args: argparse.Namespace) -> int:
     from streams import telemetry
-    from streams.forward import AlertForwarder, build_targets
+    from streams.forward import build_targets, run_forwarders
 
     settings = _settings()
-    forwarder = AlertForwarder(settings, build_targets(settings))
+    if not build_targets(settings):  # ConfigError on a bad URL, too
+        raise TracksideError("no alert target: set TRACKSIDE_ALERTMANAGER_URL and/or TRACKSIDE_ALERT_WEBHOOK_URL")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     metrics = (telemetry.start_metrics_server(args.metrics_port, host=settings.metrics_host)
                if args.metrics_port else None)
     try:
-        forwarder.run(stop)
+        run_forwarders(settings, stop)
     finally:
         if metrics is not None:
             metrics.stop()

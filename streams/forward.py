@@ -1,7 +1,9 @@
 """The alert forwarder: `trackside.alerts` to Prometheus Alertmanager and to a webhook.
 
-A confluent-kafka consumer of its own group (`trackside-forwarder`) reads the alerts
-(SPEC §6) in batches and hands each batch to every configured target, one after the other:
+`run_forwarders` runs one forwarder per configured target, each a confluent-kafka consumer
+of its own group (`trackside-forwarder-alertmanager`, `trackside-forwarder-webhook`), so a
+target that refuses holds back no other. A forwarder reads the alerts (SPEC §6) in batches
+and hands each batch to its target(s):
 
 - Alertmanager (`TRACKSIDE_ALERTMANAGER_URL`): the batch's alerts, in topic order, as one
   `POST {url}/api/v2/alerts` (a list of postable alerts, API v2). Labels identify an alert
@@ -605,8 +607,30 @@ def build_targets(settings: Settings) -> list[HttpTarget]:
 # The forwarder
 
 
+def run_forwarders(settings: Settings, stop: threading.Event, restart_after: float = 5.0) -> None:
+    """One forwarder per configured target, each in its own thread and consumer group
+    (`trackside-forwarder-<target>`), so a target that refuses holds back no other; each is
+    restarted (its state rebuilt from the topic) if it fails. Returns once `stop` is set."""
+
+    def forward(name: str) -> None:
+        while not stop.is_set():
+            try:
+                (target,) = [t for t in build_targets(settings) if t.name == name]
+                AlertForwarder(settings, [target], group=f"{GROUP}-{name}").run(stop)
+            except Exception:
+                log.exception("the %s forwarder failed; restarting it in %.0f s", name, restart_after)
+                stop.wait(restart_after)
+
+    threads = [threading.Thread(target=forward, args=(target.name,), name=f"forward-{target.name}", daemon=True)
+               for target in build_targets(settings)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 class AlertForwarder:
-    """Consumes `trackside.alerts` and delivers every alert to every target; see the module docstring."""
+    """Consumes `trackside.alerts` and delivers every alert to its targets; see the module docstring."""
 
     def __init__(self, settings: Settings, targets: Sequence[HttpTarget], *, group: str = GROUP,
                  consumer: Any = None, batch_max: int = BATCH_MAX, poll_seconds: float = POLL_SECONDS) -> None:

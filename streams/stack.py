@@ -18,7 +18,7 @@ import time
 from streams import telemetry
 from streams.broker import Child, embedded_broker, ensure_topics, port_free, wait_for_broker
 from streams.errors import BrokerError, ConfigError, TracksideError
-from streams.forward import AlertForwarder, build_targets
+from streams.forward import build_targets, run_forwarders
 
 FORWARDER_SETTINGS = ("alertmanager_url", "alert_webhook_url", "alert_webhook_token")
 from streams.ingest import StoreSink
@@ -128,13 +128,7 @@ class Stack:
             return None
 
     def _run_forwarder(self) -> None:
-        """The alert forwarder, restarted (its state rebuilt from the topic) if it fails."""
-        while not self._forwarder_stop.is_set():
-            try:
-                AlertForwarder(self.settings, build_targets(self.settings)).run(self._forwarder_stop)
-            except Exception:
-                log.exception("the alert forwarder failed; restarting it in 5 s")
-                self._forwarder_stop.wait(5)
+        run_forwarders(self.settings, self._forwarder_stop)
 
     def _run_sink(self) -> None:
         try:

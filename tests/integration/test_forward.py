@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import Counter
 
 import orjson
 import pytest
 from confluent_kafka import Producer
+from pydantic import SecretStr
 from streams.broker import embedded_broker, ensure_topics, wait_for_broker
 from streams.settings import Settings
 
@@ -148,3 +150,30 @@ def test_restart_rebuilds_the_firing_alerts_without_delivering_them_again(settin
     after = [posted for request in receiver.on(AM_PATH)[before:] for posted in request.json()]
     assert {posted["labels"]["fingerprint"] for posted in after} == {"fp-b", "fp-c"}  # fp-a was resolved
     assert all("endsAt" in posted for posted in after)
+
+
+def test_a_refusing_webhook_holds_back_no_alertmanager_delivery(settings):
+    """One consumer group per target: the webhook's outage does not block Alertmanager."""
+    from streams.forward import run_forwarders
+
+    with Receiver() as receiver:
+        both = settings.model_copy(update={
+            "alertmanager_url": SecretStr(receiver.url), "alertmanager_resend_seconds": 0.0,
+            "alert_webhook_url": SecretStr(f"http://127.0.0.1:{free_port()}{HOOK}"),  # nobody listens
+        })
+        stop = threading.Event()
+        thread = threading.Thread(target=run_forwarders, args=(both, stop), daemon=True)
+        thread.start()
+        try:
+            def posted() -> list[str]:
+                return sorted(a["annotations"]["alert_id"] for r in receiver.on(AM_PATH) for a in r.json())
+
+            produce(settings, alert("a1", "f1"), alert("a2", "f2"))
+            assert receiver.wait(lambda: posted() == ["a1", "a2"], timeout=30), posted()
+            # the webhook is still being retried with the first batch; later alerts reach Alertmanager
+            produce(settings, alert("a3", "f3"))
+            assert receiver.wait(lambda: posted() == ["a1", "a2", "a3"], timeout=30), posted()
+        finally:
+            stop.set()
+            thread.join(30)
+        assert not thread.is_alive()
