@@ -29,24 +29,24 @@ class PublishReport:
     errors: list[str] = field(default_factory=list)
 
 
-def run_key(line: bytes) -> bytes | None:
-    """The run_id of a line, as the message key; None when the line has none."""
+def _field_key(line: bytes, name: str) -> bytes | None:
+    """A string field of a JSON line, as the message key; None when the line has none."""
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
-    run_id = value.get("run_id") if isinstance(value, dict) else None
-    return run_id.encode() if isinstance(run_id, str) else None
+    field_value = value.get(name) if isinstance(value, dict) else None
+    return field_value.encode() if isinstance(field_value, str) else None
+
+
+def run_key(line: bytes) -> bytes | None:
+    """The run_id of an agent event line: its key on agent.events."""
+    return _field_key(line, "run_id")
 
 
 def agent_key(line: bytes) -> bytes | None:
-    """The agent_id of a deployment line, as the message key; None when the line has none."""
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    agent_id = value.get("agent_id") if isinstance(value, dict) else None
-    return agent_id.encode() if isinstance(agent_id, str) else None
+    """The agent_id of a deployment line: its key on agent.deployments."""
+    return _field_key(line, "agent_id")
 
 
 def publish_lines(settings: Settings, lines: Iterable[bytes], *, on_line=None,

@@ -9,12 +9,18 @@ again after a restart carries the same id and the `alerts` table keeps it once.
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 from typing import Any
 
 # SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.rollout)
 KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency")
 SEVERITIES = ("info", "warning", "critical")
 FIRING, RESOLVED = "firing", "resolved"
+
+
+def utc_text(ms: int) -> str:
+    """Epoch milliseconds as alert summaries write a time."""
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def fingerprint(kind: str, *subject: str) -> str:

@@ -4,7 +4,6 @@ and `failure_cluster` alerts when a cluster appears or spikes (SPEC §6, table `
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
 import math
 import re
 from collections import Counter, OrderedDict
@@ -19,7 +18,7 @@ from sklearn.feature_extraction import FeatureHasher
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
-from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert
+from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
 
 KIND = "failure_cluster"
 
@@ -447,7 +446,7 @@ class FailureClusterer(BaseEstimator):
                     kind=KIND, severity=firing["severity"], status=RESOLVED, fingerprint=firing["fingerprint"],
                     ts=self.clock_, agent_id=cluster.agent_id, agent_version=firing["agent_version"],
                     run_id=firing["run_id"], episode=cluster.cluster_id,
-                    summary=f"failure cluster of {cluster.agent_id} quiet since {_iso(cluster.last_seen)}: "
+                    summary=f"failure cluster of {cluster.agent_id} quiet since {utc_text(cluster.last_seen)}: "
                             f"\"{cluster.label}\" ({cluster.size} runs)",
                     evidence={**firing["evidence"], "size": cluster.size, "last_seen": cluster.last_seen,
                               "quiet_ms": self.new_quiet_ms}))
@@ -464,7 +463,7 @@ class FailureClusterer(BaseEstimator):
             ts=cluster.last_seen, agent_id=cluster.agent_id, agent_version=version,
             run_id=cluster.example_run_ids[-1],
             summary=f"new failure cluster for {cluster.agent_id}: {cluster.size} runs failing as "
-                    f"\"{cluster.label}\" since {_iso(cluster.first_seen)}",
+                    f"\"{cluster.label}\" since {utc_text(cluster.first_seen)}",
             evidence=evidence, episode=cluster.cluster_id)
 
     def _spike_alert(self, cluster: Cluster, status: str, numbers: dict) -> dict:
@@ -484,6 +483,3 @@ class FailureClusterer(BaseEstimator):
             ts=self.clock_, agent_id=cluster.agent_id, agent_version=version, run_id=cluster.example_run_ids[-1],
             summary=summary, evidence=evidence, episode=str(cluster.spike_since))
 
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

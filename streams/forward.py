@@ -65,13 +65,13 @@ import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
-    KafkaError,
     KafkaException,
     TopicPartition,
 )
 
 from streams import telemetry, topics
 from streams.errors import ConfigError
+from streams.ingest import consumer_config, without_errors
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -661,8 +661,6 @@ class AlertForwarder:
 
     def run(self, stop: threading.Event) -> None:
         """Consume and deliver until `stop` is set."""
-        from streams.ingest import consumer_config
-
         self._stop = stop
         if self._consumer is None:
             self._consumer = Consumer(consumer_config(self.settings, self.group))
@@ -694,12 +692,7 @@ class AlertForwarder:
             counts[f"{target.name}_delivered"] = counts[f"{target.name}_rejected"] = 0
         items: list[Item] = []
         offsets: dict[tuple[str, int], int] = {}
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", error)
-                continue
+        for message in without_errors(messages):
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             offsets[(topic, partition)] = max(offsets.get((topic, partition), -1), offset + 1)
             replay = offset < self._skip_below.get(partition, -1)

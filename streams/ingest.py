@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import orjson
 import pyarrow as pa
@@ -53,6 +53,17 @@ def consumer_config(settings: Settings, group: str) -> dict:
         "fetch.wait.max.ms": 50,
         "enable.partition.eof": False,
     }
+
+
+def without_errors(messages: Iterable[Message]) -> Iterator[Message]:
+    """The messages of a `consume()` that carry data; the consumer errors among them are
+    logged (end-of-partition events are not errors) and left out."""
+    for message in messages:
+        error = message.error()
+        if error is None:
+            yield message
+        elif error.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error: %s", error)
 
 
 def producer_config(settings: Settings) -> dict:
@@ -100,12 +111,7 @@ class StoreSink:
         telemetry.SINK_INFLIGHT_MESSAGES.set(len(messages))
         by_topic: dict[str, list[Message]] = defaultdict(list)
         oldest: dict[str, int] = {}  # Kafka timestamp (ms) of each topic's oldest message
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", error)
-                continue
+        for message in without_errors(messages):
             by_topic[message.topic()].append(message)
             kind, stamp = message.timestamp()
             if kind != TIMESTAMP_NOT_AVAILABLE and 0 < stamp < oldest.get(message.topic(), 1 << 62):

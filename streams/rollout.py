@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 import orjson
 
-from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert
+from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
 from streams.canary import CanaryAnalysis, Verdict
 from streams.events import InvalidEvent, _check_amount, _check_choice, _check_id, parse_ts
 from streams.policy import Policy
@@ -322,7 +322,7 @@ class RolloutController:
         alert = make_alert(
             kind="budget", severity="critical" if total >= 2 * limit else "warning", status=FIRING,
             fingerprint=fp, ts=int(run["ended_at"]), agent_id=run["agent_id"] if scope == "agent_hour" else "",
-            summary=f"{who} spent ${total:.4f} in the {period} from {_utc(start)}, over its budget of ${limit:.4f}",
+            summary=f"{who} spent ${total:.4f} in the {period} from {utc_text(start)}, over its budget of ${limit:.4f}",
             evidence={"scope": scope, "subject": subject, "period_start": start, "period_ms": length,
                       "spent_usd": total, "limit_usd": limit, "runs": len(runs), "last_run_id": run["run_id"]},
             episode=str(start))
@@ -354,7 +354,3 @@ def _describe(metric: Any) -> str:
     return (f"{metric.metric} {fmt(metric.stable)} -> {fmt(metric.canary)} "
             f"(always-valid p={metric.p_value:.1e} < {metric.threshold:.1e})")
 
-
-def _utc(ms: int) -> str:
-    import datetime as dt
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -7,9 +7,7 @@ started again.
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from collections import Counter
 
 import orjson
@@ -21,15 +19,10 @@ from streams.settings import Settings
 
 from streams.forward import AlertForwarder, AlertmanagerTarget, WebhookTarget
 from tests.alert_receiver import AM_PATH, Receiver
+from tests.conftest import free_port
 
 HOOK = "/hook"
 T0 = 1_714_564_800_000
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
