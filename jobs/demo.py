@@ -138,11 +138,13 @@ def _wait_for_runs(stack: Stack, expected: int, timeout: float) -> int:
 
 SETTLED = """
 SELECT (SELECT count() FROM alerts), (SELECT count() FROM rollbacks), (SELECT count() FROM canaries),
-       (SELECT count() FROM drift), (SELECT count() FROM agent_metrics)
+       (SELECT count() FROM drift), (SELECT count() FROM agent_metrics),
+       (SELECT count() FROM canaries FINAL WHERE decision = 'rollback')
+         > (SELECT uniqExact(agent_id, from_version) FROM rollbacks) AS rollback_in_flight
 """
 
 
-def _settle(stack: Stack, quiet: float = 2.0, timeout: float = 30.0) -> None:
+def _settle(stack: Stack, quiet: float = 3.0, timeout: float = 60.0) -> None:
     """Wait until the processors' outputs stop changing for `quiet` seconds: the last runs
     are in, but the verdicts and alerts they trigger land a moment later."""
     deadline = time.monotonic() + timeout
@@ -151,7 +153,7 @@ def _settle(stack: Stack, quiet: float = 2.0, timeout: float = 30.0) -> None:
         now = stack.store.query_rows(SETTLED)[0]
         if now != last:
             last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
+        elif time.monotonic() - since >= quiet and not now[-1]:  # a decided rollback is on its way
             return
         time.sleep(0.25)
 

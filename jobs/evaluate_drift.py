@@ -10,6 +10,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+from scipy import stats
+
 from streams.drift import DriftDetector
 from jobs.simulate import (DEFAULT_START_MS, HOUR_MS, AgentSpec, CanarySpec, FleetConfig, default_agents,
                            genai_prices_fn, simulate)
@@ -97,22 +99,23 @@ class Scenario:
     after: dict | None = None  # VersionSpec (or path) changes of the target from SHIFT_AT_MS
     canary: CanarySpec | None = None
     single_version: bool = False  # support-bot with v1.4.2 only (canary scenarios)
+    lasts_ms: int | None = None  # the shift ends after this long (a blip); None: it stays
 
-    def runs(self, seed: int, fast_prices: bool = False) -> list[dict]:
+    def runs(self, seed: int, fast_prices: bool = False, runs_per_span: int = RUNS_PER_SPAN) -> list[dict]:
         agents = default_agents()
         if self.single_version:
             agents = tuple(dataclasses.replace(a, versions=a.versions[:1]) if a.agent_id == "support-bot" else a
                            for a in agents)
         start = DEFAULT_START_MS
         if self.after is None:
-            return _fleet(seed, agents, start, SPAN_MS, RUNS_PER_SPAN, self.canary, fast_prices)
-        # a shift within one version: two fleets back to back, the second with the changed spec
-        n_before = RUNS_PER_SPAN * SHIFT_AT_MS // SPAN_MS
-        before = _fleet(seed, agents, start, SHIFT_AT_MS, n_before, None, fast_prices)
+            return _fleet(seed, agents, start, SPAN_MS, runs_per_span, self.canary, fast_prices)
+        # a shift within one version: fleets back to back, the shifted one with the changed spec
         changed = _with_version(agents, self.target[0], self.target[1], **self.after)
-        after = _fleet(seed + 10_007, changed, start + SHIFT_AT_MS, SPAN_MS - SHIFT_AT_MS,
-                       RUNS_PER_SPAN - n_before, None, fast_prices)
-        return before + after
+        end = SHIFT_AT_MS + (self.lasts_ms or SPAN_MS - SHIFT_AT_MS)
+        parts = [(0, SHIFT_AT_MS, agents), (SHIFT_AT_MS, end, changed), (end, SPAN_MS, agents)]
+        return [run for i, (a, b, spec) in enumerate(parts) if b > a
+                for run in _fleet(seed + 10_007 * i, spec, start + a, b - a, runs_per_span * (b - a) // SPAN_MS,
+                                  None, fast_prices)]
 
 
 SUPPORT = ("support-bot", "v1.4.2")
@@ -124,6 +127,7 @@ SCENARIOS = {
     "cost_x2": Scenario("cost_x2", SUPPORT, {"cost_multiplier": 2.0}),
     "success_0.5": Scenario("success_0.5", SUPPORT, {"success_rate": 0.5}),
     "new_tool": Scenario("new_tool", SUPPORT, {"path": NEW_TOOL_PATH}),
+    "blip_cost_x3": Scenario("blip_cost_x3", SUPPORT, {"cost_multiplier": 3.0}, lasts_ms=WINDOW_MS),
     "cost_x2_research": Scenario("cost_x2_research", ("research-agent", "2.3.0"), {"cost_multiplier": 2.0}),
     "success_0.35_coder": Scenario("success_0.35_coder", ("coder", "0.9.3"), {"success_rate": 0.35}),
     "canary_bad": Scenario("canary_bad", ("support-bot", "v1.6.0-rc1"), canary=CanarySpec(
@@ -179,6 +183,22 @@ def score(scenario: Scenario, alerts: list[dict], persistence: int) -> dict:
     return out
 
 
+def success_oracle(scenario: Scenario, runs: list[dict], windows: int = 4) -> float:
+    """What the data allows: the smallest p-value of a test that knows where the shift starts and
+    looks at the success rate alone, one-sided (Fisher's exact test) on the target's runs from
+    W0 to the end of each of W0+1 .. W0+windows-1 against its runs of the 2 h before. Runs that
+    reach a detector too late for their window (timed out) are left out, as the detector must."""
+    shift = DEFAULT_START_MS + SHIFT_AT_MS
+    mine = [r for r in runs if (r["agent_id"], r["agent_version"]) == scenario.target and r["_arrival"] == r["ended_at"]]
+    before = [r["outcome"] == "success" for r in mine if r["ended_at"] < shift]
+    best = 1.0
+    for w in range(2, windows + 1):
+        after = [r["outcome"] == "success" for r in mine if shift <= r["ended_at"] < shift + w * WINDOW_MS]
+        table = [[len(after) - sum(after), sum(after)], [len(before) - sum(before), sum(before)]]
+        best = min(best, float(stats.fisher_exact(table, alternative="greater").pvalue))
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=10)
@@ -186,24 +206,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--alpha", type=float, default=None)
     ap.add_argument("--min-samples", type=int, default=None)
+    ap.add_argument("--consistency-alpha", type=float, default=None)
+    ap.add_argument("--runs-per-span", type=int, default=RUNS_PER_SPAN, help="runs of the whole fleet per 3 h")
     ap.add_argument("--fast-prices", action="store_true", help="a linear price table instead of genai-prices")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each first alert's summary")
     args = ap.parse_args(argv)
-    params = {k: v for k, v in (("alpha", args.alpha), ("min_samples", args.min_samples)) if v is not None}
+    params = {k: v for k, v in (("alpha", args.alpha), ("min_samples", args.min_samples),
+                                ("consistency_alpha", args.consistency_alpha)) if v is not None}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     spent_all = tests_all = batches_all = 0
-    print(f"{SPAN_MS // HOUR_MS} h of event time, {WINDOW_MS // 60_000}-min windows, {RUNS_PER_SPAN} runs per 3 h, "
+    print(f"{SPAN_MS // HOUR_MS} h of event time, {WINDOW_MS // 60_000}-min windows, {args.runs_per_span} runs per 3 h, "
           f"shift at +{SHIFT_AT_MS // 60_000} min, seeds {seeds.start}..{seeds.stop - 1}, params {params or 'default'}")
     print("delay = windows between the earliest alert persistence allows (test of W0 + persistence - 1, "
           "W0 = first window starting at/after the shift) and the alert; bar: delay <= 2")
     for name in args.scenarios.split(","):
         sc = SCENARIOS[name]
-        delays, false_total, significant, tested, lines = [], 0, 0, 0, []
+        delays, false_total, significant, tested, lines, oracle = [], 0, 0, 0, [], []
         per_version: dict[str, int] = defaultdict(int)
         for seed in seeds:
             baseline = {"support-bot": "v1.4.2"} if sc.canary else None
             det = DriftDetector(baseline_version=baseline, **params)
-            runs = sc.runs(seed, args.fast_prices)
+            runs = sc.runs(seed, args.fast_prices, args.runs_per_span)
+            if sc.after and "success_rate" in sc.after:
+                oracle.append(success_oracle(sc, runs))
             rows, alerts, spent, tests = replay(det, runs)
             spent_all += spent
             tests_all += tests
@@ -226,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             shown = ["-" if d is None else d for d in delays]
             head += f"; {sc.target[0]} {sc.target[1]} within bar {within}/{len(seeds)}, delay per seed {shown}"
         print(head)
+        if oracle:
+            print("  oracle (knows W0, success rate alone, one-sided, by W0+3): p <= 1e-5 in "
+                  f"{sum(p <= 1e-5 for p in oracle)}/{len(oracle)}, p <= 1e-4 in {sum(p <= 1e-4 for p in oracle)}, "
+                  f"p <= 1e-3 in {sum(p <= 1e-3 for p in oracle)}")
         if sc.target is None:
             print("  tested windows: " + ", ".join(f"{k} {v}" for k, v in sorted(per_version.items())))
         if lines:

@@ -228,9 +228,11 @@ def create_app(settings: Settings) -> faust.App:
             rollbacks: list[dict] = []
             if runs or "watermark" in result:
                 # A window is tested once every upstream partition has passed it, so none of
-                # its runs is late here; a message with no runs may be what moves that on.
-                drift_rows, drift_alerts = detectors[partition].update(
-                    runs, windows[partition].slowest_watermark(now) or -(2 ** 62))
+                # its runs is late here; a message with no runs may be what moves that on. The
+                # tests run off the event loop (this agent awaits them, so one at a time), which
+                # meanwhile flushes what was sent and keeps the consumer's heartbeats going.
+                drift_rows, drift_alerts = await asyncio.get_running_loop().run_in_executor(
+                    None, detectors[partition].update, runs, windows[partition].slowest_watermark(now) or -(2 ** 62))
                 out["drift"] = [{**row, "updated_at": now} for row in drift_rows]
                 alerts += drift_alerts
             if runs:

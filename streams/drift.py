@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Collection, Iterable, Mapping
 
 import numpy as np
 from scipy import special, stats
@@ -25,9 +25,19 @@ CATEGORICAL = ("tool_mix", "outcome", "error_type", "success")
 # --- two-sample statistics ------------------------------------------------------------------------
 
 
-def ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
-    """Two-sample Kolmogorov-Smirnov: (D, p-value)."""
-    res = stats.ks_2samp(reference, current)
+def ks(reference: np.ndarray, current: np.ndarray, side: str | None = None) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov: (D, p-value); `side` "greater" tests only for a current
+    sample shifted upwards (its CDF below the reference's), "less" only downwards."""
+    res = stats.ks_2samp(reference, current, alternative=side or "two-sided")
+    return float(res.statistic), float(res.pvalue)
+
+
+def fisher_success(reference: Mapping[str, int], current: Mapping[str, int], fell: bool) -> tuple[float, float]:
+    """One-sided Fisher exact test that the current success share fell (`fell`) or rose against the
+    reference's: (odds ratio of not succeeding, current vs reference; p-value). Exact, so right
+    at the handful of runs a window holds, where the chi-square approximation is not."""
+    table = [[current.get("not", 0), current.get("success", 0)], [reference.get("not", 0), reference.get("success", 0)]]
+    res = stats.fisher_exact(table, alternative="greater" if fell else "less")
     return float(res.statistic), float(res.pvalue)
 
 
@@ -235,13 +245,14 @@ class _Series:
     windows: dict[int, _Window] = field(default_factory=dict)
     firing: bool = False
     severity: str = "warning"
-    significant_streak: int = 0
     clear_streak: int = 0
-    counted: frozenset = frozenset()  # windows of the drifted pool last counted in the streak
     episode: int = 0  # window of the firing alert, shared by its resolution
 
 
 # --- detector --------------------------------------------------------------------------------------
+
+# a test's (scale, feature, (statistic name, value), p-value, [(effect, value, floor)], change)
+Test = tuple[str, str, tuple[str, float], float, list[tuple[str, float, float]], dict]
 
 
 class DriftDetector:
@@ -253,35 +264,45 @@ class DriftDetector:
     reference never holds runs a tested window could not see. `lateness_ms` must cover the run
     assembler's idle timeout for timed-out runs to be seen at all, at the price of that delay.
 
-    Each window is tested at two scales: the window pooled with the windows just before it (at
-    most `max_pool_windows` of event time) until it holds `min_samples` runs, so low traffic
-    still gets tested every window; and a short pool (at most `short_pool_windows`, at least
-    `min_short_samples` runs) that a big shift at low traffic moves sooner. The reference is the most recent `reference_windows` windows
-    before that pool that were not part of a significant pool, within `max_reference_age_ms`;
-    for a version other than `baseline_version[agent_id]` (or, when `baseline_version` is a
-    function of (agent, version), the version it names: the rollout's stable one for a canary)
-    it is the stable version's windows up to the tested one. Nothing is tested before the reference holds `min_reference` runs: every
-    later test reuses it, so an odd small reference would bias them all alike. When fewer clean
-    reference runs remain (a shift that outlived the age limit), the recent windows become the
-    reference: the new normal.
+    Each window is tested at three scales, each a pool of the windows ending with it: `short`,
+    the last `short_pool_windows` windows; `mid`, the last `mid_pool_windows` (both need
+    `min_short_samples` runs); and `long`, back (at most `max_pool_windows`) until
+    `min_samples` runs, so low traffic still gets tested. A pool equal to a shorter scale's is
+    tested once. Scanning several lengths finds a shift that began a few windows ago with most
+    of its runs and little of the time before it. The reference is the most recent
+    `reference_windows` windows before the widest pool that were not part of a drifted pool,
+    within `max_reference_age_ms`; for a version other than `baseline_version[agent_id]` (or,
+    when `baseline_version` is a function of (agent, version), the version it names: the
+    rollout's stable one for a canary) it is the stable version's windows up to the tested one.
+    Nothing is tested before the reference holds `min_reference` runs: every later test reuses
+    it, so an odd small reference would bias them all alike. When fewer clean reference runs
+    remain (a shift that outlived the age limit), the recent windows become the reference: the
+    new normal.
 
     Per window, one p-value per feature and scale (KS for numeric, chi-square for categorical)
-    goes through Benjamini-Hochberg at FDR `alpha`; short-scale rows in `drift` are named
-    `feature@short`. A feature has drifted when its test is rejected
-    and its effect size reaches a floor (scaled Wasserstein or PSI; Jensen-Shannon distance),
-    so huge samples do not alert on negligible shifts. An alert fires after `persistence`
-    consecutive drifted windows whose drifted pools are disjoint, i.e. independent confirmations
-    (a single bad window inside two overlapping pools is one confirmation, not two) (critical when a drifted feature's Wasserstein or JS distance is
-    `critical_factor` times its floor) and resolves after `persistence` consecutive clear ones;
-    windows without enough runs on either side count for neither, and so do windows where no
-    feature passes the corrected bar but one is below `alpha` uncorrected (so an alert on a
-    shift that persists does not resolve while the evidence only wavers).
+    goes through Benjamini-Hochberg at FDR `alpha`; rows in `drift` are named `feature@short`,
+    `feature@mid` and `feature` (long). A feature has drifted when its test is rejected and its
+    effect size reaches a floor (scaled Wasserstein or PSI; Jensen-Shannon distance), so huge
+    samples do not alert on negligible shifts.
+
+    Persistence: an alert fires when a feature drifted in a pool of at least `persistence`
+    windows and the shift shows in both halves of that pool on their own: split in two runs of
+    consecutive windows with about as many runs each, each half tested for that feature alone,
+    one-sided in the pool's direction where the test has a side, at `consistency_alpha`, and
+    moved the same way (rows `feature@scale.early` / `.late`). The halves share no run, so a
+    single bad window, however bad, leaves one half clean; the strict bar is paid once, on the
+    whole pool, where all of a real shift's runs are. Critical when a drifted feature's
+    Wasserstein or JS distance is `critical_factor` times its floor. The alert resolves after
+    `persistence` consecutive clean windows: no feature drifted and none below `alpha` even
+    before the multiple-testing correction (so an alert on a shift that persists does not
+    resolve while the evidence only wavers); windows without enough runs count for neither.
     """
 
     def __init__(self, window_ms: int = 300_000, lateness_ms: int = 120_000, min_samples: int = 30,
                  min_reference: int = 100, max_pool_windows: int = 6, short_pool_windows: int = 2,
-                 min_short_samples: int = 10, reference_windows: int = 24,
-                 max_reference_age_ms: int = 3 * 3_600_000, alpha: float = 0.005, persistence: int = 2,
+                 mid_pool_windows: int = 4, min_short_samples: int = 10, reference_windows: int = 24,
+                 max_reference_age_ms: int = 3 * 3_600_000, alpha: float = 0.0002, persistence: int = 2,
+                 consistency_alpha: float = 0.01, homogeneity_alpha: float = 0.001,
                  wasserstein_floor: float = 0.1, psi_floor: float = 0.1, js_floor: float = 0.05,
                  critical_factor: float = 4.0, psi_bins: int = 10, mc_draws: int | None = None,
                  baseline_version: Mapping[str, str] | Callable[[str, str], str | None] | None = None,
@@ -292,11 +313,14 @@ class DriftDetector:
         self.min_reference = min_reference
         self.max_pool_windows = max_pool_windows
         self.short_pool_windows = short_pool_windows
+        self.mid_pool_windows = mid_pool_windows
         self.min_short_samples = min_short_samples
         self.reference_windows = reference_windows
         self.max_reference_age_ms = max_reference_age_ms
         self.alpha = alpha
         self.persistence = persistence
+        self.consistency_alpha = consistency_alpha
+        self.homogeneity_alpha = homogeneity_alpha
         self.wasserstein_floor = wasserstein_floor
         self.psi_floor = psi_floor
         self.js_floor = js_floor
@@ -411,120 +435,150 @@ class DriftDetector:
         window.tested = True
         if not window.runs:
             return [], []
-        long_pool = self._pool_back(series, start, self.max_pool_windows, self.min_samples)
-        short_pool = self._pool_back(series, start, self.short_pool_windows, self.min_short_samples)
-        pools = [p for p in (short_pool, long_pool) if p is not None]
+        pools: dict[str, list[_Window]] = {}
+        for scale, pool in (("short", self._last(series, start, self.short_pool_windows)),
+                            ("mid", self._last(series, start, self.mid_pool_windows)),
+                            ("long", self._pool_back(series, start))):
+            if pool is not None and all(len(pool) != len(p) for p in pools.values()):  # same windows: tested once
+                pools[scale] = pool
         if not pools:
             return [], []
-        pools = list({tuple(w.start for w in p): p for p in pools}.values())  # one test if both are the same
-        widest = max(pools, key=len)
+        widest = max(pools.values(), key=len)
         reference, baseline = self._reference(key, widest[-1].start, start)
         n_ref = sum(len(w.runs) for w in reference)
         if n_ref < self.min_reference:
             return [], []
-        ref_num, ref_cat = _pool(reference)
-        tests = []  # (scale, feature, (test statistic, value), p, [(effect, value, floor)], change)
-        scales = {}
-        for pool in pools:
-            scale = "short" if pool is short_pool and len(pools) > 1 else "long"
-            scales[scale] = pool
-            tests += self._feature_tests(scale, pool, reference, ref_num, ref_cat, len(pools))
+        ref = (reference, *_pool(reference))
+        n_tests = len(pools) * (len(NUMERIC) + len(CATEGORICAL))
+        tests: list[Test] = []
+        for scale, pool in pools.items():
+            tests += self._feature_tests(scale, pool, ref, self.alpha / n_tests)
 
         rejected, cutoff = benjamini_hochberg([t[3] for t in tests], self.alpha)
-        rows, moved, drifted_pools = [], {}, []
+        rows, moved, persistent = [], {}, {}
         base = {"agent_id": key[0], "agent_version": key[1], "window": start, "baseline": baseline}
-        for (scale, name, (stat_name, stat_value), p, effects, change), rej in zip(tests, rejected):
-            big = any(v >= floor for _, v, floor in effects)
-            drifted = bool(rej and big)
-            feature = name if scale == "long" else f"{name}@short"
-            rows.append({**base, "feature": feature, "statistic": stat_name, "value": stat_value,
-                         "p_value": p, "threshold": cutoff, "significant": drifted})
-            for eff_name, v, floor in effects:
-                rows.append({**base, "feature": feature, "statistic": eff_name, "value": v, "p_value": None,
-                             "threshold": floor, "significant": bool(rej and v >= floor)})
-            if drifted:
-                pool = scales[scale]
-                if pool not in drifted_pools:
-                    drifted_pools.append(pool)
-                finding = {"feature": name, "scale": scale, "n_current": sum(len(w.runs) for w in pool),
-                           "change": change, stat_name: {"value": stat_value, "p_value": p, "threshold": cutoff},
-                           **{e: {"value": v, "p_value": None, "threshold": f} for e, v, f in effects},
-                           # PSI is biased upwards at small n, so severity reads the other effect sizes
-                           "effect_ratio": max(v / f for e, v, f in effects if e != "psi")}
-                if name not in moved or _feature_p(finding) < _feature_p(moved[name]):
-                    moved[name] = finding
-
-        for pool in drifted_pools:
+        for test, rej in zip(tests, rejected):
+            scale, name, _, p, effects, change = test
+            rows += _rows(base, _feature_name(name, scale), test, cutoff, rej)
+            if not (rej and any(v >= floor for _, v, floor in effects)):
+                continue
+            pool = pools[scale]
             for w in pool:
-                w.drifted = True
-        n_cur = sum(len(w.runs) for w in widest)
-        evidence = {"window": start, "window_ms": self.window_ms, "pool_windows": [w.start for w in widest],
-                    "n_current": n_cur, "n_reference": n_ref, "reference": baseline,
-                    "features": sorted(moved.values(), key=_feature_p), "min_p_value": min(t[3] for t in tests)}
-        evidence["drifted_pools"] = [frozenset(w.start for w in p) for p in drifted_pools]
-        return rows, self._advance(key, series, evidence)
+                w.drifted = True  # kept out of later references
+            finding = _finding(test, cutoff, sum(len(w.runs) for w in pool))
+            if name not in moved or _feature_p(finding) < _feature_p(moved[name]):
+                moved[name] = finding
+            if len(pool) >= self.persistence and (name not in persistent or len(pool) > persistent[name]["windows"]):
+                check, half_rows = self._halves(pool, test, ref, base)
+                rows += half_rows
+                if check.pop("persists"):
+                    persistent[name] = {**finding, "windows": len(pool), **check}
 
-    def _pool_back(self, series: _Series, start: int, windows: int, min_runs: int) -> list[_Window] | None:
-        """The window at `start` and those just before it, at most `windows` of event time, until
-        they hold `min_runs` runs; None if they never do."""
+        evidence = {"window": start, "window_ms": self.window_ms, "pool_windows": [w.start for w in widest],
+                    "n_current": sum(len(w.runs) for w in widest), "n_reference": n_ref, "reference": baseline,
+                    "features": sorted(moved.values(), key=_feature_p), "min_p_value": min(t[3] for t in tests)}
+        return rows, self._advance(key, series, evidence, sorted(persistent.values(), key=_feature_p))
+
+    def _last(self, series: _Series, start: int, windows: int) -> list[_Window] | None:
+        """The windows with runs among the last `windows` of event time up to `start`, newest first,
+        if they hold `min_short_samples` runs."""
+        pool = [w for s in range(start, start - windows * self.window_ms, -self.window_ms)
+                if (w := series.windows.get(s)) is not None and w.runs]
+        return pool if sum(len(w.runs) for w in pool) >= self.min_short_samples else None
+
+    def _pool_back(self, series: _Series, start: int) -> list[_Window] | None:
+        """The window at `start` and those just before it, at most `max_pool_windows` of event time,
+        until they hold `min_samples` runs; None if they never do."""
         pool, n = [], 0
-        for s in range(start, start - windows * self.window_ms, -self.window_ms):
+        for s in range(start, start - self.max_pool_windows * self.window_ms, -self.window_ms):
             w = series.windows.get(s)
             if w is not None and w.runs:
                 pool.append(w)
                 n += len(w.runs)
-                if n >= min_runs:
+                if n >= self.min_samples:
                     return pool
         return None
 
-    def _feature_tests(self, scale: str, pool: list[_Window], reference: list[_Window], ref_num: np.ndarray,
-                       ref_cat: list[Counter], scales: int) -> list[tuple]:
+    def _halves(self, pool: list[_Window], test: Test, ref: tuple, base: dict) -> tuple[dict, list[dict]]:
+        """The drifted feature of `test` in each half of `pool` (consecutive windows, split where
+        the run counts are most even) against the reference, one-sided in the pool's direction,
+        and the halves against each other: ({persists, halves, halves_differ}, drift rows)."""
+        scale, name, _, _, _, change = test
+        windows = sorted(pool, key=lambda w: w.start)
+        sizes = np.cumsum([len(w.runs) for w in windows])
+        cut = 1 + int(np.argmin(np.abs(sizes[:-1] - sizes[-1] / 2)))
+        early, late = windows[:cut], windows[cut:]
+        direction = _direction(change)
+        (between,) = self._feature_tests(scale, late, (early, *_pool(early)), self.homogeneity_alpha, {name})
+        alike = between[3] > self.homogeneity_alpha
+        rows = _rows(base, f"{name}@{scale}.between", between, self.homogeneity_alpha, not alike)
+        halves = []
+        for part, half in (("early", early), ("late", late)):
+            (h,) = self._feature_tests(scale, half, ref, self.consistency_alpha, {name}, {name: direction})
+            shifted = h[3] <= self.consistency_alpha and _direction(h[5]) == direction
+            rows += _rows(base, f"{name}@{scale}.{part}", h, self.consistency_alpha, shifted)
+            halves.append({"windows": [w.start for w in half], "n_current": int(sum(len(w.runs) for w in half)),
+                           h[2][0]: {"value": h[2][1], "p_value": h[3], "threshold": self.consistency_alpha},
+                           "change": h[5], "shifted": shifted})
+        return {"persists": alike and all(h["shifted"] for h in halves), "halves": halves,
+                "halves_differ": {between[2][0]: {"value": between[2][1], "p_value": between[3],
+                                                  "threshold": self.homogeneity_alpha}}}, rows
+
+    def _feature_tests(self, scale: str, pool: list[_Window], ref: tuple, bar: float,
+                       only: Collection[str] | None = None, directions: Mapping[str, tuple] | None = None
+                       ) -> list[Test]:
+        """One test per feature (or per feature in `only`) of `pool` against the reference `ref`
+        (windows, numeric array, category counters); one-sided for the features in `directions`
+        (feature -> the way it moved, see _direction) where the test has a side: KS for numeric
+        features, Fisher's exact test for the success rate. `bar` is the smallest p-value that
+        matters: a Monte Carlo p-value gets 2 / bar draws, so it can fall below it (its floor is
+        1 / (draws + 1)); more only sharpen p-values far past any bar, and cost: 20 / bar took
+        seconds per test at the smallest rank of an FDR of 0.0002 over 27 tests."""
+        reference, ref_num, ref_cat = ref
         cur_num, cur_cat = _pool(pool)
         tests = []
         for j, name in enumerate(NUMERIC):
+            if only is not None and name not in only:
+                continue
             r, c = ref_num[:, j], cur_num[:, j]
-            d, p = ks(r, c)
+            side = ("greater" if directions[name][0] else "less") if directions and name in directions else None
+            d, p = ks(r, c, side)
             effects = [("wasserstein", wasserstein(r, c), self.wasserstein_floor),
                        ("psi", psi(r, c, self.psi_bins), self.psi_floor)]
             tests.append((scale, name, ("ks", d), p, effects, _relative_change(float(r.mean()), float(c.mean()))))
-        # a Monte Carlo p-value must be able to fall below the BH bar of the smallest rank
-        draws = self.mc_draws or int(20 * scales * (len(NUMERIC) + len(CATEGORICAL)) / self.alpha)
         for name, r, c in zip(CATEGORICAL, ref_cat, cur_cat):
-            deff = _tool_design_effect(reference + pool, sorted(set(r) | set(c))) if name == "tool_mix" else 1.0
-            stat, p = chi2(r, c, design_effect=deff, mc_draws=draws, mc_below=max(0.01, 2 * self.alpha),
-                           rng=self.rng_)
+            if only is not None and name not in only:
+                continue
+            if name == "success" and directions and name in directions:
+                stat = ("fisher", *fisher_success(r, c, fell=not directions[name][1]))
+            else:
+                deff = _tool_design_effect(reference + pool, sorted(set(r) | set(c))) if name == "tool_mix" else 1.0
+                stat = ("chi2", *chi2(r, c, design_effect=deff, mc_draws=self.mc_draws or int(2 / bar),
+                                      mc_below=max(0.01, 2 * bar), rng=self.rng_))
             move = _share(r, c, "success") if name == "success" else _largest_move(r, c)
-            tests.append((scale, name, ("chi2", stat), p, [("js", js(r, c), self.js_floor)], move))
+            tests.append((scale, name, stat[:2], stat[2], [("js", js(r, c), self.js_floor)], move))
         return tests
 
-    def _advance(self, key: tuple[str, str], series: _Series, evidence: dict) -> list[dict]:
-        # Pools span earlier windows too, so one bad window would make several significant tests
-        # in a row: a test counts for the streak only if one of its drifted pools shares no window
-        # with the pool counted last; one that overlaps neither extends nor breaks the streak.
-        fresh = [p for p in evidence.pop("drifted_pools") if not p & series.counted]
-        if fresh:
-            series.significant_streak += 1
+    def _advance(self, key: tuple[str, str], series: _Series, evidence: dict, persistent: list[dict]) -> list[dict]:
+        if evidence["features"]:
             series.clear_streak = 0
-            series.counted = min(fresh, key=len)
-        elif not evidence["features"] and evidence["min_p_value"] >= self.alpha:
+        elif evidence["min_p_value"] >= self.alpha:
             # clean: not even one feature below alpha before the multiple-testing correction
             # (a firing alert does not resolve on windows that only narrowly miss the bar)
             series.clear_streak += 1
-            series.significant_streak = 0
-            series.counted = frozenset()
-        if not series.firing and series.significant_streak >= self.persistence:
+        if persistent and not series.firing:
             series.firing = True
             series.episode = evidence["window"]
-            critical = any(m["effect_ratio"] >= self.critical_factor for m in evidence["features"])
+            critical = any(m["effect_ratio"] >= self.critical_factor for m in persistent)
             series.severity = "critical" if critical else "warning"
-            moved = {m["feature"]: m for m in evidence["features"]}
+            moved = {m["feature"]: m for m in persistent}
             # the success rate repeats outcome's line when that line is already about success
             if moved.get("outcome", {}).get("change", {}).get("category") == "success":
                 moved.pop("success", None)
-            parts = [_describe(m) for m in moved.values()]
-            summary = (f"{key[0]} {key[1]} drifted for {series.significant_streak} windows vs "
-                       f"{evidence['reference']}: " + ", ".join(parts))
-            return [self._alert(key, series, "firing", summary, evidence)]
+            windows = max(m["windows"] for m in persistent)
+            summary = (f"{key[0]} {key[1]} drifted over the last {windows} windows vs "
+                       f"{evidence['reference']}: " + ", ".join(_describe(m) for m in moved.values()))
+            return [self._alert(key, series, "firing", summary, {**evidence, "persistent": persistent})]
         if series.firing and series.clear_streak >= self.persistence:
             series.firing = False
             summary = (f"{key[0]} {key[1]} back in line with {evidence['reference']} "
@@ -539,6 +593,29 @@ class DriftDetector:
             ts=evidence["window"] + self.window_ms, agent_id=key[0], agent_version=key[1],
             summary=summary, evidence=evidence, episode=str(series.episode),
         )
+
+
+def _feature_name(name: str, scale: str) -> str:
+    return name if scale == "long" else f"{name}@{scale}"
+
+
+def _rows(base: dict, feature: str, test: Test, threshold: float, rejected: bool) -> list[dict]:
+    """The `drift` rows of one test: its statistic and p-value, then each effect size."""
+    _, _, (stat_name, stat_value), p, effects, _ = test
+    big = any(v >= floor for _, v, floor in effects)
+    return [{**base, "feature": feature, "statistic": stat_name, "value": stat_value, "p_value": p,
+             "threshold": threshold, "significant": bool(rejected and big)}] + [
+        {**base, "feature": feature, "statistic": e, "value": v, "p_value": None, "threshold": floor,
+         "significant": bool(rejected and v >= floor)} for e, v, floor in effects]
+
+
+def _finding(test: Test, threshold: float, n_current: int) -> dict:
+    scale, name, (stat_name, stat_value), p, effects, change = test
+    return {"feature": name, "scale": scale, "n_current": n_current, "change": change,
+            stat_name: {"value": stat_value, "p_value": p, "threshold": threshold},
+            **{e: {"value": v, "p_value": None, "threshold": f} for e, v, f in effects},
+            # PSI is biased upwards at small n, so severity reads the other effect sizes
+            "effect_ratio": max(v / f for e, v, f in effects if e != "psi")}
 
 
 def _tool_design_effect(windows: list[_Window], tools: list[str]) -> float:
@@ -569,8 +646,16 @@ def _largest_move(ref: Counter, cur: Counter) -> dict:
     return _share(ref, cur, cat)
 
 
+def _direction(change: dict) -> tuple:
+    """Which way a feature moved: the mean's sign for numeric features, the category and its
+    share's sign for categorical ones."""
+    if "category" in change:
+        return change["category"], bool(change["current_share"] > change["reference_share"])
+    return (bool(change["current_mean"] > change["reference_mean"]),)
+
+
 def _feature_p(moved: dict) -> float:
-    return (moved.get("ks") or moved.get("chi2"))["p_value"]
+    return (moved.get("ks") or moved.get("chi2") or moved["fisher"])["p_value"]
 
 
 def _describe(moved: dict) -> str:
@@ -580,5 +665,6 @@ def _describe(moved: dict) -> str:
         how = f"{rel:+.0%}" if rel is not None else f"{change['reference_mean']:.3g}->{change['current_mean']:.3g}"
         return f"{moved['feature']} {how} (KS p={moved['ks']['p_value']:.0e})"
     what = "rate" if moved["feature"] == "success" else change["category"]
+    test = "chi2" if "chi2" in moved else "fisher"
     return (f"{moved['feature']} {what} {change['reference_share']:.0%}->"
-            f"{change['current_share']:.0%} (chi2 p={moved['chi2']['p_value']:.0e})")
+            f"{change['current_share']:.0%} ({test} p={moved[test]['p_value']:.0e})")

@@ -2,11 +2,11 @@
 --
 -- Answers: has this agent's behaviour moved away from its reference, when, in which features
 -- (cost, tokens, steps, duration, tool error rate, tool mix, outcome, error type, success), by
--- how much, and how sure is the test? The stream processors compare each 5-minute window (pooled
--- with the windows just before it until it holds enough runs) with the version's own trailing
--- reference, or, for a canary, with its stable version's runs of the same time; p-values go
--- through Benjamini-Hochberg across the window's features; a feature has drifted when its test
--- is rejected AND its effect size reaches a floor.
+-- how much, and how sure is the test? The stream processors compare each 5-minute window, pooled
+-- with the windows just before it at three scales, with the version's own trailing reference,
+-- or, for a canary, with its stable version's runs of the same time; p-values go through
+-- Benjamini-Hochberg across the window's features and scales; a feature has drifted when its
+-- test is rejected AND its effect size reaches a floor.
 --
 -- Source: drift, which holds one row per (window, feature, statistic): the test (ks for numeric
 -- features, chi2 for categorical ones, with a p-value and the BH threshold of the window) and
@@ -19,17 +19,19 @@
 -- @param feature String ''         one feature (e.g. cost_usd, success, tool_mix), or '' for all
 --
 -- Reading the result: one row per (agent_id, agent_version, window, feature, scale), in time
--- order. scale 'long' pools windows back until 30 runs, 'short' at most two windows (quicker
--- on a big shift at low traffic; stored as feature@short). p_value below bh_threshold = the
--- test is rejected; effect_ratio = Wasserstein (numeric) or Jensen-Shannon (categorical) / its
--- floor (>= 1: big enough to matter; >= 4 makes a drift alert critical); psi is shown but, biased
--- upwards at small samples, not used for severity. wasserstein/psi are NULL for categorical
--- features, js for numeric ones. drifted = rejected and an effect at or above its floor. baseline says what the window was
--- compared with ("<version> trailing|stable N windows, n=<runs>", "rebaselined" when the old
--- reference aged out). A `drift` alert fires after two drifted windows whose pools share no
--- window (see alerts_firing.sql); an isolated drifted window is noise or the start of a shift.
--- Windows are tested only once enough runs exist on both sides: low-traffic versions have
--- gaps, and nothing is tested before the reference holds 100 runs.
+-- order. scale 'short' is the last two windows, 'mid' the last four, 'long' the windows back
+-- until 30 runs (stored as feature@short, feature@mid, feature). p_value below bh_threshold =
+-- the test is rejected; effect_ratio = Wasserstein (numeric) or Jensen-Shannon (categorical) /
+-- its floor (>= 1: big enough to matter; >= 4 makes a drift alert critical); psi is shown but,
+-- biased upwards at small samples, not used for severity. wasserstein/psi are NULL for
+-- categorical features, js for numeric ones. drifted = rejected and an effect at or above its
+-- floor. baseline says what the window was compared with ("<version> trailing|stable N windows,
+-- n=<runs>", "rebaselined" when the old reference aged out). When a pool of two or more windows
+-- drifted, its two halves (earlier and later windows) are tested for that feature alone,
+-- one-sided, at the threshold shown: scales like 'mid.early' and 'mid.late'; a `drift` alert
+-- fires when both halves drifted too, i.e. the shift held over consecutive windows (see
+-- alerts_firing.sql). Windows are tested only once enough runs exist on both sides:
+-- low-traffic versions have gaps, and nothing is tested before the reference holds 100 runs.
 --
 -- Deduplication: explicit FINAL.
 SELECT
@@ -54,8 +56,8 @@ FROM
         agent_id,
         agent_version,
         window,
-        replaceOne(feature, '@short', '') AS feature_name,
-        if(endsWith(feature, '@short'), 'short', 'long') AS scale,
+        splitByChar('@', feature)[1] AS feature_name,
+        if(position(feature, '@') > 0, splitByChar('@', feature)[2], 'long') AS scale,
         anyIf(statistic, p_value IS NOT NULL) AS test,
         anyIf(value, p_value IS NOT NULL) AS test_statistic,
         anyIf(p_value, p_value IS NOT NULL) AS test_p,
@@ -69,7 +71,7 @@ FROM
     FROM drift FINAL
     WHERE ({agent_id:String} = '' OR agent_id = {agent_id:String})
       AND ({agent_version:String} = '' OR agent_version = {agent_version:String})
-      AND ({feature:String} = '' OR replaceOne(feature, '@short', '') = {feature:String})
+      AND ({feature:String} = '' OR splitByChar('@', feature)[1] = {feature:String})
     GROUP BY agent_id, agent_version, window, feature
 )
 ORDER BY agent_id, agent_version, window, feature, scale

@@ -29,6 +29,7 @@ from jobs.demo import MALFORMED, demo_deployments
 from jobs.publish import agent_key, publish_lines
 from jobs.simulate import DEFAULT_CANARY, FleetConfig, default_agents, genai_prices_fn, run_labels, simulate, truth
 from streams import topics
+from streams.drift import NUMERIC
 from streams.queries import PARAM
 from streams.queries import load_query as saved_query
 from tests.conftest import RunningStack
@@ -119,7 +120,7 @@ SELECT (SELECT count() FROM agent_metrics) + (SELECT count() FROM drift) + (SELE
 """
 
 
-def settle(stack: RunningStack, quiet: float = 1.0, timeout: float = 30) -> None:
+def settle(stack: RunningStack, quiet: float = 3.0, timeout: float = 60) -> None:
     """Wait until the processors stop writing: no table changed for `quiet` seconds."""
     deadline = time.monotonic() + timeout
     last = stack.query(SETTLED)
@@ -294,14 +295,16 @@ def test_drift_history(filled: Filled):
     versions = {r["agent_version"] for r in rows}
     assert {"v1.4.2", DEFAULT_CANARY.version} <= versions
     for r in rows:
-        assert r["test"] in ("ks", "chi2") and r["scale"] in ("long", "short")
+        halves = r["scale"].endswith((".early", ".late"))
+        assert r["test"] in ("ks", "chi2", "fisher") and r["scale"].split(".")[0] in ("long", "short", "mid")
+        assert r["test"] != "fisher" or (halves and r["feature"] == "success"), "Fisher: a half's success rate"
         assert 0 <= r["p_value"] <= 1 and 0 < r["bh_threshold"] < 1
         assert r["effect_ratio"] >= 0
-        numeric = r["test"] == "ks"
+        numeric = r["feature"] in NUMERIC
         assert (r["wasserstein"] is not None) == numeric and (r["psi"] is not None) == numeric
         assert (r["js"] is not None) == (not numeric)
         if r["drifted"]:
-            assert r["p_value"] <= r["bh_threshold"]
+            assert r["p_value"] <= r["bh_threshold"]  # a half's threshold is its one-sided level
         if r["agent_version"] == DEFAULT_CANARY.version:
             assert r["baseline"].startswith("v1.4.2 stable"), "a canary is compared with its stable version"
         else:

@@ -154,13 +154,26 @@ def test_fires_once_then_resolves():
     assert ev["n_current"] >= 30 and ev["n_reference"] >= 100 and ev["features"][0]["feature"] in {
         "cost_usd", "total_tokens"}
     assert {"value", "p_value", "threshold"} <= set(ev["features"][0]["ks"])
+    # persistence: the drifted pool spans >= 2 windows and each of its halves moved on its own
+    for finding in ev["persistent"]:
+        early, late = finding["halves"]
+        assert finding["windows"] >= 2 and early["shifted"] and late["shifted"]
+        assert next(iter(finding["halves_differ"].values()))["p_value"] > 0.001
+        assert max(early["windows"]) < min(late["windows"])
+        assert early["n_current"] + late["n_current"] == finding["n_current"]
 
 
 def test_single_window_blip_does_not_alert():
     rng = np.random.default_rng(4)
     runs = synthetic(rng, T0, 90) + synthetic(rng, T0 + 90 * MIN, 5, cost=3.0) + synthetic(rng, T0 + 95 * MIN, 60)
-    _, alerts = feed(DriftDetector(min_samples=15), runs)
+    rows, alerts = feed(DriftDetector(min_samples=15), runs)
     assert alerts == []
+    # the bad window is seen: a pool holding it drifted, but its halves differ (only one moved)
+    tests = [r for r in rows if r["p_value"] is not None]
+    assert any(r["significant"] for r in tests if "." not in r["feature"])
+    halves = [r for r in tests if r["feature"].endswith((".early", ".late"))]
+    assert True in {r["significant"] for r in halves}
+    assert all(r["significant"] for r in tests if r["feature"].endswith(".between"))
 
 
 def test_new_tool_and_success_drop():
