@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs import evaluate_drift, evaluate_failures, evaluate_loops
-from streams.drift import DriftDetector
 
 # (scenario, fleet runs per 3 h, held?): support-bot v1.4.2 runs ~2.7/min at 1,200 (13 runs per
 # 5-min window), research ~1.7, coder ~1, a 30% canary ~0.8. A success drop 0.85 -> 0.5 at 13
@@ -53,14 +52,13 @@ def drift(seeds: range, fast_prices: bool) -> list[dict]:
         scenario = evaluate_drift.SCENARIOS[name]
         false_alerts, delays, oracle = 0, [], []
         for seed in seeds:
-            baseline = {"support-bot": "v1.4.2"} if scenario.canary else None
-            detector = DriftDetector(baseline_version=baseline)
+            detector = scenario.detector()
             runs = scenario.runs(seed, fast_prices, runs_per_span)
             _, alerts, _, _ = evaluate_drift.replay(detector, runs)
             res = evaluate_drift.score(scenario, alerts, detector.persistence)
             false_alerts += res["false_alerts"]
             delays.append(res.get("delay"))
-            if scenario.after and "success_rate" in scenario.after:
+            if scenario.success_shift:
                 oracle.append(evaluate_drift.success_oracle(scenario, runs) <= ORACLE_P)
         out.append({"name": name, "runs_per_span": runs_per_span, "held": held, "false_alerts": false_alerts,
                     "delays": delays, "within": sum(d is not None and d <= 2 for d in delays),

@@ -101,6 +101,15 @@ class Scenario:
     single_version: bool = False  # support-bot with v1.4.2 only (canary scenarios)
     lasts_ms: int | None = None  # the shift ends after this long (a blip); None: it stays
 
+    @property
+    def success_shift(self) -> bool:
+        """The shift is a success-rate change: the oracle (success_oracle) has something to say."""
+        return self.after is not None and "success_rate" in self.after
+
+    def detector(self, **params) -> DriftDetector:
+        """A detector as the pipeline runs one here: a canary is compared with the stable version."""
+        return DriftDetector(baseline_version=dict([SUPPORT]) if self.canary else None, **params)
+
     def runs(self, seed: int, fast_prices: bool = False, runs_per_span: int = RUNS_PER_SPAN) -> list[dict]:
         agents = default_agents()
         if self.single_version:
@@ -224,10 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         delays, false_total, significant, tested, lines, oracle = [], 0, 0, 0, [], []
         per_version: dict[str, int] = defaultdict(int)
         for seed in seeds:
-            baseline = {"support-bot": "v1.4.2"} if sc.canary else None
-            det = DriftDetector(baseline_version=baseline, **params)
+            det = sc.detector(**params)
             runs = sc.runs(seed, args.fast_prices, args.runs_per_span)
-            if sc.after and "success_rate" in sc.after:
+            if sc.success_shift:
                 oracle.append(success_oracle(sc, runs))
             rows, alerts, spent, tests = replay(det, runs)
             spent_all += spent
