@@ -24,7 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python -m jobs.bench
 
 schema: $(STAMP)
-	$(BIN)/python -m streams.schema > streams/schemas/agent-event.json
+	$(BIN)/python -m streams.contracts.schema > streams/contracts/schemas/agent-event.json
 
 install: $(STAMP)
 

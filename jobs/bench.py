@@ -35,7 +35,7 @@ from rich.table import Table
 
 from jobs.simulate import FleetConfig, simulate
 from streams.settings import Settings
-from streams.store import running_service
+from streams.store.clickhouse import running_service
 
 RAW_TOPIC = "bench.raw"
 

@@ -21,7 +21,7 @@ import sys
 import time
 import tracemalloc
 
-from streams.runs import RunAssembler
+from streams.detect.runs import RunAssembler
 
 T0 = 1_793_491_200_000
 IDLE_MS = 30 * 60_000

@@ -10,11 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.publish import agent_key, publish_lines
-from streams import topics
+from streams.contracts import topics
 from jobs.simulate import DEFAULT_CANARY, FleetConfig, genai_prices_fn, run_labels, simulate
-from streams.broker import port_free
+from streams.ops.broker import port_free
 from streams.settings import Settings
-from streams.stack import Stack
+from streams.ops.stack import Stack
 
 # A few of the ways real producers get it wrong; each must end in the dead letters.
 MALFORMED = (

@@ -34,7 +34,7 @@ from scipy.stats import beta
 
 from jobs.evaluate_drift import linear_price, runs_from_events
 from jobs.simulate import DEFAULT_START_MS, CanarySpec, FleetConfig, default_agents, run_labels, simulate
-from streams.canary import CanaryAnalysis, CanaryPolicy, Verdict
+from streams.detect.canary import CanaryAnalysis, CanaryPolicy, Verdict
 
 AGENT, STABLE, CANARY, SHARE = "support-bot", "v1.4.2", "v1.6.0-rc1", 0.3
 RUNS_PER_MIN = 3.0  # support-bot's traffic; ~0.9 canary runs per one-minute batch

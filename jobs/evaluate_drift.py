@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from streams.drift import DriftDetector
+from streams.detect.drift import DriftDetector
 from jobs.simulate import (DEFAULT_START_MS, HOUR_MS, AgentSpec, CanarySpec, FleetConfig, default_agents,
                            genai_prices_fn, simulate)
 

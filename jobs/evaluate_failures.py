@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 
 from sklearn.metrics import adjusted_rand_score, completeness_score, homogeneity_score
 
-from streams.failures import FIRING, FailureClusterer, is_failed
+from streams.detect.failures import FIRING, FailureClusterer, is_failed
 from jobs.simulate import DEFAULT_CANARY, CanarySpec, FleetConfig, run_labels, simulate
 
 ERROR_SOURCES = ("ended_on", "last_failing", "run_end")
@@ -23,7 +23,7 @@ def assemble_runs(events, errors: str = "ended_on") -> list[dict]:
     The error is run_end's; without one, `errors` says where it comes from: "ended_on" takes the
     failing call the run ended on (the last tool call, or the last llm call, when it failed; a
     failure followed by a successful retry was transient), "last_failing" the last failing call
-    whatever followed it, "run_end" nothing (what streams/runs.py stores today).
+    whatever followed it, "run_end" nothing (what streams/detect/runs.py stores today).
     """
     by_run: dict[str, list[dict]] = defaultdict(list)
     for event in events:
@@ -57,7 +57,7 @@ def assemble_runs(events, errors: str = "ended_on") -> list[dict]:
 
 
 def _loops(tools: list[dict], repeats: int = 3) -> bool:
-    """The same tool with the same args `repeats` times in a row (streams/loops.py's "repeat" rule)."""
+    """The same tool with the same args `repeats` times in a row (streams/detect/loops.py's "repeat" rule)."""
     streak, last = 0, None
     for e in tools:
         key = (e["tool"], json.dumps(e.get("args"), sort_keys=True))
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {size:>4}  {family:<32} {label}")
 
     print("\nsensitivity (mean ARI over the seeds):")
-    for name, kwargs in (("error from run_end only (streams/runs.py today)", {"errors": "run_end"}),
+    for name, kwargs in (("error from run_end only (streams/detect/runs.py today)", {"errors": "run_end"}),
                          ("error from last failing call, retried or not", {"errors": "last_failing"}),
                          ("no loop_detected flag", {"loop_flag": False}),
                          ("unmasked tenant name in every message", {"tenant_words": True})):

@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.simulate import FleetConfig, run_labels, simulate
-from streams.cost import PriceTable, price_event
-from streams.events import validate
-from streams.runs import RunAssembler
+from streams.ingest.pricing import PriceTable, price_event
+from streams.contracts.events import validate
+from streams.detect.runs import RunAssembler
 
 
 def score(seed: int, runs: int, loop_fraction: float) -> dict:

@@ -16,9 +16,9 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
 
-from streams import topics
-from streams.broker import wait_for_broker
-from streams.ingest import producer_config
+from streams.contracts import topics
+from streams.ops.broker import wait_for_broker
+from streams.ingest.sink import producer_config
 from streams.settings import Settings
 
 

@@ -1,6 +1,6 @@
 """Runs one faust worker of the processors: `python -m streams worker --without-web`."""
 
-from streams.app import create_app
+from streams.processors.app import create_app
 from streams.runtime import tune_gc
 from streams.settings import Settings
 

@@ -22,7 +22,7 @@ def _settings() -> Settings:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from streams.stack import Stack
+    from streams.ops.stack import Stack
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -40,7 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_forward(args: argparse.Namespace) -> int:
     from streams import telemetry
-    from streams.forward import build_targets, run_forwarders
+    from streams.ops.forward import build_targets, run_forwarders
 
     settings = _settings()
     if not build_targets(settings):  # ConfigError on a bad URL, too
@@ -69,8 +69,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from streams.queries import load_query, parse_params
-    from streams.store import query_store
+    from streams.store.saved_queries import load_query, parse_params
+    from streams.store.clickhouse import query_store
 
     if (args.query is None) == (args.file is None):
         raise TracksideError("give a query or --file FILE (a saved query: sql/queries/NAME.sql, or its NAME)")
@@ -103,8 +103,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Apply the store's migrations and create the topics, then exit: the one-shot set-up of a
     deployment on a real cluster (a Kubernetes Job, a compose service), before the processors."""
-    from streams.broker import ensure_topics, wait_for_broker
-    from streams.store import open_store
+    from streams.ops.broker import ensure_topics, wait_for_broker
+    from streams.store.clickhouse import open_store
 
     settings = _settings()
     settings.policy()  # a bad policy file fails the set-up, not the processors later

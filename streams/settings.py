@@ -14,10 +14,10 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.errors import ConfigError
-from streams.loops import LoopPolicy
+from streams.detect.loops import LoopPolicy
 
 if TYPE_CHECKING:
-    from streams.policy import Policy
+    from streams.detect.policy import Policy
 
 # Kafka settings with a field of their own; any other TRACKSIDE_KAFKA_* variable is passed
 # to librdkafka as is (TRACKSIDE_KAFKA_SOCKET_KEEPALIVE_ENABLE -> socket.keepalive.enable).
@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     allowed_lateness_seconds: int = Field(120, ge=0, description="late runs within this are counted in their window")
     run_idle_timeout_seconds: int = Field(1800, ge=1, description="a run with no event for this long is closed as timeout")
 
-    # Loop detection (streams/loops.py).
+    # Loop detection (streams/detect/loops.py).
     loop_repeats: int = Field(3, ge=2, description="identical tool calls (or cycle turns) in a row that make a loop")
     loop_max_period: int = Field(3, ge=2, description="longest cycle of tool calls looked for")
     loop_max_steps: int = Field(200, ge=1, description="steps (llm + tool calls) a run may take")
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port of `up`; 0 = off")
     metrics_host: str = Field("127.0.0.1", description="address /metrics listens on (0.0.0.0 in a container)")
 
-    # Alert forwarding (streams/forward.py); no URL = no forwarder.
+    # Alert forwarding (streams/ops/forward.py); no URL = no forwarder.
     alertmanager_url: SecretStr = Field(
         SecretStr(""), description="Alertmanager base URL (http://am:9093); user:pass@ = basic auth; empty = off")
     alertmanager_resend_seconds: float = Field(
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     alert_retry_max_seconds: float = Field(30.0, gt=0, description="cap of the backoff while a target refuses")
     alert_http_timeout_seconds: float = Field(10.0, gt=0, description="timeout of one HTTP request to a target")
 
-    # Lifecycle: canary analysis and budgets (streams/policy.py, example: infra/policy.toml).
+    # Lifecycle: canary analysis and budgets (streams/detect/policy.py, example: infra/policy.toml).
     policy_file: str = Field("", description="TOML policy file; empty: the built-in defaults")
 
     # Ingest and sink.
@@ -162,7 +162,7 @@ class Settings(BaseSettings):
         return env
 
     def policy(self) -> Policy:
-        from streams.policy import Policy
+        from streams.detect.policy import Policy
 
         return Policy.load(self.policy_file)
 

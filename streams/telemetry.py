@@ -97,7 +97,7 @@ _DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
     "STORE_RETRYING": (Gauge, "trackside_store_retrying",
                        "1 while the store refuses writes and the sink is retrying, else 0",
                        {"multiprocess_mode": "livemax"}),
-    # Processors (faust workers, streams/app.py).
+    # Processors (faust workers, streams/processors/app.py).
     "ALERTS": (Counter, "trackside_alerts", "Alerts produced to trackside.alerts, by kind and status",
                {"labelnames": ("kind", "status")}),
     "ROLLBACKS": (Counter, "trackside_rollbacks", "Rollback decisions produced to trackside.rollbacks", {}),
@@ -109,7 +109,7 @@ _DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
     "STATE_REBUILD_SECONDS": (Histogram, "trackside_state_rebuild_seconds",
                               "Wall time to rebuild a partition's state from the store when a worker takes it",
                               {"labelnames": ("stage",), "buckets": _SECONDS_BUCKETS}),
-    # Alert forwarder (streams/forward.py).
+    # Alert forwarder (streams/ops/forward.py).
     "FORWARDER_DELIVERIES": (Counter, "trackside_forwarder_deliveries",
                              "Alerts handed to a target, by target and result (delivered, rejected)",
                              {"labelnames": ("target", "result")}),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from streams.settings import Settings
-from streams.store import running_service
+from streams.store.clickhouse import running_service
 
 BIN = Path(sys.executable).parent
 

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, Producer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.events import InvalidEvent, parse
+from streams.contracts.events import InvalidEvent, parse
 
 pytestmark = pytest.mark.integration
 

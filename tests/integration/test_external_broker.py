@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from jobs.simulate import FleetConfig, run_labels, simulate
-from streams.broker import embedded_broker
+from streams.ops.broker import embedded_broker
 from streams.settings import Settings
 from tests.conftest import RunningStack, free_port
 

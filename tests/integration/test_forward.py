@@ -14,10 +14,10 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 from pydantic import SecretStr
-from streams.broker import embedded_broker, ensure_topics, wait_for_broker
+from streams.ops.broker import embedded_broker, ensure_topics, wait_for_broker
 from streams.settings import Settings
 
-from streams.forward import AlertForwarder, AlertmanagerTarget, WebhookTarget
+from streams.ops.forward import AlertForwarder, AlertmanagerTarget, WebhookTarget
 from tests.alert_receiver import AM_PATH, Receiver
 from tests.conftest import free_port
 
@@ -147,7 +147,7 @@ def test_restart_rebuilds_the_firing_alerts_without_delivering_them_again(settin
 
 def test_a_refusing_webhook_holds_back_no_alertmanager_delivery(settings):
     """One consumer group per target: the webhook's outage does not block Alertmanager."""
-    from streams.forward import run_forwarders
+    from streams.ops.forward import run_forwarders
 
     with Receiver() as receiver:
         both = settings.model_copy(update={

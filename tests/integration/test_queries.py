@@ -28,10 +28,10 @@ import pytest
 from jobs.demo import MALFORMED, demo_deployments
 from jobs.publish import agent_key, publish_lines
 from jobs.simulate import DEFAULT_CANARY, FleetConfig, default_agents, genai_prices_fn, run_labels, simulate, truth
-from streams import topics
-from streams.drift import NUMERIC
-from streams.queries import PARAM
-from streams.queries import load_query as saved_query
+from streams.contracts import topics
+from streams.detect.drift import NUMERIC
+from streams.store.saved_queries import PARAM
+from streams.store.saved_queries import load_query as saved_query
 from tests.conftest import RunningStack
 
 pytestmark = pytest.mark.integration
@@ -459,7 +459,7 @@ def test_notebook_runs_on_the_filled_store(filled: Filled, path: Path):
 STOPPED = """
 import json, sys
 from streams.settings import Settings
-from streams.store import query_store
+from streams.store.clickhouse import query_store
 requests = json.load(sys.stdin)
 store = query_store(Settings())
 print(json.dumps([store.query_json(sql, params) for sql, params in requests], default=str))

@@ -3,8 +3,8 @@
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from streams import tables, topics
-from streams.store import MIGRATIONS_DIR
+from streams.contracts import tables, topics
+from streams.store.clickhouse import MIGRATIONS_DIR
 
 pytestmark = pytest.mark.integration
 

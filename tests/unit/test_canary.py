@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from streams.canary import (DEFAULT_MARGINS, METRICS, CanaryAnalysis, CanaryPolicy, confidence_radius,
+from streams.detect.canary import (DEFAULT_MARGINS, METRICS, CanaryAnalysis, CanaryPolicy, confidence_radius,
                             log_mixture_lr, log_ratio_variance, mixture_p_value, proportion_variance, quantile,
                             ratio_variance)
 

@@ -3,7 +3,7 @@
 import pytest
 from genai_prices import Usage, calc_price
 
-from streams.cost import PriceTable, price_event
+from streams.ingest.pricing import PriceTable, price_event
 
 
 def exact(model, provider, input_tokens, output_tokens, cache_read):

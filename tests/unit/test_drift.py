@@ -8,8 +8,8 @@ import inspect
 import numpy as np
 import pytest
 
-from streams.alerts import fingerprint
-from streams.drift import DriftDetector, benjamini_hochberg, chi2, design_effect, js, ks, psi, wasserstein
+from streams.contracts.alerts import fingerprint
+from streams.detect.drift import DriftDetector, benjamini_hochberg, chi2, design_effect, js, ks, psi, wasserstein
 from jobs.evaluate_drift import SCENARIOS, SHIFT_AT_MS, WINDOW_MS, replay, score
 from jobs.simulate import DEFAULT_START_MS
 
@@ -238,7 +238,7 @@ def test_shift_is_alerted_within_two_windows(name):
 def test_fast_statistics_equal_scipys():
     from scipy import stats
 
-    from streams.drift import _chi2_homogeneity, _emd
+    from streams.detect.drift import _chi2_homogeneity, _emd
 
     rng = np.random.default_rng(11)
     for _ in range(50):

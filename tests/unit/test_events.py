@@ -6,7 +6,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streams.events import COLUMNS, InvalidEvent, args_hash, json_schema, parse
+from streams.contracts.events import COLUMNS, InvalidEvent, args_hash, json_schema, parse
 from tests.malformed import GOOD, MALFORMED
 
 
@@ -58,7 +58,7 @@ def test_other_event_types_are_accepted():
 
 
 def test_committed_json_schema_is_the_generated_one():
-    committed = json.loads((Path(__file__).parents[2] / "streams/schemas/agent-event.json").read_text())
+    committed = json.loads((Path(__file__).parents[2] / "streams/contracts/schemas/agent-event.json").read_text())
     assert committed == json_schema()
 
 
@@ -68,7 +68,7 @@ def test_fields_outside_the_contract_are_kept_in_attributes():
 
 
 def test_a_field_given_twice_is_rejected_not_guessed():
-    from streams.events import InvalidEvent, parse
+    from streams.contracts.events import InvalidEvent, parse
 
     twice = (b'{"event_id": "a", "ts": 1793491200000, "type": "run_start", "run_id": "r", "agent_id": "x", '
              b'"agent_version": "v1", "event_id": "b"}')

@@ -9,7 +9,7 @@ from sklearn.base import clone
 from sklearn.metrics import adjusted_rand_score
 
 from jobs.evaluate_failures import assemble_runs, scored
-from streams.failures import FIRING, RESOLVED, FailureClusterer, mask, signature
+from streams.detect.failures import FIRING, RESOLVED, FailureClusterer, mask, signature
 from jobs.simulate import FleetConfig, run_labels, simulate
 
 T0 = 1_793_491_200_000
@@ -175,7 +175,7 @@ def test_a_burst_of_traffic_is_not_a_spike():
 
 
 def test_alerts_match_streams_alerts():
-    alerts = pytest.importorskip("streams.alerts")
+    alerts = pytest.importorskip("streams.contracts.alerts")
     model = FailureClusterer()
     alert = model.update([run(f"r{i}", ended_at=T0 + i) for i in range(3)])[1][0]
     fields = {k: v for k, v in alert.items() if k not in ("alert_id", "kind")}
@@ -196,7 +196,7 @@ def test_adjusted_rand_index_on_simulated_fleet():
 
 
 def test_a_new_cluster_alert_resolves_once_the_cluster_goes_quiet():
-    from streams.failures import FailureClusterer
+    from streams.detect.failures import FailureClusterer
 
     def failed(i: int, ended: int) -> dict:
         return {"run_id": f"q{i}", "agent_id": "quiet-bot", "agent_version": "v1", "outcome": "failure",

@@ -19,7 +19,7 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-from streams.forward import (
+from streams.ops.forward import (
     AlertForwarder,
     AlertmanagerTarget,
     Stopped,
@@ -182,7 +182,7 @@ def test_retries_with_backoff_until_the_target_accepts(receiver, caplog):
     receiver.answer("/hooks/alerts", (429, {"Retry-After": "0.2"}, b"slow down"), 500, 200)
     consumer = FakeConsumer()
     fwd = forwarder(receiver, consumer=consumer)
-    with caplog.at_level(logging.INFO, logger="streams.forward"):
+    with caplog.at_level(logging.INFO, logger="streams.ops.forward"):
         counts = fwd.process(messages(alert("r1")))
     assert counts["alertmanager_delivered"] == 1 and counts["webhook_delivered"] == 1
     am = receiver.on(AM_PATH)
@@ -225,7 +225,7 @@ def test_a_400_is_logged_and_skipped(receiver, caplog):
     receiver.answer("/hooks/alerts", (400, {}, b"bad alert"), 200)
     consumer = FakeConsumer()
     fwd = forwarder(receiver, consumer=consumer)
-    with caplog.at_level(logging.INFO, logger="streams.forward"):
+    with caplog.at_level(logging.INFO, logger="streams.ops.forward"):
         counts = fwd.process(messages(alert("x1", fingerprint="fp-x"), alert("x2", fingerprint="fp-y")))
     assert counts["alertmanager_rejected"] == 1 and counts["alertmanager_delivered"] == 1
     assert counts["webhook_rejected"] == 1 and counts["webhook_delivered"] == 1
@@ -302,7 +302,7 @@ def test_not_alerts_and_consumer_errors_are_skipped_and_committed(receiver, capl
         FakeMessage(b"", 3, partition=1, error=KafkaError(KafkaError._PARTITION_EOF)),
         FakeMessage(orjson.dumps(alert("ok2", fingerprint="fp-2")), 7, partition=1),
     ]
-    with caplog.at_level(logging.INFO, logger="streams.forward"):
+    with caplog.at_level(logging.INFO, logger="streams.ops.forward"):
         counts = fwd.process(batch)
     assert counts["invalid"] == 2 and counts["webhook_delivered"] == 2
     assert [request.headers["Idempotency-Key"] for request in receiver.on("/hooks/alerts")] == ["ok1", "ok2"]

@@ -1,9 +1,9 @@
 """Loop detection: repeats, cycles and step budgets are found at once; pagination and retries are not loops."""
 
 from jobs.simulate import FleetConfig, run_labels, simulate
-from streams.events import args_hash, validate
-from streams.loops import LoopPolicy, find_loop
-from streams.runs import RunAssembler
+from streams.contracts.events import args_hash, validate
+from streams.detect.loops import LoopPolicy, find_loop
+from streams.detect.runs import RunAssembler
 from tests.unit.test_runs import T0, event
 
 POLICY = LoopPolicy()

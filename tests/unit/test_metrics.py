@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from streams.metrics import MetricWindows, percentile
+from streams.detect.metrics import MetricWindows, percentile
 
 MIN = 60_000
 T0 = 1_793_491_200_000  # a window boundary

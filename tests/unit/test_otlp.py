@@ -22,9 +22,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status as SdkStatus
 from opentelemetry.trace import StatusCode
 from streams.errors import ConfigError
-from streams.events import args_hash, parse, validate
+from streams.contracts.events import args_hash, parse, validate
 
-from streams.otlp import InvalidOtlp, Mapped, decode_traces, otlp_to_events, spans_to_events
+from streams.ingest.otlp import InvalidOtlp, Mapped, decode_traces, otlp_to_events, spans_to_events
 
 MS = 1_000_000
 # A fixed time an hour ago, whole milliseconds: inside the window `validate` accepts.

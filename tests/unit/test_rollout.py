@@ -1,12 +1,12 @@
-"""Rollout state, canary decisions and budgets (streams/rollout.py, streams/policy.py), no services."""
+"""Rollout state, canary decisions and budgets (streams/detect/rollout.py, streams/detect/policy.py), no services."""
 
 import orjson
 import pytest
 
-from streams.events import InvalidEvent
-from streams.policy import Policy, PolicyError
-from streams.rollout import DAY_MS, HOUR_MS, RolloutController, Rollouts, parse_deployment
-from streams.runs import RunAssembler
+from streams.contracts.events import InvalidEvent
+from streams.detect.policy import Policy, PolicyError
+from streams.detect.rollout import DAY_MS, HOUR_MS, RolloutController, Rollouts, parse_deployment
+from streams.detect.runs import RunAssembler
 
 T0 = 1_793_491_200_000  # 2026-11-01T00:00:00Z
 MIN = 60_000
@@ -199,9 +199,9 @@ def test_inferred_roles_do_not_swap_on_noise():
 
 
 def test_every_canary_metric_can_raise_its_alert():
-    from streams.alerts import KINDS
-    from streams.canary import METRICS
-    from streams.rollout import METRIC_KINDS
+    from streams.contracts.alerts import KINDS
+    from streams.detect.canary import METRICS
+    from streams.detect.rollout import METRIC_KINDS
 
     assert set(METRICS) == set(METRIC_KINDS) and set(METRIC_KINDS.values()) <= set(KINDS)
 

@@ -1,6 +1,6 @@
 """Run assembly: closing on run_end and on idle timeout, duplicates, late and out-of-order events."""
 
-from streams.runs import RunAssembler
+from streams.detect.runs import RunAssembler
 
 MIN = 60_000
 T0 = 1_793_491_200_000

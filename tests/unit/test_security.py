@@ -10,11 +10,11 @@ import orjson
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from streams.app import broker_credentials
+from streams.processors.app import broker_credentials
 from streams.errors import StoreError
-from streams.events import parse
+from streams.contracts.events import parse
 from streams.settings import Settings
-from streams.store import Store
+from streams.store.clickhouse import Store
 
 SECRET = "s3cret-Pa55word"
 ROOT = Path(__file__).parents[2]
@@ -99,7 +99,7 @@ def test_tool_arguments_are_stored_hashed_unless_configured():
 
 
 def test_the_workers_do_not_get_the_forwarders_credentials(tmp_path, monkeypatch):
-    from streams.stack import Stack
+    from streams.ops.stack import Stack
 
     monkeypatch.setenv("TRACKSIDE_ALERT_WEBHOOK_TOKEN", SECRET)
     settings = Settings(data_dir=tmp_path, alert_webhook_url=f"https://hooks.example/{SECRET}",

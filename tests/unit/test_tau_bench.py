@@ -136,7 +136,7 @@ def test_every_event_follows_the_contract(events):
 
 
 def test_trackside_validator_accepts_every_event(events):
-    streams_events = pytest.importorskip("streams.events")
+    streams_events = pytest.importorskip("streams.contracts.events")
     for event in events:
         streams_events.parse(orjson.dumps(event))
 

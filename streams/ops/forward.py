@@ -69,9 +69,10 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from streams import telemetry, topics
+from streams import telemetry
+from streams.contracts import topics
 from streams.errors import ConfigError
-from streams.ingest import consumer_config, without_errors
+from streams.ingest.sink import consumer_config, without_errors
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import numpy as np
 from scipy import special, stats
 from scipy.spatial.distance import jensenshannon
 
-from streams.alerts import fingerprint, make_alert
+from streams.contracts.alerts import fingerprint, make_alert
 
 # Per-run numeric features. The runs table carries no tool latency, so the tool feature is the
 # run's tool error rate (tool_errors / tool_calls, 0 for a run without tool calls).

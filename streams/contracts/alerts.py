@@ -12,7 +12,7 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-# SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.rollout)
+# SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.detect.rollout)
 KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency")
 SEVERITIES = ("info", "warning", "critical")
 FIRING, RESOLVED = "firing", "resolved"

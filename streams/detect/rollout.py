@@ -7,7 +7,7 @@ last complete window is stable, any version first seen after it is a canary).
 each canary and its stable version to a sequential `CanaryAnalysis`, and on a `rollback`
 verdict sends one alert per degraded metric and one rollback decision that names them;
 a `promote` verdict is recorded in `canaries`, never rolled back. It also keeps the
-per-agent-hour and per-tenant-day budgets of `streams.policy`.
+per-agent-hour and per-tenant-day budgets of `streams.detect.policy`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, Iterable, Mapping
 
 import orjson
 
-from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
-from streams.canary import CanaryAnalysis, Verdict
-from streams.events import InvalidEvent, _check_amount, _check_choice, _check_id, parse_ts
-from streams.policy import Policy
+from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
+from streams.detect.canary import CanaryAnalysis, Verdict
+from streams.contracts.events import InvalidEvent, _check_amount, _check_choice, _check_id, parse_ts
+from streams.detect.policy import Policy
 
 ROLES = ("stable", "canary")
 HOUR_MS = 3_600_000

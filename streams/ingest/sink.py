@@ -20,15 +20,16 @@ import orjson
 import pyarrow as pa
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer
 
-from streams import tables, telemetry, topics
-from streams.cost import PriceTable, price_event
+from streams.contracts import tables, topics
+from streams import telemetry
+from streams.ingest.pricing import PriceTable, price_event
 from streams.errors import BrokerError
-from streams.events import InvalidEvent, parse
-from streams.otlp import InvalidOtlp, otlp_to_events
-from streams.rollout import parse_deployment
-from streams.runs import agent_partition, pack, run_partition
+from streams.contracts.events import InvalidEvent, parse
+from streams.ingest.otlp import InvalidOtlp, otlp_to_events
+from streams.detect.rollout import parse_deployment
+from streams.detect.runs import agent_partition, pack, run_partition
 from streams.settings import Settings
-from streams.store import Store
+from streams.store.clickhouse import Store
 
 log = logging.getLogger(__name__)
 

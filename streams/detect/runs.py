@@ -1,6 +1,6 @@
 """Run assembly: agent events of one partition -> run rows, closed on `run_end` or when idle.
 
-Plain Python over normalised events (see `streams.events`), no Kafka: the faust agent
+Plain Python over normalised events (see `streams.contracts.events`), no Kafka: the faust agent
 feeds it batches and emits what it returns. Delivery is at-least-once, so applying the
 same event twice changes nothing (events are deduplicated per run by event_id), and a
 closed run's row only grows (its `version` grows with its number of distinct events).
@@ -15,9 +15,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert
-from streams.cost import UNKNOWN
-from streams.loops import LoopFinding, LoopPolicy, find_loop
+from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert
+from streams.ingest.pricing import UNKNOWN
+from streams.detect.loops import LoopFinding, LoopPolicy, find_loop
 
 # The fields of a normalised event the assembler reads; the ingest stage sends only these,
 # as positional rows (`pack`), which cost a third of dicts to encode and decode.

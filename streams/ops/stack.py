@@ -16,15 +16,15 @@ import threading
 import time
 
 from streams import telemetry
-from streams.broker import Child, embedded_broker, ensure_topics, port_free, wait_for_broker
+from streams.ops.broker import Child, embedded_broker, ensure_topics, port_free, wait_for_broker
 from streams.errors import BrokerError, ConfigError, TracksideError
-from streams.forward import build_targets, run_forwarders
+from streams.ops.forward import build_targets, run_forwarders
 
 FORWARDER_SETTINGS = ("alertmanager_url", "alert_webhook_url", "alert_webhook_token")
-from streams.ingest import StoreSink
+from streams.ingest.sink import StoreSink
 from streams.runtime import tune_gc
 from streams.settings import Settings
-from streams.store import QueryService, Store, open_store
+from streams.store.clickhouse import QueryService, Store, open_store
 
 log = logging.getLogger(__name__)
 

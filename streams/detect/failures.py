@@ -18,7 +18,7 @@ from sklearn.feature_extraction import FeatureHasher
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
-from streams.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
+from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
 
 KIND = "failure_cluster"
 

@@ -3,7 +3,7 @@
 With no file every default applies (`TRACKSIDE_POLICY_FILE` empty); `infra/policy.toml`
 shows every key. Layout:
 
-    [canary]                      # defaults for every agent (streams.canary.CanaryPolicy)
+    [canary]                      # defaults for every agent (streams.detect.canary.CanaryPolicy)
     min_runs = 20
     [canary.margins]
     success_rate = 0.03
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from streams.canary import CanaryPolicy
+from streams.detect.canary import CanaryPolicy
 from streams.errors import TracksideError
 
 BUDGET_KEYS = ("run_usd", "agent_hour_usd", "tenant_day_usd")

@@ -19,7 +19,7 @@ from pathlib import Path
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams import topics
+from streams.contracts import topics
 from streams.errors import BrokerError
 from streams.settings import Settings
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 
-from streams import topics
-from streams.rollout import tenant_partition_key
-from streams.runs import EVENT_FIELDS, agent_partition
+from streams.contracts import topics
+from streams.detect.rollout import tenant_partition_key
+from streams.detect.runs import EVENT_FIELDS, agent_partition
 from streams.settings import Settings
-from streams.tables import RUNS
-from streams.store import query_store
+from streams.contracts.tables import RUNS
+from streams.store.clickhouse import query_store
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _RUN_COLUMNS = ", ".join(
 
 
 # The events of one assembler partition: from its agent.events partition, and the events of
-# OTLP spans, which went to the assembler of CRC32(run_id) (streams.runs.run_partition).
+# OTLP spans, which went to the assembler of CRC32(run_id) (streams.detect.runs.run_partition).
 _PARTITION_EVENTS = ("(source LIKE {source:String} OR (startsWith(source, {otlp:String}) "
                      "AND CRC32(run_id) % {partitions:UInt32} = {partition:UInt32}))")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from streams.errors import TracksideError
 
-QUERIES = Path(__file__).resolve().parents[1] / "sql" / "queries"
+QUERIES = Path(__file__).resolve().parents[2] / "sql" / "queries"
 PARAM = re.compile(r"^--\s*@param\s+(\w+)\s+(\S+)\s+(\S+)", re.MULTILINE)
 
 

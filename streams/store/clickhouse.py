@@ -30,7 +30,7 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "sql" / "migrations"
 # Tables whose rows are replaced by key: plain SELECTs see one row per key only with FINAL.
 DEDUPLICATED = ("events", "runs", "agent_metrics", "dead_letters", "alerts", "rollbacks", "drift", "failure_clusters")
 # Every query run for a person applies FINAL to the tables that support it, so redelivered

@@ -18,7 +18,7 @@ API
 - `spans_to_events(traces, *, normalise=False, keep_raw_args=False) -> Mapped`: the mapping
   of a `TracesData` or of an already parsed OTLP/JSON object (a dict).
 - `Mapped(events, rejected, skipped)`: `events` raw agent-event dicts, each already checked
-  by `streams.events.validate` (with `normalise=True`, validate's normalised rows instead,
+  by `streams.contracts.events.validate` (with `normalise=True`, validate's normalised rows instead,
   as `events.parse` gives them); `rejected` a list of `Rejection(where, reason)`, `where` =
   `<traceId>:<spanId>` in hex (or the span's position in the message when its ids are
   unreadable), for the caller's dead-letter queue; `skipped` a `Counter` of reasons for
@@ -77,7 +77,7 @@ Fields
   `execute_tool <name>`; neither: rejected); `args` = `gen_ai.tool.call.arguments` when it is
   a JSON object (a JSON string holding an object, or an OTLP kvlist); any other value (JSON
   that is not an object, or text that is not JSON) is not stored: `args_hash` = the hash
-  (`streams.events.args_hash`) of its canonical JSON, or of the raw text, so loops on
+  (`streams.contracts.events.args_hash`) of its canonical JSON, or of the raw text, so loops on
   repeated arguments are still found. `error_message` = the status message, else the
   `exception` event's `exception.message`.
 - Status (llm and tool): span status ERROR, or `error.type` set on a span whose status is not
@@ -119,7 +119,7 @@ Rejected spans (returned, for the DLQ; the rest of the batch still maps): a mapp
 whose ids are missing, malformed or all zeros, whose fields have the wrong OTLP/JSON
 types, that has no start or end time or ends before it starts, a negative / fractional /
 non-numeric token count, no agent identity, a tool span without a tool name, an unknown
-`trackside.outcome`, or an event `streams.events.validate` refuses (e.g. a time before
+`trackside.outcome`, or an event `streams.contracts.events.validate` refuses (e.g. a time before
 2000).
 """
 
@@ -138,7 +138,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
 from streams.errors import ConfigError, TracksideError
-from streams.events import MAX_COUNT, MAX_TEXT_CHARS, OUTCOMES, InvalidEvent, args_hash, validate
+from streams.contracts.events import MAX_COUNT, MAX_TEXT_CHARS, OUTCOMES, InvalidEvent, args_hash, validate
 
 ENCODINGS = ("otlp_proto", "otlp_json")
 DEFAULT_MAX_BYTES = 16 << 20

@@ -1,11 +1,11 @@
 """The faust app: thin agents that read batches, call the plain modules, and emit batches.
 
-`assemble_runs` folds the ingest stage's event batches into runs (`streams.runs`) and sends
+`assemble_runs` folds the ingest stage's event batches into runs (`streams.detect.runs`) and sends
 closed runs, grouped by the partition of their agent, to `trackside.run-results`;
-`compute_metrics` folds those into event-time windows (`streams.metrics`), drift tests
-(`streams.drift`) and failure clusters (`streams.failures`), and sends the changed rows to
+`compute_metrics` folds those into event-time windows (`streams.detect.metrics`), drift tests
+(`streams.detect.drift`) and failure clusters (`streams.detect.failures`), and sends the changed rows to
 `trackside.metric-results` and the alerts to `trackside.alerts`. The store sink lands both. A partition's
-state is rebuilt from the store the first time a worker sees it (`streams.recovery`).
+state is rebuilt from the store the first time a worker sees it (`streams.processors.recovery`).
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from collections import Counter, defaultdict
 import faust
 import orjson
 
-from streams import telemetry, topics
-from streams.drift import DriftDetector
-from streams.failures import FailureClusterer
-from streams.metrics import MetricWindows
+from streams import telemetry
+from streams.contracts import topics
+from streams.detect.drift import DriftDetector
+from streams.detect.failures import FailureClusterer
+from streams.detect.metrics import MetricWindows
 from streams.errors import StoreError
-from streams.recovery import open_run_events, open_windows, recent_runs, rollout_state
-from streams.rollout import RolloutController, tenant_partition_key
-from streams.runs import RunAssembler, agent_partition, row_version, unpack
+from streams.processors.recovery import open_run_events, open_windows, recent_runs, rollout_state
+from streams.detect.rollout import RolloutController, tenant_partition_key
+from streams.detect.runs import RunAssembler, agent_partition, row_version, unpack
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""What crosses a topic or a table, defined once: topics, agent events, alerts, table columns."""

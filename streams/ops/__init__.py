@@ -1,0 +1,1 @@
+"""Running it: the embedded stack, the broker and child processes, the alert forwarder."""
