@@ -5,6 +5,7 @@ that per-run and per-agent state stays co-partitioned across stages."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 
@@ -45,3 +46,21 @@ ALL = (
     EVENT_BATCHES, RUN_RESULTS, METRIC_RESULTS,
 )
 
+
+# How messages are routed between the stages' partitions.
+
+
+def agent_partition(agent_id: str, partitions: int) -> int:
+    """The partition of an agent's closed runs and windows: stable across processes and restarts."""
+    return zlib.crc32(agent_id.encode()) % partitions
+
+
+def run_partition(run_id: str, partitions: int) -> int:
+    """The assembler partition of a run whose events come unkeyed (OTLP spans): CRC-32 of the
+    run id, the same function as ClickHouse's `CRC32`, so recovery can select them in SQL."""
+    return zlib.crc32(run_id.encode()) % partitions
+
+
+def tenant_partition_key(tenant: str) -> str:
+    """The key whose agent partition holds a tenant's budget (tenants and agents share partitions)."""
+    return "tenant:" + tenant

@@ -22,10 +22,8 @@ import orjson
 
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
 from streams.detect.canary import CanaryAnalysis, Verdict
-from streams.contracts.events import InvalidEvent, _check_amount, _check_choice, _check_id, parse_ts
 from streams.detect.policy import Policy
 
-ROLES = ("stable", "canary")
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 # Stable runs kept per agent so that a canary first seen late still gets the stable runs
@@ -38,32 +36,6 @@ METRIC_KINDS = {
     "success_rate": "success_rate", "cost_per_success": "cost", "tool_error_rate": "error_rate",
     "loop_rate": "loop_rate", "p95_duration": "latency",
 }
-
-
-def parse_deployment(value: bytes | None) -> dict:
-    """A deployment event (SPEC §5) checked field by field; InvalidEvent says what is wrong."""
-    try:
-        raw = orjson.loads(value or b"")
-    except orjson.JSONDecodeError as error:
-        raise InvalidEvent(f"not JSON: {error}") from None
-    if not isinstance(raw, dict):
-        raise InvalidEvent("a deployment event must be a JSON object")
-    checks = {"agent_id": _check_id, "version": _check_id, "role": lambda v: _check_choice(v, ROLES),
-              "traffic_pct": _check_amount, "ts": parse_ts}
-    event: dict[str, Any] = {}
-    for name, check in checks.items():
-        if name not in raw:
-            if name == "traffic_pct":  # a stable deployment without a share takes the rest
-                event[name] = 100.0 if raw.get("role") == "stable" else 0.0
-                continue
-            raise InvalidEvent(f"{name}: required")
-        try:
-            event[name] = check(raw[name])
-        except ValueError as error:
-            raise InvalidEvent(f"{name}: {error}") from None
-    if event["traffic_pct"] > 100:
-        raise InvalidEvent(f"traffic_pct: must be between 0 and 100, got {event['traffic_pct']}")
-    return event
 
 
 @dataclass
@@ -341,11 +313,6 @@ class RolloutController:
 
     def _fresh(self, alerts: list[dict]) -> list[dict]:
         return [a for a in alerts if a["alert_id"] not in self.sent]
-
-
-def tenant_partition_key(tenant: str) -> str:
-    """The key whose agent partition holds a tenant's budget (tenants and agents share partitions)."""
-    return "tenant:" + tenant
 
 
 def _describe(metric: Any) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import operator
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,38 +17,11 @@ from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert
 from streams.ingest.pricing import UNKNOWN
 from streams.detect.loops import LoopFinding, LoopPolicy, find_loop
 
-# The fields of a normalised event the assembler reads; the ingest stage sends only these,
-# as positional rows (`pack`), which cost a third of dicts to encode and decode.
-EVENT_FIELDS = (
-    "event_id", "ts", "type", "run_id", "agent_id", "agent_version", "task_id", "session_id",
-    "tenant", "environment", "input_tokens", "output_tokens", "cache_read_input_tokens",
-    "status", "error_type", "error_message", "tool", "args_hash", "outcome", "score",
-    "cost_usd", "cost_source",
-)
-
-
-pack = operator.itemgetter(*EVENT_FIELDS)
-
-
-def unpack(rows: list[list]) -> list[dict]:
-    return [dict(zip(EVENT_FIELDS, row)) for row in rows]
-
 
 def row_version(event_count: int, enriched: bool = False) -> int:
     """A runs row with more events replaces one with fewer; with as many, the enriched one
     (its failure cluster assigned by the metrics stage) replaces the plain one."""
     return 2 * event_count + enriched
-
-
-def agent_partition(agent_id: str, partitions: int) -> int:
-    """The partition of an agent's closed runs and windows: stable across processes and restarts."""
-    return zlib.crc32(agent_id.encode()) % partitions
-
-
-def run_partition(run_id: str, partitions: int) -> int:
-    """The assembler partition of a run whose events come unkeyed (OTLP spans): CRC-32 of the
-    run id, the same function as ClickHouse's `CRC32`, so recovery can select them in SQL."""
-    return zlib.crc32(run_id.encode()) % partitions
 
 
 @dataclass(slots=True)

@@ -26,8 +26,9 @@ from streams.ingest.pricing import PriceTable, price_event
 from streams.errors import BrokerError
 from streams.contracts.events import InvalidEvent, parse
 from streams.ingest.otlp import InvalidOtlp, otlp_to_events
-from streams.detect.rollout import parse_deployment
-from streams.detect.runs import agent_partition, pack, run_partition
+from streams.contracts.deployments import parse_deployment
+from streams.contracts.topics import agent_partition, run_partition
+from streams.contracts.messages import pack
 from streams.settings import Settings
 from streams.store.clickhouse import Store
 

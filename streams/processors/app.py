@@ -26,8 +26,11 @@ from streams.detect.failures import FailureClusterer
 from streams.detect.metrics import MetricWindows
 from streams.errors import StoreError
 from streams.processors.recovery import open_run_events, open_windows, recent_runs, rollout_state
-from streams.detect.rollout import RolloutController, tenant_partition_key
-from streams.detect.runs import RunAssembler, agent_partition, row_version, unpack
+from streams.detect.rollout import RolloutController
+from streams.contracts.topics import tenant_partition_key
+from streams.detect.runs import RunAssembler, row_version
+from streams.contracts.topics import agent_partition
+from streams.contracts.messages import unpack
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 
 from streams.contracts import topics
-from streams.detect.rollout import tenant_partition_key
-from streams.detect.runs import EVENT_FIELDS, agent_partition
+from streams.contracts.topics import tenant_partition_key
+from streams.contracts.messages import EVENT_FIELDS
+from streams.contracts.topics import agent_partition
 from streams.settings import Settings
 from streams.contracts.tables import RUNS
 from streams.store.clickhouse import query_store

@@ -5,7 +5,8 @@ import pytest
 
 from streams.contracts.events import InvalidEvent
 from streams.detect.policy import Policy, PolicyError
-from streams.detect.rollout import DAY_MS, HOUR_MS, RolloutController, Rollouts, parse_deployment
+from streams.detect.rollout import DAY_MS, HOUR_MS, RolloutController, Rollouts
+from streams.contracts.deployments import parse_deployment
 from streams.detect.runs import RunAssembler
 
 T0 = 1_793_491_200_000  # 2026-11-01T00:00:00Z

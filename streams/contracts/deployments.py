@@ -1,0 +1,37 @@
+"""Deployment events (SPEC §5): deploy tooling's rollout changes, checked field by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from streams.contracts.events import InvalidEvent, _check_amount, _check_choice, _check_id, parse_ts
+
+ROLES = ("stable", "canary")
+
+
+def parse_deployment(value: bytes | None) -> dict:
+    """A deployment event (SPEC §5) checked field by field; InvalidEvent says what is wrong."""
+    try:
+        raw = orjson.loads(value or b"")
+    except orjson.JSONDecodeError as error:
+        raise InvalidEvent(f"not JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise InvalidEvent("a deployment event must be a JSON object")
+    checks = {"agent_id": _check_id, "version": _check_id, "role": lambda v: _check_choice(v, ROLES),
+              "traffic_pct": _check_amount, "ts": parse_ts}
+    event: dict[str, Any] = {}
+    for name, check in checks.items():
+        if name not in raw:
+            if name == "traffic_pct":  # a stable deployment without a share takes the rest
+                event[name] = 100.0 if raw.get("role") == "stable" else 0.0
+                continue
+            raise InvalidEvent(f"{name}: required")
+        try:
+            event[name] = check(raw[name])
+        except ValueError as error:
+            raise InvalidEvent(f"{name}: {error}") from None
+    if event["traffic_pct"] > 100:
+        raise InvalidEvent(f"traffic_pct: must be between 0 and 100, got {event['traffic_pct']}")
+    return event
