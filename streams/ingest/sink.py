@@ -68,7 +68,8 @@ def without_errors(messages: Iterable[Message]) -> Iterator[Message]:
 
 
 def producer_config(settings: Settings) -> dict:
-    return {**settings.kafka_config, "linger.ms": 5, "message.max.bytes": 16 << 20}
+    # Defaults first: a TRACKSIDE_KAFKA_* variable (e.g. ..._MESSAGE_MAX_BYTES) wins.
+    return {"linger.ms": 5, "message.max.bytes": 16 << 20, **settings.kafka_config}
 
 
 class StoreSink:
