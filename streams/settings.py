@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(1_000_000, ge=256, description="larger events go to the dead-letter topic")
     store_raw_tool_args: bool = Field(False, description="store tool arguments raw, not only hashed")
     store_retry_max_seconds: float = Field(30.0, gt=0, description="cap of the backoff while the store refuses writes")
+    handover_max_bytes: int = Field(
+        500_000, ge=1024, description="largest batch message the sink hands to the processors; a larger event travels alone")
+    handover_retry_max_seconds: float = Field(
+        30.0, gt=0, description="cap of the backoff while the broker refuses the sink's messages")
 
     @field_validator("data_dir")
     @classmethod

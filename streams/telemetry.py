@@ -97,6 +97,13 @@ _DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
     "STORE_RETRYING": (Gauge, "trackside_store_retrying",
                        "1 while the store refuses writes and the sink is retrying, else 0",
                        {"multiprocess_mode": "livemax"}),
+    "HANDOVER_FAILURES": (Counter, "trackside_handover_failures",
+                          ("Messages of the store sink (event batches, deployments, dead letters) the broker or "
+                           "the producer refused; they are produced again and no offset moves past them"),
+                          {"labelnames": ("topic",)}),
+    "HANDOVER_RETRYING": (Gauge, "trackside_handover_retrying",
+                          "1 while the broker refuses messages of the store sink and it retries, else 0",
+                          {"multiprocess_mode": "livemax"}),
     # Processors (faust workers, streams/processors/app.py).
     "ALERTS": (Counter, "trackside_alerts", "Alerts produced to trackside.alerts, by kind and status",
                {"labelnames": ("kind", "status")}),

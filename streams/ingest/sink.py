@@ -5,15 +5,19 @@ topics. Per poll it validates the events, lands them and the dead letters in Cli
 with `insert_arrow`, produces the rejected messages to the DLQ topic and the valid ones,
 as one batch message per source partition, to `trackside.event-batches` (same partition
 number, so a run's events meet in one assembler), lands the result rows, and only then
-commits the offsets. A store that refuses writes is retried with backoff, never skipped.
+commits the offsets, once the broker has acknowledged every message the sink produced.
+A store that refuses writes, and a broker that refuses a message, are retried with backoff,
+never skipped; a row the store will never take goes to the dead letters (streams/ingest/poison.py).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import Counter, defaultdict
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import orjson
@@ -23,21 +27,27 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 from streams.contracts import tables, topics
 from streams import telemetry
 from streams.ingest.pricing import PriceTable, price_event
-from streams.errors import BrokerError
 from streams.contracts.events import InvalidEvent, parse
 from streams.ingest.otlp import InvalidOtlp, otlp_to_events
 from streams.contracts.deployments import parse_deployment
-from streams.contracts.topics import agent_partition, run_partition
 from streams.contracts.messages import pack
+from streams.contracts.topics import agent_partition, run_partition
+from streams.ingest.poison import UnfitRows, land
 from streams.settings import Settings
 from streams.store.clickhouse import Store
 
 log = logging.getLogger(__name__)
 
 GROUP = "trackside-store"
-# Events per batch message to the processors: ~400 KB, well under any broker's message limit.
-EVENTS_PER_BATCH_MESSAGE = 1000
 DLQ_PAYLOAD_LIMIT = 1 << 20
+# ClickHouse error codes that say the rows are wrong, not the store (errorCodeToName(code)).
+DATA_ERROR_CODES = frozenset({
+    6, 26, 27, 38, 41, 53, 69, 70, 72,  # CANNOT_PARSE_*, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE
+    117, 131, 190, 321, 349,  # INCORRECT_DATA, TOO_LARGE_STRING_SIZE, SIZES_OF_ARRAYS_DONT_MATCH,
+    # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    407, 469, 691,  # DECIMAL_OVERFLOW, VIOLATED_CONSTRAINT, UNKNOWN_ELEMENT_OF_ENUM
+})
+_ERROR_CODE = re.compile(r"\bCode: (\d+)\.")
 
 
 def now_ms() -> int:
@@ -69,11 +79,103 @@ def without_errors(messages: Iterable[Message]) -> Iterator[Message]:
 
 
 def producer_config(settings: Settings) -> dict:
-    return {**settings.kafka_config, "linger.ms": 5, "message.max.bytes": 16 << 20}
+    # Defaults first: a TRACKSIDE_KAFKA_* variable (e.g. ..._MESSAGE_MAX_BYTES) wins.
+    return {"linger.ms": 5, "message.max.bytes": 16 << 20, **settings.kafka_config}
+
+
+def is_data_error(error: Exception) -> bool:
+    """Whether the store refused rows for their data (so retrying them cannot help)."""
+    if isinstance(error, UnfitRows):
+        return True
+    code = _ERROR_CODE.search(str(error))
+    return code is not None and int(code.group(1)) in DATA_ERROR_CODES
+
+
+def json_batches(prefix: bytes, items: list[bytes], max_bytes: int) -> Iterator[bytes]:
+    """`prefix` + a JSON array of the encoded items + `}`, in as many messages as keep each
+    within `max_bytes`; an item too large for that travels alone."""
+    chunk: list[bytes] = []
+    size = empty = len(prefix) + 2  # the brackets and the closing brace; each item adds a comma
+    for item in items:
+        if chunk and size + len(item) + 1 > max_bytes:
+            yield prefix + b"[" + b",".join(chunk) + b"]}"
+            chunk, size = [], empty
+        chunk.append(item)
+        size += len(item) + 1
+    if chunk:
+        yield prefix + b"[" + b",".join(chunk) + b"]}"
+
+
+class Handovers:
+    """The messages the sink produces, each acknowledged by the broker before offsets move.
+
+    Every message has a delivery callback. `settle` waits for them; a message the broker
+    refused, or the producer itself (MSG_SIZE_TOO_LARGE), is counted, logged and produced
+    again with backoff, without end while it is refused, until `stop` is set.
+    """
+
+    def __init__(self, producer: Producer, retry_max_seconds: float) -> None:
+        self.producer = producer
+        self.retry_max_seconds = retry_max_seconds
+        self._refused: list[tuple[tuple, KafkaError]] = []
+        self._retrying = False
+
+    def produce(self, topic: str, value: bytes, **options) -> None:  # noqa: ANN003 (Producer.produce's options)
+        message = (topic, value, options)
+        while True:
+            try:
+                self.producer.produce(topic, value=value, on_delivery=partial(self._delivered, message), **options)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+            except KafkaException as error:
+                self._refused.append((message, error.args[0]))
+                return
+
+    def _delivered(self, message: tuple, error: KafkaError | None, _report: Message) -> None:
+        if error is not None:
+            self._refused.append((message, error))
+
+    def settle(self, stop: threading.Event) -> bool:
+        """Return True once every message produced so far is acknowledged; False if `stop` came first."""
+        delay = 0.1
+        while True:
+            while self.producer.flush(1.0) and not stop.is_set():
+                pass  # still queued: delivered or refused by `message.timeout.ms` at the latest
+            refused, self._refused = self._refused, []
+            if stop.is_set() and (refused or len(self.producer)):
+                return False
+            if not refused:
+                if self._retrying:
+                    log.warning("the broker takes the sink's messages again")
+                    self._retrying = False
+                    telemetry.HANDOVER_RETRYING.set(0)
+                return True
+            for topic, count in Counter(topic for (topic, _, _), _ in refused).items():
+                telemetry.HANDOVER_FAILURES.labels(topic).inc(count)
+            if not self._retrying:
+                (topic, value, _), error = refused[0]
+                log.warning("the broker refused %d message(s) of the sink (first: %d bytes to %s: %s); "
+                            "producing them again with backoff, offsets not committed",
+                            len(refused), len(value), topic, error)
+                self._retrying = True
+                telemetry.HANDOVER_RETRYING.set(1)
+            if stop.wait(delay):
+                return False
+            delay = min(delay * 2, self.retry_max_seconds)
+            for (topic, value, options), _ in refused:
+                self.produce(topic, value, **options)
 
 
 class StoreSink:
-    """Runs the ingest and sink loop until `stop` is set; see the module docstring."""
+    """Runs the ingest and sink loop until `stop` is set; see the module docstring.
+
+    Rows remember the message they came from. A batch the store refuses is bisected
+    (streams/ingest/poison.py): rows refused for their data, or refused while the rest of
+    their batch lands, are poison, and their message goes to the dead letters with the
+    reason; when every part of the batch is refused alike (a detached table, a server that
+    is down) the store refuses everything, and the rest is retried with backoff, never skipped.
+    """
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -85,6 +187,7 @@ class StoreSink:
         self._retrying = False
         self._consumer = Consumer(consumer_config(settings, GROUP))
         self._producer = Producer(producer_config(settings))
+        self._handovers = Handovers(self._producer, settings.handover_retry_max_seconds)
         self._handlers: dict[str, Callable[[list[Message]], None]] = {
             topics.AGENT_EVENTS.name: self._ingest_events,
             topics.AGENT_DEPLOYMENTS.name: self._ingest_deployments,
@@ -120,7 +223,9 @@ class StoreSink:
                 oldest[message.topic()] = stamp
         for topic, batch in by_topic.items():
             self._handlers[topic](batch)
-        self._producer.flush(30)
+        if not self._handovers.settle(self.stop):
+            log.warning("stopped with messages of the sink not acknowledged; their offsets are not committed")
+            return
         try:
             self._consumer.commit(asynchronous=False)
             telemetry.SINK_LAST_COMMIT.set(time.time())
@@ -134,34 +239,73 @@ class StoreSink:
         for topic, stamp in oldest.items():
             telemetry.INGEST_DELAY_SECONDS.labels(topic).observe(max(0, landed - stamp) / 1000)
 
-    def _insert(self, table: str, rows: list[dict]) -> None:
-        """Insert rows, retrying with backoff while the store refuses; gives up only on stop."""
+    def _insert(self, table: str, rows: list[dict], origins: list[Message] | None = None) -> set[str]:
+        """Insert rows, retrying with backoff while the store refuses; gives up only on stop.
+
+        `origins[i]` is the message row i came from; a row the table will never take sends
+        that message to the dead letters (without origins, e.g. dead letters themselves, it
+        is logged). Returns the sources (topic:partition:offset) of those messages.
+        """
         if not rows:
-            return
-        data = tables.to_arrow(rows, tables.BY_TABLE[table])
+            return set()
+        schema = tables.BY_TABLE[table]
+
+        def insert(indices: list[int]) -> None:
+            try:
+                data = tables.to_arrow([rows[i] for i in indices], schema)
+            except (pa.ArrowException, KeyError, TypeError, ValueError, OverflowError) as error:
+                raise UnfitRows(f"the {table} columns cannot hold these rows: {error!r}") from None
+            started = time.monotonic()
+            self.store.insert_arrow(table, data)
+            telemetry.STORE_INSERT_SECONDS.labels(table).observe(time.monotonic() - started)
+            telemetry.STORE_ROWS.labels(table).inc(len(indices))
+            self.stats[f"rows_{table}"] += len(indices)
+
+        rejected: set[str] = set()
+        pending = list(range(len(rows)))
         delay = 0.1
         while True:
-            try:
-                started = time.monotonic()
-                self.store.insert_arrow(table, data)
-                telemetry.STORE_INSERT_SECONDS.labels(table).observe(time.monotonic() - started)
-                telemetry.STORE_ROWS.labels(table).inc(len(rows))
-                self.stats[f"rows_{table}"] += len(rows)
+            landing = land(pending, insert, is_data_error)
+            if landing.refusal is not None and len(landing.unlanded) < len(pending):
+                log.warning("the store refused %d %s rows as one insert (%s); bisected: %d poison, %d landed, %d to retry",
+                            len(pending), table, landing.refusal, len(landing.poison),
+                            len(pending) - len(landing.poison) - len(landing.unlanded), len(landing.unlanded))
+            rejected |= self._reject_poison(table, landing.poison, rows, origins)
+            if not landing.unlanded:
                 if self._retrying:
-                    log.warning("store accepts writes again; %d %s rows landed", len(rows), table)
+                    log.warning("store accepts writes again; %d %s rows landed", len(pending), table)
                     self._retrying = False
                     telemetry.STORE_RETRYING.set(0)
-                return
-            except Exception as error:  # any failure of the store: retry, never skip
-                self.stats["store_retries"] += 1
-                telemetry.STORE_RETRIES.labels(table).inc()
-                telemetry.STORE_RETRYING.set(1)
-                if not self._retrying:
-                    log.warning("store refused %d %s rows (%s); retrying with backoff", len(rows), table, error)
-                self._retrying = True
-                if self.stop.wait(delay):
-                    raise
-                delay = min(delay * 2, self.settings.store_retry_max_seconds)
+                return rejected
+            self.stats["store_retries"] += 1
+            telemetry.STORE_RETRIES.labels(table).inc()
+            telemetry.STORE_RETRYING.set(1)
+            if not self._retrying:
+                log.warning("store refused %d %s rows (%s); retrying with backoff",
+                            len(landing.unlanded), table, landing.error)
+            self._retrying = True
+            if self.stop.wait(delay):
+                raise landing.error
+            delay = min(delay * 2, self.settings.store_retry_max_seconds)
+            pending = landing.unlanded
+
+    def _reject_poison(
+        self, table: str, poison: list[tuple[int, Exception]], rows: list[dict], origins: list[Message] | None
+    ) -> set[str]:
+        """The messages of rows the table will never take, to the dead letters; returns their sources."""
+        dead: dict[str, dict] = {}
+        received_at = now_ms()
+        for index, error in poison:
+            if origins is None:
+                log.error("the %s table refuses a row for good (%s); it is not stored: %r", table, error, rows[index])
+                continue
+            message = origins[index]
+            source = f"{message.topic()}:{message.partition()}:{message.offset()}"
+            if source not in dead:
+                reason = f"the {table} table refuses a row of this message: {error}"
+                dead[source] = self._dead_letter(message, source, reason, received_at)
+        self._reject(list(dead.values()))
+        return set(dead)
 
     # agent.events
 
@@ -170,11 +314,10 @@ class StoreSink:
         keep_raw_args = self.settings.store_raw_tool_args
         max_bytes = self.settings.max_event_bytes
         events: list[dict] = []
+        origins: list[Message] = []
         dead: list[dict] = []
-        by_partition: dict[int, list[dict]] = defaultdict(list)
         for message in messages:
-            partition, offset = message.partition(), message.offset()
-            source = f"{message.topic()}:{partition}:{offset}"
+            source = f"{message.topic()}:{message.partition()}:{message.offset()}"
             try:
                 event = parse(message.value(), max_bytes=max_bytes, keep_raw_args=keep_raw_args)
             except InvalidEvent as error:
@@ -184,21 +327,26 @@ class StoreSink:
             event["source"] = source
             event["ingested_at"] = ingested_at
             events.append(event)
-            by_partition[partition].append(pack(event))
-        self._insert("events", events)
-        self._reject(dead)
-        self._hand_over(by_partition)
-        self.stats["events"] += len(events)
-        telemetry.EVENTS_INGESTED.inc(len(events))
+            origins.append(message)
+        self._land_events(events, origins, [message.partition() for message in origins], dead)
 
-    def _hand_over(self, by_partition: dict[int, list]) -> None:
-        """The packed events to the run assemblers, one message per partition and chunk."""
-        for partition, batch in by_partition.items():
-            for start in range(0, len(batch), EVENTS_PER_BATCH_MESSAGE):
-                chunk = batch[start:start + EVENTS_PER_BATCH_MESSAGE]
-                self._produce(
-                    topics.EVENT_BATCHES.name, orjson.dumps({"partition": partition, "events": chunk}), partition=partition
-                )
+    def _land_events(self, events: list[dict], origins: list[Message], assemblers: list[int], dead: list[dict]) -> None:
+        """Land the events and the dead letters, then hand the events that landed to the run
+        assemblers (`assemblers[i]`: the partition of event i's), in batches of at most
+        `handover_max_bytes`, each in the partition of its assembler."""
+        rejected = self._insert("events", events, origins)
+        self._reject(dead)
+        by_partition: dict[int, list[bytes]] = defaultdict(list)
+        for event, partition in zip(events, assemblers):
+            if event["source"] not in rejected:
+                by_partition[partition].append(orjson.dumps(pack(event)))
+        for partition, packed in by_partition.items():
+            prefix = b'{"partition":%d,"events":' % partition
+            for value in json_batches(prefix, packed, self.settings.handover_max_bytes):
+                self._handovers.produce(topics.EVENT_BATCHES.name, value, partition=partition)
+        landed = sum(map(len, by_partition.values()))
+        self.stats["events"] += landed
+        telemetry.EVENTS_INGESTED.inc(landed)
 
     # otlp_spans
 
@@ -212,8 +360,8 @@ class StoreSink:
         ingested_at = now_ms()
         keep_raw_args = self.settings.store_raw_tool_args
         events: list[dict] = []
+        origins: list[Message] = []
         dead: list[dict] = []
-        by_partition: dict[int, list[dict]] = defaultdict(list)
         for message in messages:
             source = f"{message.topic()}:{message.partition()}:{message.offset()}"
             try:
@@ -232,12 +380,9 @@ class StoreSink:
                 event["source"] = source
                 event["ingested_at"] = ingested_at
                 events.append(event)
-                by_partition[run_partition(event["run_id"], self.settings.partitions)].append(pack(event))
-        self._insert("events", events)
-        self._reject(dead)
-        self._hand_over(by_partition)
-        self.stats["events"] += len(events)
-        telemetry.EVENTS_INGESTED.inc(len(events))
+                origins.append(message)
+        assemblers = [run_partition(event["run_id"], self.settings.partitions) for event in events]
+        self._land_events(events, origins, assemblers, dead)
 
     # agent.deployments
 
@@ -245,8 +390,7 @@ class StoreSink:
         """Land deployment events and hand them to the metrics stage, in the partition of
         their agent (where its runs meet), whatever partition deploy tooling wrote them to."""
         received_at = now_ms()
-        rows, dead = [], []
-        by_target: dict[int, list[dict]] = defaultdict(list)
+        deployments, rows, origins, dead = [], [], [], []
         for message in messages:
             source = f"{message.topic()}:{message.partition()}:{message.offset()}"
             try:
@@ -254,19 +398,25 @@ class StoreSink:
             except InvalidEvent as error:
                 dead.append(self._dead_letter(message, source, str(error), received_at))
                 continue
+            deployments.append(event)
             rows.append({**event, "source": source})
-            by_target[agent_partition(event["agent_id"], self.settings.partitions)].append(event)
-        self._insert("deployments", rows)
+            origins.append(message)
+        rejected = self._insert("deployments", rows, origins)
         self._reject(dead)
-        for target, events in by_target.items():
-            self._produce(topics.RUN_RESULTS.name, orjson.dumps({"deployments": events}), partition=target)
+        by_target: dict[int, list[bytes]] = defaultdict(list)
+        for event, row in zip(deployments, rows):
+            if row["source"] not in rejected:
+                by_target[agent_partition(event["agent_id"], self.settings.partitions)].append(orjson.dumps(event))
+        for target, encoded in by_target.items():
+            for value in json_batches(b'{"deployments":', encoded, self.settings.handover_max_bytes):
+                self._handovers.produce(topics.RUN_RESULTS.name, value, partition=target)
 
     def _reject(self, dead: list[dict]) -> None:
         """The one error policy: a message that cannot be processed goes to the dead-letter
         table and topic, with why and where from, and the stream goes on."""
         self._insert("dead_letters", dead)
         for row in dead:
-            self._produce(
+            self._handovers.produce(
                 topics.DEAD_LETTERS.name, row["payload_full"], key=row["key"] or None,
                 headers=[("trackside.error", row["error"].encode()), ("trackside.source", row["source"].encode())],
             )
@@ -290,32 +440,24 @@ class StoreSink:
             "payload_full": payload,
         }
 
-    def _produce(self, topic: str, value: bytes, **options) -> None:  # noqa: ANN003 (Producer.produce's options)
-        while True:
-            try:
-                self._producer.produce(topic, value=value, **options)
-                return
-            except BufferError:
-                self._producer.poll(0.1)
-            except KafkaException as error:
-                raise BrokerError(f"cannot produce to {topic}: {error}") from None
-
     # Result topics of the processors.
 
     def _land(self, messages: list[Message], decode: Callable[[bytes], dict[str, list[dict]]]) -> None:
         """Land the rows each message holds, by table; a message that cannot be read is a dead letter."""
         rows: dict[str, list[dict]] = defaultdict(list)
+        origins: dict[str, list[Message]] = defaultdict(list)
         dead = []
         received_at = now_ms()
         for message in messages:
             try:
                 for table, table_rows in decode(message.value()).items():
                     rows[table] += table_rows
+                    origins[table] += [message] * len(table_rows)
             except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, pa.ArrowException) as error:
                 source = f"{message.topic()}:{message.partition()}:{message.offset()}"
                 dead.append(self._dead_letter(message, source, f"unreadable {message.topic()} message: {error!r}", received_at))
         for table, table_rows in rows.items():
-            self._insert(table, table_rows)
+            self._insert(table, table_rows, origins[table])
         self._reject(dead)
 
     def _land_runs(self, messages: list[Message]) -> None:
