@@ -108,7 +108,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     settings = _settings()
     settings.policy()  # a bad policy file fails the set-up, not the processors later
-    applied = open_store(settings).migrate()
+    store = open_store(settings)
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
     if not settings.embedded:
         wait_for_broker(settings)

@@ -8,7 +8,6 @@ A ClickHouse server (http/https URL) is used directly by every process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import threading
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,10 @@ import pyarrow as pa
 
 from streams.errors import StoreBusyError, StoreError
 from streams.settings import Settings
+from streams.store.migrations import MIGRATIONS, load_migrations, pending_migrations, render, split_statements
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "sql" / "migrations"
 # Tables whose rows are replaced by key: plain SELECTs see one row per key only with FINAL.
 DEDUPLICATED = ("events", "runs", "agent_metrics", "dead_letters", "alerts", "rollbacks", "drift", "failure_clusters")
 # Every query run for a person applies FINAL to the tables that support it, so redelivered
@@ -135,8 +135,12 @@ class Store:
 
     # Migrations.
 
-    def migrate(self, directory: Path = MIGRATIONS_DIR) -> list[str]:
-        """Apply the migrations not applied yet, in order; returns the names applied."""
+    def migrate(self, directory: Traversable = MIGRATIONS) -> list[str]:
+        """Apply the migrations not applied yet, in order; returns the names applied.
+
+        Refuses to start with no migration at all, or when a landed one has changed since.
+        """
+        migrations = load_migrations(directory)
         on_cluster = f"ON CLUSTER {self.cluster}" if self.cluster else ""
         self.command(f"CREATE DATABASE IF NOT EXISTS {self.database} {on_cluster}")
         self.command(
@@ -144,29 +148,19 @@ class Store:
             "(version UInt32, name String, checksum String, applied_at DateTime64(3, 'UTC')) "
             "ENGINE = MergeTree ORDER BY version"
         )
-        done = {version for (version,) in self.query_rows(f"SELECT version FROM {self.database}.schema_migrations")}
+        landed = dict(self.query_rows(f"SELECT version, checksum FROM {self.database}.schema_migrations"))
         applied = []
-        for path in sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql")):
-            version = int(path.name[:4])
-            if version in done:
-                continue
-            text = path.read_text()
-            for statement in split_statements(text):
-                self.command(statement.format(database=self.database, on_cluster=on_cluster))
+        for migration in pending_migrations(migrations, landed):
+            for statement in split_statements(migration.text):
+                self.command(render(statement, database=self.database, on_cluster=on_cluster))
             self.command(
                 f"INSERT INTO {self.database}.schema_migrations VALUES "
                 "({version:UInt32}, {name:String}, {checksum:String}, now64(3))",
-                parameters={"version": version, "name": path.stem, "checksum": hashlib.sha256(text.encode()).hexdigest()},
+                parameters={"version": migration.version, "name": migration.name, "checksum": migration.checksum},
             )
-            applied.append(path.stem)
+            applied.append(migration.name)
         self._use_database()
         return applied
-
-
-def split_statements(text: str) -> list[str]:
-    """The statements of a migration file: each ends with `;` at the end of a line."""
-    text = re.sub(r"^\s*--[^\n]*", "", text, flags=re.MULTILINE)
-    return [statement.strip() for statement in re.split(r";[ \t]*$", text, flags=re.MULTILINE) if statement.strip()]
 
 
 def _scrub(message: str, url: str) -> str:
