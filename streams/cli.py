@@ -77,7 +77,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
     sql, defaults = load_query(args.file) if args.file else (args.query, {})
     parameters = parse_params(args.param, defaults)
     store = query_store(_settings())
-    output = store.query_raw(sql, args.format, readonly=not args.write, parameters=parameters or None)
+    try:
+        output = store.query_raw(sql, args.format, readonly=not args.write, parameters=parameters or None)
+    finally:
+        store.close()
     sys.stdout.buffer.write(output)
     sys.stdout.flush()
     return 0
