@@ -77,7 +77,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
     sql, defaults = load_query(args.file) if args.file else (args.query, {})
     parameters = parse_params(args.param, defaults)
     store = query_store(_settings())
-    output = store.query_raw(sql, args.format, readonly=not args.write, parameters=parameters or None)
+    try:
+        output = store.query_raw(sql, args.format, readonly=not args.write, parameters=parameters or None)
+    finally:
+        store.close()
     sys.stdout.buffer.write(output)
     sys.stdout.flush()
     return 0
@@ -108,7 +111,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     settings = _settings()
     settings.policy()  # a bad policy file fails the set-up, not the processors later
-    applied = open_store(settings).migrate()
+    store = open_store(settings)
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
     if not settings.embedded:
         wait_for_broker(settings)

@@ -27,8 +27,12 @@ def free_port() -> int:
 class RunningStack:
     """A `trackside up` subprocess and what a test needs to talk to it."""
 
-    def __init__(self, data_dir: Path, extra_env: dict | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, extra_env: dict | None = None, *, trackside: Path = BIN / "trackside", cwd: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.trackside = trackside  # the console script to run, and the directory to run it in
+        self.cwd = cwd
         self.port = free_port()
         self.metrics_port = free_port()
         self.env = {
@@ -51,7 +55,7 @@ class RunningStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output, "ab") as out:
             self.process = subprocess.Popen(
-                [str(BIN / "trackside"), "up"], env=self.env, stdout=out, stderr=subprocess.STDOUT
+                [str(self.trackside), "up"], env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -73,7 +77,8 @@ class RunningStack:
 
     def cli(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(BIN / "trackside"), *args], env=self.env, input=input, capture_output=True, timeout=300, check=check
+            [str(self.trackside), *args], env=self.env, cwd=self.cwd, input=input, capture_output=True, timeout=300,
+            check=check,
         )
 
     def query(self, sql: str, parameters: dict | None = None) -> list[dict]:

@@ -4,11 +4,14 @@ An embedded store (chdb) can be open in one process only. The process that owns 
 store sink of `trackside up`) serves queries to the others (`trackside sql`, the processors'
 recovery) over a loopback HTTP service whose address and token it writes to the data dir.
 A ClickHouse server (http/https URL) is used directly by every process.
+
+Read-only queries (`trackside sql` without --write, recovery, notebooks) run on a second
+connection on which ClickHouse itself refuses every write (`readonly`), after ClickHouse's own
+parser has shown them to be one read statement that reaches no file, network or process.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,20 +20,23 @@ import secrets
 import threading
 import urllib.error
 import urllib.request
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
 import orjson
 import pyarrow as pa
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from streams.errors import StoreBusyError, StoreError
 from streams.settings import Settings
+from streams.store.migrations import MIGRATIONS, load_migrations, pending_migrations, render, split_statements
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "sql" / "migrations"
 # Tables whose rows are replaced by key: plain SELECTs see one row per key only with FINAL.
 DEDUPLICATED = ("events", "runs", "agent_metrics", "dead_letters", "alerts", "rollbacks", "drift", "failure_clusters")
 # Every query run for a person applies FINAL to the tables that support it, so redelivered
@@ -39,6 +45,23 @@ QUERY_SETTINGS = {"final": 1}
 SERVICE_FILE = "store-service.json"
 # Kinds of statement (the first word of EXPLAIN AST) that only read.
 READ_ONLY_STATEMENTS = ("SelectWithUnionQuery", "SelectQuery", "Show", "Describe", "Explain", "Exists")
+# The connection for reads: ClickHouse refuses every write on it. (2, not 1: a query may still
+# set its own settings, FINAL and output formats included, but never `readonly` itself.)
+READER_SETTINGS = {"readonly": 2}
+# Table functions a read may use: they make rows up or read this store's own tables. Every other
+# one the connected ClickHouse knows (file, url, s3, remote, mysql, executable, python, ...)
+# reaches files, the network, other servers or this process, and is refused; one that a later
+# ClickHouse adds is refused too until it is judged harmless here.
+HARMLESS_TABLE_FUNCTIONS = frozenset({
+    "numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries", "generaterandom",
+    "primes", "values", "format", "null", "view", "viewifpermitted", "merge",
+})
+# Plain functions that read outside the store (`file(path)` returns a file's contents).
+OUTSIDE_FUNCTIONS = frozenset({"file"})
+AST_FUNCTION = re.compile(r"^\s*Function (\S+)", re.MULTILINE)
+# formatQuery prints every clause on a line of its own, and escapes line breaks in literals.
+INTO_OUTFILE = re.compile(r"^\s*INTO OUTFILE\b", re.MULTILINE)
+FORMAT_QUERY_SCOPE = re.compile(r": In scope SELECT formatQuery\(.*(?=\. \()", re.DOTALL)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,17 +82,22 @@ class Store:
         self.cluster = cluster
         self._url = url
         self._lock = threading.RLock()
-        try:
-            self.client = clickhouse_connect.get_client(dsn=url)
-        except Exception as error:  # clickhouse-connect raises several types; keep the URL's secret out
-            raise StoreError(f"cannot open the store: {type(error).__name__}: {_scrub(str(error), url)}") from None
+        self.client = self._connect()
+        # A second client on the same store, chdb included (each has its own session).
+        self.reader = self._connect(READER_SETTINGS)
         self._use_database()
+
+    def _connect(self, settings: dict | None = None) -> Any:
+        try:
+            return clickhouse_connect.get_client(dsn=self._url, settings=settings)
+        except Exception as error:  # clickhouse-connect raises several types; keep the URL's secret out
+            raise StoreError(f"cannot open the store: {type(error).__name__}: {_scrub(str(error), self._url)}") from None
 
     def _use_database(self) -> None:
         # Unqualified names (`SELECT count() FROM events`) then mean the Trackside tables.
         exists = self.client.command("SELECT count() FROM system.databases WHERE name = {db:String}", parameters={"db": self.database})
         if int(exists):
-            self.client.database = self.database
+            self.client.database = self.reader.database = self.database
 
     @property
     def embedded(self) -> bool:
@@ -92,6 +120,7 @@ class Store:
     ) -> bytes:
         """The result of any SQL in any ClickHouse output format, as the server writes it.
 
+        `readonly` (the default): one statement that only reads the store, run on the reader.
         `parameters` bind `{name:Type}` placeholders server-side: values never become SQL text.
         """
         settings = dict(QUERY_SETTINGS)
@@ -101,7 +130,8 @@ class Store:
             try:
                 if readonly:
                     self._check_reads_only(sql, parameters)
-                return self.client.raw_query(sql, parameters=parameters, settings=settings, fmt=fmt)
+                client = self.reader if readonly else self.client
+                return client.raw_query(sql, parameters=parameters, settings=settings, fmt=fmt)
             except StoreError:
                 raise
             except Exception as error:  # the server's message is what the person needs
@@ -111,11 +141,35 @@ class Store:
         return _json_rows(self.query_raw(sql, "JSONEachRow", parameters=parameters))
 
     def _check_reads_only(self, sql: str, parameters: dict | None) -> None:
-        # ClickHouse's own parser says what the statement is. (The `readonly` setting cannot
-        # serve here: chdb applies per-query settings with SET and cannot undo readonly=1.)
-        kind = self.client.raw_query(f"EXPLAIN AST {sql}", parameters=parameters).decode().split(maxsplit=1)[0]
+        """Refuse, before it runs, what the reader would refuse too or what `readonly` lets through.
+
+        ClickHouse's own parser reads the text (passed as a value, never as SQL): formatQuery
+        refuses a second statement and prints the one statement plainly; its AST says what kind
+        of statement it is and names every function it calls.
+        """
+        try:
+            statement = self.reader.query("SELECT formatQuery({sql:String})", parameters={"sql": sql}).result_rows[0][0]
+        except DatabaseError as error:
+            if "Multi-statements are not allowed" in str(error):
+                raise StoreError("read-only: one statement per call; nothing was run") from None
+            # The text's own syntax error, without the formatQuery call around it.
+            raise StoreError(_scrub(FORMAT_QUERY_SCOPE.sub("", str(error)), self._url)) from None
+        ast = self.reader.raw_query(f"EXPLAIN AST {statement}", parameters=parameters).decode()
+        kind = ast.split(maxsplit=1)[0]
         if not kind.startswith(READ_ONLY_STATEMENTS):
             raise StoreError(f"read-only: a {kind} statement changes the store; pass --write to run it")
+        if INTO_OUTFILE.search(statement):
+            raise StoreError("read-only: INTO OUTFILE writes a file; redirect the output of `trackside sql` instead")
+        outside = sorted({name for name in AST_FUNCTION.findall(ast) if name.strip("`").lower() in self._outside_functions})
+        if outside:
+            calls = ", ".join(f"{name}()" for name in outside)
+            raise StoreError(f"read-only: {calls} would read files, the network or other servers; a query reads the store only")
+
+    @cached_property
+    def _outside_functions(self) -> frozenset[str]:
+        """Lower-case names of the functions a read may not call (see HARMLESS_TABLE_FUNCTIONS)."""
+        table_functions = {name.lower() for (name,) in self.reader.query("SELECT name FROM system.table_functions").result_rows}
+        return frozenset(table_functions - HARMLESS_TABLE_FUNCTIONS | OUTSIDE_FUNCTIONS)
 
     def insert_arrow(self, table: str, data: pa.Table) -> None:
         if data.num_rows == 0:
@@ -132,11 +186,16 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self.client.close()
+            self.reader.close()
 
     # Migrations.
 
-    def migrate(self, directory: Path = MIGRATIONS_DIR) -> list[str]:
-        """Apply the migrations not applied yet, in order; returns the names applied."""
+    def migrate(self, directory: Traversable = MIGRATIONS) -> list[str]:
+        """Apply the migrations not applied yet, in order; returns the names applied.
+
+        Refuses to start with no migration at all, or when a landed one has changed since.
+        """
+        migrations = load_migrations(directory)
         on_cluster = f"ON CLUSTER {self.cluster}" if self.cluster else ""
         self.command(f"CREATE DATABASE IF NOT EXISTS {self.database} {on_cluster}")
         self.command(
@@ -144,29 +203,19 @@ class Store:
             "(version UInt32, name String, checksum String, applied_at DateTime64(3, 'UTC')) "
             "ENGINE = MergeTree ORDER BY version"
         )
-        done = {version for (version,) in self.query_rows(f"SELECT version FROM {self.database}.schema_migrations")}
+        landed = dict(self.query_rows(f"SELECT version, checksum FROM {self.database}.schema_migrations"))
         applied = []
-        for path in sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql")):
-            version = int(path.name[:4])
-            if version in done:
-                continue
-            text = path.read_text()
-            for statement in split_statements(text):
-                self.command(statement.format(database=self.database, on_cluster=on_cluster))
+        for migration in pending_migrations(migrations, landed):
+            for statement in split_statements(migration.text):
+                self.command(render(statement, database=self.database, on_cluster=on_cluster))
             self.command(
                 f"INSERT INTO {self.database}.schema_migrations VALUES "
                 "({version:UInt32}, {name:String}, {checksum:String}, now64(3))",
-                parameters={"version": version, "name": path.stem, "checksum": hashlib.sha256(text.encode()).hexdigest()},
+                parameters={"version": migration.version, "name": migration.name, "checksum": migration.checksum},
             )
-            applied.append(path.stem)
+            applied.append(migration.name)
         self._use_database()
         return applied
-
-
-def split_statements(text: str) -> list[str]:
-    """The statements of a migration file: each ends with `;` at the end of a line."""
-    text = re.sub(r"^\s*--[^\n]*", "", text, flags=re.MULTILINE)
-    return [statement.strip() for statement in re.split(r";[ \t]*$", text, flags=re.MULTILINE) if statement.strip()]
 
 
 def _scrub(message: str, url: str) -> str:
@@ -195,7 +244,7 @@ class QueryService:
                 try:
                     body = service.store.query_raw(
                         request["sql"], request.get("format", "PrettyCompact"),
-                        readonly=request.get("readonly", True), parameters=request.get("parameters"),
+                        readonly=request.get("readonly") is not False, parameters=request.get("parameters"),
                     )
                 except Exception as error:
                     self._reply(400, str(error).encode())
@@ -253,6 +302,9 @@ class RemoteStore:
 
     def query_json(self, sql: str, parameters: dict | None = None) -> list[dict]:
         return _json_rows(self.query_raw(sql, "JSONEachRow", parameters=parameters))
+
+    def close(self) -> None:
+        """Nothing to close: every query is a request of its own."""
 
 
 def _json_rows(body: bytes) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Saved queries (`sql/queries/*.sql`): their text and the defaults their headers declare.
+"""Saved queries (`sql/queries/*.sql`, shipped as streams/sql/queries): their text and the defaults
+their headers declare.
 
 A saved query declares each parameter in its header, `-- @param name Type default  meaning`,
 and uses it as a ClickHouse query parameter `{name:Type}`. ClickHouse has no defaults of its
@@ -8,22 +9,25 @@ own, so whoever runs the query passes every one: these defaults, overridden by t
 from __future__ import annotations
 
 import re
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 from streams.errors import TracksideError
 
-QUERIES = Path(__file__).resolve().parents[2] / "sql" / "queries"
+QUERIES = files("streams") / "sql" / "queries"
 PARAM = re.compile(r"^--\s*@param\s+(\w+)\s+(\S+)\s+(\S+)", re.MULTILINE)
 
 
 def load_query(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """(SQL, {parameter: default}) of a saved query: a file, or a name in sql/queries."""
-    path = Path(path)
-    if not path.exists() and (QUERIES / f"{path.name.removesuffix('.sql')}.sql").exists():
-        path = QUERIES / f"{path.name.removesuffix('.sql')}.sql"
+    """(SQL, {parameter: default}) of a saved query: a file, or the NAME of sql/queries/NAME.sql."""
+    source: Path | Traversable = Path(path)
+    shipped = QUERIES / f"{source.name.removesuffix('.sql')}.sql"
+    if not source.exists() and shipped.is_file():
+        source = shipped
     try:
-        sql = path.read_text()
+        sql = source.read_text(encoding="utf-8")
     except OSError as error:
         raise TracksideError(f"cannot read the query {path}: {error.strerror}") from None
     return sql, {name: _literal(type_, text) for name, type_, text in PARAM.findall(sql)}

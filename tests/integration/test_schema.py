@@ -4,7 +4,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from streams.contracts import tables, topics
-from streams.store.clickhouse import MIGRATIONS_DIR
+from streams.store.migrations import load_migrations
 
 pytestmark = pytest.mark.integration
 
@@ -34,4 +34,4 @@ def test_every_registered_topic_exists_with_the_configured_partitions(stack):
 
 def test_every_migration_is_recorded(stack):
     applied = {row["name"] for row in stack.query("SELECT name FROM schema_migrations")}
-    assert applied == {path.stem for path in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql")}
+    assert applied == {migration.name for migration in load_migrations()}
