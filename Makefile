@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit integration bench install clean schema
+.PHONY: demo test unit evaluation integration bench install clean schema
 
 TAU_BENCH ?= ../shared/data/tau-bench/gpt-4o-airline.json
 
@@ -16,6 +16,10 @@ test: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# Fleet-sized evaluations: the detectors' quality bars, the state's footprint and the simulator's speed on simulated fleets.
+evaluation: $(STAMP)
+	$(BIN)/python -m pytest -q tests/evaluation
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration

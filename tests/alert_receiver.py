@@ -81,11 +81,3 @@ class Receiver:
     def am_alerts(self) -> list[dict]:
         """Every postable alert Alertmanager was sent, in order."""
         return [alert for request in self.on(AM_PATH) for alert in request.json()]
-
-    def wait(self, predicate, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return predicate()

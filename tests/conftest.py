@@ -6,22 +6,94 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
+import orjson
 import pytest
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
+from streams.contracts import topics
+from streams.ingest import sink
+from streams.processors import app
 from streams.settings import Settings
 from streams.store.clickhouse import running_service
+from tests.waiting import wait_until
 
 BIN = Path(sys.executable).parent
+
+
+# (consumer group, topic) for every topic `up` reads, upstream before downstream.
+PIPELINE = (
+    (sink.GROUP, topics.AGENT_EVENTS.name),
+    (sink.GROUP, topics.OTLP_SPANS.name),
+    (sink.GROUP, topics.AGENT_DEPLOYMENTS.name),
+    (app.APP_ID, topics.EVENT_BATCHES.name),
+    (app.APP_ID, topics.RUN_RESULTS.name),
+    (sink.GROUP, topics.RUN_RESULTS.name),
+    (sink.GROUP, topics.METRIC_RESULTS.name),
+    (sink.GROUP, topics.ALERTS.name),
+    (sink.GROUP, topics.ROLLBACKS.name),
+)
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _reader(kafka_config: dict, group: str = "trackside-tests") -> Consumer:
+    """A consumer that reads by assignment: it joins no group and commits nothing."""
+    return Consumer({**kafka_config, "group.id": group, "enable.auto.commit": False,
+                     "enable.partition.eof": True, "auto.offset.reset": "earliest"})
+
+
+def _partitions(consumer: Consumer, topic: str) -> list[TopicPartition]:
+    return [TopicPartition(topic, p) for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions]
+
+
+def committed_offsets(kafka_config: dict, group: str, topic: str) -> dict[int, int]:
+    """`group`'s committed offset on each partition of `topic` (0 where it never committed)."""
+    consumer = _reader(kafka_config, group)
+    try:
+        return {tp.partition: max(tp.offset, 0)
+                for tp in consumer.committed(_partitions(consumer, topic), timeout=10)}
+    finally:
+        consumer.close()
+
+
+def read_to_end(kafka_config: dict, topic: str,
+                starts: dict[int, int] | None = None) -> tuple[list[Message], dict[int, int]]:
+    """The messages of `topic` from `starts` (offset per partition; default the start) to the
+    partitions' present ends, and those ends. An end is where a fetch stops: the embedded Tansu
+    answers ListOffsets (get_watermark_offsets) with stale ends."""
+    consumer = _reader(kafka_config)
+    try:
+        partitions = _partitions(consumer, topic)
+        consumer.assign([TopicPartition(topic, tp.partition, (starts or {}).get(tp.partition, 0)) for tp in partitions])
+        messages: list[Message] = []
+        ends: dict[int, int] = {}
+
+        def read_on() -> dict[int, int]:
+            for message in consumer.consume(1000, 0.2):
+                if message.error() is None:
+                    messages.append(message)
+                elif message.error().code() == KafkaError._PARTITION_EOF:
+                    ends[message.partition()] = message.offset()
+            return ends
+
+        wait_until(read_on, 30, f"the ends of {topic}", done=lambda ends: len(ends) == len(partitions), interval=0)
+        return messages, ends
+    finally:
+        consumer.close()
+
+
+def unconsumed(kafka_config: dict, group: str, topic: str) -> dict[int, int]:
+    """Per partition of `topic`, how many messages `group` has not committed (partitions with none left out)."""
+    committed = committed_offsets(kafka_config, group, topic)
+    _, ends = read_to_end(kafka_config, topic, committed)
+    return {p: end - committed[p] for p, end in ends.items() if end > committed[p]}
 
 
 class RunningStack:
@@ -52,22 +124,31 @@ class RunningStack:
         return Settings(data_dir=self.data_dir, embedded_port=self.port)
 
     def start(self, timeout: float = 90) -> str:
+        """Start `trackside up` and wait until it says it is ready and its query service answers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        written_before = self.output.stat().st_size if self.output.exists() else 0
         with open(self.output, "ab") as out:
             self.process = subprocess.Popen(
                 [str(self.trackside), "up"], env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.output.read_text(errors="replace").splitlines():
-                if line.startswith("trackside ready "):
-                    self.ready_line = line
-            if getattr(self, "ready_line", None) and running_service(self.settings) is not None:
-                return self.ready_line
-            if self.process.poll() is not None:
-                raise RuntimeError(f"trackside up exited:\n{self.output.read_text()[-3000:]}")
-            time.sleep(0.2)
-        raise RuntimeError(f"trackside up not ready:\n{self.output.read_text()[-3000:]}")
+        try:
+            self.ready_line = wait_until(lambda: self._ready(written_before), timeout, "`trackside up` to be ready")
+        except AssertionError as not_ready:
+            raise AssertionError(f"{not_ready}\n{self._output_tail()}") from None
+        return self.ready_line
+
+    def _ready(self, written_before: int) -> str | None:
+        """The ready line this start printed, once the query service answers too."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"trackside up exited:\n{self._output_tail()}")
+        with open(self.output, "rb") as out:
+            out.seek(written_before)
+            printed = out.read().decode(errors="replace").splitlines()
+        ready = [line for line in printed if line.startswith("trackside ready ")]
+        return ready[-1] if ready and running_service(self.settings) is not None else None
+
+    def _output_tail(self) -> str:
+        return self.output.read_text(errors="replace")[-3000:]
 
     def stop(self, timeout: float = 60) -> int:
         if self.process is None or self.process.poll() is not None:
@@ -90,18 +171,32 @@ class RunningStack:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
             return response.read().decode()
 
-    def count(self, sql: str) -> int:
+    def count(self, sql: str, parameters: dict | None = None) -> int:
         """A one-number query (ClickHouse's JSON quotes 64-bit integers)."""
-        (row,) = self.query(sql)
+        (row,) = self.query(sql, parameters)
         return int(next(iter(row.values())))
 
-    def wait_for_count(self, sql: str, expected: int, timeout: float = 90) -> int:
-        deadline = time.monotonic() + timeout
-        value = self.count(sql)
-        while value != expected and time.monotonic() < deadline:
-            time.sleep(0.3)
-            value = self.count(sql)
-        return value
+    def wait_for_count(self, sql: str, expected: int, timeout: float = 90, parameters: dict | None = None) -> int:
+        """Wait until a one-number query gives `expected`, and return it."""
+        return wait_until(lambda: self.count(sql, parameters), timeout, f"`{sql}` to give {expected}",
+                          done=lambda count: count == expected, interval=0.3)
+
+    def on_topic(self, topic: str) -> list[dict]:
+        """Every message on a topic so far, decoded from JSON."""
+        messages, _ = read_to_end(self.settings.kafka_config, topic)
+        return [orjson.loads(message.value()) for message in messages]
+
+    def unconsumed(self, group: str, topic: str) -> dict[int, int]:
+        return unconsumed(self.settings.kafka_config, group, topic)
+
+    def wait_until_processed(self, timeout: float = 90) -> None:
+        """Wait until the store sink and the processors have committed every message on every
+        topic they read. The topics are checked in the order the pipeline passes messages on,
+        so what a stage sent before committing its input is counted downstream."""
+        wait_until(lambda: {f"{group} on {topic}": lag for group, topic in PIPELINE
+                            if (lag := self.unconsumed(group, topic))},
+                   timeout, "the sink and the processors to commit every message", done=lambda lags: not lags,
+                   interval=0.5)
 
 
 @pytest.fixture(scope="module")

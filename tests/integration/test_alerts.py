@@ -1,10 +1,10 @@
 """Live loop alerts on the real broker and chdb: sent while the run goes on, resolved once, mirrored in `alerts`."""
 
-import time
-
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
+
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -17,17 +17,9 @@ def _event(n, kind, **fields):
 
 
 def _alerts(stack, want: int, timeout: float = 30) -> list[dict]:
-    consumer = Consumer({
-        "bootstrap.servers": f"127.0.0.1:{stack.port}", "group.id": f"test-alerts-{time.time()}",
-        "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
-    })
-    consumer.subscribe(["trackside.alerts"])
-    seen = []
-    deadline = time.monotonic() + timeout
-    while len(seen) < want and time.monotonic() < deadline:
-        seen += [orjson.loads(m.value()) for m in consumer.consume(100, 0.5) if m.error() is None]
-    consumer.close()
-    return [alert for alert in seen if alert["run_id"] == "loop-run"]
+    """The alerts of loop-run on the topic, once there are `want` of them."""
+    return wait_until(lambda: [alert for alert in stack.on_topic("trackside.alerts") if alert["run_id"] == "loop-run"],
+                      timeout, f"{want} alerts of loop-run", done=lambda alerts: len(alerts) >= want)
 
 
 def test_loop_alert_goes_out_while_the_run_is_open_and_resolves_at_its_end(stack):

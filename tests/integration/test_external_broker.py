@@ -1,8 +1,6 @@
 """`trackside up` against a broker it did not start (TRACKSIDE_BOOTSTRAP set): the path of a
 real cluster. The broker here is a separately started Tansu; the store is chdb."""
 
-import time
-
 import orjson
 import pytest
 
@@ -10,6 +8,7 @@ from jobs.simulate import FleetConfig, run_labels, simulate
 from streams.ops.broker import embedded_broker
 from streams.settings import Settings
 from tests.conftest import RunningStack, free_port
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +29,8 @@ def test_up_with_an_external_broker_processes_everything(tmp_path):
         result = stack.cli("publish", "-", input=b"\n".join(orjson.dumps(e) for e in events))
         assert f"produced={len(events)}".encode() in result.stdout
         ended = sum(1 for label in run_labels(config).values() if not label["timeout"])
-        deadline = time.monotonic() + 60
-        while stack.count("SELECT count() FROM runs") < ended and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert stack.count("SELECT count() FROM runs") >= ended  # timed-out runs close later
+        wait_until(lambda: stack.count("SELECT count() FROM runs"), 60, f"the {ended} ended runs in the store",
+                   done=lambda runs: runs >= ended)  # timed-out runs close later
         assert stack.count("SELECT count() FROM events") == len({e["event_id"] for e in events})
         assert stack.stop() == 0
     finally:

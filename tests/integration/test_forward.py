@@ -17,9 +17,10 @@ from pydantic import SecretStr
 from streams.ops.broker import embedded_broker, ensure_topics, wait_for_broker
 from streams.settings import Settings
 
-from streams.ops.forward import AlertForwarder, AlertmanagerTarget, WebhookTarget
+from streams.ops.forward import GROUP, AlertForwarder, AlertmanagerTarget, WebhookTarget
 from tests.alert_receiver import AM_PATH, Receiver
-from tests.conftest import free_port
+from tests.conftest import free_port, unconsumed
+from tests.waiting import wait_until
 
 HOOK = "/hook"
 T0 = 1_714_564_800_000
@@ -80,6 +81,12 @@ class Running:
         assert self.error is None, self.error
 
 
+def wait_until_forwarded(settings: Settings) -> None:
+    """Wait until the forwarder has committed every alert on the topic: it posted all it will."""
+    wait_until(lambda: unconsumed(settings.kafka_config, GROUP, "trackside.alerts"), 30,
+               "the forwarder to commit every alert", done=lambda lags: not lags)
+
+
 def hook_ids(receiver: Receiver) -> list[str]:
     return [request.headers["Idempotency-Key"] for request in receiver.on(HOOK)]
 
@@ -92,7 +99,7 @@ def test_restart_delivers_new_alerts_once(settings):
         produce(settings, *first)
         running = Running(settings, receiver, resend=0)
         try:
-            assert receiver.wait(lambda: len(receiver.on(HOOK)) >= 6, timeout=60), hook_ids(receiver)
+            wait_until(lambda: hook_ids(receiver), 60, "6 webhook posts", done=lambda ids: len(ids) >= 6)
         finally:
             running.close()
         assert Counter(hook_ids(receiver)) == Counter(body["alert_id"] for body in first)
@@ -100,9 +107,9 @@ def test_restart_delivers_new_alerts_once(settings):
         produce(settings, *second)
         running = Running(settings, receiver, resend=0)
         try:
-            assert receiver.wait(lambda: len(receiver.on(HOOK)) >= 9, timeout=60), hook_ids(receiver)
-            # Give a re-delivery of the first batch every chance to show up.
-            receiver.wait(lambda: len(receiver.on(HOOK)) > 9, timeout=2)
+            wait_until(lambda: hook_ids(receiver), 60, "9 webhook posts", done=lambda ids: len(ids) >= 9)
+            # A re-delivery of the first batch would come before the commit of the last alert.
+            wait_until_forwarded(settings)
         finally:
             running.close()
 
@@ -121,7 +128,7 @@ def test_restart_rebuilds_the_firing_alerts_without_delivering_them_again(settin
         produce(settings, alert("x1", "fp-a"), alert("x2", "fp-b"), alert("x3", "fp-a", "resolved", T0 + 1000))
         running = Running(settings, receiver, resend=60)
         try:
-            assert receiver.wait(lambda: len(receiver.on(HOOK)) >= 3, timeout=60), hook_ids(receiver)
+            wait_until(lambda: hook_ids(receiver), 60, "3 webhook posts", done=lambda ids: len(ids) >= 3)
         finally:
             running.close()
         before = len(receiver.on(AM_PATH))
@@ -133,8 +140,9 @@ def test_restart_rebuilds_the_firing_alerts_without_delivering_them_again(settin
                 return {posted["labels"]["fingerprint"] for request in receiver.on(AM_PATH)[before:]
                         for posted in request.json()}
 
-            assert receiver.wait(lambda: len(receiver.on(HOOK)) >= 4 and reposted() >= {"fp-b", "fp-c"}, timeout=60)
-            receiver.wait(lambda: len(receiver.on(HOOK)) > 4, timeout=2)
+            wait_until(lambda: (hook_ids(receiver), reposted()), 60, "4 webhook posts and fp-b, fp-c re-posted",
+                       done=lambda seen: len(seen[0]) >= 4 and seen[1] >= {"fp-b", "fp-c"})
+            wait_until_forwarded(settings)
         finally:
             running.close()
         assert running.forwarder.stats["replayed"] == 3
@@ -162,10 +170,10 @@ def test_a_refusing_webhook_holds_back_no_alertmanager_delivery(settings):
                 return sorted(a["annotations"]["alert_id"] for r in receiver.on(AM_PATH) for a in r.json())
 
             produce(settings, alert("a1", "f1"), alert("a2", "f2"))
-            assert receiver.wait(lambda: posted() == ["a1", "a2"], timeout=30), posted()
+            wait_until(posted, 30, "a1 and a2 posted", done=lambda ids: ids == ["a1", "a2"])
             # the webhook is still being retried with the first batch; later alerts reach Alertmanager
             produce(settings, alert("a3", "f3"))
-            assert receiver.wait(lambda: posted() == ["a1", "a2", "a3"], timeout=30), posted()
+            wait_until(posted, 30, "a1, a2 and a3 posted", done=lambda ids: ids == ["a1", "a2", "a3"])
         finally:
             stop.set()
             thread.join(30)

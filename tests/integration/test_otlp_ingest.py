@@ -1,8 +1,6 @@
 """Spans made by the real OpenTelemetry SDK, serialised as the Collector's Kafka exporter
 writes them (otlp_proto and otlp_json), through the whole pipeline to `runs`."""
 
-import time
-
 import orjson
 import pytest
 from confluent_kafka import Producer
@@ -29,9 +27,7 @@ def test_otlp_runs_land_with_their_calls_cost_and_outcome(stack):
 
     runs = {trace_hex(ok_root): "success", trace_hex(failed_root): "failure"}
     sql = "SELECT count() FROM runs WHERE run_id IN {ids:Array(String)}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and int(stack.query(sql, {"ids": list(runs)})[0]["count()"]) < 2:
-        time.sleep(0.3)
+    assert stack.wait_for_count(sql, 2, timeout=60, parameters={"ids": list(runs)}) == 2
     rows = {row["run_id"]: row for row in stack.query(
         "SELECT run_id, agent_id, agent_version, outcome, llm_calls, tool_calls, tool_errors, input_tokens, "
         "output_tokens, toFloat64(cost_usd) AS cost, tool_path, session_id FROM runs WHERE run_id IN {ids:Array(String)}",
@@ -48,6 +44,6 @@ def test_otlp_runs_land_with_their_calls_cost_and_outcome(stack):
     assert dead["source"].startswith("otlp_spans:") and dead["error"]
     # redelivery of the same spans counts once
     _produce(stack, [good.traces().SerializeToString()])
-    time.sleep(2)
-    assert int(stack.query(sql, {"ids": list(runs)})[0]["count()"]) == 2
+    stack.wait_until_processed()
+    assert stack.count(sql, {"ids": list(runs)}) == 2
     assert stack.count(f"SELECT count() FROM events WHERE run_id = '{trace_hex(ok_root)}'") == 4

@@ -111,28 +111,6 @@ def publish_fleet(stack: RunningStack, config: FleetConfig) -> list[dict]:
     return events
 
 
-SETTLED = """
-SELECT (SELECT count() FROM agent_metrics) + (SELECT count() FROM drift) + (SELECT count() FROM alerts)
-     + (SELECT count() FROM failure_clusters) + (SELECT count() FROM canaries) AS n,
-       toString(greatest((SELECT max(updated_at) FROM agent_metrics), (SELECT max(updated_at) FROM drift),
-                         (SELECT max(updated_at) FROM failure_clusters), (SELECT max(updated_at) FROM canaries),
-                         (SELECT max(updated_at) FROM runs))) AS latest
-"""
-
-
-def settle(stack: RunningStack, quiet: float = 3.0, timeout: float = 60) -> None:
-    """Wait until the processors stop writing: no table changed for `quiet` seconds."""
-    deadline = time.monotonic() + timeout
-    last = stack.query(SETTLED)
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
-        now = stack.query(SETTLED)
-        if now == last:
-            return
-        last = now
-    raise AssertionError(f"the processors were still writing after {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory) -> Filled:
     data_dir = tmp_path_factory.mktemp("queries")
@@ -148,7 +126,7 @@ def filled(tmp_path_factory) -> Filled:
         assert stack.wait_for_count("SELECT count() FROM dead_letters", len(MALFORMED), timeout=30) == len(MALFORMED)
         # the canary's verdict and the rollback come with the runs that decide them
         assert stack.wait_for_count("SELECT count() FROM rollbacks", 1, timeout=30) == 1
-        settle(stack)
+        stack.wait_until_processed()  # the alerts, drift tests and verdicts of the last runs too
         yield Filled(stack, config, events)
     finally:
         stack.stop()

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from jobs.simulate import DEFAULT_START_MS, CanarySpec, FleetConfig, genai_prices_fn, simulate, truth
-from tests.conftest import RunningStack
+from streams.contracts.topics import EVENT_BATCHES
+from streams.processors.app import APP_ID
+from tests.conftest import RunningStack, committed_offsets
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +40,8 @@ def _check_everything_landed_once(stack: RunningStack, events: list[dict], expec
         for row in stack.query("SELECT run_id, outcome, steps, toFloat64(cost_usd) AS cost FROM runs")
     }
     assert landed == {run_id: (run["outcome"], run["steps"], round(run["cost_usd"], 9)) for run_id, run in runs.items()}
-    in_windows = stack.wait_for_count("SELECT sum(runs) FROM agent_metrics", len(runs))
+    stack.wait_until_processed()
+    in_windows = stack.count("SELECT sum(runs) FROM agent_metrics")
     assert in_windows == len(runs), stack.query(
         "SELECT agent_id, agent_version, toStartOfFiveMinutes(ended_at) AS w, count() AS runs FROM runs "
         "GROUP BY ALL EXCEPT SELECT agent_id, agent_version, window_start, runs FROM agent_metrics"
@@ -52,26 +55,10 @@ def _check_everything_landed_once(stack: RunningStack, events: list[dict], expec
         assert row["cost"] == pytest.approx(group["cost_usd"], rel=1e-6)
 
 
-def _ids_on_topic(stack: RunningStack, topic: str = "trackside.alerts", table: str = "alerts",
-                  key: str = "alert_id") -> list[str]:
-    """Every id sent on a topic whose table mirrors it, waiting a little for duplicates."""
-    stack.wait_for_count(f"SELECT count() > 0 FROM {table}", 1)
-    expected = stack.count(f"SELECT count() FROM {table}")
-    consumer = Consumer({
-        "bootstrap.servers": f"127.0.0.1:{stack.port}", "group.id": f"test-recovery-{topic}",
-        "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
-    })
-    consumer.subscribe([topic])
-    ids: list[str] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        ids += [orjson.loads(m.value())[key] for m in consumer.consume(500, 1.0) if m.error() is None]
-        if len(ids) >= expected:
-            time.sleep(2)  # anything sent twice would arrive by now
-            ids += [orjson.loads(m.value())[key] for m in consumer.consume(500, 1.0) if m.error() is None]
-            break
-    consumer.close()
-    return ids
+def _ids_on_topic(stack: RunningStack, topic: str = "trackside.alerts", key: str = "alert_id") -> list[str]:
+    """Every id sent on a topic, once the stack has processed everything (so sent all it will)."""
+    stack.wait_until_processed()
+    return [message[key] for message in stack.on_topic(topic)]
 
 
 def _split_mid_run(events: list[dict]) -> int:
@@ -89,8 +76,10 @@ def test_kill_9_of_the_faust_worker_mid_stream_loses_and_doubles_nothing(tmp_pat
     stack.start()
     try:
         _publish(stack, events[:half])
-        assert stack.wait_for_count("SELECT count() FROM events", len({e["event_id"] for e in events[:half]})) > 0
-        time.sleep(1.5)  # let the worker process (and commit) part of the first half
+        first_half = len({e["event_id"] for e in events[:half]})
+        assert stack.wait_for_count("SELECT count() FROM events", first_half) == first_half
+        wait_until(lambda: committed_offsets(stack.settings.kafka_config, APP_ID, EVENT_BATCHES.name), 60,
+                   "the worker to commit part of the first half", done=lambda offsets: sum(offsets.values()) > 0)
         pid = int((stack.data_dir / "run/worker-0.pid").read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
         _publish(stack, events[half:])
@@ -102,7 +91,7 @@ def test_kill_9_of_the_faust_worker_mid_stream_loses_and_doubles_nothing(tmp_pat
         assert not twice, ("an alert went out twice", stack.query(
             "SELECT kind, status, agent_id, agent_version, run_id, summary FROM alerts "
             "WHERE alert_id IN {ids:Array(String)}", {"ids": twice}))
-        rollbacks = _ids_on_topic(stack, "trackside.rollbacks", "rollbacks", "rollback_id")
+        rollbacks = _ids_on_topic(stack, "trackside.rollbacks", "rollback_id")
         assert len(rollbacks) == len(set(rollbacks)), "a rollback went out twice"
         # roles are inferred here (no deployment events): other newer versions may be judged too
         assert "v1.6.0-rc1" in {row["from_version"] for row in stack.query("SELECT from_version FROM rollbacks")}
@@ -117,7 +106,7 @@ def test_open_runs_survive_a_restart_of_the_whole_stack(tmp_path):
     stack.start()
     _publish(stack, events[:half])
     stack.wait_for_count("SELECT count() FROM events", len({e["event_id"] for e in events[:half]}))
-    time.sleep(2)
+    stack.wait_until_processed()
     assert stack.stop() == 0
     # The embedded broker forgets everything; the store remembers the open runs' events.
     stack.start()
@@ -135,11 +124,8 @@ def test_up_recovers_after_kill_9(tmp_path):
     assert len(children) == 2  # broker and worker-0
     stack.process.send_signal(signal.SIGKILL)
     stack.process.wait(10)
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "children outlived a kill -9 of up"
-    stack.ready_line = None
+    wait_until(lambda: [pid for pid in children if Path(f"/proc/{pid}").exists()], 10,
+               "the children to end with up's kill -9", done=lambda alive: not alive)
     stack.start()
     try:
         events, expected = _fleet(seed=23)

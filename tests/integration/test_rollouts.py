@@ -1,12 +1,11 @@
 """Canary rollback, deployments and budgets through the real broker, processors and chdb."""
 
-import time
-
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from tests.conftest import RunningStack
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -44,20 +43,6 @@ def _run_events(n: int, version: str, ok: bool, start: int, agent: str = "shop-b
     ]
 
 
-def _consume(stack, topic: str, until, timeout: float = 60) -> list[dict]:
-    consumer = Consumer({
-        "bootstrap.servers": f"127.0.0.1:{stack.port}", "group.id": f"test-{topic}-{time.time()}",
-        "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
-    })
-    consumer.subscribe([topic])
-    seen: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while not until(seen) and time.monotonic() < deadline:
-        seen += [orjson.loads(m.value()) for m in consumer.consume(100, 0.5) if m.error() is None]
-    consumer.close()
-    return seen
-
-
 def test_a_bad_canary_is_rolled_back_once_with_its_evidence(stack: RunningStack):
     deployments = [
         {"agent_id": "shop-bot", "version": "v1", "role": "stable", "traffic_pct": 100, "ts": T0 - 86_400_000},
@@ -83,9 +68,10 @@ def test_a_bad_canary_is_rolled_back_once_with_its_evidence(stack: RunningStack)
         producer.produce("agent.events", value=orjson.dumps(event), key=event["run_id"].encode())
     producer.flush(10)
 
-    rollbacks = _consume(stack, "trackside.rollbacks", lambda seen: len(seen) >= 1)
+    wait_until(lambda: stack.on_topic("trackside.rollbacks"), 60, "a rollback")
     assert stack.wait_for_count("SELECT count() FROM runs WHERE agent_id = 'shop-bot'", 300) == 300
-    rollbacks = _consume(stack, "trackside.rollbacks", lambda seen: len(seen) > 1, timeout=8)
+    stack.wait_until_processed()
+    rollbacks = stack.on_topic("trackside.rollbacks")
     assert len(rollbacks) == 1, "at most one rollback per (agent, from_version)"
     (decision,) = rollbacks
     assert (decision["agent_id"], decision["from_version"], decision["to_version"]) == ("shop-bot", "v2", "v1")
@@ -113,13 +99,9 @@ def test_a_bad_canary_is_rolled_back_once_with_its_evidence(stack: RunningStack)
         {"agent_id": "shop-bot", "version": "v2", "role": "canary", "traffic_pct": 0, "ts": T0 + 4_000_000}))
     resolved_sql = ("SELECT count() FROM alerts WHERE agent_id = 'shop-bot' AND status = 'resolved' "
                     "AND fingerprint IN (SELECT fingerprint FROM alerts WHERE alert_id IN {ids:Array(String)})")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        (count,) = stack.query(resolved_sql, {"ids": decision["alert_ids"]})
-        if int(count["count()"]) == len(decision["alert_ids"]):
-            break
-        time.sleep(0.3)
-    assert int(count["count()"]) == len(decision["alert_ids"])
+    resolved = stack.wait_for_count(resolved_sql, len(decision["alert_ids"]), timeout=30,
+                                    parameters={"ids": decision["alert_ids"]})
+    assert resolved == len(decision["alert_ids"])
 
 
 def test_a_run_over_its_cost_envelope_is_stopped_while_it_goes_on(stack: RunningStack):
@@ -131,8 +113,8 @@ def test_a_run_over_its_cost_envelope_is_stopped_while_it_goes_on(stack: Running
     for event in calls:
         producer.produce("agent.events", value=orjson.dumps(event), key=b"spendy")
     producer.flush(10)
-    alerts = _consume(stack, "trackside.alerts",
-                      lambda seen: any(a["run_id"] == "spendy" for a in seen))
+    alerts = wait_until(lambda: stack.on_topic("trackside.alerts"), 60, "an alert on the run spendy",
+                        done=lambda alerts: any(a["run_id"] == "spendy" for a in alerts))
     (alert,) = [a for a in alerts if a["run_id"] == "spendy"]
     assert (alert["kind"], alert["status"], alert["action"]) == ("budget", "firing", "stop_run")
     assert alert["evidence"]["limit_usd"] == 0.05 and alert["evidence"]["cost_usd"] == pytest.approx(0.06)
@@ -152,9 +134,9 @@ def test_a_tenant_budget_sums_runs_of_agents_on_other_partitions(stack: RunningS
                 event["cost_usd"] = 0.004
             producer.produce("agent.events", value=orjson.dumps(event), key=event["run_id"].encode())
     producer.flush(10)
-    alerts = _consume(stack, "trackside.alerts",
-                      lambda seen: any(a["kind"] == "budget" and a["evidence"].get("scope") == "tenant_day"
-                                       for a in seen))
+    alerts = wait_until(lambda: stack.on_topic("trackside.alerts"), 60, "a tenant_day budget alert",
+                        done=lambda alerts: any(a["kind"] == "budget" and a["evidence"].get("scope") == "tenant_day"
+                                                for a in alerts))
     (alert,) = [a for a in alerts if a["kind"] == "budget" and a["evidence"].get("scope") == "tenant_day"]
     assert alert["evidence"]["subject"] == "globex" and alert["evidence"]["runs"] == 3
     assert alert["evidence"]["spent_usd"] == pytest.approx(0.012)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from jobs.simulate import FleetConfig, genai_prices_fn, simulate, truth
+from tests.conftest import read_to_end
 from tests.malformed import MALFORMED
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -69,17 +71,9 @@ def test_every_malformed_message_is_a_dead_letter_with_its_reason(stack, fleet):
 
 def test_dead_letter_topic_has_the_bytes_and_headers(stack, fleet):
     stack.wait_for_count("SELECT count() FROM dead_letters", len(MALFORMED) + 1)
-    consumer = Consumer({
-        "bootstrap.servers": f"127.0.0.1:{stack.port}", "group.id": "test-dlq", "auto.offset.reset": "earliest",
-        "session.timeout.ms": 6000,
-    })
-    consumer.subscribe(["agent.events.dlq"])
-    seen = []
-    for _ in range(60):
-        seen += [message for message in consumer.consume(100, 0.5) if message.error() is None]
-        if len(seen) >= len(MALFORMED) + 1:
-            break
-    consumer.close()
+    seen, _ = wait_until(lambda: read_to_end(stack.settings.kafka_config, "agent.events.dlq"), 30,
+                         f"{len(MALFORMED) + 1} dead letters on the topic",
+                         done=lambda read: len(read[0]) >= len(MALFORMED) + 1)
     assert sorted(message.value() or b"" for message in seen) == sorted(
         [value or b"" for _, value, _ in MALFORMED] + [b""]
     )

@@ -1,5 +1,5 @@
-"""Tests of drift.py: the statistics, the detector's windows and alert life cycle on synthetic runs,
-and the quality bars on simulated fleets (fixed seeds)."""
+"""Tests of drift.py: the statistics, the detector's windows and alert life cycle on synthetic runs.
+The quality bars on simulated fleets are in tests/evaluation/test_drift.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from streams.contracts.alerts import fingerprint
 from streams.detect.drift import DriftDetector, benjamini_hochberg, chi2, design_effect, js, ks, psi, wasserstein
-from jobs.evaluate_drift import SCENARIOS, SHIFT_AT_MS, WINDOW_MS, replay, score
 from jobs.simulate import DEFAULT_START_MS
 
 MIN = 60_000
@@ -213,26 +212,6 @@ def test_a_lasting_shift_becomes_the_new_normal():
     rows, alerts = feed(DriftDetector(max_reference_age_ms=45 * MIN, reference_windows=9), runs)
     assert [a["status"] for a in alerts] == ["firing", "resolved"]
     assert "rebaselined" in alerts[1]["evidence"]["reference"]
-
-
-# --- quality bars on the simulator (fixed seeds) ---------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", [1, 2])
-def test_stable_fleet_has_no_drift_alerts(seed):
-    det = DriftDetector()
-    rows, alerts, _, tests = replay(det, SCENARIOS["stable"].runs(seed, fast_prices=True))
-    assert tests > 40 and alerts == []
-
-
-@pytest.mark.parametrize("name", ["cost_x2", "success_0.5", "new_tool"])
-def test_shift_is_alerted_within_two_windows(name):
-    det = DriftDetector()
-    _, alerts, _, _ = replay(det, SCENARIOS[name].runs(1, fast_prices=True))
-    res = score(SCENARIOS[name], alerts, det.persistence)
-    assert res["false_alerts"] == 0
-    assert res["delay"] is not None and 0 <= res["delay"] <= 2, res
-    assert SHIFT_AT_MS % WINDOW_MS == 0
 
 
 def test_fast_statistics_equal_scipys():

@@ -30,6 +30,7 @@ from streams.ops.forward import (
 )
 from streams.settings import Settings
 from tests.alert_receiver import AM_PATH, Receiver
+from tests.waiting import wait_until
 
 TOPIC = "trackside.alerts"
 T0 = 1_714_564_800_000  # 2024-05-01T12:00:00Z
@@ -208,7 +209,7 @@ def test_connection_refused_is_retried_until_the_target_listens():
     result = {}
     worker = threading.Thread(target=lambda: result.update(fwd.process(messages(alert("c1")))))
     worker.start()
-    time.sleep(0.5)
+    wait_until(lambda: target._failures, 10, "two refused attempts", done=lambda failures: failures >= 2)
     assert consumer.commits == []  # nothing committed while the target refuses
     with Receiver(port) as receiver:
         worker.join(10)

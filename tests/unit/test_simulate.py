@@ -2,7 +2,6 @@
 
 import itertools
 import json
-import time
 from datetime import datetime, timezone
 
 import pytest
@@ -248,11 +247,3 @@ def test_genai_prices_fn_knows_the_models():
     for model, (provider, _) in sim.MODELS.items():
         price = sim.genai_prices_fn(model, provider, 5000, 300, 1024)
         assert price is not None and price > 0, model
-    assert sim.genai_prices_fn("no-such-model", "openai", 10, 10, 0) is None
-
-
-def test_speed_of_200k_events():
-    began = time.perf_counter()
-    n = sum(1 for _ in itertools.islice(simulate(FleetConfig(runs=17_000, seed=1)), 200_000))
-    took = time.perf_counter() - began
-    print(f"\n{n} events in {took:.2f}s ({n / took:,.0f} events/s)")

@@ -138,7 +138,8 @@ def test_every_event_follows_the_contract(events):
 def test_trackside_validator_accepts_every_event(events):
     streams_events = pytest.importorskip("streams.contracts.events")
     for event in events:
-        streams_events.parse(orjson.dumps(event))
+        parsed = streams_events.parse(orjson.dumps(event))  # raises InvalidEvent with the reason
+        assert (parsed["event_id"], parsed["type"], parsed["run_id"]) == (event["event_id"], event["type"], event["run_id"])
 
 
 # --- time --------------------------------------------------------------------------------
