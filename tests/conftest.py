@@ -53,6 +53,14 @@ def _partitions(consumer: Consumer, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions]
 
 
+def metric_value(metrics: str, name: str) -> float:
+    """The value of one sample of a Prometheus text exposition."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def committed_offsets(kafka_config: dict, group: str, topic: str) -> dict[int, int]:
     """`group`'s committed offset on each partition of `topic` (0 where it never committed)."""
     consumer = _reader(kafka_config, group)
@@ -188,6 +196,9 @@ class RunningStack:
 
     def unconsumed(self, group: str, topic: str) -> dict[int, int]:
         return unconsumed(self.settings.kafka_config, group, topic)
+
+    def committed(self, group: str, topic: str) -> dict[int, int]:
+        return committed_offsets(self.settings.kafka_config, group, topic)
 
     def wait_until_processed(self, timeout: float = 90) -> None:
         """Wait until the store sink and the processors have committed every message on every

@@ -7,14 +7,14 @@ refuses larger messages with MSG_SIZE_TOO_LARGE. Events here pack to ~3.5 KB, so
 ten in one partition is already over it; the sink's batches are cut at 20 KB.
 """
 
-import time
 
 import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from tests.conftest import RunningStack
-from tests.integration.test_store_outage import _committed, _sample
+from streams.ingest.sink import GROUP
+from tests.waiting import wait_until
+from tests.conftest import RunningStack, metric_value
 
 pytestmark = pytest.mark.integration
 
@@ -57,11 +57,8 @@ def _event_batches(stack: RunningStack, partition: int) -> list[bytes]:
     return values
 
 
-def _wait_for_log(stack: RunningStack, text: str, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while text not in stack.output.read_text(errors="replace") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return text in stack.output.read_text(errors="replace")
+def _failures(stack: RunningStack) -> float:
+    return metric_value(stack.metrics(), 'trackside_handover_failures_total{topic="trackside.event-batches"}')
 
 
 def test_batches_stay_under_the_limit_and_every_run_is_assembled(tmp_path):
@@ -93,20 +90,18 @@ def test_a_refused_hand_over_holds_the_offsets_is_counted_and_logged(tmp_path):
     try:
         _publish(stack, first)
         assert stack.wait_for_count("SELECT count() FROM runs WHERE run_id = 'before'", 1) == 1
-        deadline = time.monotonic() + 30
-        while _committed(stack).get(0) != len(first) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _committed(stack)[0] == len(first)
+        wait_until(lambda: stack.committed(GROUP, "agent.events").get(0), 30, "the first run's offsets committed",
+                   done=lambda offset: offset == len(first))
 
         _publish(stack, [refused, *_run("after", T0 + 10, "fine")])
-        assert _wait_for_log(stack, "the broker refused"), "the refusal is logged"
+        wait_until(lambda: "the broker refused" in stack.output.read_text(errors="replace"), 30, "the refusal logged")
         assert "offsets not committed" in stack.output.read_text(errors="replace")
         metrics = stack.metrics()
-        assert _sample(metrics, 'trackside_handover_failures_total{topic="trackside.event-batches"}') >= 1
-        assert _sample(metrics, "trackside_handover_retrying") == 1
-        time.sleep(2)  # a few retries: the offsets stay before the refused event
-        assert _committed(stack)[0] == len(first)
-        assert _sample(stack.metrics(), 'trackside_handover_failures_total{topic="trackside.event-batches"}') >= 2
+        assert metric_value(metrics, 'trackside_handover_failures_total{topic="trackside.event-batches"}') >= 1
+        assert metric_value(metrics, "trackside_handover_retrying") == 1
+        # retries go on, and the offsets stay before the refused event
+        wait_until(lambda: _failures(stack), 30, "a second refused attempt", done=lambda failures: failures >= 2)
+        assert stack.committed(GROUP, "agent.events")[0] == len(first)
         assert stack.count("SELECT count() FROM runs WHERE run_id = 'after'") == 0
     finally:
         assert stack.stop() == 0

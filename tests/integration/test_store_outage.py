@@ -8,7 +8,7 @@ from confluent_kafka import Producer
 
 from jobs.simulate import FleetConfig, simulate
 from streams.ingest.sink import GROUP
-from tests.conftest import RunningStack
+from tests.conftest import RunningStack, metric_value
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -19,18 +19,10 @@ def _unlanded(stack: RunningStack) -> int:
     return sum(stack.unconsumed(GROUP, "agent.events").values())
 
 
-def _sample(metrics: str, name: str) -> float:
-    """The value of one sample of a Prometheus text exposition."""
-    for line in metrics.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def _events_retries(metrics: str) -> float:
     """How often a refused insert into events was retried (the counter shows from the first)."""
     name = 'trackside_store_retries_total{table="events"}'
-    return _sample(metrics, name) if f"\n{name} " in metrics else 0.0
+    return metric_value(metrics, name) if f"\n{name} " in metrics else 0.0
 
 
 def _publish(stack: RunningStack, events: list[dict]) -> None:
@@ -58,7 +50,7 @@ def test_a_refusing_store_loses_and_doubles_nothing(tmp_path):
                              done=lambda text: _events_retries(text) >= 2)
         assert _unlanded(stack) == len(second), "nothing is committed while the store refuses"
         assert "trackside_store_retrying 1.0" in metrics
-        assert 0 < _sample(metrics, "trackside_sink_inflight_messages") <= len(second)
+        assert 0 < metric_value(metrics, "trackside_sink_inflight_messages") <= len(second)
 
         stack.cli("sql", "--write", "ATTACH TABLE events")
         total = len({event["event_id"] for event in events})
