@@ -105,6 +105,8 @@ class Settings(BaseSettings):
         500_000, ge=1024, description="largest batch message the sink hands to the processors; a larger event travels alone")
     handover_retry_max_seconds: float = Field(
         30.0, gt=0, description="cap of the backoff while the broker refuses the sink's messages")
+    pipeline_lag_alert_seconds: float = Field(
+        60.0, gt=0, description="a processor stage this far behind what was handed to it raises a `pipeline` alert")
 
     @field_validator("data_dir")
     @classmethod

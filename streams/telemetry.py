@@ -97,6 +97,13 @@ _DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
     "STORE_RETRYING": (Gauge, "trackside_store_retrying",
                        "1 while the store refuses writes and the sink is retrying, else 0",
                        {"multiprocess_mode": "livemax"}),
+    "STAGE_LAG_SECONDS": (Gauge, "trackside_stage_lag_seconds",
+                          ("Per processor stage: age of the oldest message handed to it that it has not processed "
+                           "(0 when caught up), as the store sink sees it"),
+                          {"labelnames": ("stage",), "multiprocess_mode": "livemax"}),
+    "STAGE_LAST_MESSAGE_AGE_SECONDS": (Gauge, "trackside_stage_last_message_age_seconds",
+                                       "Per processor stage: age of the newest input message it has processed",
+                                       {"labelnames": ("stage",), "multiprocess_mode": "livemax"}),
     "HANDOVER_FAILURES": (Counter, "trackside_handover_failures",
                           ("Messages of the store sink (event batches, deployments, dead letters) the broker or "
                            "the producer refused; they are produced again and no offset moves past them"),
@@ -113,6 +120,9 @@ _DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
     "PROCESSOR_MESSAGE_SECONDS": (Histogram, "trackside_processor_message_seconds",
                                   "Wall time a faust agent takes for one batch message, by agent",
                                   {"labelnames": ("agent",), "buckets": _SECONDS_BUCKETS}),
+    "STAGE_FAILURES": (Counter, "trackside_stage_failures",
+                       "Messages whose handling raised in a processor stage and went to the dead letters, by stage",
+                       {"labelnames": ("stage",)}),
     "STATE_REBUILD_SECONDS": (Histogram, "trackside_state_rebuild_seconds",
                               "Wall time to rebuild a partition's state from the store when a worker takes it",
                               {"labelnames": ("stage",), "buckets": _SECONDS_BUCKETS}),

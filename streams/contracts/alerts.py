@@ -12,8 +12,10 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-# SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.detect.rollout)
-KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency")
+# SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.detect.rollout) and
+# a stage of Trackside itself that stopped or fell behind (streams.ops.watch)
+KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency",
+         "pipeline")
 SEVERITIES = ("info", "warning", "critical")
 FIRING, RESOLVED = "firing", "resolved"
 
@@ -61,3 +63,11 @@ def make_alert(
     if action:
         alert["action"] = action
     return alert
+
+
+def cleared(alert: dict, ts: int) -> dict:
+    """The `resolved` alert of a firing one: same fingerprint, its summary marked cleared."""
+    return make_alert(
+        kind=alert["kind"], severity=alert["severity"], status=RESOLVED, fingerprint=alert["fingerprint"],
+        ts=ts, agent_id=alert["agent_id"], agent_version=alert["agent_version"],
+        summary="cleared: " + alert["summary"], evidence=alert["evidence"], episode=alert["alert_id"])

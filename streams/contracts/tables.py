@@ -109,10 +109,13 @@ CANARIES = pa.schema(
     ]
 )
 
+# How far each assembler partition had come (its watermark): where recovery starts reading.
+STAGE_PROGRESS = pa.schema([("stage", _TEXT), ("partition", pa.uint16()), ("watermark", _TS), ("updated_at", _TS)])
+
 BY_TABLE = {
     "events": EVENTS, "runs": RUNS, "agent_metrics": AGENT_METRICS, "dead_letters": DEAD_LETTERS, "alerts": ALERTS,
     "drift": DRIFT, "failure_clusters": FAILURE_CLUSTERS, "rollbacks": ROLLBACKS, "deployments": DEPLOYMENTS,
-    "canaries": CANARIES,
+    "canaries": CANARIES, "stage_progress": STAGE_PROGRESS,
 }
 
 

@@ -1,4 +1,4 @@
-"""Rollout state, canary decisions and cost budgets per agent (SPEC §5, §6, §7).
+"""Rollout state and canary decisions per agent (SPEC §5, §6, §7).
 
 `Rollouts` knows each agent's stable and canary versions: from `agent.deployments`, or,
 for an agent that never sent one, inferred from traffic (the version with most runs in the
@@ -6,26 +6,22 @@ last complete window is stable, any version first seen after it is a canary).
 `RolloutController` runs in the metrics stage, where all runs of an agent meet: it feeds
 each canary and its stable version to a sequential `CanaryAnalysis`, and on a `rollback`
 verdict sends one alert per degraded metric and one rollback decision that names them;
-a `promote` verdict is recorded in `canaries`, never rolled back. It also keeps the
-per-agent-hour and per-tenant-day budgets of `streams.detect.policy`.
+a `promote` verdict is recorded in `canaries`, never rolled back.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import orjson
 
-from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
+from streams.contracts.alerts import FIRING, cleared, fingerprint, make_alert
 from streams.detect.canary import CanaryAnalysis, Verdict
 from streams.detect.policy import Policy
 
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 # Stable runs kept per agent so that a canary first seen late still gets the stable runs
 # that ended after it started.
 STABLE_BACKLOG = 5_000
@@ -127,7 +123,7 @@ class _Canary:
 
 
 class RolloutController:
-    """Canary analyses and budgets of the agents of one metrics partition; see the module doc."""
+    """Canary analyses of the agents of one metrics partition; see the module doc."""
 
     def __init__(self, policy: Policy, window_ms: int, sent: Iterable[str] = ()) -> None:
         self.policy = policy
@@ -135,9 +131,6 @@ class RolloutController:
         self.canaries: dict[tuple[str, str, str], _Canary] = {}
         self.stable_runs: dict[str, deque] = defaultdict(lambda: deque(maxlen=STABLE_BACKLOG))
         self.sent = set(sent)  # alert and rollback ids already out (after a restart)
-        self.hour_costs: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-        self.tenant_costs: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-        self.budget_firing: dict[str, dict] = {}  # fingerprint -> its firing alert
 
     # --- inputs --------------------------------------------------------------------------
 
@@ -152,7 +145,7 @@ class RolloutController:
         for canary in self.canaries.values():
             if canary.alerts and self.rollouts.canary_since(canary.agent_id, canary.version) != canary.since:
                 # rolled back (or promoted) by the deploy tooling: the condition is gone
-                alerts += [self._resolve(alert, events[-1]["ts"]) for alert in canary.alerts]
+                alerts += [cleared(alert, events[-1]["ts"]) for alert in canary.alerts]
                 canary.alerts = []
         return self._fresh(alerts)
 
@@ -162,7 +155,6 @@ class RolloutController:
         for run in sorted(runs, key=lambda r: (r["ended_at"], r["run_id"])):
             self.rollouts.observe(run)
             self._route(run)
-            alerts += self._budget(run)
         rollbacks, rows = [], []
         for canary in self.canaries.values():
             if not canary.changed:
@@ -247,69 +239,7 @@ class RolloutController:
             "evidence": orjson.dumps(verdict.as_dict() if verdict else {}).decode(),
         }
 
-    # --- budgets ---------------------------------------------------------------------------
-
-    def spend_tenants(self, runs: Iterable[Mapping]) -> list[dict]:
-        """Per-tenant-day budgets. A tenant's runs come from every agent, so the caller sends
-        each run's cost to the partition of its tenant (`tenant_partition_key`) and calls this there."""
-        alerts = []
-        for run in sorted(runs, key=lambda r: (r["ended_at"], r["run_id"])):
-            ended = int(run["ended_at"])
-            alerts += self._spend(self.tenant_costs, (run["tenant"], ended - ended % DAY_MS), run,
-                                  self.policy.tenant_day_usd(run["tenant"]), DAY_MS, "tenant_day")
-            alerts += self._clear("tenant_day", ended)
-        return self._fresh(alerts)
-
-    def _budget(self, run: Mapping) -> list[dict]:
-        """Per agent per hour, by the event time the run ended."""
-        ended = int(run["ended_at"])
-        alerts = self._spend(self.hour_costs, (run["agent_id"], ended - ended % HOUR_MS), run,
-                             self.policy.budget(run["agent_id"], "agent_hour_usd"), HOUR_MS, "agent_hour")
-        return alerts + self._clear("agent_hour", ended)
-
-    def _clear(self, scope: str, ended: int) -> list[dict]:
-        """Resolve budgets of periods that runs now end after; drop sums no run can reach."""
-        alerts = []
-        for fp, alert in list(self.budget_firing.items()):
-            evidence = alert["evidence"]
-            if evidence["scope"] == scope and ended >= evidence["period_start"] + evidence["period_ms"] + HOUR_MS:
-                alerts.append(self._resolve(alert, ended))
-                del self.budget_firing[fp]
-        costs, length = (self.hour_costs, HOUR_MS) if scope == "agent_hour" else (self.tenant_costs, DAY_MS)
-        for key in [k for k in costs if k[1] + 2 * length <= ended]:
-            del costs[key]
-        return alerts
-
-    def _spend(self, costs: dict, key: tuple[str, int], run: Mapping, limit: float, length: int,
-               scope: str) -> list[dict]:
-        runs = costs[key]
-        runs[run["run_id"]] = float(run.get("cost_usd") or 0.0)  # a run seen again counts once
-        total = math.fsum(runs.values())
-        fp = fingerprint("budget", scope, *map(str, key))
-        if limit <= 0 or total <= limit or fp in self.budget_firing:
-            return []
-        subject, start = key
-        who = f"tenant {subject}" if scope == "tenant_day" else subject
-        period = "day" if scope == "tenant_day" else "hour"
-        alert = make_alert(
-            kind="budget", severity="critical" if total >= 2 * limit else "warning", status=FIRING,
-            fingerprint=fp, ts=int(run["ended_at"]), agent_id=run["agent_id"] if scope == "agent_hour" else "",
-            summary=f"{who} spent ${total:.4f} in the {period} from {utc_text(start)}, over its budget of ${limit:.4f}",
-            evidence={"scope": scope, "subject": subject, "period_start": start, "period_ms": length,
-                      "spent_usd": total, "limit_usd": limit, "runs": len(runs), "last_run_id": run["run_id"]},
-            episode=str(start))
-        self.budget_firing[fp] = alert
-        return [alert]
-
     # --- helpers ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _resolve(alert: dict, ts: int | None = None) -> dict:
-        return make_alert(
-            kind=alert["kind"], severity=alert["severity"], status=RESOLVED, fingerprint=alert["fingerprint"],
-            ts=alert["ts"] if ts is None else ts, agent_id=alert["agent_id"], agent_version=alert["agent_version"],
-            summary="cleared: " + alert["summary"], evidence=alert["evidence"],
-            episode=alert["alert_id"])
 
     def _fresh(self, alerts: list[dict]) -> list[dict]:
         return [a for a in alerts if a["alert_id"] not in self.sent]

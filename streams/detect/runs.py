@@ -15,6 +15,7 @@ from typing import Callable
 
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert
 from streams.ingest.pricing import UNKNOWN
+from streams.detect.budgets import run_envelope_cleared, run_over_envelope
 from streams.detect.loops import LoopFinding, LoopPolicy, find_loop
 
 
@@ -215,8 +216,13 @@ class RunAssembler:
     def watermark(self) -> int:
         return self.max_ts - self.allowed_lateness_ms if self.max_ts else 0
 
-    def apply(self, events: list[dict], now_ms: int) -> list[dict]:
-        """Fold a batch in; returns the rows of runs that closed or changed after closing."""
+    def apply(self, events: list[dict], now_ms: int, *, replay: bool = False) -> list[dict]:
+        """Fold a batch in; returns the rows of runs that closed or changed after closing.
+
+        `replay`: stored events that rebuild the state after a restart. They do not move the
+        watermark, which follows the stream: the store may hold events newer than the stream's
+        position, and older events still to come from the stream must not count as late.
+        """
         touched: dict[str, RunState] = {}
         for event in events:
             run_id = event["run_id"]
@@ -230,6 +236,8 @@ class RunAssembler:
                     continue
                 run = self.open[run_id] = RunState(run_id, event["agent_id"], event["agent_version"])
                 heapq.heappush(self._deadlines, (event["ts"] + self.idle_timeout_ms, run_id))
+            if event["ts"] > self.max_ts and not replay:
+                self.max_ts = event["ts"]  # a duplicate too: the stream has come this far
             if not run.apply(event, self.loop_policy):
                 self.duplicates += 1
                 continue
@@ -239,8 +247,6 @@ class RunAssembler:
                 self.alerts.append(run.loop_alert(FIRING, event["ts"], now_ms))
             if run.budget_alert is None and self.run_budget is not None:
                 self._check_budget(run, event["ts"])
-            if event["ts"] > self.max_ts:
-                self.max_ts = event["ts"]
             touched[run_id] = run
         for run_id, run in touched.items():
             if run.closed_by:
@@ -256,27 +262,14 @@ class RunAssembler:
         if run.loop_alerted:
             self.alerts.append(run.loop_alert(RESOLVED, max(run.last_ts, run.end_ts or 0), now_ms))
         if run.budget_alert is not None:
-            firing = run.budget_alert
-            self.alerts.append(make_alert(
-                kind="budget", severity=firing["severity"], status=RESOLVED, fingerprint=firing["fingerprint"],
-                ts=max(run.last_ts, run.end_ts or 0), agent_id=run.agent_id, agent_version=run.agent_version,
-                run_id=run.run_id, summary=f"run {run.run_id} of {run.agent_id} ended at ${run.cost_usd:.4f}",
-                evidence={**firing["evidence"], "cost_usd": run.cost_usd}))
+            self.alerts.append(run_envelope_cleared(run.budget_alert, run.cost_usd, max(run.last_ts, run.end_ts or 0)))
 
     def _check_budget(self, run: RunState, ts: int) -> None:
-        limit = self.run_budget(run.agent_id)
-        if limit <= 0 or run.cost_usd <= limit:
-            return
         # At once, while the run goes on, like a loop: the alert says stop it.
-        run.budget_alert = make_alert(
-            kind="budget", severity="critical", status=FIRING, fingerprint=fingerprint("budget", "run", run.run_id),
-            ts=ts, agent_id=run.agent_id, agent_version=run.agent_version, run_id=run.run_id,
-            summary=f"run {run.run_id} of {run.agent_id} {run.agent_version} has cost ${run.cost_usd:.4f}, "
-                    f"over its envelope of ${limit:.4f}",
-            evidence={"scope": "run", "cost_usd": run.cost_usd, "limit_usd": limit,
-                      "steps": run.llm_calls + run.tool_calls},
-            action="stop_run")
-        self.alerts.append(run.budget_alert)
+        run.budget_alert = run_over_envelope(run.run_id, run.agent_id, run.agent_version, run.cost_usd,
+                                             run.llm_calls + run.tool_calls, self.run_budget(run.agent_id), ts)
+        if run.budget_alert is not None:
+            self.alerts.append(run.budget_alert)
 
     def take_alerts(self) -> list[dict]:
         alerts, self.alerts = self.alerts, []

@@ -30,15 +30,20 @@ from streams.ingest.pricing import PriceTable, price_event
 from streams.contracts.events import InvalidEvent, parse
 from streams.ingest.otlp import InvalidOtlp, otlp_to_events
 from streams.contracts.deployments import parse_deployment
-from streams.contracts.messages import pack
+from streams.contracts.messages import (
+    ClosedRuns, Deployments, EventBatch, InvalidMessage, MetricResults, decode_run_result, pack, received_dead_letter,
+)
 from streams.contracts.topics import agent_partition, run_partition
 from streams.ingest.poison import UnfitRows, land
+from streams.ops.watch import STAGES, PipelineWatch
 from streams.settings import Settings
 from streams.store.clickhouse import Store
 
 log = logging.getLogger(__name__)
 
 GROUP = "trackside-store"
+# How often the pipeline watch looks at the stages' lag.
+WATCH_EVERY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 1 << 20
 # ClickHouse error codes that say the rows are wrong, not the store (errorCodeToName(code)).
 DATA_ERROR_CODES = frozenset({
@@ -89,21 +94,6 @@ def is_data_error(error: Exception) -> bool:
         return True
     code = _ERROR_CODE.search(str(error))
     return code is not None and int(code.group(1)) in DATA_ERROR_CODES
-
-
-def json_batches(prefix: bytes, items: list[bytes], max_bytes: int) -> Iterator[bytes]:
-    """`prefix` + a JSON array of the encoded items + `}`, in as many messages as keep each
-    within `max_bytes`; an item too large for that travels alone."""
-    chunk: list[bytes] = []
-    size = empty = len(prefix) + 2  # the brackets and the closing brace; each item adds a comma
-    for item in items:
-        if chunk and size + len(item) + 1 > max_bytes:
-            yield prefix + b"[" + b",".join(chunk) + b"]}"
-            chunk, size = [], empty
-        chunk.append(item)
-        size += len(item) + 1
-    if chunk:
-        yield prefix + b"[" + b",".join(chunk) + b"]}"
 
 
 class Handovers:
@@ -188,6 +178,8 @@ class StoreSink:
         self._consumer = Consumer(consumer_config(settings, GROUP))
         self._producer = Producer(producer_config(settings))
         self._handovers = Handovers(self._producer, settings.handover_retry_max_seconds)
+        self.watch = PipelineWatch(settings.pipeline_lag_alert_seconds)
+        self._watched = 0.0
         self._handlers: dict[str, Callable[[list[Message]], None]] = {
             topics.AGENT_EVENTS.name: self._ingest_events,
             topics.AGENT_DEPLOYMENTS.name: self._ingest_deployments,
@@ -205,6 +197,7 @@ class StoreSink:
                 messages = self._consumer.consume(self.settings.ingest_batch_max, self.settings.ingest_poll_seconds)
                 if messages:
                     self.process(messages)
+                self._watch_pipeline()
         finally:
             self._producer.flush(10)
             self._consumer.close()
@@ -238,6 +231,26 @@ class StoreSink:
         landed = now_ms()
         for topic, stamp in oldest.items():
             telemetry.INGEST_DELAY_SECONDS.labels(topic).observe(max(0, landed - stamp) / 1000)
+
+    def _watch_pipeline(self) -> None:
+        """Twice a second: each processor stage's lag in /metrics, and a `pipeline` alert when
+        one stops or falls behind (streams/ops/watch.py)."""
+        if time.monotonic() - self._watched < WATCH_EVERY_S:
+            return
+        self._watched = time.monotonic()
+        now = now_ms()
+        for stage in STAGES:
+            telemetry.STAGE_LAG_SECONDS.labels(stage).set(self.watch.lag_ms(stage, now) / 1000)
+            age = self.watch.last_message_age_ms(stage, now)
+            if age is not None:
+                telemetry.STAGE_LAST_MESSAGE_AGE_SECONDS.labels(stage).set(age / 1000)
+        alerts = self.watch.check(now)
+        for alert in alerts:
+            log.warning("%s: %s", alert["status"], alert["summary"])
+            self._handovers.produce(topics.ALERTS.name, orjson.dumps(alert), key=alert["fingerprint"].encode())
+            telemetry.ALERTS.labels(alert["kind"], alert["status"]).inc()
+        if alerts:
+            self._handovers.settle(self.stop)
 
     def _insert(self, table: str, rows: list[dict], origins: list[Message] | None = None) -> set[str]:
         """Insert rows, retrying with backoff while the store refuses; gives up only on stop.
@@ -341,9 +354,10 @@ class StoreSink:
             if event["source"] not in rejected:
                 by_partition[partition].append(orjson.dumps(pack(event)))
         for partition, packed in by_partition.items():
-            prefix = b'{"partition":%d,"events":' % partition
-            for value in json_batches(prefix, packed, self.settings.handover_max_bytes):
-                self._handovers.produce(topics.EVENT_BATCHES.name, value, partition=partition)
+            for value in EventBatch.encode_split(partition, packed, self.settings.handover_max_bytes):
+                handed = now_ms()
+                self._handovers.produce(topics.EVENT_BATCHES.name, value, partition=partition, timestamp=handed)
+                self.watch.handed("assemble_runs", partition, handed)
         landed = sum(map(len, by_partition.values()))
         self.stats["events"] += landed
         telemetry.EVENTS_INGESTED.inc(landed)
@@ -408,7 +422,7 @@ class StoreSink:
             if row["source"] not in rejected:
                 by_target[agent_partition(event["agent_id"], self.settings.partitions)].append(orjson.dumps(event))
         for target, encoded in by_target.items():
-            for value in json_batches(b'{"deployments":', encoded, self.settings.handover_max_bytes):
+            for value in Deployments.encode_split(encoded, self.settings.handover_max_bytes):
                 self._handovers.produce(topics.RUN_RESULTS.name, value, partition=target)
 
     def _reject(self, dead: list[dict]) -> None:
@@ -425,15 +439,21 @@ class StoreSink:
             telemetry.DEAD_LETTERS.labels(topic).inc(count)
 
     def _dead_letter(self, message: Message, source: str, error: str, received_at: int) -> dict:
-        payload = message.value() or b""
+        return self._dead_letter_row(message.topic(), message.partition(), message.offset(), message.key(),
+                                     message.value() or b"", error, received_at)
+
+    @staticmethod
+    def _dead_letter_row(topic: str, partition: int, offset: int, key: bytes | None, payload: bytes, error: str,
+                         received_at: int) -> dict:
+        source = f"{topic}:{partition}:{offset}"
         log.info("dead letter %s: %s", source, error)
         return {
             "received_at": received_at,
             "source": source,
-            "topic": message.topic(),
-            "partition": message.partition(),
-            "offset": message.offset(),
-            "key": message.key() or b"",
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "key": key or b"",
             "error": error,
             "payload": payload[:DLQ_PAYLOAD_LIMIT],
             "payload_bytes": len(payload),
@@ -453,7 +473,7 @@ class StoreSink:
                 for table, table_rows in decode(message.value()).items():
                     rows[table] += table_rows
                     origins[table] += [message] * len(table_rows)
-            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, pa.ArrowException) as error:
+            except (orjson.JSONDecodeError, InvalidMessage, KeyError, TypeError, AttributeError, pa.ArrowException) as error:
                 source = f"{message.topic()}:{message.partition()}:{message.offset()}"
                 dead.append(self._dead_letter(message, source, f"unreadable {message.topic()} message: {error!r}", received_at))
         for table, table_rows in rows.items():
@@ -461,19 +481,40 @@ class StoreSink:
         self._reject(dead)
 
     def _land_runs(self, messages: list[Message]) -> None:
-        # the topic also carries deployments and tenant costs to the metrics stage: no rows
-        self._land(messages, lambda value: {"runs": orjson.loads(value).get("runs") or []})
-
-    def _land_metrics(self, messages: list[Message]) -> None:
-        # One message of the metrics stage carries rows for several tables.
-        tables_by_key = {"metrics": "agent_metrics", "drift": "drift", "failure_clusters": "failure_clusters",
-                         "runs": "runs", "canaries": "canaries"}
+        # The assembler's closed runs, with its progress; the topic also carries deployments
+        # and tenant costs to the metrics stage, which hold no rows.
+        progress: dict[int, dict] = {}
+        for message in messages:
+            self.watch.handed("compute_metrics", message.partition(), message.timestamp()[1])
 
         def decode(value: bytes) -> dict[str, list[dict]]:
-            result = orjson.loads(value)
-            return {table: result[key] for key, table in tables_by_key.items() if result.get(key)}
+            result = decode_run_result(value)
+            if not isinstance(result, ClosedRuns):
+                return {}
+            self.watch.processed("assemble_runs", result.partition, result.processed_ts)
+            if result.watermark > progress.get(result.partition, {}).get("watermark", -1):
+                progress[result.partition] = {"stage": "assemble_runs", "partition": result.partition,
+                                              "watermark": result.watermark, "updated_at": now_ms()}
+            return {"runs": result.runs}
 
         self._land(messages, decode)
+        self._insert("stage_progress", list(progress.values()))
+
+    def _land_metrics(self, messages: list[Message]) -> None:
+        # One message of the metrics stage carries rows for several tables, and the
+        # processors' dead letters, which take the one error policy like the sink's own.
+        dead: list[dict] = []
+
+        def decode(value: bytes) -> dict[str, list[dict]]:
+            result = MetricResults.decode(value)
+            self.watch.processed(result.stage, result.partition, result.processed_ts)
+            for row in result.dead_letters:
+                topic, partition, offset, key, payload, error, received_at = received_dead_letter(row)
+                dead.append(self._dead_letter_row(topic, partition, offset, key, payload, error, received_at))
+            return result.rows_by_table()
+
+        self._land(messages, decode)
+        self._reject(dead)
 
     def _land_alerts(self, messages: list[Message]) -> None:
         # The table mirrors the topic: every alert as sent, evidence as JSON text.

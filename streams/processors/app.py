@@ -1,11 +1,10 @@
-"""The faust app: thin agents that read batches, call the plain modules, and emit batches.
+"""The faust app: the topics and two thin agents over per-partition state machines.
 
-`assemble_runs` folds the ingest stage's event batches into runs (`streams.detect.runs`) and sends
-closed runs, grouped by the partition of their agent, to `trackside.run-results`;
-`compute_metrics` folds those into event-time windows (`streams.detect.metrics`), drift tests
-(`streams.detect.drift`) and failure clusters (`streams.detect.failures`), and sends the changed rows to
-`trackside.metric-results` and the alerts to `trackside.alerts`. The store sink lands both. A partition's
-state is rebuilt from the store the first time a worker sees it (`streams.processors.recovery`).
+`assemble_runs` hands event batches to an `AssemblerPartition` (streams/processors/assembler.py)
+and `compute_metrics` hands run results to a `MetricsPartition` (streams/processors/metrics.py);
+both send what those return. A partition's state is built from the store the first time a
+worker sees it (streams/processors/recovery.py). A message whose handling raises becomes a
+dead letter and the stage goes on.
 """
 
 from __future__ import annotations
@@ -14,44 +13,44 @@ import asyncio
 import logging
 import ssl
 import time
-from collections import Counter, defaultdict
+import traceback
+from collections import Counter
+from typing import Awaitable, Callable
 
 import faust
 import orjson
 
 from streams import telemetry
 from streams.contracts import topics
-from streams.detect.drift import DriftDetector
-from streams.detect.failures import FailureClusterer
-from streams.detect.metrics import MetricWindows
+from streams.contracts.messages import EventBatch, MetricResults, dead_letter, decode_run_result
 from streams.errors import StoreError
-from streams.processors.recovery import open_run_events, open_windows, recent_runs, rollout_state
-from streams.detect.rollout import RolloutController
-from streams.contracts.topics import tenant_partition_key
-from streams.detect.runs import RunAssembler, row_version
-from streams.contracts.topics import agent_partition
-from streams.contracts.messages import unpack
+from streams.processors.assembler import AssemblerPartition
+from streams.processors.metrics import MetricsPartition
+from streams.processors.recovery import metrics_state, open_run_events
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
 APP_ID = "trackside-processors"
-# A partition whose watermark moved tells the metric partitions without runs at most this often.
-WATERMARK_EVERY_S = 1.0
 # Event time of runs the drift tests and failure clusters relearn when a worker takes a
 # partition: the drift reference's longest age.
 DETECTION_HISTORY_MS = 3 * 3_600_000
+# A dead letter of a processor carries at most this much of the message (the whole message
+# stays on its topic, at the dead letter's source).
+DEAD_LETTER_PAYLOAD_BYTES = 256 << 10
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def _from_store(query, *args):  # noqa: ANN001, ANN202
-    """Run a blocking store query off the event loop; retry while the store is unavailable.
+def kafka_ms(event) -> int:  # noqa: ANN001 (a faust EventT)
+    """The Kafka timestamp of the event's message, in ms (faust gives seconds as a float)."""
+    return round((event.message.timestamp or time.time()) * 1000)
 
-    An exception must not escape an agent: faust would restart it past the current message.
-    """
+
+async def _from_store(query, *args):  # noqa: ANN001, ANN202
+    """Run a blocking store query off the event loop; retry while the store is unavailable."""
     delay = 0.5
     while True:
         try:
@@ -90,7 +89,7 @@ def create_app(settings: Settings) -> faust.App:
     """A fresh faust app with its agents; nothing is shared between two apps."""
     app = faust.App(
         APP_ID,
-        # trackside:// is faust's aiokafka transport with a short fetch wait (streams/transport.py).
+        # trackside:// is faust's aiokafka transport with a short fetch wait (streams/processors/transport.py).
         broker=[f"trackside://{server}" for server in settings.bootstrap_servers.split(",")],
         broker_credentials=broker_credentials(settings),
         store="memory://",
@@ -110,154 +109,86 @@ def create_app(settings: Settings) -> faust.App:
     metric_results = app.topic(topics.METRIC_RESULTS.name, key_serializer="raw", value_serializer="raw")
     alerts_out = app.topic(topics.ALERTS.name, key_serializer="raw", value_serializer="raw")
     rollbacks_out = app.topic(topics.ROLLBACKS.name, key_serializer="raw", value_serializer="raw")
-    loop_policy = settings.loop_policy()
     policy = settings.policy()
-
-    idle_timeout_ms = settings.run_idle_timeout_seconds * 1000
-    window_ms = settings.window_seconds * 1000
-    lateness_ms = settings.allowed_lateness_seconds * 1000
-    assemblers: dict[int, RunAssembler] = {}
-    windows: dict[int, MetricWindows] = {}
-    detectors: dict[int, DriftDetector] = {}
-    clusterers: dict[int, FailureClusterer] = {}
-    controllers: dict[int, RolloutController] = {}
-    told: dict[tuple[int, int], float] = {}  # (from partition, to partition) -> wall time of last watermark
-    # Alert ids sent before this worker took the partition: redelivered events raise them again.
-    sent: dict[int, set[str]] = {}
-    sent_detections: dict[int, set[str]] = {}
+    assemblers: dict[int, AssemblerPartition] = {}
+    analysts: dict[int, MetricsPartition] = {}
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(app, revoked, **kwargs) -> None:  # noqa: ANN001 (faust's signal signature)
         # Another worker takes these partitions over; it rebuilds their state.
         for tp in revoked:
-            if tp.topic == topics.EVENT_BATCHES.name:
-                assemblers.pop(tp.partition, None)
-                sent.pop(tp.partition, None)
-            elif tp.topic == topics.RUN_RESULTS.name:
-                for state in (windows, detectors, clusterers, controllers, sent_detections):
-                    state.pop(tp.partition, None)
+            {topics.EVENT_BATCHES.name: assemblers, topics.RUN_RESULTS.name: analysts}.get(tp.topic, {}).pop(
+                tp.partition, None)
 
-    async def send_alerts(alerts) -> None:  # noqa: ANN001
+    async def send_alerts(alerts: list[dict]) -> None:
         for alert in alerts:
             await alerts_out.send(key=alert["fingerprint"].encode(), value=orjson.dumps(alert))
             telemetry.ALERTS.labels(alert["kind"], alert["status"]).inc()
 
+    async def guarded(stage: str, event, handle: Callable[[], Awaitable[None]]) -> None:  # noqa: ANN001
+        """The one guard of a stage: a message whose handling raises is a dead letter (table and
+        DLQ topic, through the sink), and the stage goes on with the next one."""
+        started = time.monotonic()
+        try:
+            await handle()
+        except Exception as error:  # anything: an agent that raises is dead for good
+            message = event.message
+            source = f"{message.topic}:{message.partition}:{message.offset}"
+            log.exception("%s: message %s raised; it goes to the dead letters", stage, source)
+            telemetry.STAGE_FAILURES.labels(stage).inc()
+            reason = f"{stage} raised {type(error).__name__}: {error}"[:2000]
+            where = "".join(traceback.format_exception(error)[-3:])[-2000:]
+            letter = dead_letter(message.topic, message.partition, message.offset, message.key,
+                                 (message.value or b"")[:DEAD_LETTER_PAYLOAD_BYTES], f"{reason}\n{where}", now_ms())
+            # also tells the pipeline watch that the stage is past this message
+            done = MetricResults(dead_letters=[letter], stage=stage, partition=message.partition,
+                                 processed_ts=kafka_ms(event))
+            await metric_results.send(value=done.encode(), partition=message.partition)
+        telemetry.PROCESSOR_MESSAGE_SECONDS.labels(stage).observe(time.monotonic() - started)
+
     @app.agent(event_batches, name="assemble_runs")
     async def assemble_runs(stream) -> None:  # noqa: ANN001
-        async for message in stream.events():
+        async for event in stream.events():
+            await guarded("assemble_runs", event, lambda: assemble(event))
+
+    async def assemble(event) -> None:  # noqa: ANN001
+        partition = event.message.partition
+        if partition not in assemblers:
             started = time.monotonic()
-            batch = orjson.loads(message.value)
-            partition = message.message.partition
-            assembler = assemblers.get(partition)
-            closed = []
-            if assembler is None:
-                assembler = assemblers[partition] = RunAssembler(
-                    idle_timeout_ms, lateness_ms, loop_policy, lambda agent: policy.budget(agent, "run_usd"))
-                stored, sent[partition] = await _from_store(open_run_events, settings, partition, 2 * idle_timeout_ms)
-                telemetry.STATE_REBUILD_SECONDS.labels("assemble_runs").observe(time.monotonic() - started)
-                closed = assembler.apply(stored, now_ms())
-            closed += assembler.apply(unpack(batch["events"]), now_ms())
-            for outcome, count in Counter(row["outcome"] for row in closed).items():
-                telemetry.RUNS_CLOSED.labels(outcome).inc(count)
-            await send_alerts(alert for alert in assembler.take_alerts() if alert["alert_id"] not in sent[partition])
-            by_target: dict[int, list[dict]] = defaultdict(list)
-            for row in closed:
-                by_target[agent_partition(row["agent_id"], settings.partitions)].append(row)
-            wall = time.monotonic()
-            for target in range(settings.partitions):
-                rows = by_target.get(target)
-                if not rows and wall - told.get((partition, target), 0.0) < WATERMARK_EVERY_S:
-                    continue
-                told[(partition, target)] = wall
-                value = {"partition": partition, "watermark": assembler.watermark, "runs": rows or []}
-                await run_results.send(value=orjson.dumps(value), partition=target)
-            telemetry.PROCESSOR_MESSAGE_SECONDS.labels("assemble_runs").observe(time.monotonic() - started)
-
-    async def take_partition(partition: int) -> list[dict]:
-        """A metrics partition's state the first time this worker sees it, rebuilt from the
-        store; returns the recent runs the detectors learn again. Their rows are sent again
-        (they replace themselves); their alerts and rollbacks only if they never went out."""
-        state = windows[partition] = MetricWindows(window_ms, idle_timeout_ms, settings.partitions)
-        stored, final_before = await _from_store(open_windows, settings, partition)
-        state.restore(stored, final_before)
-        history, sent_detections[partition] = await _from_store(recent_runs, settings, partition, DETECTION_HISTORY_MS)
-        deployments, tenant_runs, sent_rollouts = await _from_store(
-            rollout_state, settings, partition, policy.tenant_budgets)
-        controller = controllers[partition] = RolloutController(
-            policy, window_ms, sent_detections[partition] | sent_rollouts)
-        controller.deploy(deployments)
-        controller.spend_tenants(tenant_runs)
-        sent_detections[partition] |= sent_rollouts
-        detectors[partition] = DriftDetector(window_ms=window_ms, lateness_ms=lateness_ms,
-                                             baseline_version=controller.rollouts.canary_baseline)
-        clusterers[partition] = FailureClusterer(window_ms=window_ms)
-        return history
-
-    async def send_tenant_costs(partition: int, runs: list[dict]) -> list[dict]:
-        """Each run's cost to the partition of its tenant, whose budget sums every agent's runs."""
-        by_target: dict[int, list[dict]] = defaultdict(list)
-        for row in runs:
-            if row.get("tenant"):
-                by_target[agent_partition(tenant_partition_key(row["tenant"]), settings.partitions)].append(
-                    {key: row[key] for key in ("run_id", "agent_id", "tenant", "ended_at", "cost_usd")})
-        alerts = []
-        for target, items in by_target.items():
-            if target == partition:
-                alerts += controllers[partition].spend_tenants(items)
-            else:
-                await run_results.send(value=orjson.dumps({"tenant_runs": items}), partition=target)
-        return alerts
+            stored, sent = await _from_store(
+                open_run_events, settings, partition, 2 * settings.run_idle_timeout_seconds * 1000)
+            assemblers[partition] = AssemblerPartition(partition, settings, policy, stored, sent, now_ms())
+            telemetry.STATE_REBUILD_SECONDS.labels("assemble_runs").observe(time.monotonic() - started)
+        out = assemblers[partition].handle(EventBatch.decode(event.value), kafka_ms(event), now_ms(), time.monotonic())
+        for outcome, count in Counter(row["outcome"] for row in out.closed).items():
+            telemetry.RUNS_CLOSED.labels(outcome).inc(count)
+        await send_alerts(out.alerts)
+        for target, result in out.results.items():
+            await run_results.send(value=result.encode(), partition=target)
 
     @app.agent(run_results, name="compute_metrics")
     async def compute_metrics(stream) -> None:  # noqa: ANN001
-        async for message in stream.events():
+        async for event in stream.events():
+            await guarded("compute_metrics", event, lambda: analyse(event))
+
+    async def analyse(event) -> None:  # noqa: ANN001
+        partition = event.message.partition
+        if partition not in analysts:
             started = time.monotonic()
-            result = orjson.loads(message.value)
-            partition = message.message.partition
-            history = []
-            if partition not in windows:
-                history = await take_partition(partition)
-                telemetry.STATE_REBUILD_SECONDS.labels("compute_metrics").observe(time.monotonic() - started)
-            controller = controllers[partition]
-            alerts: list[dict] = []
-            if "deployments" in result:  # from the store sink: deploy tooling's rollout changes
-                alerts += controller.deploy(result["deployments"])
-            if "tenant_runs" in result:  # from another metrics partition
-                alerts += controller.spend_tenants(result["tenant_runs"])
-            now = now_ms()
-            out: dict[str, list] = {}
-            if "watermark" in result:  # from the run assembler
-                out["metrics"] = windows[partition].apply(result["runs"], result["partition"], result["watermark"], now)
-            runs = history + result.get("runs", [])  # a run in both counts once
-            rollbacks: list[dict] = []
-            if runs or "watermark" in result:
-                # A window is tested once every upstream partition has passed it, so none of
-                # its runs is late here; a message with no runs may be what moves that on. The
-                # tests run off the event loop (this agent awaits them, so one at a time), which
-                # meanwhile flushes what was sent and keeps the consumer's heartbeats going.
-                drift_rows, drift_alerts = await asyncio.get_running_loop().run_in_executor(
-                    None, detectors[partition].update, runs, windows[partition].slowest_watermark(now) or -(2 ** 62))
-                out["drift"] = [{**row, "updated_at": now} for row in drift_rows]
-                alerts += drift_alerts
-            if runs:
-                out["failure_clusters"], cluster_alerts, assigned = clusterers[partition].update(runs, now)
-                # The run's row again, with its failure cluster: it replaces the plain one.
-                out["runs"] = [
-                    {**row, "failure_cluster_id": assigned[row["run_id"]],
-                     "version": row_version(row["event_count"], True)}
-                    for row in runs if assigned.get(row["run_id"])
-                ]
-                rollbacks, rollout_alerts, canaries = controller.update(runs)
-                out["canaries"] = [{**row, "updated_at": now} for row in canaries]
-                alerts += cluster_alerts + rollout_alerts
-                if policy.tenant_budgets:
-                    alerts += await send_tenant_costs(partition, runs)
-            if any(out.values()):
-                await metric_results.send(value=orjson.dumps(out), partition=partition)
-            await send_alerts(alert for alert in alerts if alert["alert_id"] not in sent_detections[partition])
-            for decision in rollbacks:
-                await rollbacks_out.send(key=decision["agent_id"].encode(), value=orjson.dumps(decision))
-                telemetry.ROLLBACKS.inc()
-            telemetry.PROCESSOR_MESSAGE_SECONDS.labels("compute_metrics").observe(time.monotonic() - started)
+            state = await _from_store(metrics_state, settings, partition, DETECTION_HISTORY_MS, policy.tenant_budgets)
+            analysts[partition] = MetricsPartition(partition, settings, policy, state)
+            telemetry.STATE_REBUILD_SECONDS.labels("compute_metrics").observe(time.monotonic() - started)
+        message = decode_run_result(event.value)
+        # Off the event loop (the drift tests take milliseconds); awaited, so one at a time,
+        # while the loop flushes what was sent and keeps the consumer's heartbeats going.
+        out = await asyncio.get_running_loop().run_in_executor(
+            None, analysts[partition].handle, message, kafka_ms(event), now_ms())
+        await metric_results.send(value=out.results.encode(), partition=partition)
+        for target, costs in out.tenant_costs.items():
+            await run_results.send(value=costs.encode(), partition=target)
+        await send_alerts(out.alerts)
+        for decision in out.rollbacks:
+            await rollbacks_out.send(key=decision["agent_id"].encode(), value=orjson.dumps(decision))
+            telemetry.ROLLBACKS.inc()
 
     return app

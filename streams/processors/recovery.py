@@ -1,10 +1,8 @@
 """Rebuilding a partition's state from the store when a worker (re)starts or takes it over.
 
-The ingest stage lands every valid event in `events` before it hands the event to the
-processors, so the store is the changelog: a partition's open runs are the runs of its
-events that have no row in `runs` yet, and a partition's open windows are those of its
-agents not marked final in `agent_metrics`, rebuilt from their runs. Replaying them through the same pure code gives the same state;
-batches redelivered after the restart are then absorbed (events and runs are deduplicated).
+The ingest stage lands every valid event in `events` before it hands it to the processors,
+so the store is the changelog; every read here is bounded in event time (skip indexes of
+sql/migrations/0003 serve it), so a takeover costs the same after a day or a year of history.
 """
 
 from __future__ import annotations
@@ -12,11 +10,11 @@ from __future__ import annotations
 import logging
 
 from streams.contracts import topics
-from streams.contracts.topics import tenant_partition_key
 from streams.contracts.messages import EVENT_FIELDS
-from streams.contracts.topics import agent_partition
-from streams.settings import Settings
 from streams.contracts.tables import RUNS
+from streams.contracts.topics import agent_partition, tenant_partition_key
+from streams.processors.metrics import MetricsState
+from streams.settings import Settings
 from streams.store.clickhouse import query_store
 
 log = logging.getLogger(__name__)
@@ -35,117 +33,121 @@ _RUN_COLUMNS = ", ".join(
     else "toFloat64(cost_usd) AS cost_usd" if name == "cost_usd" else name
     for name in RUNS.names
 )
-
+# Tenant budgets are daily: their sums need the runs of the last two days.
+TENANT_HISTORY_MS = 2 * 24 * 3_600_000
 
 # The events of one assembler partition: from its agent.events partition, and the events of
-# OTLP spans, which went to the assembler of CRC32(run_id) (streams.detect.runs.run_partition).
+# OTLP spans, which went to the assembler of CRC32(run_id) (streams.contracts.topics.run_partition).
 _PARTITION_EVENTS = ("(source LIKE {source:String} OR (startsWith(source, {otlp:String}) "
                      "AND CRC32(run_id) % {partitions:UInt32} = {partition:UInt32}))")
+_SINCE = "fromUnixTimestamp64Milli({since:Int64}, 'UTC')"
+
+
+def assembler_progress(store) -> dict[int, int]:  # noqa: ANN001 (a Store or a RemoteStore)
+    """How far each assembler partition had come in event time: its last watermark landed in
+    `stage_progress` (the sink lands it from the closed-runs messages)."""
+    return {int(row["partition"]): int(row["watermark"]) for row in store.query_json(
+        "SELECT partition, toUnixTimestamp64Milli(max(watermark)) AS watermark FROM stage_progress "
+        "WHERE stage = 'assemble_runs' GROUP BY partition")}
 
 
 def open_run_events(settings: Settings, partition: int, horizon_ms: int) -> tuple[list[dict], set[str]]:
-    """Every landed event of the partition's runs that have not closed, oldest first, and the
-    ids of the alerts already sent about the partition's runs of the last `horizon_ms` of
-    event time: replayed or redelivered events raise those alerts again."""
-    store = query_store(settings, may_open=False)
-    source = {"source": f"{topics.AGENT_EVENTS.name}:{partition}:%"}
-    params = {**source, "otlp": f"{topics.OTLP_SPANS.name}:", "partitions": settings.partitions, "partition": partition}
+    return read_open_runs(query_store(settings, may_open=False), settings.partitions, partition, horizon_ms)
+
+
+def read_open_runs(store, partitions: int, partition: int, horizon_ms: int) -> tuple[list[dict], set[str]]:  # noqa: ANN001
+    """Every landed event of the partition's runs still open (with an event in the last
+    `horizon_ms` of event time the processors had reached, and no `runs` row), oldest first, and the ids of the alerts
+    already sent about the partition's runs of that time: a replayed or redelivered event
+    raises them again. A run older than the horizon comes back whole (by its run_id). The
+    horizon counts back from the partition's own progress, not from the newest stored event:
+    the store holds events the assembler had not reached, and they come again from the stream.
+    A partition with no progress yet is read whole."""
+    reached = assembler_progress(store).get(partition)
+    params = {"source": f"{topics.AGENT_EVENTS.name}:{partition}:%", "otlp": f"{topics.OTLP_SPANS.name}:",
+              "partitions": partitions, "partition": partition, "since": reached - horizon_ms if reached else 0}
+    recent = f"SELECT DISTINCT run_id FROM events WHERE ts >= {_SINCE} AND {_PARTITION_EVENTS}"
+    open_ids = [row["run_id"] for row in store.query_json(
+        f"{recent} AND run_id NOT IN (SELECT run_id FROM runs WHERE ended_at >= {_SINCE})", params)]
     events = store.query_json(
-        f"SELECT {_EVENT_COLUMNS} FROM events "
-        f"WHERE {_PARTITION_EVENTS} AND run_id NOT IN (SELECT run_id FROM runs) ORDER BY ts",
-        params,
-    )
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE run_id IN {{ids:Array(String)}} AND {_PARTITION_EVENTS} "
+        "ORDER BY ts", {**params, "ids": open_ids}) if open_ids else []
     if events:
-        log.info("partition %d: rebuilding %d open runs from %d stored events",
-                 partition, len({event["run_id"] for event in events}), len(events))
+        log.info("partition %d: rebuilding %d open runs from %d stored events", partition, len(open_ids), len(events))
     sent = store.query_json(
-        f"SELECT alert_id FROM alerts WHERE run_id IN (SELECT run_id FROM events WHERE {_PARTITION_EVENTS} "
-        f"AND ts >= (SELECT max(ts) FROM events WHERE {_PARTITION_EVENTS}) - toIntervalMillisecond({{horizon:Int64}}))",
-        {**params, "horizon": horizon_ms},
-    )
+        f"SELECT alert_id FROM alerts WHERE ts >= {_SINCE} AND run_id != '' AND run_id IN ({recent})", params)
     return events, {row["alert_id"] for row in sent}
 
 
-def recent_runs(settings: Settings, partition: int, horizon_ms: int) -> tuple[list[dict], set[str]]:
-    """The partition's agents' runs of the last `horizon_ms` of event time, oldest first, which
-    the drift tests and the failure clusters learn again after a restart, and the ids of the
-    alerts already sent about those agents."""
-    store = query_store(settings, may_open=False)
-    agents = _agents_of(store, settings, partition)
-    if not agents:
-        return [], set()
-    # The inner query filters on the columns; the outer one renames them.
-    runs = store.query_json(
-        f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} AND ended_at >= "
-        "(SELECT max(ended_at) FROM runs WHERE agent_id IN {agents:Array(String)}) - toIntervalMillisecond({horizon:Int64})) "
-        "ORDER BY ended_at, run_id",
-        {"agents": agents, "horizon": horizon_ms},
-    )
-    # every alert about these agents: drift, failure clusters, canary metrics, hourly budgets
-    sent = store.query_json("SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)}", {"agents": agents})
-    return runs, {row["alert_id"] for row in sent}
+def metrics_state(settings: Settings, partition: int, horizon_ms: int, tenant_budgets: bool) -> MetricsState:
+    return read_metrics_state(query_store(settings, may_open=False), settings.partitions, partition,
+                              settings.window_seconds * 1000, horizon_ms, tenant_budgets)
 
 
-def rollout_state(settings: Settings, partition: int, tenant_budgets: bool) -> tuple[list[dict], list[dict], set[str]]:
-    """What the rollout controller of a metrics partition starts from: the deployment events
-    of its agents, the runs of the last two days of its tenants (when tenant budgets are on),
-    and the ids of rollbacks and tenant budget alerts already sent."""
-    store = query_store(settings, may_open=False)
+def read_metrics_state(store, partitions: int, partition: int, window_ms: int, horizon_ms: int,  # noqa: ANN001
+                       tenant_budgets: bool) -> MetricsState:
+    """What a metrics partition starts from: the runs of its agents' windows not final yet,
+    the runs of the last `horizon_ms` of event time (the drift tests and failure clusters learn
+    them again), its agents' deployments, its tenants' runs of the last two days (with tenant
+    budgets on), and the ids of the alerts and rollbacks already sent about them. Event time
+    counts back from the slowest assembler partition's progress (a window is final only once
+    every one has passed it)."""
+    progress = assembler_progress(store)
+    newest = min(progress.values()) if progress else None
 
     def mine(key: str) -> bool:
-        return agent_partition(key, settings.partitions) == partition
+        return agent_partition(key, partitions) == partition
 
-    deployments = [
-        row for row in store.query_json(
-            "SELECT agent_id, version, role, traffic_pct, toUnixTimestamp64Milli(ts) AS ts FROM deployments ORDER BY ts")
-        if mine(row["agent_id"])
-    ]
-    sent = {row["rollback_id"] for row in store.query_json("SELECT rollback_id, agent_id FROM rollbacks")
-            if mine(row["agent_id"])}
-    tenant_runs: list[dict] = []
+    state = MetricsState()
+    since = {"since": newest - horizon_ms if newest is not None else 0}
+    agents = [row["agent_id"] for row in store.query_json(
+        f"SELECT DISTINCT agent_id FROM runs WHERE ended_at >= {_SINCE}", since) if mine(row["agent_id"])]
+    if agents:
+        state.window_runs, state.final_before = _open_windows(store, agents, window_ms)
+        # The inner query filters on the columns; the outer one renames them.
+        state.history = store.query_json(
+            f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} "
+            f"AND ended_at >= {_SINCE}) ORDER BY ended_at, run_id", {"agents": agents, **since})
+        # every alert about these agents: drift, failure clusters, canary metrics, hourly budgets
+        state.sent = {row["alert_id"] for row in store.query_json(
+            "SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)}", {"agents": agents})}
+        log.info("partition %d: rebuilding %d agents from %d open-window runs and %d recent runs",
+                 partition, len(agents), len(state.window_runs), len(state.history))
+    state.deployments = [row for row in store.query_json(
+        "SELECT agent_id, version, role, traffic_pct, toUnixTimestamp64Milli(ts) AS ts FROM deployments ORDER BY ts")
+        if mine(row["agent_id"])]
+    state.sent |= {row["rollback_id"] for row in store.query_json("SELECT rollback_id, agent_id FROM rollbacks")
+                   if mine(row["agent_id"])}
     if tenant_budgets:
-        tenant_runs = [
-            row for row in store.query_json(
-                "SELECT run_id, agent_id, tenant, toUnixTimestamp64Milli(ended_at) AS ended_at, "
-                "toFloat64(cost_usd) AS cost_usd FROM runs WHERE tenant != '' "
-                "AND ended_at >= (SELECT max(ended_at) FROM runs) - INTERVAL 2 DAY")
-            if mine(tenant_partition_key(row["tenant"]))
-        ]
-        sent |= {row["alert_id"] for row in store.query_json(
+        state.tenant_runs = [row for row in store.query_json(
+            # the inner query filters on the column (the outer one's alias would hide it from the index)
+            "SELECT run_id, agent_id, tenant, toUnixTimestamp64Milli(ended_at) AS ended_at, toFloat64(cost_usd) AS cost_usd "
+            f"FROM (SELECT * FROM runs WHERE tenant != '' AND ended_at >= {_SINCE})",
+            {"since": newest - TENANT_HISTORY_MS if newest is not None else 0})
+            if mine(tenant_partition_key(row["tenant"]))]
+        state.sent |= {row["alert_id"] for row in store.query_json(
             "SELECT alert_id FROM alerts WHERE kind = 'budget' AND agent_id = '' AND run_id = ''")}
-    return deployments, tenant_runs, sent
+    return state
 
 
-def _agents_of(store, settings: Settings, partition: int) -> list[str]:  # noqa: ANN001
-    return [
-        row["agent_id"] for row in store.query_json("SELECT DISTINCT agent_id FROM runs")
-        if agent_partition(row["agent_id"], settings.partitions) == partition
-    ]
-
-
-def open_windows(settings: Settings, partition: int) -> tuple[list[dict], int]:
-    """The runs of the partition's windows that are not final yet, and where final ends.
+def _open_windows(store, agents: list[str], window_ms: int) -> tuple[list[dict], int]:  # noqa: ANN001
+    """The runs of the agents' windows that are not final yet, and where final ends.
 
     A window emitted as final must stay as it is, and a window still open must be restored
     whole: re-emitted with part of its runs, it would replace the complete row.
     """
-    store = query_store(settings, may_open=False)
-    agents = _agents_of(store, settings, partition)
-    if not agents:
-        return [], 0
-    window_ms = settings.window_seconds * 1000
-    # The inner query filters on the columns; the outer one renames them.
+    params = {"agents": agents, "window": window_ms}
+    (bounds,) = store.query_json(
+        "SELECT toUnixTimestamp64Milli(minIf(window_start, NOT is_final)) AS first_open, "
+        "toUnixTimestamp64Milli(maxIf(window_end, is_final)) AS final_before "
+        "FROM agent_metrics WHERE agent_id IN {agents:Array(String)}", params)
+    first_open = int(bounds["first_open"] or 0)
     runs = store.query_json(
         f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} "
+        f"AND ended_at >= {_SINCE} "
         "AND (agent_id, agent_version, intDiv(toUnixTimestamp64Milli(ended_at), {window:Int64}) * {window:Int64}) IN "
         "(SELECT agent_id, agent_version, toUnixTimestamp64Milli(window_start) FROM agent_metrics "
         " WHERE agent_id IN {agents:Array(String)} AND NOT is_final))",
-        {"agents": agents, "window": window_ms},
-    )
-    (final,) = store.query_json(
-        "SELECT toUnixTimestamp64Milli(max(window_end)) AS final_before FROM agent_metrics "
-        "WHERE agent_id IN {agents:Array(String)} AND is_final",
-        {"agents": agents},
-    )
-    log.info("partition %d: rebuilding windows of %d agents from %d stored runs", partition, len(agents), len(runs))
-    return runs, int(final["final_before"] or 0)
+        {**params, "since": first_open},
+    ) if first_open else []
+    return runs, int(bounds["final_before"] or 0)

@@ -5,7 +5,8 @@ import pytest
 
 from streams.contracts.events import InvalidEvent
 from streams.detect.policy import Policy, PolicyError
-from streams.detect.rollout import DAY_MS, HOUR_MS, RolloutController, Rollouts
+from streams.detect.budgets import DAY_MS, HOUR_MS, PeriodBudgets
+from streams.detect.rollout import RolloutController, Rollouts
 from streams.contracts.deployments import parse_deployment
 from streams.detect.runs import RunAssembler
 
@@ -126,21 +127,21 @@ def test_canary_as_good_as_stable_is_promoted_not_rolled_back():
 
 def test_budgets_per_agent_hour_and_per_tenant_day():
     policy = Policy.from_mapping({"budget": {"agent_hour_usd": 1.0}, "tenants": {"acme": {"day_usd": 2.5}}})
-    controller = RolloutController(policy, WINDOW)
+    budgets = PeriodBudgets(policy)
     runs = [run(i, "v1", T0 + i * MIN, cost=0.1) for i in range(130)]  # $6 an hour
-    _, alerts, _ = controller.update(runs[:10])
+    alerts = budgets.spend_agents(runs[:10])
     assert alerts == []  # $1.00 is not over $1
-    _, alerts, _ = controller.update(runs[9:11])  # the 10th again (redelivered) counts once
+    alerts = budgets.spend_agents(runs[9:11])  # the 10th again (redelivered) counts once
     (hour,) = alerts
     assert hour["kind"] == "budget" and hour["status"] == "firing" and hour["agent_id"] == "bot"
     assert hour["evidence"]["runs"] == 11 and hour["evidence"]["spent_usd"] == pytest.approx(1.1)
-    _, alerts, _ = controller.update(runs[11:130])
+    alerts = budgets.spend_agents(runs[11:130])
     # the second hour goes over at its 11th run; the first clears once runs end an hour after it
     assert [(a["status"], a["evidence"]["period_start"]) for a in alerts] == [
         ("firing", T0 + HOUR_MS), ("resolved", T0)]
-    tenant = controller.spend_tenants(runs[:26])
+    tenant = budgets.spend_tenants(runs[:26])
     assert len(tenant) == 1 and tenant[0]["evidence"]["spent_usd"] == pytest.approx(2.6)
-    assert controller.spend_tenants(runs[:30]) == []  # fires once per tenant and day
+    assert budgets.spend_tenants(runs[:30]) == []  # fires once per tenant and day
 
 
 def test_run_cost_envelope_alerts_while_the_run_goes_on():

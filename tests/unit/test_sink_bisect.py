@@ -9,7 +9,8 @@ from confluent_kafka import KafkaError, KafkaException
 
 from streams import telemetry
 from streams.ingest.poison import UnfitRows, land
-from streams.ingest.sink import Handovers, is_data_error, json_batches
+from streams.contracts.messages import split_by_bytes as json_batches
+from streams.ingest.sink import Handovers, is_data_error
 
 DATA_ERROR = RuntimeError("Code: 53. DB::Exception: Type mismatch in VALUES section. (TYPE_MISMATCH)")
 DETACHED = RuntimeError("Code: 60. DB::Exception: Table trackside.events does not exist. (UNKNOWN_TABLE)")

@@ -1,0 +1,94 @@
+"""Recovery reads a bounded event-time range, served by skip indexes: a partition takeover costs the
+same after a month of history as after an hour (issue 11.5). Real chdb, through the query service."""
+
+import pytest
+
+from streams.processors.recovery import read_metrics_state, read_open_runs
+from streams.store.clickhouse import running_service
+from tests.conftest import RunningStack
+
+pytestmark = pytest.mark.integration
+
+NOW = 1_793_491_200_000  # event time the assembler of partition 0 had reached
+HOUR = 3_600_000
+DAY = 24 * HOUR
+MONTH = 30 * DAY
+OLD_EVENTS = 2_000_000  # 245 granules of 8,192 rows
+
+
+class Recording:
+    """The store recovery reads through, remembering each query it runs."""
+
+    def __init__(self, store) -> None:  # noqa: ANN001
+        self.store = store
+        self.queries: list[tuple[str, dict]] = []
+
+    def query_json(self, sql: str, parameters: dict | None = None) -> list[dict]:
+        self.queries.append((sql, parameters or {}))
+        return self.store.query_json(sql, parameters)
+
+
+def _write(stack: RunningStack, sql: str) -> None:
+    stack.cli("sql", "--write", sql)
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """A month of closed runs (10 events each) on partition 0 up to three days ago, and three runs still open."""
+    stack = RunningStack(tmp_path_factory.mktemp("stack"))
+    stack.start()
+    start = NOW - MONTH - 3 * DAY
+    step = MONTH // OLD_EVENTS
+    _write(stack, f"""INSERT INTO events (event_id, ts, type, run_id, agent_id, agent_version, source, ingested_at)
+        SELECT concat('old-', toString(number)), fromUnixTimestamp64Milli(toInt64({start} + number * {step}), 'UTC'),
+               'tool_call', concat('old-run-', toString(intDiv(number, 10))), 'bulk', 'v1',
+               concat('agent.events:0:', toString(number)), now64(3)
+        FROM numbers({OLD_EVENTS})""")
+    _write(stack, f"""INSERT INTO runs (run_id, agent_id, agent_version, started_at, ended_at, outcome, version)
+        SELECT concat('old-run-', toString(number)), 'bulk', 'v1',
+               fromUnixTimestamp64Milli(toInt64({start} + number * 10 * {step}), 'UTC'),
+               fromUnixTimestamp64Milli(toInt64({start} + (number * 10 + 9) * {step}), 'UTC'), 'success', 20
+        FROM numbers({OLD_EVENTS // 10})""")
+    open_events = [("recent-1", NOW - 10 * 60_000), ("recent-2", NOW - 5 * 60_000),
+                   ("long", NOW - 5 * HOUR), ("long", NOW - 4 * 60_000)]  # a run older than the horizon
+    values = ", ".join(
+        f"('open-{i}', fromUnixTimestamp64Milli({ts}, 'UTC'), 'tool_call', '{run}', 'bulk', 'v1', "
+        f"'agent.events:0:{OLD_EVENTS + i}', now64(3))" for i, (run, ts) in enumerate(open_events))
+    _write(stack, f"INSERT INTO events (event_id, ts, type, run_id, agent_id, agent_version, source, ingested_at) "
+                  f"SELECT * FROM (SELECT * FROM values('a String, b DateTime64(3), c String, d String, e String, "
+                  f"f String, g String, h DateTime64(3)', {values}))")
+    _write(stack, f"INSERT INTO stage_progress SELECT 'assemble_runs', number, "
+                  f"fromUnixTimestamp64Milli({NOW}, 'UTC'), now64(3) FROM numbers(4)")
+    _write(stack, "OPTIMIZE TABLE events FINAL")  # merged parts, as a month of history would be
+    yield stack
+    assert stack.stop() == 0
+
+
+def _rows_read(stack: RunningStack, queries: list[tuple[str, dict]], table: str) -> int:
+    """What ClickHouse estimates the queries read of `table` (EXPLAIN ESTIMATE: after partition,
+    primary key and skip-index pruning)."""
+    store = running_service(stack.settings)
+    return sum(int(row["rows"]) for sql, params in queries
+               for row in store.query_json(f"EXPLAIN ESTIMATE {sql}", params) if row["table"] == table)
+
+
+def test_open_runs_come_back_whole_from_a_bounded_read(history):
+    store = Recording(running_service(history.settings))
+    events, sent = read_open_runs(store, 4, 0, HOUR)
+    by_run = {}
+    for event in events:
+        by_run.setdefault(event["run_id"], []).append(event["ts"])
+    assert by_run == {"recent-1": [NOW - 10 * 60_000], "recent-2": [NOW - 5 * 60_000],
+                      "long": [NOW - 5 * HOUR, NOW - 4 * 60_000]}
+    assert sent == set()
+    read = _rows_read(history, store.queries, "events")
+    assert read < OLD_EVENTS * 0.05, f"recovery reads {read} of {OLD_EVENTS} events"
+
+
+def test_a_metrics_partition_reads_recent_runs_only(history):
+    store = Recording(running_service(history.settings))
+    state = read_metrics_state(store, 4, 0, 300_000, 3 * HOUR, tenant_budgets=True)
+    # nothing of the month ended in the last 3 hours, nor (tenant budgets) in the last two days
+    assert state.history == [] and state.window_runs == [] and state.tenant_runs == []
+    read = _rows_read(history, store.queries, "runs")
+    assert read < OLD_EVENTS // 10 * 0.05, f"recovery reads {read} of {OLD_EVENTS // 10} runs"
