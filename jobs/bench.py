@@ -142,6 +142,13 @@ class Probe:
                 return
         self.loop_ms.append(float("nan"))
 
+    def close(self) -> None:
+        """Let go of the broker before the stack stops: clients left open print librdkafka's
+        "Connection refused" lines once it is gone."""
+        self.alerts.close()
+        self.producer.flush(10)
+        del self.producer
+
     def _until(self, sql: str, sent: float, timeout: float = 60) -> float:
         while time.perf_counter() - sent < timeout:
             if self.store.query_raw(sql, "TSV").strip() != b"0":
@@ -172,6 +179,22 @@ def _rss_mb(pid: int) -> float:
             continue
         pids += [int(child) for child in children]
     return total / 1024
+
+
+def _cpu_by_process(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of `trackside up` and of each of its children, by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu: dict[str, float] = {}
+    for current in [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]:
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{current}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        role = ("up (ingest, sink, chdb)" if current == pid else
+                "faust worker" if "streams" in command else "broker")
+        cpu[role] = cpu.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         store = running_service(settings)
         with console.status(f"pipeline: {len(lines)} events of {len(run_ids)} runs"):
             # Publish in a thread, so the clock starts at the first publish and runs to the last run landed.
+            cpu_before = _cpu_by_process(up.pid)
             started = time.perf_counter()
             publisher = threading.Thread(target=_produce, args=(bootstrap, "agent.events", lines, keys, published))
             publisher.start()
@@ -244,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 if time.perf_counter() - started > 300:
                     raise RuntimeError(f"only {landed} of {len(run_ids)} runs landed in 5 minutes")
             elapsed = time.perf_counter() - started
+            cpu_after = _cpu_by_process(up.pid)
             publisher.join()
         rss = _rss_mb(up.pid)
         loaded = (list(probe.event_ms), list(probe.run_ms), list(probe.loop_ms))
@@ -255,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 probe.once()
                 probe.loop_once()
         idle = (probe.event_ms, probe.run_ms, probe.loop_ms)
+        probe.close()
     finally:
         up.terminate()
         up.wait(60)
@@ -277,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{_quantile(run_ms, .5):,.0f} / {_quantile(run_ms, .99):,.0f} ms")
         table.add_row(f"looping call published -> loop alert on topic, {label} (p50 / p99, n={len(loop_ms)})",
                       f"{_quantile(loop_ms, .5):,.0f} / {_quantile(loop_ms, .99):,.0f} ms")
+    for role, seconds in cpu_after.items():
+        spent = seconds - cpu_before.get(role, 0.0)
+        table.add_row(f"CPU of {role} during the pipeline (per event, % of one core)",
+                      f"{spent * 1e6 / len(lines):.1f} µs ({100 * spent / elapsed:.0f}%)")
     table.add_row("memory of trackside up and children at the end", f"{rss:,.0f} MB")
     console.print(table)
     return 0

@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
+from streams.detect.estimators import quantile
+
 METRICS = ("success_rate", "cost_per_success", "loop_rate", "tool_error_rate", "p95_duration")
 ARMS = ("stable", "canary")
 
@@ -147,14 +149,6 @@ def ratio_variance(n: int, num: float, num_sq: float, den: float, cross: float, 
     sum_e2 = num_sq - 2.0 * r * cross + r * r * den_sq
     clustered = n / (n - 1) * max(sum_e2, 0.0) / den ** 2
     return max(clustered, proportion_variance(int(num), int(den)))
-
-
-def quantile(ordered: list[int], q: float) -> float:
-    """The q-quantile of sorted values, interpolated linearly (numpy's default method)."""
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 # --- policy ------------------------------------------------------------------------------------------
@@ -437,8 +431,8 @@ def _estimate(metric: str, s: _Arm, c: _Arm, policy: CanaryPolicy) -> _Estimate:
                        for a in (s, c))
         return _Estimate(rs, rc, rc - rs, rc - rs, margin, variance)
     # p95_duration
-    qs = quantile(s.durations, P95) if s.n else None
-    qc = quantile(c.durations, P95) if c.n else None
+    qs = quantile(s.durations, P95)
+    qc = quantile(c.durations, P95)
     difference = qc / qs - 1.0 if qs and qc is not None else None
     if not enough:
         return _Estimate(qs, qc, difference, None, 0.0, 0.0)

@@ -9,18 +9,9 @@ late. Cost per successful task = cost of all runs in the window / runs that succ
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method) of sorted values; 0 when empty."""
-    if not sorted_values:
-        return 0.0
-    position = (len(sorted_values) - 1) * q
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+from streams.detect.estimators import quantile, ratio
 
 
 @dataclass(slots=True)
@@ -73,14 +64,15 @@ class Window:
             "failures": runs - successes,
             "timeouts": sum(fact.outcome == "timeout" for fact in facts),
             "cost_usd": cost,
-            "cost_per_success": cost / successes if successes else None,
-            "success_rate": successes / runs if runs else 0.0,
-            "p50_duration_ms": percentile(durations, 0.50),
-            "p95_duration_ms": percentile(durations, 0.95),
-            "loop_rate": sum(fact.loop for fact in facts) / runs if runs else 0.0,
+            "cost_per_success": ratio(cost, successes),
+            # a window holds one run at least: these are never None
+            "success_rate": ratio(successes, runs),
+            "p50_duration_ms": quantile(durations, 0.50),
+            "p95_duration_ms": quantile(durations, 0.95),
+            "loop_rate": ratio(sum(fact.loop for fact in facts), runs),
             "tool_calls": tool_calls,
             "tool_errors": tool_errors,
-            "tool_error_rate": tool_errors / tool_calls if tool_calls else 0.0,
+            "tool_error_rate": ratio(tool_errors, tool_calls) or 0.0,  # a column, not nullable: no calls, no errors
             "input_tokens": sum(fact.input_tokens for fact in facts),
             "output_tokens": sum(fact.output_tokens for fact in facts),
             "is_final": final,

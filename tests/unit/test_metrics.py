@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from streams.detect.metrics import MetricWindows, percentile
+from streams.detect.estimators import quantile, ratio
+from streams.detect.metrics import MetricWindows
 
 MIN = 60_000
 T0 = 1_793_491_200_000  # a window boundary
@@ -78,10 +79,11 @@ def test_versions_increase():
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 20, 101])
-def test_percentile_matches_numpy(size):
+def test_the_one_quantile_matches_numpy(size):
     values = sorted(np.random.default_rng(size).exponential(1000, size).tolist())
     for q in (0.5, 0.95):
-        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q * 100)))
+        assert quantile(values, q) == pytest.approx(float(np.percentile(values, q * 100)))
+    assert quantile([], 0.5) is None and ratio(1.0, 0) is None and ratio(3.0, 4) == 0.75
 
 
 def test_restored_windows_are_whole_and_final_ones_stay_final():
