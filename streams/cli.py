@@ -1,5 +1,4 @@
-"""The `trackside` command (SPEC §1): up, publish, sql, import, demo."""
-
+"""The `trackside` command (SPEC §1): up, forward, publish, sql, import, migrate, demo."""
 from __future__ import annotations
 
 import argparse

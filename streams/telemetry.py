@@ -1,38 +1,5 @@
 """Prometheus metrics of every Trackside process, served by one `/metrics` endpoint.
-
-Trackside runs several processes: `trackside up` (the confluent-kafka store sink and the
-alert forwarder are threads of it) and its faust worker children (`python -m streams
-worker`), which `up` restarts when they die. A scrape must see all of them, so the metrics
-use prometheus_client's multiprocess mode:
-
-1. `trackside up`, first thing, before anything touches a metric:
-   `prepare_multiproc_dir(settings.run_dir / "metrics")`. It empties that directory (the
-   counters of the last run must not add to this one's) and sets
-   `PROMETHEUS_MULTIPROC_DIR` in `os.environ`.
-2. Every child inherits it: the workers are started with `{**os.environ, ...}`. Each
-   process writes its values to its own mmap files `<type>_<pid>.db` in that directory.
-3. `up` serves them: `start_metrics_server(port, multiproc_dir)` serves a registry that
-   holds only a `MultiProcessCollector`, which sums the files of every process, the
-   parent's included (the parent's own metrics are mmap-backed as well).
-4. When a worker dies, `up` calls `mark_process_dead(pid)` before starting the new one:
-   the dead process's live gauges disappear; its counters and histograms stay in the sum,
-   so counters never go down across restarts.
-
-prometheus_client picks in-process or mmap storage when a metric's value is created, from
-the environment at that moment. The metrics below are therefore created lazily, on first
-use (`telemetry.EVENTS_INGESTED` or `from streams.telemetry import EVENTS_INGESTED`), not at
-import: importing this module early is harmless, and `prepare_multiproc_dir` refuses to
-run once the metrics exist in the other mode. Without `PROMETHEUS_MULTIPROC_DIR` (tests,
-`trackside publish`, a standalone forwarder) they are plain in-process metrics, and
-`start_metrics_server(port)` serves them as such.
-
-Cost: an `inc()`/`observe()` in multiprocess mode is a lock and a write into an mmap, a few
-microseconds: call sites count per batch, never per event.
-
-Counters count messages as sent or landed. Kafka delivery is at-least-once, so after a
-crash a counter may count a redelivered batch twice; exact numbers are in the store's
-tables, which deduplicate.
-"""
+Multiprocess mode, lazy creation and what counters count: streams/ops/README.md, "Metrics"."""
 
 from __future__ import annotations
 
@@ -64,7 +31,7 @@ _DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 # name -> (class, help, options). The attribute name is the Python name; the metric name
 # is the first element of options["name"].
 _DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
-    # Ingest and store sink (thread of `trackside up`, streams/ingest.py).
+    # Ingest and store sink (thread of `trackside up`, streams/ingest/sink.py).
     "EVENTS_INGESTED": (Counter, "trackside_events_ingested",
                         "Valid agent events landed in the events table", {}),
     "DEAD_LETTERS": (Counter, "trackside_dead_letters",

@@ -1,10 +1,5 @@
 """Alerts (SPEC §6): one constructor, stable fingerprints and idempotent ids.
-
-The fingerprint names a condition on a subject (`loop` on run R, `drift` on agent A
-version V): the same condition on the same subject always has the same fingerprint. The
-alert id is derived from the fingerprint, the status and the episode, so an alert sent
-again after a restart carries the same id and the `alerts` table keeps it once.
-"""
+What a fingerprint and an id stand for: streams/contracts/README.md, "Alerts"."""
 
 from __future__ import annotations
 

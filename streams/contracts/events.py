@@ -1,8 +1,5 @@
 """Agent events (SPEC §4) defined once: their fields, their validation and their JSON Schema.
-
-`parse` turns the raw bytes of one Kafka message into a normalised `dict` (the columns of
-the `events` table) or raises `InvalidEvent` saying which field is wrong and why.
-"""
+`parse`: one Kafka message's bytes -> a normalised `events` row, or `InvalidEvent` saying which field is wrong."""
 
 from __future__ import annotations
 

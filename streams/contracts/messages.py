@@ -1,7 +1,5 @@
 """The messages Trackside's stages send each other over its internal topics, defined once.
-
-Each is JSON (orjson) and carries a batch: faust pays per message, so no message holds one event.
-"""
+Each is JSON (orjson) and carries a batch: faust pays per message, so no message holds one event."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
 """Arrow schemas of the rows Trackside lands in ClickHouse, and the one way to build them.
-
-The column names are those of `sql/migrations`; a test checks that they agree.
-Money is computed as float64 and rounded to Decimal(18, 9) here (ClickHouse's own
-float -> Decimal conversion truncates, which biases every sum downwards).
-"""
+Columns as in sql/migrations; money rounded to Decimal(18, 9) here (streams/contracts/README.md)."""
 
 from __future__ import annotations
 

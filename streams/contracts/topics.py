@@ -1,13 +1,10 @@
-"""Every Kafka topic Trackside touches, named once, with who writes and who reads it.
-
-All of them get `settings.partitions` partitions, created before any client connects, so
-that per-run and per-agent state stays co-partitioned across stages."""
+"""Every Kafka topic Trackside touches, named once, with who writes and who reads it, and its key.
+All get `settings.partitions` partitions (streams/contracts/README.md, "Topics")."""
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-
 
 
 @dataclass(frozen=True)
@@ -16,30 +13,71 @@ class Topic:
     # Internal topics carry Trackside's own batches between its stages; nobody outside reads them.
     internal: bool
     about: str
+    # Who produces to the topic and who consumes it (consumer groups of Trackside in brackets).
+    writers: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
+    # The message key, or how the partition is chosen when there is none.
+    key: str = ""
 
 
-# Written by agents, read by the ingest stage. Key: run_id.
-AGENT_EVENTS = Topic("agent.events", False, "agent events (SPEC §4)")
-# Written by deploy tooling, read by the rollout processor. Key: agent_id.
-AGENT_DEPLOYMENTS = Topic("agent.deployments", False, "rollout changes (SPEC §5)")
-# Written by the OpenTelemetry Collector's kafka exporter, read by the OTLP ingest.
-OTLP_SPANS = Topic("otlp_spans", False, "OTLP TracesData batches")
-# Written by the ingest stage, read by people and replay tools. Key: as received.
-DEAD_LETTERS = Topic("agent.events.dlq", False, "rejected messages with trackside.error/source headers")
-# Written by the processors, read by alerting systems and the store sink. Key: fingerprint.
-ALERTS = Topic("trackside.alerts", False, "alerts (SPEC §6)")
-# Written by the rollout processor, read by deploy tooling and the store sink. Key: agent_id.
-ROLLBACKS = Topic("trackside.rollbacks", False, "rollback decisions (SPEC §7)")
+AGENT_EVENTS = Topic(
+    "agent.events", False, "agent events (SPEC §4)",
+    writers=("agents", "trackside publish / import / demo"),
+    readers=("the sink (trackside-store): validate, price, land, hand over",),
+    key="run_id")
+AGENT_DEPLOYMENTS = Topic(
+    "agent.deployments", False, "rollout changes (SPEC §5)",
+    writers=("deploy tooling", "trackside publish --deployments / demo"),
+    readers=("the sink (trackside-store): lands them and hands them to the metrics stage over trackside.run-results",),
+    key="agent_id")
+OTLP_SPANS = Topic(
+    "otlp_spans", False, "OTLP TracesData batches",
+    writers=("the OpenTelemetry Collector's kafka exporter",),
+    readers=("the sink (trackside-store), through streams/ingest/otlp.py",),
+    key="as the exporter writes it; the sink routes each event by its run (run_partition)")
+DEAD_LETTERS = Topic(
+    "agent.events.dlq", False, "rejected messages with trackside.error/source headers",
+    writers=("the sink: its own dead letters, poison rows, and the processors' (from trackside.metric-results)",),
+    readers=("people and replay tools",),
+    key="the rejected message's own key")
+ALERTS = Topic(
+    "trackside.alerts", False, "alerts (SPEC §6)",
+    writers=("assemble_runs (loop, run budget)",
+             "compute_metrics (drift, failure clusters, canary metrics, agent-hour and tenant-day budgets)",
+             "the sink (pipeline alerts of the pipeline watch)"),
+    readers=("the sink (trackside-store): the alerts table",
+             "the forwarders (trackside-forwarder-alertmanager, trackside-forwarder-webhook)",
+             "alerting systems"),
+    key="fingerprint")
+ROLLBACKS = Topic(
+    "trackside.rollbacks", False, "rollback decisions (SPEC §7)",
+    writers=("compute_metrics (the rollout controller)",),
+    readers=("deploy tooling", "the sink (trackside-store): the rollbacks table"),
+    key="agent_id")
 
-# Written by the ingest stage, read by the faust run assembler: one message per polled
-# batch of one agent.events partition, sent to the same partition number, so every
-# event of a run reaches the same assembler.
-EVENT_BATCHES = Topic("trackside.event-batches", True, "validated events, batched per partition")
-# Written by the run assembler, read by the metrics processor and the store sink: closed
-# runs, batched per target partition of agent_id so a window's runs meet in one place.
-RUN_RESULTS = Topic("trackside.run-results", True, "closed runs, batched, partitioned by agent_id")
-# Written by the metrics processor, read by the store sink: window rows, batched.
-METRIC_RESULTS = Topic("trackside.metric-results", True, "agent_metrics rows, batched")
+# One message per polled batch of one agent.events partition (or of the OTLP runs routed to
+# it), sent to the same partition number, so every event of a run reaches the same assembler.
+EVENT_BATCHES = Topic(
+    "trackside.event-batches", True, "validated events, batched per partition (EventBatch)",
+    writers=("the sink",),
+    readers=("assemble_runs (trackside-processors)",),
+    key="none: the partition of the run's assembler")
+# Closed runs, batched per target partition of agent_id so a window's runs meet in one
+# place; also what the metrics stage needs from elsewhere: deployments and tenant costs.
+RUN_RESULTS = Topic(
+    "trackside.run-results", True,
+    "closed runs (ClosedRuns), deployments (Deployments), tenant costs (TenantCosts), batched",
+    writers=("assemble_runs (ClosedRuns)", "the sink (Deployments)", "compute_metrics (TenantCosts)"),
+    readers=("compute_metrics (trackside-processors)", "the sink (trackside-store): runs and stage_progress"),
+    key="none: the metrics partition of the agent (agent_partition) or tenant (tenant_partition_key); "
+        "ClosedRuns without runs (watermarks) go to any partition")
+# Rows for the store, and the processors' dead letters.
+METRIC_RESULTS = Topic(
+    "trackside.metric-results", True,
+    "agent_metrics, drift, failure_clusters, canaries and enriched runs rows, and dead letters (MetricResults)",
+    writers=("compute_metrics", "the guard of each processor stage (dead letters)"),
+    readers=("the sink (trackside-store)",),
+    key="none: the partition of the input message")
 
 ALL = (
     AGENT_EVENTS, AGENT_DEPLOYMENTS, OTLP_SPANS, DEAD_LETTERS, ALERTS, ROLLBACKS,

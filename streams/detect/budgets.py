@@ -1,9 +1,5 @@
 """Cost budgets (limits from `streams.detect.policy`): a run's envelope, an agent's hour, a tenant's day.
-
-A run's envelope is checked as each priced event is assembled, so its `budget` alert (with
-`"action": "stop_run"`) goes out while the run still goes on. Agent-hour and tenant-day sums
-count closed runs by the event time they ended, each run once (by run_id).
-"""
+When each is checked and how sums count runs: streams/detect/README.md, "Budgets"."""
 
 from __future__ import annotations
 

@@ -1,29 +1,5 @@
-"""Sequential canary analysis: a canary version of an agent against its stable version, deciding
-rollback, promote or pending after every batch of runs with always-valid (mixture SPRT) tests.
-
-Every metric is reduced to an asymptotically normal estimate θ̂ of the canary's degradation
-(positive = worse) with a plug-in variance V, and tested one-sided against a tolerated margin δ:
-H0: θ <= δ (no worse than the margin allows) against H1: θ > δ. The test statistic is the
-mixture likelihood ratio of Johari, Koomen, Pekelis & Walsh, "Always valid inference:
-continuous monitoring of A/B tests" (Operations Research, 2022), with a half-normal mixing
-distribution of scale τ over the alternatives θ - δ > 0:
-
-    Λ = 2 sqrt(V / (V + τ²)) exp(τ² d² / (2 V (V + τ²))) Φ(d τ / sqrt(V (V + τ²))),  d = θ̂ - δ
-
-(the integral of the normal likelihood ratio over θ - δ ~ N+(0, τ²); `log_mixture_lr`). Under
-θ = δ it is (asymptotically, V being estimated) a nonnegative martingale in the information
-1/V, so by Ville's inequality P(sup_t Λ_t >= 1/α) <= α however often it is looked at; Λ
-increases with θ̂, so for θ < δ a crossing is less likely still. The symmetric normal mixture
-has the same Λ without the factor 2 Φ(.), which is > 1 whenever θ̂ > δ: the half-normal
-mixture rejects whenever the symmetric one would, and sooner (by up to log 2 of evidence),
-with the same guarantee. The always-valid p-value is the running minimum of 1/Λ, and
-inverting the mirror test (H0: θ >= u) gives an always-valid upper confidence bound θ̂ + r(V)
-of the degradation.
-
-The false-rollback rate over all metrics that may trigger is held at α by Bonferroni: each of
-the k metrics of `rollback_on` is tested at α/k. The same α/k is the level of each upper bound,
-so "every bound below its margin" (promote) is wrong with probability at most α too.
-"""
+"""Sequential canary analysis: a canary version against its stable version, rollback / promote / pending
+after every batch of runs, with always-valid (mixture SPRT) tests: streams/detect/README.md, "Canary analysis"."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
 """Loop detection inside one run, while it is still going.
-
-A run loops when its tool calls stop making progress: the same tool with the same
-arguments (canonical-JSON hash) several times in a row, a cycle such as A,B,A,B,A,B with
-the same arguments, or more steps than the agent's budget. LLM calls between tool calls do
-not count as progress (an agent that loops thinks between its calls); a tool call with
-other arguments does (pagination is not a loop).
-"""
+The rules (repeat, cycle, step budget): streams/detect/README.md, "Loops"."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
 """Event-time tumbling windows per agent and version: closed runs -> `agent_metrics` rows.
-
-A run belongs to the window that holds its `ended_at`. Windows stay open, and are re-emitted
-whenever a run lands in them, until every upstream partition's watermark has passed the
-window's end plus the run idle timeout (a run can close that long after its last event);
-an upstream partition silent for `idle_source_ms` of wall time is not waited for. Then the window is final and forgotten, and a run that still arrives for it is counted as
-late. Cost per successful task = cost of all runs in the window / runs that succeeded.
-"""
+When a window is final (watermarks, idle upstreams): streams/detect/README.md, "Windows and watermarks"."""
 
 from __future__ import annotations
 

@@ -1,23 +1,5 @@
 """Lifecycle policy: canary analysis and budgets, per agent and tenant, from one TOML file.
-
-With no file every default applies (`TRACKSIDE_POLICY_FILE` empty); `infra/policy.toml`
-shows every key. Layout:
-
-    [canary]                      # defaults for every agent (streams.detect.canary.CanaryPolicy)
-    min_runs = 20
-    [canary.margins]
-    success_rate = 0.03
-    [budget]                      # defaults for every agent; 0 turns a limit off
-    run_usd = 5.0                 # one run's cost envelope: alert with action=stop_run
-    agent_hour_usd = 0.0          # cost of an agent's runs ended within one hour (event time)
-    tenant_day_usd = 0.0          # cost of a tenant's runs ended within one UTC day
-    [agents."support-bot".canary] # per agent, merged over the defaults
-    rollback_on = ["success_rate", "cost_per_success"]
-    [agents."support-bot".budget]
-    run_usd = 0.05
-    [tenants.acme]
-    day_usd = 20.0
-"""
+The file's layout: streams/detect/README.md, "Policy"; every key: infra/policy.toml."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
 """Rollout state and canary decisions per agent (SPEC §5, §6, §7).
-
-`Rollouts` knows each agent's stable and canary versions: from `agent.deployments`, or,
-for an agent that never sent one, inferred from traffic (the version with most runs in the
-last complete window is stable, any version first seen after it is a canary).
-`RolloutController` runs in the metrics stage, where all runs of an agent meet: it feeds
-each canary and its stable version to a sequential `CanaryAnalysis`, and on a `rollback`
-verdict sends one alert per degraded metric and one rollback decision that names them;
-a `promote` verdict is recorded in `canaries`, never rolled back.
-"""
+Declared and inferred roles, verdicts and rollbacks: streams/detect/README.md, "Rollouts"."""
 
 from __future__ import annotations
 
@@ -123,7 +115,7 @@ class _Canary:
 
 
 class RolloutController:
-    """Canary analyses of the agents of one metrics partition; see the module doc."""
+    """Canary analyses of the agents of one metrics partition; see streams/detect/README.md, "Rollouts"."""
 
     def __init__(self, policy: Policy, window_ms: int, sent: Iterable[str] = ()) -> None:
         self.policy = policy

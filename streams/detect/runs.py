@@ -1,10 +1,5 @@
 """Run assembly: agent events of one partition -> run rows, closed on `run_end` or when idle.
-
-Plain Python over normalised events (see `streams.contracts.events`), no Kafka: the faust agent
-feeds it batches and emits what it returns. Delivery is at-least-once, so applying the
-same event twice changes nothing (events are deduplicated per run by event_id), and a
-closed run's row only grows (its `version` grows with its number of distinct events).
-"""
+Watermark, idle timeout, lateness and idempotence: streams/detect/README.md, "Run assembly"."""
 
 from __future__ import annotations
 

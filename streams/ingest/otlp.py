@@ -1,127 +1,5 @@
 """OTLP traces -> agent events: one `otlp_spans` message (SPEC §3) in, agent events (SPEC §4) out.
-
-The OpenTelemetry Collector's Kafka exporter writes one `TracesData` batch per message,
-encoded `otlp_proto` (protobuf binary, its default) or `otlp_json` (OTLP/JSON: the protobuf
-JSON mapping with lowerCamelCase names, trace and span ids as hex, 64-bit integers as
-strings or numbers, enums as integers; enum names and base64 ids, as plain protobuf JSON
-writes them, are read too; field names must be lowerCamelCase, as OTLP/JSON requires).
-Spans are read as the OpenTelemetry GenAI semantic conventions (v1.41 names) describe them.
-
-API
----
-- `otlp_to_events(value, encoding=None, *, normalise=False, keep_raw_args=False) -> Mapped`:
-  the one call of the ingest stage. `encoding` is `"otlp_proto"`, `"otlp_json"` or None
-  (detect: JSON when the first byte after whitespace is `{`; a value that looks like JSON
-  but does not parse as JSON is tried as protobuf before giving up).
-- `decode_traces(value, encoding=None) -> TracesData`: the message as a protobuf object
-  (for tools; the ingest path reads OTLP/JSON without building protobuf objects).
-- `spans_to_events(traces, *, normalise=False, keep_raw_args=False) -> Mapped`: the mapping
-  of a `TracesData` or of an already parsed OTLP/JSON object (a dict).
-- `Mapped(events, rejected, skipped)`: `events` raw agent-event dicts, each already checked
-  by `streams.contracts.events.validate` (with `normalise=True`, validate's normalised rows instead,
-  as `events.parse` gives them); `rejected` a list of `Rejection(where, reason)`, `where` =
-  `<traceId>:<spanId>` in hex (or the span's position in the message when its ids are
-  unreadable), for the caller's dead-letter queue; `skipped` a `Counter` of reasons for
-  spans that are deliberately not events (`skipped_total` sums them). Events come sorted by
-  time (run_start first). The same span twice in one message maps once (`duplicate_span`).
-- `InvalidOtlp` (a `TracksideError`): the whole message is unreadable (empty, bad protobuf,
-  bad JSON, not a TracesData): dead-letter the message.
-
-Which spans become which events (`gen_ai.operation.name`)
---------------------------------------------------------
-- `invoke_agent` -> the run: `run_start` (ts = span start) and `run_end` (ts = span end,
-  with the outcome below). An `invoke_agent` span below another one in the same batch is a
-  sub-agent: skipped (`nested_invoke_agent`); its LLM and tool calls count in the run.
-- `chat`, `text_completion`, `generate_content` -> `llm_call` (ts = span start).
-- `execute_tool` -> `tool_call` (ts = span start).
-- Skipped and counted, never an error: spans with no `gen_ai.*` attribute (`not_genai`),
-  spans with `gen_ai.*` attributes but no operation name (`genai_without_operation`, e.g.
-  instrumentations older than semconv 1.27), and GenAI operations Trackside has no event for
-  (`operation:embeddings`, `operation:retrieval`, `operation:create_agent`,
-  `operation:invoke_workflow`, `operation:other` for values not in the conventions).
-
-Runs: one trace = one agent run
--------------------------------
-`run_id` is the trace id (32 hex digits) for every event of a trace. Spans of one trace
-may arrive in different messages (spans are exported when they end, so an agent's LLM and
-tool spans usually travel before its `invoke_agent` span); the trace id is the only id a
-child span and its run share whatever the batch boundaries, so children and run always
-agree. Consequence: a trace with several top-level `invoke_agent` spans (a workflow calling
-agents one after another) is one run; and a sub-agent whose parent `invoke_agent` travels in
-another message is taken for the run (so the Collector's `groupbytrace` processor, or the
-Kafka exporter's `partition_traces_by_id`, is recommended in front of Trackside).
-
-Fields
-------
-- `event_id`: `otlp:<traceId>:<spanId>` (`:start` / `:end` added for the run's two events):
-  a redelivered message gives the same ids, which the store and run assembly count once.
-- `agent_id`: the span's `gen_ai.agent.id`, else its `gen_ai.agent.name`, else those of the
-  run's `invoke_agent` span when it is in the same batch, else the resource's
-  `gen_ai.agent.id` / `gen_ai.agent.name` (a Trackside extension), else the resource's
-  `service.name` (the SDK default `unknown_service*` does not count). None of these: the
-  span is rejected. `agent_version`: `gen_ai.agent.version` by the same order (a span
-  naming another agent than its run's does not take the run's version), else the
-  resource's `gen_ai.agent.version`, else `service.version`, else `"unknown"`.
-  Tip: put `gen_ai.agent.*` on the resource (or make `service.name` / `service.version`
-  the agent's) so that spans travelling without their run name the same agent.
-- `session_id`: `gen_ai.conversation.id` (span, else its run). `environment`: resource
-  `deployment.environment.name` (deprecated `deployment.environment`). `task_id`,
-  `tenant`: `trackside.task_id`, `trackside.tenant` (span, run, resource).
-- `llm_call`: `model` = `gen_ai.request.model`, else `gen_ai.response.model`; `provider` =
-  `gen_ai.provider.name`, else the deprecated `gen_ai.system`; `input_tokens` =
-  `gen_ai.usage.input_tokens` (deprecated `gen_ai.usage.prompt_tokens`); `output_tokens` =
-  `gen_ai.usage.output_tokens` (deprecated `gen_ai.usage.completion_tokens`);
-  `cache_read_input_tokens` = `gen_ai.usage.cache_read.input_tokens`; the status message,
-  which `llm_call` has no field for, goes to `attributes["otel.status_message"]`.
-- `tool_call`: `tool` = `gen_ai.tool.name` (else the name in a span named
-  `execute_tool <name>`; neither: rejected); `args` = `gen_ai.tool.call.arguments` when it is
-  a JSON object (a JSON string holding an object, or an OTLP kvlist); any other value (JSON
-  that is not an object, or text that is not JSON) is not stored: `args_hash` = the hash
-  (`streams.contracts.events.args_hash`) of its canonical JSON, or of the raw text, so loops on
-  repeated arguments are still found. `error_message` = the status message, else the
-  `exception` event's `exception.message`.
-- Status (llm and tool): span status ERROR, or `error.type` set on a span whose status is not
-  OK, is an error; a tool error whose `error.type` contains `timeout` or `deadline` is
-  `timeout`. `error_type` = `error.type`, else the `exception` event's `exception.type`.
-  `latency_ms` = end - start.
-- `attributes`: the span's other attributes (at most 64, strings cut at 1,024 characters,
-  arrays at 32 items), plus `otel.span_name`, `otel.span_id`, `otel.parent_span_id`, and
-  `gen_ai.evaluation` (the span's evaluation results). Never kept: message content
-  (`gen_ai.input.messages`, `gen_ai.output.messages`, `gen_ai.system_instructions`,
-  `gen_ai.tool.definitions`, `gen_ai.tool.call.result`, `gen_ai.retrieval.*`, the legacy
-  `gen_ai.prompt*` / `gen_ai.completion*`): large and sensitive.
-
-Run outcome (`run_end`)
------------------------
-The first rule that gives an answer decides:
-1. the attribute `trackside.outcome` on the `invoke_agent` span (`success`, `failure`,
-   `escalated`, `aborted`; any other value rejects the span: a client bug to see in the DLQ);
-2. the last `gen_ai.evaluation.result` event (GenAI conventions: an evaluation parented to
-   the operation it evaluates, attributes `gen_ai.evaluation.name`,
-   `gen_ai.evaluation.score.label`, `gen_ai.evaluation.score.value`,
-   `gen_ai.evaluation.explanation`, `error.type` when the evaluation itself failed) on the
-   `invoke_agent` span whose `score.label` Trackside recognises: pass / passed / success /
-   succeeded / correct / resolved / completed / true / yes -> success; fail / failed / failure
-   / incorrect / unresolved / false / no -> failure; escalated -> escalated; aborted /
-   cancelled / canceled -> aborted. Other labels (`relevant`, `toxic`, ...) judge quality,
-   not the task, and do not decide; evaluations with `error.type` are ignored;
-3. the span status: ERROR -> failure, OK or UNSET -> success.
-Only evaluations recorded as span events reach `otlp_spans`; ones emitted through the Logs
-API travel in the Collector's logs pipeline, which Trackside does not read.
-The explicit attribute comes first because it is the agent's own statement in Trackside's
-vocabulary (and the only way to say `escalated`); evaluations of any kind may be attached,
-so only a recognised verdict label decides. `score` = `score.value` of the deciding
-evaluation, else of the last evaluation, when it lies in 0..1 (the conventions fix no range;
-others stay in attributes). `error_type` / `error_message` as for calls.
-`attributes["trackside.outcome_source"]` says which rule decided.
-
-Rejected spans (returned, for the DLQ; the rest of the batch still maps): a mapped span
-whose ids are missing, malformed or all zeros, whose fields have the wrong OTLP/JSON
-types, that has no start or end time or ends before it starts, a negative / fractional /
-non-numeric token count, no agent identity, a tool span without a tool name, an unknown
-`trackside.outcome`, or an event `streams.contracts.events.validate` refuses (e.g. a time before
-2000).
-"""
+The mapping, span by span and field by field: streams/ingest/README.md, "The OTLP mapping"."""
 
 from __future__ import annotations
 
@@ -678,7 +556,7 @@ def _fraction(value: Any) -> float | None:
 
 
 def _outcome(span: _Span, evaluations: list[dict]) -> tuple[str, str, float | None]:
-    """(outcome, which rule decided, score) of a run's invoke_agent span: see the docstring."""
+    """(outcome, which rule decided, score) of a run's invoke_agent span: see the README, "Run outcome"."""
     usable = [evaluation for evaluation in evaluations if not evaluation["error_type"]]
     deciding = None
     for evaluation in reversed(usable):
@@ -849,7 +727,7 @@ def _llm_call(span: _Span, run: _Span | None) -> list[dict]:
 
 
 def _tool_args(value: Any) -> tuple[dict | None, str]:
-    """(args object, args_hash) of gen_ai.tool.call.arguments: see the docstring."""
+    """(args object, args_hash) of gen_ai.tool.call.arguments: see streams/ingest/README.md, "Fields"."""
     if isinstance(value, dict):
         return value, ""
     if isinstance(value, str):
@@ -992,7 +870,7 @@ def _name(span: _Span) -> str:
 
 
 def spans_to_events(traces: TracesData | Mapping, *, normalise: bool = False, keep_raw_args: bool = False) -> Mapped:
-    """Agent events of a `TracesData`, or of a parsed OTLP/JSON object; see the module docstring."""
+    """Agent events of a `TracesData`, or of a parsed OTLP/JSON object; see streams/ingest/README.md."""
     if isinstance(traces, TracesData):
         spans = list(_proto_spans(traces))
     elif isinstance(traces, Mapping):

@@ -1,20 +1,5 @@
 """Which rows of a refused batch the store will never take: the bisection behind the sink's error policy.
-
-A store that refuses everything (a detached table, a server that is down) refuses every
-part of a batch the same way; poison rows are refused for their data, while the rest of the
-batch lands. So a refused batch is split in halves and each half is tried:
-
-- a refusal that says the data is wrong (`is_data_error`: the rows cannot be typed, or
-  ClickHouse's error code is a data error) is bisected down to the single rows: poison;
-- any other refusal is bisected only while its sibling half landed (the store took part of
-  the batch just now, so this half holds what it refuses); a lone row refused so is poison;
-- a half refused without a data error while its sibling was refused too is left unlanded:
-  the store refuses everything, and the caller retries those rows with backoff.
-
-An outage costs three attempts per retry (the batch, then its halves), a poison row about
-2 log2(n). Poison refused without a data error in both halves of a batch looks like an
-outage and is retried (never dropped); so is a store that fails between two sibling halves.
-"""
+The rules: streams/ingest/README.md, "Poison rows"."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
 """The price of an LLM call from the `genai-prices` table, fast enough for the ingest hot path.
-
-`genai-prices` takes ~80 µs a call (Decimal arithmetic). Per-token prices are flat up to a
-model's context tier (if it has one), so for each (model, provider) we derive the unit
-prices once and check them against the exact calculation at growing sizes; calls up to the
-largest size where the linear formula held use it, larger calls take the exact calculation.
-"""
+How (linear unit prices checked against the exact calculation): streams/ingest/README.md, "Pricing"."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
 """The ingest and store sink stage: confluent-kafka in bulk, so faust sees batches, not events.
-
-One consumer (group `trackside-store`) reads `agent.events` and the processors' result
-topics. Per poll it validates the events, lands them and the dead letters in ClickHouse
-with `insert_arrow`, produces the rejected messages to the DLQ topic and the valid ones,
-as one batch message per source partition, to `trackside.event-batches` (same partition
-number, so a run's events meet in one assembler), lands the result rows, and only then
-commits the offsets, once the broker has acknowledged every message the sink produced.
-A store that refuses writes, and a broker that refuses a message, are retried with backoff,
-never skipped; a row the store will never take goes to the dead letters (streams/ingest/poison.py).
-"""
+What it reads, lands, hands over and commits, and its error policy: streams/ingest/README.md, "The sink"."""
 
 from __future__ import annotations
 
@@ -158,7 +149,7 @@ class Handovers:
 
 
 class StoreSink:
-    """Runs the ingest and sink loop until `stop` is set; see the module docstring.
+    """Runs the ingest and sink loop until `stop` is set; see streams/ingest/README.md.
 
     Rows remember the message they came from. A batch the store refuses is bisected
     (streams/ingest/poison.py): rows refused for their data, or refused while the rest of
@@ -365,7 +356,7 @@ class StoreSink:
     # otlp_spans
 
     def _ingest_otlp(self, messages: list[Message]) -> None:
-        """OpenTelemetry spans (streams/otlp.py) become agent events and take the same path.
+        """OpenTelemetry spans (streams/ingest/otlp.py) become agent events and take the same path.
 
         A message is not keyed by run, so its events go to the assembler of `run_partition`
         of their run (the trace). An unreadable message, or one with spans that cannot be

@@ -1,1 +1,1 @@
-"""Running it: the embedded stack, the broker and child processes, the alert forwarder."""
+"""Running it: the embedded stack, the broker and child processes, the alert forwarder, the pipeline watch."""

@@ -1,9 +1,5 @@
 """Kafka plumbing: the embedded Tansu broker, child processes, and creating the topics.
-
-Children are started in their own session (so a Ctrl-C reaches `trackside up` alone, which
-stops them in order) and die with their parent (PR_SET_PDEATHSIG), so a `kill -9` of
-`trackside up` leaves nothing behind; pid files catch what survives anyway.
-"""
+How children are started and die with `trackside up`: streams/ops/README.md, "Child processes"."""
 
 from __future__ import annotations
 

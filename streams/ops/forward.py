@@ -1,48 +1,5 @@
 """The alert forwarder: `trackside.alerts` to Prometheus Alertmanager and to a webhook.
-
-`run_forwarders` runs one forwarder per configured target, each a confluent-kafka consumer
-of its own group (`trackside-forwarder-alertmanager`, `trackside-forwarder-webhook`), so a
-target that refuses holds back no other. A forwarder reads the alerts (SPEC §6) in batches
-and hands each batch to its target(s):
-
-- Alertmanager (`TRACKSIDE_ALERTMANAGER_URL`): the batch's alerts, in topic order, as one
-  `POST {url}/api/v2/alerts` (a list of postable alerts, API v2). Labels identify an alert
-  there: `alertname` (`trackside_<kind>`), `severity`, `agent_id`, `agent_version`,
-  `fingerprint` and `run_id` (empty ones are left out). Annotations: `summary`, `evidence`
-  (compact JSON), `action`, `alert_id`. A firing alert has `startsAt` = its `ts`; a resolved
-  one is the same labels again with `endsAt` = its `ts` (never later than now), which is
-  how Alertmanager resolves an alert. Alertmanager also resolves on its own a firing
-  alert nobody re-posts (`endsAt`, or its `resolve_timeout` of 5 minutes by default), so
-  the forwarder re-posts the firing alerts every `TRACKSIDE_ALERTMANAGER_RESEND_SECONDS`
-  with `endsAt` = now + 4 intervals, as Prometheus does. To know them after a restart it
-  reads the topic from the beginning at each partition assignment: messages below the
-  committed offset only rebuild that set (they are not delivered again); it re-posts
-  them once the replay of their partition is done.
-- a webhook (`TRACKSIDE_ALERT_WEBHOOK_URL`): one `POST {url}` per alert with the alert's
-  bytes as they are on the topic, `Content-Type: application/json`,
-  `Idempotency-Key: <alert_id>` and, with `TRACKSIDE_ALERT_WEBHOOK_TOKEN`,
-  `Authorization: Bearer <token>`.
-
-Errors. A target that refuses (connection error, timeout, HTTP 5xx, 429 or 408) is
-retried with exponential backoff, from 0.5 s doubling up to `TRACKSIDE_ALERT_RETRY_MAX_SECONDS`
-(a `Retry-After` in seconds is honoured within that cap), for as long as it takes: the
-stream waits. Any other answer outside 2xx (4xx, and 3xx: redirects are not followed) is
-permanent for that alert: it is logged at ERROR with the target, the alert id and the
-answer, counted as `rejected`, and the stream goes on; it is not retried. For
-Alertmanager, which stores the valid alerts of a request and answers 400 for the rest,
-the alerts of a rejected request are posted again one by one to find which ones it
-refuses. A message on the topic that is not an alert is logged and skipped.
-
-Delivery. Offsets are committed, synchronously, once every alert of the batch is delivered
-or rejected by every target. A crash between delivery and commit delivers that batch
-again at the next start, which is harmless: Alertmanager deduplicates by labels, and
-the webhook receives the same `Idempotency-Key`. A stop while a target refuses leaves the
-batch uncommitted, for the next start.
-
-Secrets (the token, URL user info and the URL's path and query, which webhook URLs often
-use as a key) never reach the logs: targets are named by scheme, host and port, and
-answers quoted in the log are scrubbed of them.
-"""
+What it posts, retries, commits and never logs: streams/ops/README.md, "The alert forwarder"."""
 
 from __future__ import annotations
 
@@ -631,7 +588,7 @@ def run_forwarders(settings: Settings, stop: threading.Event, restart_after: flo
 
 
 class AlertForwarder:
-    """Consumes `trackside.alerts` and delivers every alert to its targets; see the module docstring."""
+    """Consumes `trackside.alerts` and delivers every alert to its targets; see streams/ops/README.md."""
 
     def __init__(self, settings: Settings, targets: Sequence[HttpTarget], *, group: str = GROUP,
                  consumer: Any = None, batch_max: int = BATCH_MAX, poll_seconds: float = POLL_SECONDS) -> None:
@@ -733,7 +690,7 @@ class AlertForwarder:
         try:
             self._consumer.commit(offsets=commit, asynchronous=False)
         except KafkaException as error:
-            # The batch comes again after a rebalance or restart: harmless, see the module docstring.
+            # The batch comes again after a rebalance or restart: harmless, see streams/ops/README.md.
             log.warning("offset commit failed, the batch will be delivered again: %s", error)
             self.stats["commit_failures"] += 1
             return

@@ -1,10 +1,5 @@
 """`trackside up`: the embedded stack (broker, store sink, faust workers) in one foreground process.
-
-Start order: lock the data dir, start the broker (unless TRACKSIDE_BOOTSTRAP names one),
-create the topics, open the store and apply the migrations, serve queries, start the
-store sink, start the faust workers, then print the ready line. Stop order is the reverse.
-A worker that dies is restarted; its partitions' state is rebuilt from the store.
-"""
+Start and stop order, and worker restarts: streams/ops/README.md, "The stack"."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
 """How far each faust stage is behind what was handed to it, measured by the store sink, which sees both.
-
-The embedded broker's high watermarks cannot be trusted, so lag is not offsets: it is the age
-of the oldest message handed to a stage (its Kafka timestamp) that the stage has not yet
-reported as processed; every output message of a stage names the newest input it had handled
-(`processed_ts`). A stage that stops, or falls further behind than the bound, raises a
-`pipeline` alert, resolved when it catches up.
-"""
+How lag is measured and when it alerts: streams/ops/README.md, "The pipeline watch"."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
 """The faust app: the topics and two thin agents over per-partition state machines.
-
-`assemble_runs` hands event batches to an `AssemblerPartition` (streams/processors/assembler.py)
-and `compute_metrics` hands run results to a `MetricsPartition` (streams/processors/metrics.py);
-both send what those return. A partition's state is built from the store the first time a
-worker sees it (streams/processors/recovery.py). A message whose handling raises becomes a
-dead letter and the stage goes on.
-"""
+The agents, their guard and their restarts: streams/processors/README.md."""
 
 from __future__ import annotations
 

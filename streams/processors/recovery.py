@@ -1,9 +1,5 @@
 """Rebuilding a partition's state from the store when a worker (re)starts or takes it over.
-
-The ingest stage lands every valid event in `events` before it hands it to the processors,
-so the store is the changelog; every read here is bounded in event time (skip indexes of
-sql/migrations/0003 serve it), so a takeover costs the same after a day or a year of history.
-"""
+What is read and how it is bounded in event time: streams/processors/README.md, "Restarts"."""
 
 from __future__ import annotations
 

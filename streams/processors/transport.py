@@ -1,10 +1,5 @@
 """faust's aiokafka transport with a short fetch wait (broker URL scheme `trackside://`).
-
-faust hard-codes aiokafka's `fetch_max_wait_ms=1500`. Brokers that do not answer a fetch
-as soon as data arrives (Tansu among them) then hold every hop through faust for up to
-1.5 s; 50 ms keeps a processor's latency at tens of milliseconds for little extra polling.
-Registered through the `faust.transports` entry point in pyproject.toml.
-"""
+Why: streams/processors/README.md, "The transport"."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
 """The ClickHouse store: one client wrapper, the migration runner, and the local query service.
-
-An embedded store (chdb) can be open in one process only. The process that owns it (the
-store sink of `trackside up`) serves queries to the others (`trackside sql`, the processors'
-recovery) over a loopback HTTP service whose address and token it writes to the data dir.
-A ClickHouse server (http/https URL) is used directly by every process.
-
-Read-only queries (`trackside sql` without --write, recovery, notebooks) run on a second
-connection on which ClickHouse itself refuses every write (`readonly`), after ClickHouse's own
-parser has shown them to be one read statement that reaches no file, network or process.
-"""
+Who owns an embedded store and how reads are kept read-only: streams/store/README.md."""
 
 from __future__ import annotations
 

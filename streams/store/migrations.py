@@ -1,8 +1,5 @@
 """The migrations shipped in sql/migrations (streams/sql in the wheel): which to apply, and their text.
-
-Pure: `Store.migrate` runs what these functions hand it. A landed migration is never edited, so
-its checksum must match what was applied; placeholders are literal tokens, not str.format.
-"""
+Pure, checksummed, literal placeholders: streams/store/README.md, "Migrations"."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
 """Saved queries (`sql/queries/*.sql`, shipped as streams/sql/queries): their text and the defaults
-their headers declare.
-
-A saved query declares each parameter in its header, `-- @param name Type default  meaning`,
-and uses it as a ClickHouse query parameter `{name:Type}`. ClickHouse has no defaults of its
-own, so whoever runs the query passes every one: these defaults, overridden by the caller's.
-"""
+their headers declare (`-- @param name Type default  meaning`; streams/store/README.md, "Saved queries")."""
 
 from __future__ import annotations
 
