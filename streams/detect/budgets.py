@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from streams.contracts.alerts import FIRING, RESOLVED, cleared, fingerprint, make_alert, utc_text
@@ -37,6 +38,14 @@ def run_envelope_cleared(firing: dict, cost_usd: float, ts: int) -> dict:
         evidence={**firing["evidence"], "cost_usd": cost_usd})
 
 
+@dataclass(slots=True)
+class _Period:
+    """The runs of one subject in one hour or day: cost by run_id, and their running sum."""
+
+    runs: dict[str, float] = field(default_factory=dict)
+    total: float = 0.0
+
+
 class PeriodBudgets:
     """The agent-hour and tenant-day sums of one metrics partition, and their alerts.
 
@@ -47,8 +56,8 @@ class PeriodBudgets:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self.hour_costs: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-        self.tenant_costs: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+        self.hour_costs: dict[tuple[str, int], _Period] = defaultdict(_Period)
+        self.tenant_costs: dict[tuple[str, int], _Period] = defaultdict(_Period)
         self.firing: dict[str, dict] = {}  # fingerprint -> its firing alert
 
     def spend_agents(self, runs: Iterable[Mapping]) -> list[dict]:
@@ -89,21 +98,27 @@ class PeriodBudgets:
 
     def _spend(self, costs: dict, key: tuple[str, int], run: Mapping, limit: float, length: int,
                scope: str) -> list[dict]:
-        runs = costs[key]
-        runs[run["run_id"]] = float(run.get("cost_usd") or 0.0)  # a run seen again counts once
-        total = math.fsum(runs.values())
+        if limit <= 0:  # no budget: nothing to sum
+            return []
+        period = costs[key]
+        cost = float(run.get("cost_usd") or 0.0)
+        period.total += cost - period.runs.get(run["run_id"], 0.0)  # a run seen again counts once
+        period.runs[run["run_id"]] = cost
+        if period.total <= limit:
+            return []
+        total = period.total = math.fsum(period.runs.values())  # exact once it matters
         fp = fingerprint("budget", scope, *map(str, key))
-        if limit <= 0 or total <= limit or fp in self.firing:
+        if total <= limit or fp in self.firing:
             return []
         subject, start = key
         who = f"tenant {subject}" if scope == "tenant_day" else subject
-        period = "day" if scope == "tenant_day" else "hour"
+        unit = "day" if scope == "tenant_day" else "hour"
         alert = make_alert(
             kind="budget", severity="critical" if total >= 2 * limit else "warning", status=FIRING,
             fingerprint=fp, ts=int(run["ended_at"]), agent_id=run["agent_id"] if scope == "agent_hour" else "",
-            summary=f"{who} spent ${total:.4f} in the {period} from {utc_text(start)}, over its budget of ${limit:.4f}",
+            summary=f"{who} spent ${total:.4f} in the {unit} from {utc_text(start)}, over its budget of ${limit:.4f}",
             evidence={"scope": scope, "subject": subject, "period_start": start, "period_ms": length,
-                      "spent_usd": total, "limit_usd": limit, "runs": len(runs), "last_run_id": run["run_id"]},
+                      "spent_usd": total, "limit_usd": limit, "runs": len(period.runs), "last_run_id": run["run_id"]},
             episode=str(start))
         self.firing[fp] = alert
         return [alert]
