@@ -31,14 +31,17 @@ log = logging.getLogger(__name__)
 # Tables whose rows are replaced by key: plain SELECTs see one row per key only with FINAL.
 DEDUPLICATED = ("events", "runs", "agent_metrics", "dead_letters", "alerts", "rollbacks", "drift", "failure_clusters")
 # Every query run for a person applies FINAL to the tables that support it, so redelivered
-# rows never show twice, whether or not the background merges have run yet.
-QUERY_SETTINGS = {"final": 1}
+# rows never show twice, whether or not the background merges have run yet; JSON output
+# writes 64-bit integers as numbers.
+QUERY_SETTINGS = {"final": 1, "output_format_json_quote_64bit_integers": 0}
 SERVICE_FILE = "store-service.json"
 # Kinds of statement (the first word of EXPLAIN AST) that only read.
 READ_ONLY_STATEMENTS = ("SelectWithUnionQuery", "SelectQuery", "Show", "Describe", "Explain", "Exists")
 # The connection for reads: ClickHouse refuses every write on it. (2, not 1: a query may still
 # set its own settings, FINAL and output formats included, but never `readonly` itself.)
 READER_SETTINGS = {"readonly": 2}
+# Statements remembered as read-only (the oldest forgotten first).
+CHECKED_STATEMENTS = 1024
 # Table functions a read may use: they make rows up or read this store's own tables. Every other
 # one the connected ClickHouse knows (file, url, s3, remote, mysql, executable, python, ...)
 # reaches files, the network, other servers or this process, and is refused; one that a later
@@ -72,10 +75,12 @@ class Store:
         self.database = database
         self.cluster = cluster
         self._url = url
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the writer's
+        self._read_lock = threading.RLock()  # the reader's: reads never wait for writes, nor writes for reads
+        self._checked: dict[str, None] = {}  # statements found read-only, newest last
         self.client = self._connect()
         # A second client on the same store, chdb included (each has its own session).
-        self.reader = self._connect(READER_SETTINGS)
+        self.reader = self._connect_reader()
         self._use_database()
 
     def _connect(self, settings: dict | None = None) -> Any:
@@ -83,6 +88,18 @@ class Store:
             return clickhouse_connect.get_client(dsn=self._url, settings=settings)
         except Exception as error:  # clickhouse-connect raises several types; keep the URL's secret out
             raise StoreError(f"cannot open the store: {type(error).__name__}: {_scrub(str(error), self._url)}") from None
+
+    def _connect_reader(self) -> Any:
+        """The client reads go through: FINAL on, and ClickHouse itself refuses writes on it."""
+        if not self.embedded:  # a server takes a request's settings with the request, at no cost
+            return self._connect({**QUERY_SETTINGS, **READER_SETTINGS})
+        # chdb applies per-query settings by reading, setting and restoring each one around every
+        # query (~5 ms a query, measured); settings of the session itself cost nothing per query.
+        # readonly last: after it, nothing changes it.
+        reader = self._connect()
+        for name, value in {**QUERY_SETTINGS, **READER_SETTINGS}.items():
+            reader.command(f"SET {name} = {int(value)}")
+        return reader
 
     def _use_database(self) -> None:
         # Unqualified names (`SELECT count() FROM events`) then mean the Trackside tables.
@@ -99,12 +116,12 @@ class Store:
             return self.client.command(sql, parameters=parameters)
 
     def query_rows(self, sql: str, parameters: dict | None = None) -> list[tuple]:
-        with self._lock:
-            return self.client.query(sql, parameters=parameters, settings=QUERY_SETTINGS).result_rows
+        with self._read_lock:
+            return self.reader.query(sql, parameters=parameters).result_rows
 
     def query_arrow(self, sql: str, parameters: dict | None = None) -> pa.Table:
-        with self._lock:
-            return self.client.query_arrow(sql, parameters=parameters, settings=QUERY_SETTINGS)
+        with self._read_lock:
+            return self.reader.query_arrow(sql, parameters=parameters)
 
     def query_raw(
         self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True, parameters: dict | None = None
@@ -114,19 +131,17 @@ class Store:
         `readonly` (the default): one statement that only reads the store, run on the reader.
         `parameters` bind `{name:Type}` placeholders server-side: values never become SQL text.
         """
-        settings = dict(QUERY_SETTINGS)
-        if fmt.startswith("JSON"):
-            settings["output_format_json_quote_64bit_integers"] = 0
-        with self._lock:
-            try:
-                if readonly:
+        try:
+            if readonly:
+                with self._read_lock:
                     self._check_reads_only(sql, parameters)
-                client = self.reader if readonly else self.client
-                return client.raw_query(sql, parameters=parameters, settings=settings, fmt=fmt)
-            except StoreError:
-                raise
-            except Exception as error:  # the server's message is what the person needs
-                raise StoreError(_scrub(str(error), self._url)) from None
+                    return self.reader.raw_query(sql, parameters=parameters, fmt=fmt)
+            with self._lock:
+                return self.client.raw_query(sql, parameters=parameters, settings=QUERY_SETTINGS, fmt=fmt)
+        except StoreError:
+            raise
+        except Exception as error:  # the server's message is what the person needs
+            raise StoreError(_scrub(str(error), self._url)) from None
 
     def query_json(self, sql: str, parameters: dict | None = None) -> list[dict]:
         return _json_rows(self.query_raw(sql, "JSONEachRow", parameters=parameters))
@@ -136,8 +151,12 @@ class Store:
 
         ClickHouse's own parser reads the text (passed as a value, never as SQL): formatQuery
         refuses a second statement and prints the one statement plainly; its AST says what kind
-        of statement it is and names every function it calls.
+        of statement it is and names every function it calls. A text found read-only once is
+        not checked again (the console and pollers repeat theirs): parameters are values and
+        cannot change what a statement is.
         """
+        if sql in self._checked:
+            return
         try:
             statement = self.reader.query("SELECT formatQuery({sql:String})", parameters={"sql": sql}).result_rows[0][0]
         except DatabaseError as error:
@@ -155,6 +174,9 @@ class Store:
         if outside:
             calls = ", ".join(f"{name}()" for name in outside)
             raise StoreError(f"read-only: {calls} would read files, the network or other servers; a query reads the store only")
+        self._checked[sql] = None
+        if len(self._checked) > CHECKED_STATEMENTS:
+            del self._checked[next(iter(self._checked))]
 
     @cached_property
     def _outside_functions(self) -> frozenset[str]:
@@ -175,7 +197,7 @@ class Store:
                 self.client.command(f"OPTIMIZE TABLE {self.database}.{table} FINAL")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self.client.close()
             self.reader.close()
 
