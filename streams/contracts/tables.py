@@ -6,6 +6,7 @@ from __future__ import annotations
 from operator import itemgetter
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _TS = pa.timestamp("ms", tz="UTC")
 _TEXT = pa.string()
@@ -124,7 +125,13 @@ def to_arrow(rows: list[dict], schema: pa.Schema) -> pa.Table:
     for field in schema:
         values = list(map(itemgetter(field.name), rows))
         if pa.types.is_decimal(field.type):
-            columns.append(pa.array(values, pa.float64()).cast(field.type, safe=False))
+            floats = pa.array(values, pa.float64())
+            # safe=False rounds to the scale, and would also wrap a value too large for the
+            # precision into garbage (0 for 1e10): refuse those, so the row is a dead letter.
+            largest = pc.max(pc.abs(floats)).as_py()
+            if largest is not None and largest >= 10 ** (field.type.precision - field.type.scale):
+                raise pa.ArrowInvalid(f"{field.name}: {largest} does not fit {field.type}")
+            columns.append(floats.cast(field.type, safe=False))
         else:
             columns.append(pa.array(values, field.type))
     return pa.Table.from_arrays(columns, schema=schema)

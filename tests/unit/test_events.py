@@ -82,3 +82,17 @@ def test_a_field_given_twice_is_rejected_not_guessed():
     fine = (b'{"event_id": "run_id", "ts": 1793491200000, "type": "run_start", "run_id": "r", "agent_id": "x", '
             b'"agent_version": "v1", "attributes": {"a": {"k": 1}, "b": {"k": 2}}}')
     assert parse(fine)["event_id"] == "run_id"
+
+
+def test_money_too_large_for_its_column_is_refused_not_wrapped():
+    # Decimal(18, 9) holds less than 1e9: pyarrow's unsafe cast (kept for rounding) turned
+    # 1e10 into 0 silently; now the row is refused, and the sink sends it to the dead letters.
+    import pyarrow as pa
+
+    from streams.contracts import tables
+
+    schema = pa.schema([("cost_usd", pa.decimal128(18, 9))])
+    assert tables.to_arrow([{"cost_usd": 0.1}, {"cost_usd": None}], schema).column(0).to_pylist()[0] == \
+        pa.array([0.1], pa.float64()).cast(pa.decimal128(18, 9), safe=False).to_pylist()[0]
+    with pytest.raises(pa.ArrowInvalid, match="cost_usd"):
+        tables.to_arrow([{"cost_usd": 0.5}, {"cost_usd": 1e10}], schema)
