@@ -83,17 +83,20 @@ def assertionless_tests(trees: dict[str, ast.Module]) -> list[str]:
 
 
 def fixed_sleeps(trees: dict[str, ast.Module]) -> list[str]:
-    """Every call of time.sleep / asyncio.sleep (also imported by name) outside tests/waiting.py."""
+    """Every call of time.sleep / asyncio.sleep (also imported by name, or through a module
+    imported under another name) outside tests/waiting.py."""
     found = []
     for path, tree in sorted(trees.items()):
         if Path(path) == WAITING.relative_to(TESTS.parent):
             continue
         imported = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                     for alias in node.names if (node.module, alias.name) in SLEEPS}
+        modules = {alias.asname or alias.name: alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for alias in node.names}
         for call in (node for node in ast.walk(tree) if isinstance(node, ast.Call)):
             func = call.func
             by_module = (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
-                         and (func.value.id, func.attr) in SLEEPS)
+                         and (modules.get(func.value.id, func.value.id), func.attr) in SLEEPS)
             if by_module or (isinstance(func, ast.Name) and func.id in imported):
                 found.append(f"{path}:{call.lineno} sleeps a fixed time: wait on the condition itself "
                              f"with tests.waiting.wait_until")
@@ -124,7 +127,7 @@ def test_nothing_in_the_suite_sleeps_outside_the_waiting_helper():
 
 
 HELPERS = '''
-import time
+import time as clock
 from time import sleep as nap
 
 def check(value):
@@ -183,10 +186,10 @@ def test_the_rules_name_each_test_without_assertion_and_each_sleep():
         "tests/unit/test_made_up.py::test_method_without_assert (line 26) asserts nothing: it has no assert, no "
         "pytest.raises, pytest.warns or pytest.fail, and calls no helper of the suite that asserts",
     ]
-    trees["tests/helpers.py"] = ast.parse(HELPERS + "\ndef wait():\n    time.sleep(1)\n    nap(2)\n")
+    trees["tests/helpers.py"] = ast.parse(HELPERS + "\ndef wait():\n    clock.sleep(1)\n    nap(2)\n")
     assert fixed_sleeps(trees) == [
         "tests/helpers.py:19 sleeps a fixed time: wait on the condition itself with tests.waiting.wait_until",
         "tests/helpers.py:20 sleeps a fixed time: wait on the condition itself with tests.waiting.wait_until",
         "tests/unit/test_made_up.py:30 sleeps a fixed time: wait on the condition itself with tests.waiting.wait_until",
     ]
-    assert fixed_sleeps({"tests/waiting.py": ast.parse("import time\ntime.sleep(1)\n")}) == []
+    assert fixed_sleeps({"tests/waiting.py": ast.parse("import time as clock\nclock.sleep(1)\n")}) == []
