@@ -42,6 +42,15 @@ def split_by_bytes(prefix: bytes, items: list[bytes], max_bytes: int) -> Iterato
         yield prefix + b"[" + b",".join(chunk) + b"]}"
 
 
+def _encode_split(prefix: bytes, items: list, max_bytes: int) -> Iterator[bytes]:
+    """`split_by_bytes` of the items encoded one by one, in one encoding when they all fit in one
+    message, as they mostly do (a poll's events of one partition)."""
+    whole = prefix + orjson.dumps(items) + b"}"
+    if len(whole) <= max_bytes:
+        return iter((whole,))
+    return split_by_bytes(prefix, [orjson.dumps(item) for item in items], max_bytes)
+
+
 class InvalidMessage(ValueError):
     """An internal message that does not have the shape of its topic."""
 
@@ -62,9 +71,9 @@ class EventBatch(_Message):
     events: list[list]
 
     @staticmethod
-    def encode_split(partition: int, packed: list[bytes], max_bytes: int) -> Iterator[bytes]:
-        """The messages of many packed events (each `orjson.dumps(pack(event))`), each within `max_bytes`."""
-        return split_by_bytes(b'{"partition":%d,"events":' % partition, packed, max_bytes)
+    def encode_split(partition: int, packed: list[tuple], max_bytes: int) -> Iterator[bytes]:
+        """The messages of many packed events (`pack(event)`), each within `max_bytes`."""
+        return _encode_split(b'{"partition":%d,"events":' % partition, packed, max_bytes)
 
     @classmethod
     def decode(cls, value: bytes) -> EventBatch:
@@ -97,9 +106,9 @@ class Deployments(_Message):
     deployments: list[dict]
 
     @staticmethod
-    def encode_split(encoded: list[bytes], max_bytes: int) -> Iterator[bytes]:
-        """The messages of many deployment events (each `orjson.dumps(event)`), each within `max_bytes`."""
-        return split_by_bytes(b'{"deployments":', encoded, max_bytes)
+    def encode_split(events: list[dict], max_bytes: int) -> Iterator[bytes]:
+        """The messages of many deployment events, each within `max_bytes`."""
+        return _encode_split(b'{"deployments":', events, max_bytes)
 
 
 @dataclass(slots=True)

@@ -340,10 +340,10 @@ class StoreSink:
         `handover_max_bytes`, each in the partition of its assembler."""
         rejected = self._insert("events", events, origins)
         self._reject(dead)
-        by_partition: dict[int, list[bytes]] = defaultdict(list)
+        by_partition: dict[int, list[tuple]] = defaultdict(list)
         for event, partition in zip(events, assemblers):
             if event["source"] not in rejected:
-                by_partition[partition].append(orjson.dumps(pack(event)))
+                by_partition[partition].append(pack(event))
         for partition, packed in by_partition.items():
             for value in EventBatch.encode_split(partition, packed, self.settings.handover_max_bytes):
                 handed = now_ms()
@@ -408,12 +408,12 @@ class StoreSink:
             origins.append(message)
         rejected = self._insert("deployments", rows, origins)
         self._reject(dead)
-        by_target: dict[int, list[bytes]] = defaultdict(list)
+        by_target: dict[int, list[dict]] = defaultdict(list)
         for event, row in zip(deployments, rows):
             if row["source"] not in rejected:
-                by_target[agent_partition(event["agent_id"], self.settings.partitions)].append(orjson.dumps(event))
-        for target, encoded in by_target.items():
-            for value in Deployments.encode_split(encoded, self.settings.handover_max_bytes):
+                by_target[agent_partition(event["agent_id"], self.settings.partitions)].append(event)
+        for target, events in by_target.items():
+            for value in Deployments.encode_split(events, self.settings.handover_max_bytes):
                 self._handovers.produce(topics.RUN_RESULTS.name, value, partition=target)
 
     def _reject(self, dead: list[dict]) -> None:
