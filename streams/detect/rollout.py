@@ -14,11 +14,17 @@ from streams.contracts.alerts import FIRING, cleared, fingerprint, make_alert
 from streams.detect.canary import CanaryAnalysis, Verdict
 from streams.detect.policy import Policy
 
-# Stable runs kept per agent so that a canary first seen late still gets the stable runs
-# that ended after it started.
-STABLE_BACKLOG = 5_000
-# Another version takes over as the inferred stable one with this many times its runs.
+# Recent runs kept per agent, so that a canary known late (roles are inferred once a window has
+# settled) still gets both arms' runs that ended after it started.
+BACKLOG = 5_000
+# Roles inferred from traffic are judged on settled windows (complete, and a whole window
+# behind the newest run, so that late runs are in), the last SETTLED_POOL of them pooled: at a
+# few runs per window, one window's counts are noise.
+SETTLED_POOL = 3
+# Another version takes over as the inferred stable one with this many times its pooled runs,
+# and at least TAKEOVER_MIN_RUNS of them.
 STICKY = 2.0
+TAKEOVER_MIN_RUNS = 10
 # The alert kind of each canary metric; SPEC §6 names the first three.
 METRIC_KINDS = {
     "success_rate": "success_rate", "cost_per_success": "cost", "tool_error_rate": "error_rate",
@@ -56,8 +62,17 @@ class Rollouts:
         start = ended - ended % self.window_ms
         agent.windows.setdefault(start, Counter())[version] += 1
         agent.newest_end = max(agent.newest_end, ended)
-        for old in [s for s in agent.windows if s < agent.newest_end - 3 * self.window_ms]:
+        for old in [s for s in agent.windows if s < agent.newest_end - (SETTLED_POOL + 2) * self.window_ms]:
             del agent.windows[old]
+
+    def restore(self, agent_id: str, version: str, first_started: int) -> None:
+        """A version's first run as the store knows it (older than what a restart replays)."""
+        agent = self.agents[agent_id]
+        agent.first_seen[version] = min(first_started, agent.first_seen.get(version, first_started))
+
+    def infer(self, agent_id: str, stable: str) -> None:
+        """The inferred stable version as it was before a restart."""
+        self.agents[agent_id].inferred = stable
 
     def declared(self, agent_id: str) -> bool:
         return bool(self.agents[agent_id].deployed)
@@ -68,17 +83,13 @@ class Rollouts:
         stables = [d for d in agent.deployed.values() if d["role"] == "stable"]
         if stables:
             return max(stables, key=lambda d: (d["ts"], d["version"]))["version"]
-        if not agent.windows:
-            return None
-        # the last complete window (the newest is still filling), else the newest
         current = agent.newest_end - agent.newest_end % self.window_ms
-        complete = [s for s in agent.windows if s < current]
-        counts = agent.windows[max(complete) if complete else current]
+        settled = sorted(start for start in agent.windows if start < current - self.window_ms)[-SETTLED_POOL:]
+        if not settled:
+            return agent.inferred  # None until a window has settled
+        counts = sum((agent.windows[start] for start in settled), Counter())
         leader = max(counts, key=lambda v: (counts[v], -agent.first_seen.get(v, 0)))
-        # At low traffic one window's counts are noisy: two versions at 60/40 would swap roles
-        # back and forth. The inferred stable version changes only when another one has at
-        # least twice its runs in a complete window.
-        if agent.inferred is None or (complete and counts[leader] >= STICKY * max(counts[agent.inferred], 1)):
+        if agent.inferred is None or counts[leader] >= max(TAKEOVER_MIN_RUNS, STICKY * counts[agent.inferred]):
             agent.inferred = leader
         return agent.inferred
 
@@ -121,8 +132,28 @@ class RolloutController:
         self.policy = policy
         self.rollouts = Rollouts(window_ms)
         self.canaries: dict[tuple[str, str, str], _Canary] = {}
-        self.stable_runs: dict[str, deque] = defaultdict(lambda: deque(maxlen=STABLE_BACKLOG))
+        self.recent_runs: dict[str, deque] = defaultdict(lambda: deque(maxlen=BACKLOG))
         self.sent = set(sent)  # alert and rollback ids already out (after a restart)
+
+    def restore(self, versions: Iterable[Mapping], canaries: Iterable[Mapping]) -> None:
+        """Start where the store says the rollouts were: each version's first run (`agent_versions`)
+        and each canary analysis (`canaries`) with the stable version and start it had, so that a
+        restart neither moves roles inferred from traffic nor starts an analysis again under
+        another id. A pending analysis relearns its runs from the history replayed after this;
+        a decided one stays decided."""
+        for row in versions:
+            self.rollouts.restore(row["agent_id"], row["agent_version"], int(row["first_started_at"]))
+        newest: dict[str, Mapping] = {}
+        for row in sorted(canaries, key=lambda r: r["updated_at"]):
+            canary = self.canaries[(row["agent_id"], row["version"], row["stable_version"])] = _Canary(
+                row["agent_id"], row["version"], row["stable_version"], int(row["since"]), bool(row["inferred"]),
+                CanaryAnalysis(self.policy.canary(row["agent_id"])), changed=False)
+            if row["decision"] != "pending":
+                canary.decided_at = int(row["decided_at"])
+            if row["inferred"]:
+                newest[row["agent_id"]] = row
+        for agent_id, row in newest.items():
+            self.rollouts.infer(agent_id, row["stable_version"])
 
     # --- inputs --------------------------------------------------------------------------
 
@@ -177,16 +208,17 @@ class RolloutController:
                 canary = self.canaries[key] = _Canary(
                     agent_id, version, stable, since, not self.rollouts.declared(agent_id),
                     CanaryAnalysis(self.policy.canary(agent_id)))
-                backlog = [r for r in self.stable_runs[agent_id] if r["agent_version"] == stable
-                           and r["ended_at"] >= since]
-                if backlog:
-                    canary.analysis.add("stable", backlog)
+                for arm, arm_version in (("stable", stable), ("canary", version)):
+                    backlog = [r for r in self.recent_runs[agent_id] if r["agent_version"] == arm_version
+                               and r["ended_at"] >= since]
+                    if backlog:
+                        canary.analysis.add(arm, backlog)
             self._add(canary, "canary", run)
         elif version == stable:
-            self.stable_runs[agent_id].append(run)
             for canary in self.canaries.values():
                 if canary.agent_id == agent_id and canary.stable == version and ended >= canary.since:
                     self._add(canary, "stable", run)
+        self.recent_runs[agent_id].append(run)
 
     @staticmethod
     def _add(canary: _Canary, arm: str, run: Mapping) -> None:

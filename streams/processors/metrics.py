@@ -25,6 +25,8 @@ class MetricsState:
     final_before: int = 0  # where final windows end
     history: list[dict] = field(default_factory=list)  # recent runs the detectors learn again
     deployments: list[dict] = field(default_factory=list)
+    versions: list[dict] = field(default_factory=list)  # each version's first run (`agent_versions`)
+    canaries: list[dict] = field(default_factory=list)  # the canary analyses as they were (`canaries`)
     tenant_runs: list[dict] = field(default_factory=list)  # runs of the partition's tenants, for their budgets
     sent: set[str] = field(default_factory=set)  # ids of alerts and rollbacks already out
 
@@ -53,6 +55,7 @@ class MetricsPartition:
         self.windows.restore(state.window_runs, state.final_before)
         self.rollouts = RolloutController(policy, window_ms, state.sent)
         self.rollouts.deploy(state.deployments)
+        self.rollouts.restore(state.versions, state.canaries)
         self.budgets = PeriodBudgets(policy)
         self.budgets.spend_tenants(state.tenant_runs)
         self.drift = DriftDetector(window_ms=window_ms, lateness_ms=settings.allowed_lateness_seconds * 1000,

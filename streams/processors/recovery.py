@@ -83,8 +83,8 @@ def metrics_state(settings: Settings, partition: int, horizon_ms: int, tenant_bu
 def read_metrics_state(store, partitions: int, partition: int, window_ms: int, horizon_ms: int,  # noqa: ANN001
                        tenant_budgets: bool) -> MetricsState:
     """What a metrics partition starts from: the runs of its agents' windows not final yet,
-    the runs of the last `horizon_ms` of event time (the drift tests and failure clusters learn
-    them again), its agents' deployments, its tenants' runs of the last two days (with tenant
+    the runs of the last `horizon_ms` of event time (the drift tests, failure clusters and canary
+    analyses learn them again), its agents' deployments, versions and canary analyses, its tenants' runs of the last two days (with tenant
     budgets on), and the ids of the alerts and rollbacks already sent about them. Event time
     counts back from the slowest assembler partition's progress (a window is final only once
     every one has passed it)."""
@@ -104,6 +104,15 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
         state.history = store.query_json(
             f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} "
             f"AND ended_at >= {_SINCE}) ORDER BY ended_at, run_id", {"agents": agents, **since})
+        # rollouts: a canary is a version first seen after the stable one, however long ago
+        state.versions = store.query_json(
+            "SELECT agent_id, agent_version, toUnixTimestamp64Milli(min(first_started_at)) AS first_started_at "
+            "FROM agent_versions WHERE agent_id IN {agents:Array(String)} GROUP BY agent_id, agent_version",
+            {"agents": agents})
+        state.canaries = store.query_json(
+            "SELECT agent_id, version, stable_version, toUnixTimestamp64Milli(since) AS since, inferred, decision, "
+            "toUnixTimestamp64Milli(decided_at) AS decided_at, toUnixTimestamp64Milli(updated_at) AS updated_at "
+            "FROM canaries WHERE agent_id IN {agents:Array(String)}", {"agents": agents})
         # every alert about these agents: drift, failure clusters, canary metrics, hourly budgets
         state.sent = {row["alert_id"] for row in store.query_json(
             "SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)}", {"agents": agents})}

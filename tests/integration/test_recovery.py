@@ -67,8 +67,9 @@ def _split_mid_run(events: list[dict]) -> int:
 
 
 def test_kill_9_of_the_faust_worker_mid_stream_loses_and_doubles_nothing(tmp_path):
-    # a bad canary from the first half hour, so that a rollback decision is in the stream too
-    canary = CanarySpec("support-bot", "v1.6.0-rc1", share=0.5, success_rate=0.4, cost_multiplier=2.0,
+    # a clearly bad canary at 30% from the 30th minute, so that a rollback decision is in the
+    # stream too (at 50% it had more runs than the stable version: by SPEC §5 it is the stable one)
+    canary = CanarySpec("support-bot", "v1.6.0-rc1", share=0.3, success_rate=0.2, cost_multiplier=3.0,
                         start_ms=DEFAULT_START_MS + 30 * 60_000)
     events, expected = _fleet(seed=21, runs=300, canary=canary)
     half = _split_mid_run(events)

@@ -61,7 +61,7 @@ def test_roles_inferred_from_traffic_without_deployments():
     # a version first seen before the stable one is an old version, not a canary
     old = Rollouts(WINDOW)
     old.observe(run(0, "v0", T0 - MIN))
-    for r in fleet(60, T0):
+    for r in fleet(180, T0):  # roles are inferred on settled windows: a window is one once the next has ended
         old.observe(r)
     assert old.stable("bot") == "v1" and old.canary_since("bot", "v0") is None
     assert old.canary_since("bot", "v2") is not None
@@ -192,7 +192,8 @@ def test_inferred_roles_do_not_swap_on_noise():
     pattern = (["v1", "v2", "v1", "v2", "v1"] + ["v2", "v1", "v2", "v1", "v2"]) * 6
     for i, version in enumerate(pattern):
         rollouts.observe(run(i, version, T0 + i * 60_000 + (0 if version == "v1" else 1)))
-        assert rollouts.stable("bot") == "v1", f"swapped at run {i}"  # asked at every run, as the controller does
+        # asked at every run, as the controller does; none until the first window has settled
+        assert rollouts.stable("bot") == ("v1" if i >= 10 else None), f"swapped at run {i}"
     # a version that clearly takes the traffic over becomes stable
     for i in range(len(pattern), len(pattern) + 40):
         rollouts.observe(run(i, "v3", T0 + i * 60_000))
@@ -223,3 +224,61 @@ def test_a_canary_that_loops_and_slows_down_is_rolled_back_on_those_metrics():
         alerts += al
     assert len(rollbacks) == 1
     assert {a["kind"] for a in alerts} <= {"loop_rate", "latency"} and alerts
+
+
+def _support_bot_runs(seed: int) -> list[dict]:
+    """support-bot's run rows of the restart test's fleet (~1.3 runs/min, a bad canary at 30%
+    from the 30th minute), in arrival order."""
+    from jobs.evaluate_drift import runs_from_events
+    from jobs.simulate import DEFAULT_START_MS, CanarySpec, FleetConfig, simulate
+
+    canary = CanarySpec("support-bot", "v1.6.0-rc1", share=0.3, success_rate=0.2, cost_multiplier=3.0,
+                        start_ms=DEFAULT_START_MS + 30 * 60_000)
+    rows = [r for r in runs_from_events(simulate(FleetConfig(seed=seed, runs=300, canary=canary)))
+            if r["agent_id"] == "support-bot"]
+    for row in rows:
+        row["started_at"] = row["ended_at"] - row["duration_ms"]
+    return sorted(rows, key=lambda r: (r["_arrival"], r["run_id"]))
+
+
+def _landed(rows: dict, canaries: list[dict], now: int) -> None:
+    for row in canaries:
+        rows[(row["agent_id"], row["version"], row["stable_version"])] = {**row, "updated_at": now}
+
+
+def test_a_restart_keeps_inferred_roles_and_each_canary_analysis():
+    runs = _support_bot_runs(seed=21)
+    batches = [runs[i:i + 5] for i in range(0, len(runs), 5)]  # a few runs per metrics message, as live
+    live = RolloutController(Policy(), WINDOW)
+    live_rollbacks, stables = [], []
+    for batch in batches:
+        live_rollbacks += live.update(batch)[0]
+        stables.append(live.rollouts.stable("support-bot"))
+    assert {s for s in stables if s} == {"v1.4.2"}, "the inferred stable version moved on noise"
+    assert [r["from_version"] for r in live_rollbacks] == ["v1.6.0-rc1"]
+
+    # the same stream with a restart after each third of it: state from what the store holds
+    for cut in (len(batches) // 3, 2 * len(batches) // 3):
+        before = RolloutController(Policy(), WINDOW)
+        landed: dict = {}
+        for n, batch in enumerate(batches[:cut]):
+            rollbacks, _, rows = before.update(batch)
+            _landed(landed, rows, n)
+        seen = [r for batch in batches[:cut] for r in batch]
+        versions = [{"agent_id": "support-bot", "agent_version": v,
+                     "first_started_at": min(r["started_at"] for r in seen if r["agent_version"] == v)}
+                    for v in {r["agent_version"] for r in seen}]
+        after = RolloutController(Policy(), WINDOW, sent={r["rollback_id"] for r in live_rollbacks
+                                                         if r["ts"] <= max(x["ended_at"] for x in seen)})
+        after.restore(versions, landed.values())
+        newest = max(r["ended_at"] for r in seen)
+        # the history a restart replays, as the store returns it; shorter than the stream here, so
+        # the replay alone cannot know when each version was first seen
+        history = sorted((r for r in seen if r["ended_at"] >= newest - 45 * MIN), key=lambda r: (r["ended_at"], r["run_id"]))
+        after.update(history)
+        for batch in batches[cut:]:
+            after.update(batch)
+        assert after.rollouts.stable("support-bot") == "v1.4.2"
+        assert {key: c.since for key, c in after.canaries.items()} == {key: c.since for key, c in live.canaries.items()}
+        decided = {key: c.decided_at is not None for key, c in after.canaries.items()}
+        assert decided[("support-bot", "v1.6.0-rc1", "v1.4.2")], f"restart after {cut} batches"
