@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from streams.contracts.tables import EVENTS
+
 # The fields of a normalised event the assembler reads; the ingest stage sends only these,
 # as positional rows (`pack`), which cost a third of dicts to encode and decode.
 EVENT_FIELDS = (
@@ -20,7 +22,8 @@ EVENT_FIELDS = (
 )
 
 
-pack = operator.itemgetter(*EVENT_FIELDS)
+pack = operator.itemgetter(*EVENT_FIELDS)  # of a normalised event (a dict)
+pack_row = operator.itemgetter(*(EVENTS.names.index(name) for name in EVENT_FIELDS))  # of an `events` row
 
 
 def unpack(rows: list[list]) -> list[dict]:

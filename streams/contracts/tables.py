@@ -116,14 +116,18 @@ BY_TABLE = {
 }
 
 
-def to_arrow(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Rows (dicts with at least the schema's names) as an Arrow table, column by column.
+def to_arrow(rows: list[dict] | list[list], schema: pa.Schema) -> pa.Table:
+    """Rows as an Arrow table, column by column: dicts with at least the schema's names, or
+    sequences holding the schema's columns in its order (the ingest stage's `events` rows).
 
     Column-wise construction is ~10x faster than `pa.Table.from_pylist` here.
     """
+    if rows and not isinstance(rows[0], dict):
+        values_of = zip(*rows)
+    else:
+        values_of = (list(map(itemgetter(name), rows)) for name in schema.names)
     columns = []
-    for field in schema:
-        values = list(map(itemgetter(field.name), rows))
+    for field, values in zip(schema, values_of):
         if pa.types.is_decimal(field.type):
             floats = pa.array(values, pa.float64())
             # safe=False rounds to the scale, and would also wrap a value too large for the
@@ -134,4 +138,6 @@ def to_arrow(rows: list[dict], schema: pa.Schema) -> pa.Table:
             columns.append(floats.cast(field.type, safe=False))
         else:
             columns.append(pa.array(values, field.type))
+    if len(columns) != len(schema):
+        raise ValueError(f"rows of {len(columns)} columns for a table of {len(schema)}")
     return pa.Table.from_arrays(columns, schema=schema)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from operator import itemgetter
+
 from genai_prices import Usage, calc_price
+
+from streams.contracts.tables import EVENTS
 
 REPORTED = "reported"
 PRICE_TABLE = "price_table"
@@ -17,6 +21,11 @@ _PROBES = (
     (1_000, 1_000, 0), (60_000, 8_000, 20_000), (128_000, 16_000, 64_000),
     (200_000, 32_000, 0), (1_000_000, 64_000, 500_000), (10_000_000, 64_000, 0),
 )
+
+
+_COST_USD, _COST_SOURCE = EVENTS.names.index("cost_usd"), EVENTS.names.index("cost_source")
+_PRICE_INPUTS = itemgetter(*(EVENTS.names.index(name) for name in (
+    "cost_usd", "type", "model", "provider", "input_tokens", "output_tokens", "cache_read_input_tokens")))
 
 
 @dataclass(frozen=True)
@@ -95,14 +104,22 @@ def _linear(price: _Price, input_tokens: int, output_tokens: int, cache_read: in
 
 def price_event(table: PriceTable, event: dict) -> None:
     """Set `cost_usd` and `cost_source` of a normalised event in place."""
-    if event["cost_usd"] is not None:
-        event["cost_source"] = REPORTED
-    elif event["type"] == "llm_call":
-        cost = table.price(
-            event["model"], event["provider"], event["input_tokens"],
-            event["output_tokens"], event["cache_read_input_tokens"],
-        )
-        event["cost_usd"] = cost
-        event["cost_source"] = UNKNOWN if cost is None else PRICE_TABLE
-    else:
-        event["cost_source"] = ""
+    event["cost_usd"], event["cost_source"] = _priced(
+        table, event["cost_usd"], event["type"], event["model"], event["provider"], event["input_tokens"],
+        event["output_tokens"], event["cache_read_input_tokens"])
+
+
+def price_rows(table: PriceTable, rows: list[list]) -> None:
+    """Set `cost_usd` and `cost_source` of `events` rows (streams.ingest.decode) in place."""
+    for row in rows:
+        row[_COST_USD], row[_COST_SOURCE] = _priced(table, *_PRICE_INPUTS(row))
+
+
+def _priced(table: PriceTable, cost: float | None, kind: str, model: str, provider: str, input_tokens: int,
+            output_tokens: int, cache_read: int) -> tuple[float | None, str]:
+    if cost is not None:
+        return cost, REPORTED
+    if kind == "llm_call":
+        cost = table.price(model, provider, input_tokens, output_tokens, cache_read)
+        return cost, UNKNOWN if cost is None else PRICE_TABLE
+    return None, ""

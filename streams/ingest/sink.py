@@ -17,12 +17,13 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 
 from streams.contracts import tables, topics
 from streams import telemetry
-from streams.ingest.pricing import PriceTable, price_event
-from streams.contracts.events import InvalidEvent, parse
+from streams.ingest.decode import INGESTED_AT, SOURCE, decode_events, event_row
+from streams.ingest.pricing import PriceTable, price_rows
+from streams.contracts.events import InvalidEvent
 from streams.ingest.otlp import InvalidOtlp, otlp_to_events
 from streams.contracts.deployments import parse_deployment
 from streams.contracts.messages import (
-    ClosedRuns, Deployments, EventBatch, InvalidMessage, MetricResults, decode_run_result, pack, received_dead_letter,
+    ClosedRuns, Deployments, EventBatch, InvalidMessage, MetricResults, decode_run_result, pack_row, received_dead_letter,
 )
 from streams.contracts.topics import agent_partition, run_partition
 from streams.ingest.poison import UnfitRows, land
@@ -315,35 +316,33 @@ class StoreSink:
 
     def _ingest_events(self, messages: list[Message]) -> None:
         ingested_at = now_ms()
-        keep_raw_args = self.settings.store_raw_tool_args
-        max_bytes = self.settings.max_event_bytes
-        events: list[dict] = []
+        decoded = decode_events([message.value() for message in messages], max_bytes=self.settings.max_event_bytes,
+                                keep_raw_args=self.settings.store_raw_tool_args)
+        rows: list[list] = []
         origins: list[Message] = []
         dead: list[dict] = []
-        for message in messages:
+        for message, row in zip(messages, decoded):
             source = f"{message.topic()}:{message.partition()}:{message.offset()}"
-            try:
-                event = parse(message.value(), max_bytes=max_bytes, keep_raw_args=keep_raw_args)
-            except InvalidEvent as error:
-                dead.append(self._dead_letter(message, source, str(error), ingested_at))
+            if isinstance(row, InvalidEvent):
+                dead.append(self._dead_letter(message, source, str(row), ingested_at))
                 continue
-            price_event(self.prices, event)
-            event["source"] = source
-            event["ingested_at"] = ingested_at
-            events.append(event)
+            row[SOURCE] = source
+            row[INGESTED_AT] = ingested_at
+            rows.append(row)
             origins.append(message)
-        self._land_events(events, origins, [message.partition() for message in origins], dead)
+        price_rows(self.prices, rows)
+        self._land_events(rows, origins, [message.partition() for message in origins], dead)
 
-    def _land_events(self, events: list[dict], origins: list[Message], assemblers: list[int], dead: list[dict]) -> None:
-        """Land the events and the dead letters, then hand the events that landed to the run
-        assemblers (`assemblers[i]`: the partition of event i's), in batches of at most
-        `handover_max_bytes`, each in the partition of its assembler."""
-        rejected = self._insert("events", events, origins)
+    def _land_events(self, rows: list[list], origins: list[Message], assemblers: list[int], dead: list[dict]) -> None:
+        """Land the `events` rows (streams.ingest.decode) and the dead letters, then hand the
+        events that landed to the run assemblers (`assemblers[i]`: the partition of row i's),
+        in batches of at most `handover_max_bytes`, each in the partition of its assembler."""
+        rejected = self._insert("events", rows, origins)
         self._reject(dead)
         by_partition: dict[int, list[tuple]] = defaultdict(list)
-        for event, partition in zip(events, assemblers):
-            if event["source"] not in rejected:
-                by_partition[partition].append(pack(event))
+        for row, partition in zip(rows, assemblers):
+            if row[SOURCE] not in rejected:
+                by_partition[partition].append(pack_row(row))
         for partition, packed in by_partition.items():
             for value in EventBatch.encode_split(partition, packed, self.settings.handover_max_bytes):
                 handed = now_ms()
@@ -364,7 +363,8 @@ class StoreSink:
         """
         ingested_at = now_ms()
         keep_raw_args = self.settings.store_raw_tool_args
-        events: list[dict] = []
+        rows: list[list] = []
+        assemblers: list[int] = []
         origins: list[Message] = []
         dead: list[dict] = []
         for message in messages:
@@ -381,13 +381,14 @@ class StoreSink:
                     message, source, f"{len(mapped.rejected)} span(s) cannot be mapped: {shown}{more}", ingested_at))
             self.stats["otlp_spans_skipped"] += mapped.skipped_total
             for event in mapped.events:
-                price_event(self.prices, event)
-                event["source"] = source
-                event["ingested_at"] = ingested_at
-                events.append(event)
+                row = event_row(event)
+                row[SOURCE] = source
+                row[INGESTED_AT] = ingested_at
+                rows.append(row)
                 origins.append(message)
-        assemblers = [run_partition(event["run_id"], self.settings.partitions) for event in events]
-        self._land_events(events, origins, assemblers, dead)
+                assemblers.append(run_partition(event["run_id"], self.settings.partitions))
+        price_rows(self.prices, rows)
+        self._land_events(rows, origins, assemblers, dead)
 
     # agent.deployments
 
