@@ -170,28 +170,45 @@ class Stack:
     # Stop.
 
     def stop(self) -> None:
+        took: dict[str, float] = {}  # each step's seconds, in one log line at the end
+        began = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal began
+            took[name] = time.monotonic() - began
+            began = time.monotonic()
+
         for worker in self.workers:
             worker.stop()
+        step("workers")
         if self._forwarder_thread is not None:
             self._forwarder_stop.set()
             self._forwarder_thread.join(30)
+            step("forwarder")
         if self.metrics is not None:
             self.metrics.stop()
         if self.sink is not None:
             self.sink.stop.set()
             self._sink_thread.join(30)
+            step("sink")
         if self.store is not None:
             if self.service is not None:
                 self.service.stop()
+                step("query service")
             try:
                 self.store.optimize()
             except Exception as error:  # a store that is down must not block the shutdown
                 log.warning("could not merge duplicate rows at shutdown: %s", error)
+            step("store merge")
             self.store.close()
         if self.broker is not None:
             self.broker.stop()
+            step("broker")
         if self._lock_file is not None:
             self._lock_file.close()
+        if took:
+            log.info("stopped in %.1f s: %s", sum(took.values()),
+                     ", ".join(f"{name} {seconds:.1f} s" for name, seconds in took.items()))
 
     def __enter__(self) -> "Stack":
         try:
