@@ -7,7 +7,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     store_retry_max_seconds: float = Field(30.0, gt=0, description="cap of the backoff while the store refuses writes")
     handover_max_bytes: int = Field(
         500_000, ge=1024, description="largest batch message the sink hands to the processors; a larger event travels alone")
+    internal_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "lz4", description="compression of the messages Trackside's stages send (hand-overs, runs, alerts)")
     handover_retry_max_seconds: float = Field(
         30.0, gt=0, description="cap of the backoff while the broker refuses the sink's messages")
     pipeline_lag_alert_seconds: float = Field(

@@ -77,7 +77,8 @@ def without_errors(messages: Iterable[Message]) -> Iterator[Message]:
 
 def producer_config(settings: Settings) -> dict:
     # Defaults first: a TRACKSIDE_KAFKA_* variable (e.g. ..._MESSAGE_MAX_BYTES) wins.
-    return {"linger.ms": 5, "message.max.bytes": 16 << 20, **settings.kafka_config}
+    return {"linger.ms": 5, "message.max.bytes": 16 << 20, "compression.type": settings.internal_compression,
+            **settings.kafka_config}
 
 
 def is_data_error(error: Exception) -> bool:

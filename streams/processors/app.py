@@ -97,6 +97,7 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         producer_acks=-1,
+        producer_compression_type=None if settings.internal_compression == "none" else settings.internal_compression,
     )
     event_batches = app.topic(topics.EVENT_BATCHES.name, key_serializer="raw", value_serializer="raw")
     run_results = app.topic(topics.RUN_RESULTS.name, key_serializer="raw", value_serializer="raw")
