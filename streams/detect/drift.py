@@ -3,6 +3,7 @@ against the version's own trailing reference (or its stable version's), alerting
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Mapping
@@ -12,6 +13,11 @@ from scipy import special, stats
 from scipy.spatial.distance import jensenshannon
 
 from streams.contracts.alerts import fingerprint, make_alert
+
+try:  # the exact two-sample KS distribution of ks_2samp (private; ks falls back to ks_2samp without it)
+    from scipy.stats._stats_py import _attempt_exact_2kssamp as _exact_2samp
+except ImportError:  # pragma: no cover
+    _exact_2samp = None
 
 # Per-run numeric features. The runs table carries no tool latency, so the tool feature is the
 # run's tool error rate (tool_errors / tool_calls, 0 for a run without tool calls).
@@ -28,8 +34,33 @@ CATEGORICAL = ("tool_mix", "outcome", "error_type", "success")
 def ks(reference: np.ndarray, current: np.ndarray, side: str | None = None) -> tuple[float, float]:
     """Two-sample Kolmogorov-Smirnov: (D, p-value); `side` "greater" tests only for a current
     sample shifted upwards (its CDF below the reference's), "less" only downwards."""
-    res = stats.ks_2samp(reference, current, alternative=side or "two-sided")
-    return float(res.statistic), float(res.pvalue)
+    return ks_sorted(np.sort(reference), np.sort(current), side)
+
+
+def ks_sorted(reference: np.ndarray, current: np.ndarray, side: str | None = None) -> tuple[float, float]:
+    """`ks` of sorted samples: scipy.stats.ks_2samp(method="auto")'s numbers, step for step,
+    without its per-call wrappers (see README)."""
+    alternative = side or "two-sided"
+    n1, n2 = len(reference), len(current)
+    if _exact_2samp is None or not n1 or not n2 or np.isnan(reference[-1]) or np.isnan(current[-1]):
+        res = stats.ks_2samp(reference, current, alternative=alternative)  # NaN and empty as scipy has them
+        return float(res.statistic), float(res.pvalue)
+    both = np.concatenate([reference, current])
+    diffs = np.searchsorted(reference, both, side="right") / n1 - np.searchsorted(current, both, side="right") / n2
+    min_s, max_s = np.clip(-diffs.min(), 0, 1), diffs.max()
+    d = min_s if alternative == "less" or (alternative == "two-sided" and min_s > max_s) else max_s
+    exact = False
+    if max(n1, n2) <= 10_000:  # scipy's MAX_AUTO_N
+        exact, d, p = _exact_2samp(n1, n2, math.gcd(n1, n2), d, alternative)
+    if not exact:  # asymptotic, as scipy falls back to it
+        m, n = sorted([float(n1), float(n2)], reverse=True)
+        en = m * n / (m + n)
+        if alternative == "two-sided":
+            p = stats.kstwo.sf(d, np.round(en))
+        else:
+            z = np.sqrt(en) * d
+            p = np.exp(-2 * z ** 2 - 2 * z * (m + 2 * n) / np.sqrt(m * n * (m + n)) / 3.0)
+    return float(d), float(np.clip(p, 0, 1))
 
 
 def fisher_success(reference: Mapping[str, int], current: Mapping[str, int], fell: bool) -> tuple[float, float]:

@@ -4,6 +4,7 @@ The quality bars on simulated fleets are in tests/evaluation/test_drift.py."""
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import numpy as np
 import pytest
@@ -229,3 +230,46 @@ def test_fast_statistics_equal_scipys():
         assert (stat, p) == pytest.approx((ref[0], ref[1]), rel=1e-9) and np.allclose(expected, ref[3])
     ties = np.array([1.0, 1.0, 2.0, 2.0, 2.0])
     assert _emd(ties, np.array([2.0, 3.0])) == pytest.approx(stats.wasserstein_distance(ties, [2.0, 3.0]))
+
+
+def _samples(rng, n1: int, n2: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two samples, half the time with many ties (small integers, as steps and tool error rates are)."""
+    if rng.random() < 0.5:
+        levels = int(rng.integers(1, 12))
+        return (rng.integers(0, levels, n1).astype(float),
+                rng.integers(0, levels, n2).astype(float) + rng.integers(0, 2))
+    return rng.lognormal(0, 1, n1), rng.lognormal(rng.normal(0, 0.4), rng.uniform(0.5, 1.5), n2)
+
+
+def test_ks_equals_scipys_ks_2samp():
+    """Exact p-values where scipy's "auto" is exact (either sample up to 10,000; equal sizes
+    too), its asymptotic ones above that and where the exact computation fails, both sides."""
+    from scipy import stats
+
+    from streams.detect.drift import ks_sorted
+
+    def check(a, b, side):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            want = stats.ks_2samp(a, b, alternative=side or "two-sided")
+        got = ks(a, b, side)
+        assert got == pytest.approx((want.statistic, want.pvalue), rel=1e-12, abs=0), (len(a), len(b), side)
+        assert ks_sorted(np.sort(a), np.sort(b), side) == got
+        return bool(caught)  # scipy fell back from exact to asymptotic
+
+    rng = np.random.default_rng(5)
+    sizes = (1, 2, 3, 7, 10, 30, 64, 100, 257, 600, 4000)
+    for i in range(400):
+        n1, n2 = int(rng.choice(sizes)), int(rng.choice(sizes))
+        if i % 10 == 0:
+            n2 = n1
+        if n1 * n2 > 100_000 and i % 8:
+            continue  # the largest exact ones take milliseconds each: a few suffice
+        a, b = _samples(rng, n1, n2)
+        for side in (None, "greater", "less"):
+            check(a, b, side)
+    fell_back = []
+    for n1, n2, shift in ((3000, 300, 0.3), (10_001, 50, 0.5), (10_001, 20_000, 0.0)):
+        a, b = rng.lognormal(0, 1, n1), rng.lognormal(shift, 1, n2)
+        fell_back += [check(a, b, side) for side in (None, "greater", "less")]
+    assert any(fell_back)  # the exact one-sided distribution overflows at these sizes
