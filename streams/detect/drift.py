@@ -252,6 +252,7 @@ class _Window:
             self._summary = None
 
     def summary(self) -> tuple:
+        """(numeric array, tool_mix, outcome, error_type and success counters, tool calls)."""
         if self._summary is None:
             runs = self.runs.values()
             self._summary = (
@@ -260,8 +261,26 @@ class _Window:
                 Counter(r.outcome for r in runs),
                 Counter(r.error_type for r in runs),
                 Counter("success" if r.outcome == "success" else "not" for r in runs),
+                _ToolCalls.of(runs),
             )
         return self._summary
+
+
+@dataclass(slots=True, frozen=True)
+class _ToolCalls:
+    """The tool calls of a window's runs, for the design effect: the window's tools, each call
+    as its tool's index among them, and each run's number of calls."""
+
+    tools: tuple[str, ...]
+    codes: np.ndarray
+    calls: np.ndarray
+
+    @classmethod
+    def of(cls, runs: Iterable[RunFeatures]) -> _ToolCalls:
+        index: dict[str, int] = {}
+        codes = [index.setdefault(t, len(index)) for r in runs for t in r.tools]
+        calls = [len(r.tools) for r in runs]
+        return cls(tuple(index), np.array(codes, dtype=np.int64), np.array(calls, dtype=np.int64))
 
 
 def _pool(windows: list[_Window]) -> tuple[np.ndarray, list[Counter]]:
@@ -650,13 +669,21 @@ def _finding(test: Test, threshold: float, n_current: int) -> dict:
 
 
 def _tool_design_effect(windows: list[_Window], tools: list[str]) -> float:
+    """design_effect of the windows' runs (rows, in order) x `tools` (columns) call counts."""
+    return design_effect(_tool_counts(windows, tools))
+
+
+def _tool_counts(windows: list[_Window], tools: list[str]) -> np.ndarray:
     index = {t: i for i, t in enumerate(tools)}
-    runs = [r for w in windows for r in w.runs.values()]
-    counts = np.zeros((len(runs), len(tools)))
-    for i, run in enumerate(runs):
-        for t in run.tools:
-            counts[i, index[t]] += 1
-    return design_effect(counts)
+    rows, cols, n = [], [], 0
+    for w in windows:
+        calls = w.summary()[5]
+        cols.append(np.array([index[t] for t in calls.tools], dtype=np.int64)[calls.codes])
+        rows.append(np.repeat(np.arange(n, n + len(calls.calls)), calls.calls))
+        n += len(calls.calls)
+    k = len(tools)
+    cells = np.concatenate(rows) * k + np.concatenate(cols) if windows else np.zeros(0, dtype=np.int64)
+    return np.bincount(cells, minlength=n * k).reshape(n, k).astype(float)
 
 
 def _relative_change(ref_mean: float, cur_mean: float) -> dict:

@@ -273,3 +273,29 @@ def test_ks_equals_scipys_ks_2samp():
         a, b = rng.lognormal(0, 1, n1), rng.lognormal(shift, 1, n2)
         fell_back += [check(a, b, side) for side in (None, "greater", "less")]
     assert any(fell_back)  # the exact one-sided distribution overflows at these sizes
+
+
+def test_tool_counts_are_each_runs_calls_in_order():
+    """The design effect's matrix (runs x tools, built from each window's cached calls) is the
+    one counted call by call."""
+    from streams.detect.drift import RunFeatures, _tool_counts, _tool_design_effect, _Window
+
+    rng = np.random.default_rng(3)
+    names = ["search", "fetch", "answer", "lookup", "refund", "z"]
+    windows = []
+    for w in range(6):
+        window = _Window(w)
+        for i in range(int(rng.integers(0, 40))):
+            tools = tuple(rng.choice(names[: 2 + w % 4], size=rng.integers(0, 6)))
+            window.add(f"{w}-{i}", RunFeatures(0, (0.0,) * 5, tools, "success", "none"))
+        windows.append(window)
+    tools = sorted({t for w in windows for r in w.runs.values() for t in r.tools})
+    runs = [r for w in windows for r in w.runs.values()]
+    want = np.zeros((len(runs), len(tools)))
+    for i, run in enumerate(runs):
+        for t in run.tools:
+            want[i, tools.index(t)] += 1
+    got = _tool_counts(windows, tools)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert _tool_design_effect(windows, tools) == design_effect(want)
+    assert _tool_counts([], tools).shape == (0, len(tools))
