@@ -98,6 +98,7 @@ def is_failed(run: dict) -> bool:
 DEFAULT_WEIGHTS = {"message": 1.5, "outcome": 1.0, "error_type": 1.0, "tool": 0.5, "loop": 4.0}
 _MAX_TEMPLATES = 32  # distinct member templates counted per cluster, for its label
 _REMEMBERED_RUNS = 200_000  # run ids kept to recognise a redelivered run
+_REMEMBERED_VECTORS = 4_096  # signature vectors kept: failures repeat a few dozen signatures
 
 
 @dataclass(slots=True)
@@ -230,6 +231,21 @@ class FailureClusterer(BaseEstimator):
             matrix = sp.hstack([text.transform(messages) * weights["message"], hasher.transform(fields)], format="csr")
             return normalize(matrix)
 
+    def _vectors(self, runs_fields: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each signature's vector as (features, values): those of `_vectorise`, whose rows do not
+        depend on each other, so a signature seen before is not vectorised again."""
+        known = self.vectors_
+        new = [f for f in dict.fromkeys(runs_fields) if f not in known]
+        if new:
+            matrix = self._vectorise(new)
+            for i, f in enumerate(new):
+                features, values = _row(matrix, i)
+                known[f] = (features.copy(), values.copy())
+        vectors = [known[f] for f in runs_fields]
+        while len(known) > _REMEMBERED_VECTORS:  # the oldest first
+            del known[next(iter(known))]
+        return vectors
+
     # -- learning --
 
     def partial_fit(self, runs: Iterable[dict], y=None) -> FailureClusterer:
@@ -286,6 +302,7 @@ class FailureClusterer(BaseEstimator):
         self.traffic_: dict[str, dict[int, int]] = {}  # agent -> window start -> closed runs
         self.seen_runs_: OrderedDict[str, str] = OrderedDict()  # run_id -> cluster id ("" for a success)
         self.new_firing_: set[str] = set()  # clusters whose "new" alert fires
+        self.vectors_: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # signature fields -> vector
 
     def _learn(self, runs: list[dict], emit: bool) -> tuple[list[str], list[dict], dict[str, str]]:
         self._ensure_state()
@@ -293,7 +310,7 @@ class FailureClusterer(BaseEstimator):
         runs = sorted(runs, key=lambda r: (r["ended_at"], r["run_id"]))
         failed = [run for run in runs if is_failed(run)]
         fields = [_fields(run) for run in failed]
-        matrix = self._vectorise(fields) if failed else None
+        vectors = self._vectors(fields)
         position = {id(run): i for i, run in enumerate(failed)}
         assigned: dict[str, str] = {}
         touched: dict[str, None] = {}
@@ -318,7 +335,7 @@ class FailureClusterer(BaseEstimator):
                 self._remember(run_id, "")
                 continue
             i = position[id(run)]
-            cluster = self._place(run, fields[i], *_row(matrix, i))
+            cluster = self._place(run, fields[i], *vectors[i])
             assigned[run_id] = cluster.cluster_id
             self._remember(run_id, cluster.cluster_id)
             touched[cluster.cluster_id] = None
