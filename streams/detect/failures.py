@@ -3,6 +3,7 @@ and `failure_cluster` alerts when a cluster appears or spikes (SPEC §6, table `
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -52,6 +53,7 @@ def _path(match: re.Match) -> str:
     return "<path>" if text.count("/") >= 2 or "." in text.rsplit("/", 1)[-1] else text
 
 
+@functools.lru_cache(maxsize=2_048)  # failing runs repeat their messages (half of them in the bench fleet)
 def mask(message: str) -> str:
     """The message's template: variable parts replaced by placeholders, whitespace collapsed."""
     text = (message or "")[:MAX_MESSAGE_CHARS]
