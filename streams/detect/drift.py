@@ -40,13 +40,22 @@ def ks(reference: np.ndarray, current: np.ndarray, side: str | None = None) -> t
 def ks_sorted(reference: np.ndarray, current: np.ndarray, side: str | None = None) -> tuple[float, float]:
     """`ks` of sorted samples: scipy.stats.ks_2samp(method="auto")'s numbers, step for step,
     without its per-call wrappers (see README)."""
+    return _ks_emd(reference, current, side)[:2]
+
+
+def _ks_emd(reference: np.ndarray, current: np.ndarray, side: str | None) -> tuple[float, float, float]:
+    """`ks_sorted` and `_emd_sorted` of the same sorted samples, which share their CDFs: (D, p, EMD)."""
     alternative = side or "two-sided"
     n1, n2 = len(reference), len(current)
     if _exact_2samp is None or not n1 or not n2 or np.isnan(reference[-1]) or np.isnan(current[-1]):
         res = stats.ks_2samp(reference, current, alternative=alternative)  # NaN and empty as scipy has them
-        return float(res.statistic), float(res.pvalue)
-    both = np.concatenate([reference, current])
-    diffs = np.searchsorted(reference, both, side="right") / n1 - np.searchsorted(current, both, side="right") / n2
+        return float(res.statistic), float(res.pvalue), _emd_sorted(reference, current)
+    # the CDFs' difference at every value of either sample: ks_2samp's (in another order) and
+    # _emd_sorted's (all but the last value)
+    values = np.concatenate((reference, current))
+    values.sort(kind="mergesort")
+    diffs = np.searchsorted(reference, values, side="right") / n1 - np.searchsorted(current, values, side="right") / n2
+    emd = float(np.sum(np.abs(diffs[:-1]) * np.diff(values)))
     min_s, max_s = np.clip(-diffs.min(), 0, 1), diffs.max()
     d = min_s if alternative == "less" or (alternative == "two-sided" and min_s > max_s) else max_s
     exact = False
@@ -60,7 +69,7 @@ def ks_sorted(reference: np.ndarray, current: np.ndarray, side: str | None = Non
         else:
             z = np.sqrt(en) * d
             p = np.exp(-2 * z ** 2 - 2 * z * (m + 2 * n) / np.sqrt(m * n * (m + n)) / 3.0)
-    return float(d), float(np.clip(p, 0, 1))
+    return float(d), float(np.clip(p, 0, 1)), emd
 
 
 def fisher_success(reference: Mapping[str, int], current: Mapping[str, int], fell: bool) -> tuple[float, float]:
@@ -632,8 +641,8 @@ class DriftDetector:
             c = cur_num[:, j]
             c_sorted = np.sort(c)
             side = ("greater" if directions[name][0] else "less") if directions and name in directions else None
-            d, p = ks_sorted(r_sorted, c_sorted, side)
-            effects = [("wasserstein", _emd_sorted(r_sorted, c_sorted) / r_scale, self.wasserstein_floor),
+            d, p, emd = _ks_emd(r_sorted, c_sorted, side)
+            effects = [("wasserstein", emd / r_scale, self.wasserstein_floor),
                        ("psi", _psi(edges, r_bins, c_sorted, PSI_EPS), self.psi_floor)]
             tests.append((scale, name, ("ks", d), p, effects, _relative_change(r_mean, float(c.mean()))))
         reference = ref.windows

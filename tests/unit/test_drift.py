@@ -299,3 +299,14 @@ def test_tool_counts_are_each_runs_calls_in_order():
     assert got.dtype == want.dtype and np.array_equal(got, want)
     assert _tool_design_effect(windows, tools) == design_effect(want)
     assert _tool_counts([], tools).shape == (0, len(tools))
+
+
+def test_ks_and_emd_of_one_pass_are_each_ones_own():
+    from streams.detect.drift import _emd, _ks_emd
+
+    rng = np.random.default_rng(12)
+    for _ in range(300):
+        a, b = _samples(rng, int(rng.integers(1, 400)), int(rng.integers(1, 80)))
+        for side in (None, "greater", "less"):
+            d, p, emd = _ks_emd(np.sort(a), np.sort(b), side)
+            assert (d, p) == ks(a, b, side) and emd == _emd(a, b)
