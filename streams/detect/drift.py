@@ -176,9 +176,21 @@ def chi2(reference: Mapping[str, int], current: Mapping[str, int], *, design_eff
     def statistic(cur: np.ndarray) -> np.ndarray:
         return ((cur - exp_cur) ** 2 / exp_cur).sum(axis=-1) + ((colors - cur - exp_ref) ** 2 / exp_ref).sum(axis=-1)
 
-    sims = statistic(rng.multivariate_hypergeometric(colors, nsample, size=mc_draws, method="marginals"))
-    observed = statistic(table[1])
-    return float(stat), float((1 + np.count_nonzero(sims >= observed - 1e-9)) / (mc_draws + 1))
+    draws = rng.multivariate_hypergeometric(colors, nsample, size=mc_draws, method="marginals")
+    at_least = _count_at_least(statistic, draws, colors, statistic(table[1]) - 1e-9)
+    return float(stat), float((1 + at_least) / (mc_draws + 1))
+
+
+def _count_at_least(statistic: Callable[[np.ndarray], np.ndarray], draws: np.ndarray, colors: np.ndarray,
+                    bar: float) -> int:
+    """np.count_nonzero(statistic(draws) >= bar), the statistic of each distinct draw computed
+    once: the draws (rows, at most `colors` each) repeat a few hundred tables many times."""
+    if float(np.prod(colors + 1.0)) >= 2.0 ** 62:  # too many tables for one int64 code each
+        return int(np.count_nonzero(statistic(draws) >= bar))
+    radix = np.cumprod(np.concatenate(([1], colors[:-1] + 1)))
+    codes, counts = np.unique(draws @ radix, return_counts=True)
+    distinct = codes[:, None] // radix % (colors + 1)  # the draws again, one row per code
+    return int(counts[statistic(distinct) >= bar].sum())
 
 
 def _chi2_homogeneity(table: np.ndarray) -> tuple[float, float, np.ndarray]:

@@ -310,3 +310,41 @@ def test_ks_and_emd_of_one_pass_are_each_ones_own():
         for side in (None, "greater", "less"):
             d, p, emd = _ks_emd(np.sort(a), np.sort(b), side)
             assert (d, p) == ks(a, b, side) and emd == _emd(a, b)
+
+
+def test_monte_carlo_chi2_counts_each_distinct_draw_as_often_as_drawn(monkeypatch):
+    """The Monte Carlo p-value's count of draws at least as extreme, the statistic computed once
+    per distinct draw, is the count over every draw: the same chi2 p-values, same random draws."""
+    from collections import Counter
+
+    from streams.detect import drift
+
+    calls = []
+
+    def counted(statistic, draws, colors, bar):
+        calls.append(float(np.prod(colors + 1.0)) >= 2.0 ** 62)
+        return distinct(statistic, draws, colors, bar)
+
+    def every_draw(statistic, draws, colors, bar):
+        return int(np.count_nonzero(statistic(draws) >= bar))
+
+    distinct = drift._count_at_least
+    monkeypatch.setattr(drift, "_count_at_least", counted)
+    rng = np.random.default_rng(2)
+    cases = []
+    for i in range(120):
+        k = int(rng.integers(2, 9))
+        ref = Counter({f"c{j}": int(rng.integers(0, 400 if j < 2 else 12)) for j in range(k)})
+        cur = Counter({f"c{j}": int(rng.integers(0, 60 if j < 2 else 6)) for j in range(k + int(rng.integers(0, 2)))})
+        cases.append((ref, cur, float(rng.choice([1.0, 1.7, 3.3]))))
+    # 12 categories of ~530 runs and a rare one: ~531 ** 12 tables, more than int64 codes
+    cases.append((Counter({**{f"c{j}": 500 for j in range(12)}, "z": 1}),
+                  Counter({**{f"c{j}": 30 for j in range(12)}, "c0": 80}), 1.0))
+    for ref, cur, deff in cases:
+        got = drift.chi2(ref, cur, design_effect=deff, mc_draws=3_000, mc_below=0.5, rng=np.random.default_rng(7))
+        with monkeypatch.context() as m:
+            m.setattr(drift, "_count_at_least", every_draw)
+            want = drift.chi2(ref, cur, design_effect=deff, mc_draws=3_000, mc_below=0.5,
+                              rng=np.random.default_rng(7))
+        assert got == want
+    assert len(calls) > 20 and calls[-1]  # the Monte Carlo branch, and codes that would overflow
