@@ -147,23 +147,33 @@ class _Centroids:
         self.sums = np.zeros((4, 64))
         self.norms = np.zeros(4)
         self.k = 0
+        self.placed: dict[tuple, np.ndarray] = {}  # signature -> the columns of its features, once all have one
 
-    def similarities(self, features: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def similarities(self, features: np.ndarray, values: np.ndarray, signature: tuple | None = None) -> np.ndarray:
         """Cosine of a unit vector with each centroid."""
         if self.k == 0:
             return np.zeros(0)
+        cols = self.placed.get(signature)
+        if cols is not None:
+            return self.sums[: self.k, cols] @ values / self.norms[: self.k]
         cols = np.fromiter((self.columns.get(f, -1) for f in features.tolist()), np.int64, len(features))
         known = cols >= 0
         dots = self.sums[: self.k, cols[known]] @ values[known]
         return dots / self.norms[: self.k]
 
-    def add(self, row: int, features: np.ndarray, values: np.ndarray) -> None:
+    def add(self, row: int, features: np.ndarray, values: np.ndarray, signature: tuple | None = None) -> None:
         if row == self.k:
             if row == self.sums.shape[0]:
                 self.sums = np.vstack([self.sums, np.zeros_like(self.sums)])
                 self.norms = np.concatenate([self.norms, np.zeros_like(self.norms)])
             self.k += 1
-        cols = np.array([self._column(f) for f in features.tolist()], np.int64)
+        cols = self.placed.get(signature)
+        if cols is None:
+            cols = np.array([self._column(f) for f in features.tolist()], np.int64)
+            if signature is not None:
+                self.placed[signature] = cols
+                if len(self.placed) > _REMEMBERED_VECTORS:
+                    del self.placed[next(iter(self.placed))]
         self.sums[row, cols] += values
         self.norms[row] = math.sqrt(float(self.sums[row] @ self.sums[row]))
 
@@ -356,7 +366,7 @@ class FailureClusterer(BaseEstimator):
         if space is None:
             space = self.centroids_[agent] = _Centroids()
             self.rows_[agent] = []
-        sims = space.similarities(features, values)
+        sims = space.similarities(features, values, run_fields)
         best = int(np.argmax(sims)) if len(sims) else -1
         ended = run["ended_at"]
         if best >= 0 and sims[best] >= self.threshold:
@@ -365,7 +375,7 @@ class FailureClusterer(BaseEstimator):
             cluster = Cluster(self._new_id(agent, _signature(*run_fields)), agent, space.k, ended, ended)
             self.clusters_[cluster.cluster_id] = cluster
             self.rows_[agent].append(cluster.cluster_id)
-        space.add(cluster.row, features, values)
+        space.add(cluster.row, features, values, run_fields)
         cluster.size += 1
         cluster.first_seen = min(cluster.first_seen, ended)
         cluster.last_seen = max(cluster.last_seen, ended)
