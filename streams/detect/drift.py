@@ -3,6 +3,7 @@ against the version's own trailing reference (or its stable version's), alerting
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Mapping
@@ -12,6 +13,11 @@ from scipy import special, stats
 from scipy.spatial.distance import jensenshannon
 
 from streams.contracts.alerts import fingerprint, make_alert
+
+try:  # the exact two-sample KS distribution of ks_2samp (private; ks falls back to ks_2samp without it)
+    from scipy.stats._stats_py import _attempt_exact_2kssamp as _exact_2samp
+except ImportError:  # pragma: no cover
+    _exact_2samp = None
 
 # Per-run numeric features. The runs table carries no tool latency, so the tool feature is the
 # run's tool error rate (tool_errors / tool_calls, 0 for a run without tool calls).
@@ -28,8 +34,42 @@ CATEGORICAL = ("tool_mix", "outcome", "error_type", "success")
 def ks(reference: np.ndarray, current: np.ndarray, side: str | None = None) -> tuple[float, float]:
     """Two-sample Kolmogorov-Smirnov: (D, p-value); `side` "greater" tests only for a current
     sample shifted upwards (its CDF below the reference's), "less" only downwards."""
-    res = stats.ks_2samp(reference, current, alternative=side or "two-sided")
-    return float(res.statistic), float(res.pvalue)
+    return ks_sorted(np.sort(reference), np.sort(current), side)
+
+
+def ks_sorted(reference: np.ndarray, current: np.ndarray, side: str | None = None) -> tuple[float, float]:
+    """`ks` of sorted samples: scipy.stats.ks_2samp(method="auto")'s numbers, step for step,
+    without its per-call wrappers (see README)."""
+    return _ks_emd(reference, current, side)[:2]
+
+
+def _ks_emd(reference: np.ndarray, current: np.ndarray, side: str | None) -> tuple[float, float, float]:
+    """`ks_sorted` and `_emd_sorted` of the same sorted samples, which share their CDFs: (D, p, EMD)."""
+    alternative = side or "two-sided"
+    n1, n2 = len(reference), len(current)
+    if _exact_2samp is None or not n1 or not n2 or np.isnan(reference[-1]) or np.isnan(current[-1]):
+        res = stats.ks_2samp(reference, current, alternative=alternative)  # NaN and empty as scipy has them
+        return float(res.statistic), float(res.pvalue), _emd_sorted(reference, current)
+    # the CDFs' difference at every value of either sample: ks_2samp's (in another order) and
+    # _emd_sorted's (all but the last value)
+    values = np.concatenate((reference, current))
+    values.sort(kind="mergesort")
+    diffs = np.searchsorted(reference, values, side="right") / n1 - np.searchsorted(current, values, side="right") / n2
+    emd = float(np.sum(np.abs(diffs[:-1]) * np.diff(values)))
+    min_s, max_s = np.clip(-diffs.min(), 0, 1), diffs.max()
+    d = min_s if alternative == "less" or (alternative == "two-sided" and min_s > max_s) else max_s
+    exact = False
+    if max(n1, n2) <= 10_000:  # scipy's MAX_AUTO_N
+        exact, d, p = _exact_2samp(n1, n2, math.gcd(n1, n2), d, alternative)
+    if not exact:  # asymptotic, as scipy falls back to it
+        m, n = sorted([float(n1), float(n2)], reverse=True)
+        en = m * n / (m + n)
+        if alternative == "two-sided":
+            p = stats.kstwo.sf(d, np.round(en))
+        else:
+            z = np.sqrt(en) * d
+            p = np.exp(-2 * z ** 2 - 2 * z * (m + 2 * n) / np.sqrt(m * n * (m + n)) / 3.0)
+    return float(d), float(np.clip(p, 0, 1)), emd
 
 
 def fisher_success(reference: Mapping[str, int], current: Mapping[str, int], fell: bool) -> tuple[float, float]:
@@ -59,7 +99,10 @@ def wasserstein(reference: np.ndarray, current: np.ndarray) -> float:
 def _emd(u: np.ndarray, v: np.ndarray) -> float:
     """1-D Wasserstein-1 distance: the area between the two empirical CDFs (what
     scipy.stats.wasserstein_distance computes, without its per-call argument machinery)."""
-    u, v = np.sort(u), np.sort(v)
+    return _emd_sorted(np.sort(u), np.sort(v))
+
+
+def _emd_sorted(u: np.ndarray, v: np.ndarray) -> float:
     values = np.concatenate((u, v))
     values.sort(kind="mergesort")
     deltas = np.diff(values)
@@ -68,13 +111,24 @@ def _emd(u: np.ndarray, v: np.ndarray) -> float:
     return float(np.sum(np.abs(u_cdf - v_cdf) * deltas))
 
 
-def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10, eps: float = 1e-4) -> float:
+PSI_EPS = 1e-4  # a bin's smallest share in psi
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10, eps: float = PSI_EPS) -> float:
     """Population stability index over quantile bins of the reference (ties merge bins)."""
+    return _psi(*_psi_bins(reference, bins, eps), current, eps)
+
+
+def _psi_bins(reference: np.ndarray, bins: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's side of `psi`: (bin edges, share of the reference in each bin)."""
     edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
-    k = len(edges) + 1
-    ref = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=k) / len(reference)
-    cur = np.bincount(np.searchsorted(edges, current, side="right"), minlength=k) / len(current)
-    ref, cur = np.maximum(ref, eps), np.maximum(cur, eps)
+    ref = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1) / len(reference)
+    return edges, np.maximum(ref, eps)
+
+
+def _psi(edges: np.ndarray, ref: np.ndarray, current: np.ndarray, eps: float) -> float:
+    cur = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(edges) + 1) / len(current)
+    cur = np.maximum(cur, eps)
     return float(np.sum((cur - ref) * np.log(cur / ref)))
 
 
@@ -122,9 +176,21 @@ def chi2(reference: Mapping[str, int], current: Mapping[str, int], *, design_eff
     def statistic(cur: np.ndarray) -> np.ndarray:
         return ((cur - exp_cur) ** 2 / exp_cur).sum(axis=-1) + ((colors - cur - exp_ref) ** 2 / exp_ref).sum(axis=-1)
 
-    sims = statistic(rng.multivariate_hypergeometric(colors, nsample, size=mc_draws, method="marginals"))
-    observed = statistic(table[1])
-    return float(stat), float((1 + np.count_nonzero(sims >= observed - 1e-9)) / (mc_draws + 1))
+    draws = rng.multivariate_hypergeometric(colors, nsample, size=mc_draws, method="marginals")
+    at_least = _count_at_least(statistic, draws, colors, statistic(table[1]) - 1e-9)
+    return float(stat), float((1 + at_least) / (mc_draws + 1))
+
+
+def _count_at_least(statistic: Callable[[np.ndarray], np.ndarray], draws: np.ndarray, colors: np.ndarray,
+                    bar: float) -> int:
+    """np.count_nonzero(statistic(draws) >= bar), the statistic of each distinct draw computed
+    once: the draws (rows, at most `colors` each) repeat a few hundred tables many times."""
+    if float(np.prod(colors + 1.0)) >= 2.0 ** 62:  # too many tables for one int64 code each
+        return int(np.count_nonzero(statistic(draws) >= bar))
+    radix = np.cumprod(np.concatenate(([1], colors[:-1] + 1)))
+    codes, counts = np.unique(draws @ radix, return_counts=True)
+    distinct = codes[:, None] // radix % (colors + 1)  # the draws again, one row per code
+    return int(counts[statistic(distinct) >= bar].sum())
 
 
 def _chi2_homogeneity(table: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -221,6 +287,7 @@ class _Window:
             self._summary = None
 
     def summary(self) -> tuple:
+        """(numeric array, tool_mix, outcome, error_type and success counters, tool calls)."""
         if self._summary is None:
             runs = self.runs.values()
             self._summary = (
@@ -229,8 +296,26 @@ class _Window:
                 Counter(r.outcome for r in runs),
                 Counter(r.error_type for r in runs),
                 Counter("success" if r.outcome == "success" else "not" for r in runs),
+                _ToolCalls.of(runs),
             )
         return self._summary
+
+
+@dataclass(slots=True, frozen=True)
+class _ToolCalls:
+    """The tool calls of a window's runs, for the design effect: the window's tools, each call
+    as its tool's index among them, and each run's number of calls."""
+
+    tools: tuple[str, ...]
+    codes: np.ndarray
+    calls: np.ndarray
+
+    @classmethod
+    def of(cls, runs: Iterable[RunFeatures]) -> _ToolCalls:
+        index: dict[str, int] = {}
+        codes = [index.setdefault(t, len(index)) for r in runs for t in r.tools]
+        calls = [len(r.tools) for r in runs]
+        return cls(tuple(index), np.array(codes, dtype=np.int64), np.array(calls, dtype=np.int64))
 
 
 def _pool(windows: list[_Window]) -> tuple[np.ndarray, list[Counter]]:
@@ -238,6 +323,30 @@ def _pool(windows: list[_Window]) -> tuple[np.ndarray, list[Counter]]:
     numeric = np.concatenate([p[0] for p in parts])
     cats = [sum((p[i] for p in parts), Counter()) for i in range(1, 1 + len(CATEGORICAL))]
     return numeric, cats
+
+
+@dataclass(slots=True)
+class _Reference:
+    """The windows a pool is tested against, pooled; what the tests compute of each numeric
+    feature's reference side is kept, since one reference serves every scale and half."""
+
+    windows: list[_Window]
+    numeric: np.ndarray
+    cats: list[Counter]
+    columns: dict[int, tuple] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, windows: list[_Window]) -> _Reference:
+        return cls(windows, *_pool(windows))
+
+    def column(self, j: int, psi_bins: int) -> tuple[np.ndarray, float, np.ndarray, np.ndarray, float]:
+        """Feature j's reference: (sorted values, Wasserstein scale, PSI edges and shares, mean)."""
+        found = self.columns.get(j)
+        if found is None:
+            values = self.numeric[:, j]
+            found = self.columns[j] = (np.sort(values), _scale(values), *_psi_bins(values, psi_bins, PSI_EPS),
+                                       float(values.mean()))
+        return found
 
 
 @dataclass(slots=True)
@@ -448,7 +557,7 @@ class DriftDetector:
         n_ref = sum(len(w.runs) for w in reference)
         if n_ref < self.min_reference:
             return [], []
-        ref = (reference, *_pool(reference))
+        ref = _Reference.of(reference)
         n_tests = len(pools) * (len(NUMERIC) + len(CATEGORICAL))
         tests: list[Test] = []
         for scale, pool in pools.items():
@@ -499,7 +608,7 @@ class DriftDetector:
                     return pool
         return None
 
-    def _halves(self, pool: list[_Window], test: Test, ref: tuple, base: dict) -> tuple[dict, list[dict]]:
+    def _halves(self, pool: list[_Window], test: Test, ref: _Reference, base: dict) -> tuple[dict, list[dict]]:
         """The drifted feature of `test` in each half of `pool` (consecutive windows, split where
         the run counts are most even) against the reference, one-sided in the pool's direction,
         and the halves against each other: ({persists, halves, halves_differ}, drift rows)."""
@@ -509,7 +618,7 @@ class DriftDetector:
         cut = 1 + int(np.argmin(np.abs(sizes[:-1] - sizes[-1] / 2)))
         early, late = windows[:cut], windows[cut:]
         direction = _direction(change)
-        (between,) = self._feature_tests(scale, late, (early, *_pool(early)), self.homogeneity_alpha, {name})
+        (between,) = self._feature_tests(scale, late, _Reference.of(early), self.homogeneity_alpha, {name})
         alike = between[3] > self.homogeneity_alpha
         rows = _rows(base, f"{name}@{scale}.between", between, self.homogeneity_alpha, not alike)
         halves = []
@@ -524,29 +633,32 @@ class DriftDetector:
                 "halves_differ": {between[2][0]: {"value": between[2][1], "p_value": between[3],
                                                   "threshold": self.homogeneity_alpha}}}, rows
 
-    def _feature_tests(self, scale: str, pool: list[_Window], ref: tuple, bar: float,
+    def _feature_tests(self, scale: str, pool: list[_Window], ref: _Reference, bar: float,
                        only: Collection[str] | None = None, directions: Mapping[str, tuple] | None = None
                        ) -> list[Test]:
-        """One test per feature (or per feature in `only`) of `pool` against the reference `ref`
-        (windows, numeric array, category counters); one-sided for the features in `directions`
+        """One test per feature (or per feature in `only`) of `pool` against the reference `ref`;
+        one-sided for the features in `directions`
         (feature -> the way it moved, see _direction) where the test has a side: KS for numeric
         features, Fisher's exact test for the success rate. `bar` is the smallest p-value that
         matters: a Monte Carlo p-value gets 2 / bar draws, so it can fall below it (its floor is
         1 / (draws + 1)); more only sharpen p-values far past any bar, and cost: 20 / bar took
         seconds per test at the smallest rank of an FDR of 0.0002 over 27 tests."""
-        reference, ref_num, ref_cat = ref
         cur_num, cur_cat = _pool(pool)
         tests = []
         for j, name in enumerate(NUMERIC):
             if only is not None and name not in only:
                 continue
-            r, c = ref_num[:, j], cur_num[:, j]
+            # ks, wasserstein and psi of the feature, the reference's side computed once
+            r_sorted, r_scale, edges, r_bins, r_mean = ref.column(j, self.psi_bins)
+            c = cur_num[:, j]
+            c_sorted = np.sort(c)
             side = ("greater" if directions[name][0] else "less") if directions and name in directions else None
-            d, p = ks(r, c, side)
-            effects = [("wasserstein", wasserstein(r, c), self.wasserstein_floor),
-                       ("psi", psi(r, c, self.psi_bins), self.psi_floor)]
-            tests.append((scale, name, ("ks", d), p, effects, _relative_change(float(r.mean()), float(c.mean()))))
-        for name, r, c in zip(CATEGORICAL, ref_cat, cur_cat):
+            d, p, emd = _ks_emd(r_sorted, c_sorted, side)
+            effects = [("wasserstein", emd / r_scale, self.wasserstein_floor),
+                       ("psi", _psi(edges, r_bins, c_sorted, PSI_EPS), self.psi_floor)]
+            tests.append((scale, name, ("ks", d), p, effects, _relative_change(r_mean, float(c.mean()))))
+        reference = ref.windows
+        for name, r, c in zip(CATEGORICAL, ref.cats, cur_cat):
             if only is not None and name not in only:
                 continue
             if name == "success" and directions and name in directions:
@@ -619,13 +731,21 @@ def _finding(test: Test, threshold: float, n_current: int) -> dict:
 
 
 def _tool_design_effect(windows: list[_Window], tools: list[str]) -> float:
+    """design_effect of the windows' runs (rows, in order) x `tools` (columns) call counts."""
+    return design_effect(_tool_counts(windows, tools))
+
+
+def _tool_counts(windows: list[_Window], tools: list[str]) -> np.ndarray:
     index = {t: i for i, t in enumerate(tools)}
-    runs = [r for w in windows for r in w.runs.values()]
-    counts = np.zeros((len(runs), len(tools)))
-    for i, run in enumerate(runs):
-        for t in run.tools:
-            counts[i, index[t]] += 1
-    return design_effect(counts)
+    rows, cols, n = [], [], 0
+    for w in windows:
+        calls = w.summary()[5]
+        cols.append(np.array([index[t] for t in calls.tools], dtype=np.int64)[calls.codes])
+        rows.append(np.repeat(np.arange(n, n + len(calls.calls)), calls.calls))
+        n += len(calls.calls)
+    k = len(tools)
+    cells = np.concatenate(rows) * k + np.concatenate(cols) if windows else np.zeros(0, dtype=np.int64)
+    return np.bincount(cells, minlength=n * k).reshape(n, k).astype(float)
 
 
 def _relative_change(ref_mean: float, cur_mean: float) -> dict:

@@ -3,6 +3,7 @@ and `failure_cluster` alerts when a cluster appears or spikes (SPEC §6, table `
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -52,6 +53,7 @@ def _path(match: re.Match) -> str:
     return "<path>" if text.count("/") >= 2 or "." in text.rsplit("/", 1)[-1] else text
 
 
+@functools.lru_cache(maxsize=2_048)  # failing runs repeat their messages (half of them in the bench fleet)
 def mask(message: str) -> str:
     """The message's template: variable parts replaced by placeholders, whitespace collapsed."""
     text = (message or "")[:MAX_MESSAGE_CHARS]
@@ -98,6 +100,7 @@ def is_failed(run: dict) -> bool:
 DEFAULT_WEIGHTS = {"message": 1.5, "outcome": 1.0, "error_type": 1.0, "tool": 0.5, "loop": 4.0}
 _MAX_TEMPLATES = 32  # distinct member templates counted per cluster, for its label
 _REMEMBERED_RUNS = 200_000  # run ids kept to recognise a redelivered run
+_REMEMBERED_VECTORS = 4_096  # signature vectors kept: failures repeat a few dozen signatures
 
 
 @dataclass(slots=True)
@@ -144,23 +147,33 @@ class _Centroids:
         self.sums = np.zeros((4, 64))
         self.norms = np.zeros(4)
         self.k = 0
+        self.placed: dict[tuple, np.ndarray] = {}  # signature -> the columns of its features, once all have one
 
-    def similarities(self, features: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def similarities(self, features: np.ndarray, values: np.ndarray, signature: tuple | None = None) -> np.ndarray:
         """Cosine of a unit vector with each centroid."""
         if self.k == 0:
             return np.zeros(0)
+        cols = self.placed.get(signature)
+        if cols is not None:
+            return self.sums[: self.k, cols] @ values / self.norms[: self.k]
         cols = np.fromiter((self.columns.get(f, -1) for f in features.tolist()), np.int64, len(features))
         known = cols >= 0
         dots = self.sums[: self.k, cols[known]] @ values[known]
         return dots / self.norms[: self.k]
 
-    def add(self, row: int, features: np.ndarray, values: np.ndarray) -> None:
+    def add(self, row: int, features: np.ndarray, values: np.ndarray, signature: tuple | None = None) -> None:
         if row == self.k:
             if row == self.sums.shape[0]:
                 self.sums = np.vstack([self.sums, np.zeros_like(self.sums)])
                 self.norms = np.concatenate([self.norms, np.zeros_like(self.norms)])
             self.k += 1
-        cols = np.array([self._column(f) for f in features.tolist()], np.int64)
+        cols = self.placed.get(signature)
+        if cols is None:
+            cols = np.array([self._column(f) for f in features.tolist()], np.int64)
+            if signature is not None:
+                self.placed[signature] = cols
+                if len(self.placed) > _REMEMBERED_VECTORS:
+                    del self.placed[next(iter(self.placed))]
         self.sums[row, cols] += values
         self.norms[row] = math.sqrt(float(self.sums[row] @ self.sums[row]))
 
@@ -230,6 +243,21 @@ class FailureClusterer(BaseEstimator):
             matrix = sp.hstack([text.transform(messages) * weights["message"], hasher.transform(fields)], format="csr")
             return normalize(matrix)
 
+    def _vectors(self, runs_fields: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each signature's vector as (features, values): those of `_vectorise`, whose rows do not
+        depend on each other, so a signature seen before is not vectorised again."""
+        known = self.vectors_
+        new = [f for f in dict.fromkeys(runs_fields) if f not in known]
+        if new:
+            matrix = self._vectorise(new)
+            for i, f in enumerate(new):
+                features, values = _row(matrix, i)
+                known[f] = (features.copy(), values.copy())
+        vectors = [known[f] for f in runs_fields]
+        while len(known) > _REMEMBERED_VECTORS:  # the oldest first
+            del known[next(iter(known))]
+        return vectors
+
     # -- learning --
 
     def partial_fit(self, runs: Iterable[dict], y=None) -> FailureClusterer:
@@ -286,6 +314,7 @@ class FailureClusterer(BaseEstimator):
         self.traffic_: dict[str, dict[int, int]] = {}  # agent -> window start -> closed runs
         self.seen_runs_: OrderedDict[str, str] = OrderedDict()  # run_id -> cluster id ("" for a success)
         self.new_firing_: set[str] = set()  # clusters whose "new" alert fires
+        self.vectors_: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # signature fields -> vector
 
     def _learn(self, runs: list[dict], emit: bool) -> tuple[list[str], list[dict], dict[str, str]]:
         self._ensure_state()
@@ -293,7 +322,7 @@ class FailureClusterer(BaseEstimator):
         runs = sorted(runs, key=lambda r: (r["ended_at"], r["run_id"]))
         failed = [run for run in runs if is_failed(run)]
         fields = [_fields(run) for run in failed]
-        matrix = self._vectorise(fields) if failed else None
+        vectors = self._vectors(fields)
         position = {id(run): i for i, run in enumerate(failed)}
         assigned: dict[str, str] = {}
         touched: dict[str, None] = {}
@@ -318,7 +347,7 @@ class FailureClusterer(BaseEstimator):
                 self._remember(run_id, "")
                 continue
             i = position[id(run)]
-            cluster = self._place(run, fields[i], *_row(matrix, i))
+            cluster = self._place(run, fields[i], *vectors[i])
             assigned[run_id] = cluster.cluster_id
             self._remember(run_id, cluster.cluster_id)
             touched[cluster.cluster_id] = None
@@ -337,7 +366,7 @@ class FailureClusterer(BaseEstimator):
         if space is None:
             space = self.centroids_[agent] = _Centroids()
             self.rows_[agent] = []
-        sims = space.similarities(features, values)
+        sims = space.similarities(features, values, run_fields)
         best = int(np.argmax(sims)) if len(sims) else -1
         ended = run["ended_at"]
         if best >= 0 and sims[best] >= self.threshold:
@@ -346,7 +375,7 @@ class FailureClusterer(BaseEstimator):
             cluster = Cluster(self._new_id(agent, _signature(*run_fields)), agent, space.k, ended, ended)
             self.clusters_[cluster.cluster_id] = cluster
             self.rows_[agent].append(cluster.cluster_id)
-        space.add(cluster.row, features, values)
+        space.add(cluster.row, features, values, run_fields)
         cluster.size += 1
         cluster.first_seen = min(cluster.first_seen, ended)
         cluster.last_seen = max(cluster.last_seen, ended)

@@ -3,6 +3,7 @@ When a window is final (watermarks, idle upstreams): streams/detect/README.md, "
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 
 from streams.detect.estimators import quantile, ratio
@@ -29,25 +30,41 @@ class Window:
     end: int
     # Keyed by run_id: a run re-emitted with more events replaces its earlier facts.
     runs: dict[str, _RunFacts] = field(default_factory=dict)
+    # The runs' counts summed and durations sorted as they come, since a window is emitted again
+    # with every run it gets: successes, timeouts, loops, tool calls, tool errors, input and output tokens.
+    counts: list[int] = field(default_factory=lambda: [0] * 7)
+    durations: list[float] = field(default_factory=list)
 
     def add(self, row: dict) -> bool:
         known = self.runs.get(row["run_id"])
         if known is not None and known.version >= row["version"]:
             return False
-        self.runs[row["run_id"]] = _RunFacts(
+        fact = self.runs[row["run_id"]] = _RunFacts(
             row["outcome"], float(row["cost_usd"]), float(row["duration_ms"]), bool(row["loop_detected"]),
             row["tool_calls"], row["tool_errors"], row["input_tokens"], row["output_tokens"], row["version"],
         )
+        if known is not None:
+            self._count(known, -1)
+            del self.durations[bisect_left(self.durations, known.duration_ms)]
+        self._count(fact, 1)
+        insort(self.durations, fact.duration_ms)
         return True
 
+    def _count(self, fact: _RunFacts, sign: int) -> None:
+        counts = self.counts
+        counts[0] += sign * (fact.outcome == "success")
+        counts[1] += sign * (fact.outcome == "timeout")
+        counts[2] += sign * fact.loop
+        counts[3] += sign * fact.tool_calls
+        counts[4] += sign * fact.tool_errors
+        counts[5] += sign * fact.input_tokens
+        counts[6] += sign * fact.output_tokens
+
     def row(self, *, final: bool, version: int, updated_at: int) -> dict:
-        facts = list(self.runs.values())
-        runs = len(facts)
-        successes = sum(fact.outcome == "success" for fact in facts)
-        cost = sum(fact.cost_usd for fact in facts)
-        durations = sorted(fact.duration_ms for fact in facts)
-        tool_calls = sum(fact.tool_calls for fact in facts)
-        tool_errors = sum(fact.tool_errors for fact in facts)
+        runs = len(self.runs)
+        successes, timeouts, loops, tool_calls, tool_errors, input_tokens, output_tokens = self.counts
+        cost = sum(fact.cost_usd for fact in self.runs.values())  # a float sum: in the runs' order, as always
+        durations = self.durations
         return {
             "agent_id": self.agent_id,
             "agent_version": self.agent_version,
@@ -56,19 +73,19 @@ class Window:
             "runs": runs,
             "successes": successes,
             "failures": runs - successes,
-            "timeouts": sum(fact.outcome == "timeout" for fact in facts),
+            "timeouts": timeouts,
             "cost_usd": cost,
             "cost_per_success": ratio(cost, successes),
             # a window holds one run at least: these are never None
             "success_rate": ratio(successes, runs),
             "p50_duration_ms": quantile(durations, 0.50),
             "p95_duration_ms": quantile(durations, 0.95),
-            "loop_rate": ratio(sum(fact.loop for fact in facts), runs),
+            "loop_rate": ratio(loops, runs),
             "tool_calls": tool_calls,
             "tool_errors": tool_errors,
             "tool_error_rate": ratio(tool_errors, tool_calls) or 0.0,  # a column, not nullable: no calls, no errors
-            "input_tokens": sum(fact.input_tokens for fact in facts),
-            "output_tokens": sum(fact.output_tokens for fact in facts),
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
             "is_final": final,
             "version": version,
             "updated_at": updated_at,

@@ -39,6 +39,9 @@ class _Agent:
     windows: dict[int, Counter] = field(default_factory=dict)  # window start -> runs per version
     newest_end: int = 0
     inferred: str | None = None  # the stable version inferred so far (kept unless clearly overtaken)
+    # `Rollouts.stable` as last computed, while nothing it reads has changed since (`known`)
+    stable: str | None = None
+    known: bool = False
 
 
 class Rollouts:
@@ -53,26 +56,35 @@ class Rollouts:
         known = agent.deployed.get(event["version"])
         if known is None or known["ts"] <= event["ts"]:
             agent.deployed[event["version"]] = dict(event)
+            agent.known = False
 
     def observe(self, run: Mapping) -> None:
         agent = self.agents[run["agent_id"]]
         version, started, ended = run["agent_version"], int(run["started_at"]), int(run["ended_at"])
         if started < agent.first_seen.get(version, started + 1):
             agent.first_seen[version] = started
+            agent.known = False
         start = ended - ended % self.window_ms
         agent.windows.setdefault(start, Counter())[version] += 1
+        current = agent.newest_end - agent.newest_end % self.window_ms
         agent.newest_end = max(agent.newest_end, ended)
+        # what `stable` reads changes only with a settled window's counts or the newest window
+        if start < current - self.window_ms or agent.newest_end - agent.newest_end % self.window_ms != current:
+            agent.known = False
         for old in [s for s in agent.windows if s < agent.newest_end - (SETTLED_POOL + 2) * self.window_ms]:
             del agent.windows[old]
+            agent.known = False
 
     def restore(self, agent_id: str, version: str, first_started: int) -> None:
         """A version's first run as the store knows it (older than what a restart replays)."""
         agent = self.agents[agent_id]
         agent.first_seen[version] = min(first_started, agent.first_seen.get(version, first_started))
+        agent.known = False
 
     def infer(self, agent_id: str, stable: str) -> None:
         """The inferred stable version as it was before a restart."""
         self.agents[agent_id].inferred = stable
+        self.agents[agent_id].known = False
 
     def declared(self, agent_id: str) -> bool:
         return bool(self.agents[agent_id].deployed)
@@ -80,6 +92,11 @@ class Rollouts:
     def stable(self, agent_id: str) -> str | None:
         """The last known good version: the newest stable deployment, or the inferred one."""
         agent = self.agents[agent_id]
+        if not agent.known:  # asked again and again (for every run, by every drift test): kept
+            agent.stable, agent.known = self._stable(agent), True
+        return agent.stable
+
+    def _stable(self, agent: _Agent) -> str | None:
         stables = [d for d in agent.deployed.values() if d["role"] == "stable"]
         if stables:
             return max(stables, key=lambda d: (d["ts"], d["version"]))["version"]

@@ -4,6 +4,7 @@ The quality bars on simulated fleets are in tests/evaluation/test_drift.py."""
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import numpy as np
 import pytest
@@ -229,3 +230,121 @@ def test_fast_statistics_equal_scipys():
         assert (stat, p) == pytest.approx((ref[0], ref[1]), rel=1e-9) and np.allclose(expected, ref[3])
     ties = np.array([1.0, 1.0, 2.0, 2.0, 2.0])
     assert _emd(ties, np.array([2.0, 3.0])) == pytest.approx(stats.wasserstein_distance(ties, [2.0, 3.0]))
+
+
+def _samples(rng, n1: int, n2: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two samples, half the time with many ties (small integers, as steps and tool error rates are)."""
+    if rng.random() < 0.5:
+        levels = int(rng.integers(1, 12))
+        return (rng.integers(0, levels, n1).astype(float),
+                rng.integers(0, levels, n2).astype(float) + rng.integers(0, 2))
+    return rng.lognormal(0, 1, n1), rng.lognormal(rng.normal(0, 0.4), rng.uniform(0.5, 1.5), n2)
+
+
+def test_ks_equals_scipys_ks_2samp():
+    """Exact p-values where scipy's "auto" is exact (either sample up to 10,000; equal sizes
+    too), its asymptotic ones above that and where the exact computation fails, both sides."""
+    from scipy import stats
+
+    from streams.detect.drift import ks_sorted
+
+    def check(a, b, side):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            want = stats.ks_2samp(a, b, alternative=side or "two-sided")
+        got = ks(a, b, side)
+        assert got == pytest.approx((want.statistic, want.pvalue), rel=1e-12, abs=0), (len(a), len(b), side)
+        assert ks_sorted(np.sort(a), np.sort(b), side) == got
+        return bool(caught)  # scipy fell back from exact to asymptotic
+
+    rng = np.random.default_rng(5)
+    sizes = (1, 2, 3, 7, 10, 30, 64, 100, 257, 600, 4000)
+    for i in range(400):
+        n1, n2 = int(rng.choice(sizes)), int(rng.choice(sizes))
+        if i % 10 == 0:
+            n2 = n1
+        if n1 * n2 > 100_000 and i % 8:
+            continue  # the largest exact ones take milliseconds each: a few suffice
+        a, b = _samples(rng, n1, n2)
+        for side in (None, "greater", "less"):
+            check(a, b, side)
+    fell_back = []
+    for n1, n2, shift in ((3000, 300, 0.3), (10_001, 50, 0.5), (10_001, 20_000, 0.0)):
+        a, b = rng.lognormal(0, 1, n1), rng.lognormal(shift, 1, n2)
+        fell_back += [check(a, b, side) for side in (None, "greater", "less")]
+    assert any(fell_back)  # the exact one-sided distribution overflows at these sizes
+
+
+def test_tool_counts_are_each_runs_calls_in_order():
+    """The design effect's matrix (runs x tools, built from each window's cached calls) is the
+    one counted call by call."""
+    from streams.detect.drift import RunFeatures, _tool_counts, _tool_design_effect, _Window
+
+    rng = np.random.default_rng(3)
+    names = ["search", "fetch", "answer", "lookup", "refund", "z"]
+    windows = []
+    for w in range(6):
+        window = _Window(w)
+        for i in range(int(rng.integers(0, 40))):
+            tools = tuple(rng.choice(names[: 2 + w % 4], size=rng.integers(0, 6)))
+            window.add(f"{w}-{i}", RunFeatures(0, (0.0,) * 5, tools, "success", "none"))
+        windows.append(window)
+    tools = sorted({t for w in windows for r in w.runs.values() for t in r.tools})
+    runs = [r for w in windows for r in w.runs.values()]
+    want = np.zeros((len(runs), len(tools)))
+    for i, run in enumerate(runs):
+        for t in run.tools:
+            want[i, tools.index(t)] += 1
+    got = _tool_counts(windows, tools)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert _tool_design_effect(windows, tools) == design_effect(want)
+    assert _tool_counts([], tools).shape == (0, len(tools))
+
+
+def test_ks_and_emd_of_one_pass_are_each_ones_own():
+    from streams.detect.drift import _emd, _ks_emd
+
+    rng = np.random.default_rng(12)
+    for _ in range(300):
+        a, b = _samples(rng, int(rng.integers(1, 400)), int(rng.integers(1, 80)))
+        for side in (None, "greater", "less"):
+            d, p, emd = _ks_emd(np.sort(a), np.sort(b), side)
+            assert (d, p) == ks(a, b, side) and emd == _emd(a, b)
+
+
+def test_monte_carlo_chi2_counts_each_distinct_draw_as_often_as_drawn(monkeypatch):
+    """The Monte Carlo p-value's count of draws at least as extreme, the statistic computed once
+    per distinct draw, is the count over every draw: the same chi2 p-values, same random draws."""
+    from collections import Counter
+
+    from streams.detect import drift
+
+    calls = []
+
+    def counted(statistic, draws, colors, bar):
+        calls.append(float(np.prod(colors + 1.0)) >= 2.0 ** 62)
+        return distinct(statistic, draws, colors, bar)
+
+    def every_draw(statistic, draws, colors, bar):
+        return int(np.count_nonzero(statistic(draws) >= bar))
+
+    distinct = drift._count_at_least
+    monkeypatch.setattr(drift, "_count_at_least", counted)
+    rng = np.random.default_rng(2)
+    cases = []
+    for i in range(120):
+        k = int(rng.integers(2, 9))
+        ref = Counter({f"c{j}": int(rng.integers(0, 400 if j < 2 else 12)) for j in range(k)})
+        cur = Counter({f"c{j}": int(rng.integers(0, 60 if j < 2 else 6)) for j in range(k + int(rng.integers(0, 2)))})
+        cases.append((ref, cur, float(rng.choice([1.0, 1.7, 3.3]))))
+    # 12 categories of ~530 runs and a rare one: ~531 ** 12 tables, more than int64 codes
+    cases.append((Counter({**{f"c{j}": 500 for j in range(12)}, "z": 1}),
+                  Counter({**{f"c{j}": 30 for j in range(12)}, "c0": 80}), 1.0))
+    for ref, cur, deff in cases:
+        got = drift.chi2(ref, cur, design_effect=deff, mc_draws=3_000, mc_below=0.5, rng=np.random.default_rng(7))
+        with monkeypatch.context() as m:
+            m.setattr(drift, "_count_at_least", every_draw)
+            want = drift.chi2(ref, cur, design_effect=deff, mc_draws=3_000, mc_below=0.5,
+                              rng=np.random.default_rng(7))
+        assert got == want
+    assert len(calls) > 20 and calls[-1]  # the Monte Carlo branch, and codes that would overflow

@@ -201,3 +201,59 @@ def test_a_new_cluster_alert_resolves_once_the_cluster_goes_quiet():
         later += model.update([ok(i, t0 + 10 * 60_000 + i * 60_000)])[1]
     assert [(a["evidence"]["condition"], a["status"]) for a in later] == [("new", "resolved")]
     assert later[0]["fingerprint"] == alerts[0]["fingerprint"] and later[0]["alert_id"] != alerts[0]["alert_id"]
+
+
+def test_a_signature_seen_before_keeps_the_vector_it_would_get_now(monkeypatch):
+    """_learn reuses each signature's vector: it is the row _vectorise gives it, however the
+    batches were cut and whichever signatures shared them, and the kept ones stay bounded."""
+    import numpy as np
+
+    from streams.detect import failures
+    from streams.detect.failures import _fields, _row
+
+    monkeypatch.setattr(failures, "_REMEMBERED_VECTORS", 8)
+    messages = ["order #1 not found", "timeout after 30s calling https://x.io/a", "quota exceeded",
+                "No such file: 'a.py'", "", "refund of $3 exceeds limit"]
+    runs = [run(f"r{i}", message=messages[i % 6], tool_path=("a", "b")[: i % 3], loop_detected=i % 7 == 0,
+                error_type=("not_found", "timeout", "")[i % 3], outcome=("failure", "timeout")[i % 2])
+            for i in range(60)]
+    fields = [_fields(r) for r in runs]
+    whole = FailureClusterer()._vectorise(fields)
+    clusterer = FailureClusterer()
+    clusterer._ensure_state()
+    got = []
+    for cut in (0, 1, 9, 10, 33, 60):
+        got += clusterer._vectors(fields[len(got):cut])
+        assert len(clusterer.vectors_) <= 8
+    assert len(got) == len(runs)
+    for i, (features, values) in enumerate(got):
+        want_features, want_values = _row(whole, i)
+        assert np.array_equal(features, want_features) and np.array_equal(values, want_values)
+
+
+def test_a_signature_placed_before_finds_the_same_centroids(monkeypatch):
+    """An agent's centroids look a signature's feature columns up once; clusters, assignments
+    and centroid sums are those of looking them up for every run."""
+    import numpy as np
+
+    from streams.detect import failures
+
+    messages = ["order #1 not found", "timeout after 30s calling https://x.io/a", "quota exceeded for key k1",
+                "No such file: 'a.py'", "", "refund of $3 exceeds limit", "upstream 503 from payments"]
+    runs = [run(f"r{i}", T0 + i * 7_000, agent=("a", "b")[i % 2], message=messages[(i * i) % 7],
+                tool_path=("lookup", "refund", "search")[: 1 + i % 3], error_type=("not_found", "timeout", "")[i % 3],
+                outcome=("failure", "timeout", "success")[i % 3 if i % 5 else 0]) for i in range(400)]
+
+    def learn(clusterer):
+        out = [clusterer.update(runs[i:i + 37]) for i in range(0, len(runs), 37)]
+        return out, {agent: space.sums[: space.k].copy() for agent, space in clusterer.centroids_.items()}
+
+    placed = learn(FailureClusterer())
+    with monkeypatch.context() as m:
+        for name in ("similarities", "add"):
+            plain = getattr(failures._Centroids, name)
+            m.setattr(failures._Centroids, name, lambda self, *args, _plain=plain: _plain(self, *args[:-1]))
+        looked_up = learn(FailureClusterer())
+    assert placed[0] == looked_up[0]
+    assert placed[1].keys() == looked_up[1].keys()
+    assert all(np.array_equal(placed[1][a], looked_up[1][a]) for a in placed[1])

@@ -93,3 +93,37 @@ def test_restored_windows_are_whole_and_final_ones_stay_final():
     assert row["runs"] == 3  # the restored runs are counted with the new one
     assert windows.apply([run_row("late", T0 + 1 * MIN)], 0, T0, now_ms=2) == []
     assert windows.late_runs == 1
+
+
+def test_a_window_row_is_its_runs_summed_afresh_after_every_run():
+    """The running counts and sorted durations of a window, through runs re-emitted with more
+    events (which replace their facts) and stale re-emissions (ignored), give the row computed
+    from the runs it holds."""
+    from streams.detect.metrics import Window
+
+    rng = np.random.default_rng(8)
+    window = Window("bot", "v1", T0, T0 + 5 * MIN)
+    held: dict[str, dict] = {}
+    for i in range(400):
+        run_id = f"r{rng.integers(0, 120)}"
+        row = {"run_id": run_id, "outcome": rng.choice(["success", "failure", "timeout"]),
+               "cost_usd": float(rng.lognormal(-4, 1)), "duration_ms": int(rng.choice([5, 100, rng.integers(1, 10**7)])),
+               "loop_detected": bool(rng.random() < 0.1), "tool_calls": int(rng.integers(0, 9)),
+               "tool_errors": int(rng.integers(0, 3)), "input_tokens": int(rng.integers(0, 9_000)),
+               "output_tokens": int(rng.integers(0, 900)), "version": int(rng.integers(0, 6))}
+        if window.add(row):
+            held[run_id] = row
+        facts = list(held.values())
+        durations = sorted(float(r["duration_ms"]) for r in facts)
+        got = window.row(final=False, version=1, updated_at=2)
+        assert got["p95_duration_ms"] == quantile(durations, 0.95)
+        assert got["p50_duration_ms"] == quantile(durations, 0.50) and window.durations == durations
+        successes = sum(r["outcome"] == "success" for r in facts)
+        want = {"runs": len(facts), "successes": successes, "timeouts": sum(r["outcome"] == "timeout" for r in facts),
+                "cost_usd": sum(float(r["cost_usd"]) for r in facts),
+                "loop_rate": ratio(sum(r["loop_detected"] for r in facts), len(facts)),
+                "tool_calls": sum(r["tool_calls"] for r in facts), "tool_errors": sum(r["tool_errors"] for r in facts),
+                "input_tokens": sum(r["input_tokens"] for r in facts),
+                "output_tokens": sum(r["output_tokens"] for r in facts)}
+        assert {key: got[key] for key in want} == want
+        assert all(type(got[key]) is type(want[key]) for key in want)

@@ -282,3 +282,69 @@ def test_a_restart_keeps_inferred_roles_and_each_canary_analysis():
         assert {key: c.since for key, c in after.canaries.items()} == {key: c.since for key, c in live.canaries.items()}
         decided = {key: c.decided_at is not None for key, c in after.canaries.items()}
         assert decided[("support-bot", "v1.6.0-rc1", "v1.4.2")], f"restart after {cut} batches"
+
+
+def test_the_kept_stable_version_is_the_one_computed_afresh():
+    """Rollouts.stable keeps its answer until something it reads changes: after every step of
+    random histories (late runs, gaps of windows, near-even versions, takeovers, deployments,
+    restores), it answers what a Rollouts that computes it every time answers, in the same state."""
+    import random
+
+    for seed in range(12):
+        rng = random.Random(seed)
+        kept, fresh = Rollouts(WINDOW), Rollouts(WINDOW)
+        newest = T0
+        for i in range(700):
+            step = rng.random()
+            if step < 0.9:
+                newest += rng.choice((0, 5_000, 30_000, 90_000, WINDOW, 3 * WINDOW + 1, 4 * WINDOW))
+                late = rng.choice((0, 0, 0, WINDOW, 2 * WINDOW, 3 * WINDOW, 5 * WINDOW))
+                version = rng.choice(("v1", "v2", "v2", "v3") if (i // 200) % 2 else ("v1", "v1", "v2", "v3"))
+                r = run(i, version, newest - late, duration=rng.choice((100, 50_000, 900_000)))
+                kept.observe(r)
+                fresh.observe(r)
+            elif step < 0.93:
+                first = newest - rng.randrange(10 * WINDOW)
+                version = rng.choice(("v1", "v2", "v3"))
+                kept.restore("bot", version, first)
+                fresh.restore("bot", version, first)
+            elif step < 0.94:
+                kept.infer("bot", "v2")
+                fresh.infer("bot", "v2")
+            elif step < 0.95 and seed % 3 == 0:
+                event = {"agent_id": "bot", "version": rng.choice(("v1", "v2", "v3")),
+                         "role": "stable" if i > 600 else "canary", "traffic_pct": 10, "ts": newest}
+                kept.deploy(event)
+                fresh.deploy(event)
+            fresh.agents["bot"].known = False
+            assert kept.stable("bot") == fresh.stable("bot"), (seed, i)
+            version = rng.choice(("v1", "v2", "v3"))
+            assert kept.canary_since("bot", version) == fresh.canary_since("bot", version)
+            assert kept.agents["bot"].inferred == fresh.agents["bot"].inferred
+
+
+def test_the_kept_stable_version_sees_late_runs_and_forgotten_windows():
+    """What changes the inferred stable version without a new newest window: a late run into a
+    settled window that completes a takeover, and a settled window forgotten as the newest run
+    moves on within its window."""
+    late = Rollouts(WINDOW)
+    for i in range(3):
+        late.observe(run(i, "v1", T0 + 1_000 + i))
+    late.observe(run(3, "v1", T0 + 2 * WINDOW + 1_000))
+    assert late.stable("bot") == "v1"
+    for i in range(9):
+        late.observe(run(10 + i, "v2", T0 + WINDOW + 1_000 + i))
+    late.observe(run(4, "v1", T0 + 3 * WINDOW + 1_000))
+    assert late.stable("bot") == "v1"  # 9 runs of v2 in the settled windows: not yet a takeover
+    late.observe(run(19, "v2", T0 + WINDOW + 2_000))  # late, into a settled window: the 10th
+    assert late.stable("bot") == "v2"
+
+    forgotten = Rollouts(WINDOW)
+    for i in range(20):
+        forgotten.observe(run(i, "v2", T0 + 1_000 + i))
+    for i in range(12):
+        forgotten.observe(run(100 + i, "v1", T0 + WINDOW + 1_000 + i))
+    forgotten.observe(run(200, "v1", T0 + 5 * WINDOW))
+    assert forgotten.stable("bot") == "v2"
+    forgotten.observe(run(201, "v1", T0 + 5 * WINDOW + 1_000))  # the first window is forgotten
+    assert forgotten.stable("bot") == "v1"
