@@ -107,6 +107,8 @@ class Settings(BaseSettings):
         "lz4", description="compression of the messages Trackside's stages send (hand-overs, runs, alerts)")
     handover_retry_max_seconds: float = Field(
         30.0, gt=0, description="cap of the backoff while the broker refuses the sink's messages")
+    drain_seconds: float = Field(
+        30.0, ge=0, description="on stop, longest the sink keeps landing what the embedded broker holds")
     pipeline_lag_alert_seconds: float = Field(
         60.0, gt=0, description="a processor stage this far behind what was handed to it raises a `pipeline` alert")
 

@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable, Iterator
 
@@ -45,6 +46,21 @@ DATA_ERROR_CODES = frozenset({
     407, 469, 691,  # DECIMAL_OVERFLOW, VIOLATED_CONSTRAINT, UNKNOWN_ELEMENT_OF_ENUM
 })
 _ERROR_CODE = re.compile(r"\bCode: (\d+)\.")
+
+
+# A drain at shutdown ends once the broker has handed over nothing for this long.
+DRAIN_QUIET_S = 1.0
+
+
+@dataclass
+class Drain:
+    """What the sink landed after the processors stopped, before the embedded broker stops."""
+
+    began: float
+    deadline: float
+    landed: int = 0  # messages
+    emptied: bool = False  # nothing came for DRAIN_QUIET_S; else the deadline ended it
+    seconds: float = 0.0
 
 
 def now_ms() -> int:
@@ -173,6 +189,8 @@ class StoreSink:
         self._handovers = Handovers(self._producer, settings.handover_retry_max_seconds)
         self.watch = PipelineWatch(settings.pipeline_lag_alert_seconds)
         self._watched = 0.0
+        self._drain: Drain | None = None
+        self._wake = threading.Event()
         self._handlers: dict[str, Callable[[list[Message]], None]] = {
             topics.AGENT_EVENTS.name: self._ingest_events,
             topics.AGENT_DEPLOYMENTS.name: self._ingest_deployments,
@@ -185,15 +203,53 @@ class StoreSink:
 
     def run(self) -> None:
         self._consumer.subscribe(list(self._handlers), on_assign=lambda *_: self.assigned.set())
+        quiet_since = time.monotonic()
         try:
             while not self.stop.is_set():
+                if self._wake.is_set():
+                    self._wake.clear()
+                    self._wake_assemblers()
                 messages = self._consumer.consume(self.settings.ingest_batch_max, self.settings.ingest_poll_seconds)
                 if messages:
                     self.process(messages)
+                    quiet_since = time.monotonic()
+                    if self._drain is not None:
+                        self._drain.landed += len(messages)
+                elif self._drain is not None and time.monotonic() - max(quiet_since, self._drain.began) >= DRAIN_QUIET_S:
+                    self._drain.emptied = True
+                    break
+                if self._drain is not None and time.monotonic() >= self._drain.deadline:
+                    break
                 self._watch_pipeline()
         finally:
             self._producer.flush(10)
             self._consumer.close()
+
+    def wake_assemblers(self) -> None:
+        """Have every assembler partition rebuild its state from the store now (see `run`)."""
+        self._wake.set()
+
+    def _wake_assemblers(self) -> None:
+        # An assembler partition rebuilds its runs from the store when it first sees a batch.
+        # After the embedded broker started afresh, no batch may come for a long time, and the
+        # runs whose events were all landed before the stop would wait for new traffic: an empty
+        # batch to each partition rebuilds them now, and the runs that had ended are sent on.
+        for partition in range(self.settings.partitions):
+            handed = now_ms()
+            self._handovers.produce(topics.EVENT_BATCHES.name, EventBatch(partition, []).encode(), partition=partition,
+                                    timestamp=handed)
+            self.watch.handed("assemble_runs", partition, handed)
+
+    def drain(self, thread: threading.Thread, seconds: float) -> Drain:
+        """Keep landing what the broker holds until nothing came for DRAIN_QUIET_S, or for at
+        most `seconds`, then stop: the embedded broker forgets what it holds when it stops.
+        `thread` runs `run`; returns what the drain did once it has ended."""
+        began = time.monotonic()
+        self._drain = Drain(began=began, deadline=began + seconds)
+        thread.join(seconds + 30)  # a poll being landed finishes first
+        self.stop.set()
+        self._drain.seconds = time.monotonic() - began
+        return self._drain
 
     def process(self, messages: list[Message]) -> None:
         """Handle one poll's messages and commit their offsets once everything is landed."""

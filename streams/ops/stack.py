@@ -92,6 +92,8 @@ class Stack:
         for worker in self.workers:
             worker.start()
         self._wait_ready(ready_timeout)
+        if self.broker is not None:
+            self.sink.wake_assemblers()  # the fresh broker redelivers nothing: runs come back from the store
         self._started = True
 
     def _lock(self) -> None:
@@ -187,7 +189,16 @@ class Stack:
             step("forwarder")
         if self.metrics is not None:
             self.metrics.stop()
-        if self.sink is not None:
+        if self.sink is not None and self._sink_thread is not None:
+            if self.broker is not None and self._sink_thread.is_alive():
+                # The embedded broker keeps nothing when it stops: land what it holds first.
+                drain = self.sink.drain(self._sink_thread, self.settings.drain_seconds)
+                if drain.emptied:
+                    log.info("drained %d messages into the store in %.1f s", drain.landed, drain.seconds)
+                else:
+                    log.warning("stopped draining after %.0f s (TRACKSIDE_DRAIN_SECONDS) with messages still "
+                                "arriving: %d landed, what the broker still holds is lost with it",
+                                drain.seconds, drain.landed)
             self.sink.stop.set()
             self._sink_thread.join(30)
             step("sink")

@@ -19,8 +19,8 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.integration
 
 
-def _fleet(seed: int, runs: int = 200, canary: CanarySpec | None = None) -> tuple[list[dict], dict]:
-    events = list(simulate(FleetConfig(seed=seed, runs=runs, price_fn=genai_prices_fn, canary=canary)))
+def _fleet(seed: int, runs: int = 200, canary: CanarySpec | None = None, **config) -> tuple[list[dict], dict]:  # noqa: ANN003
+    events = list(simulate(FleetConfig(seed=seed, runs=runs, price_fn=genai_prices_fn, canary=canary, **config)))
     return events, truth(events, price_fn=genai_prices_fn)
 
 
@@ -132,5 +132,37 @@ def test_up_recovers_after_kill_9(tmp_path):
         events, expected = _fleet(seed=23)
         _publish(stack, events)
         assert stack.wait_for_count("SELECT count() FROM runs", len(expected["runs"])) == len(expected["runs"])
+    finally:
+        assert stack.stop() == 0
+
+
+def test_a_clean_stop_lands_what_the_embedded_broker_still_holds(tmp_path):
+    # A fleet published much faster than the sink lands it (small polls, each one committed),
+    # then SIGTERM at once: the broker keeps nothing when it stops, so `up` lands its backlog
+    # before it stops the broker.
+    events, expected = _fleet(seed=24, runs=2_000)
+    stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_INGEST_BATCH_MAX": "100"})
+    stack.start()
+    try:
+        _publish(stack, events)  # every event acknowledged by the broker
+        backlog = len(events) - stack.count("SELECT count() FROM events")
+    finally:
+        assert stack.stop() == 0
+    stopping = stack.output.read_text()
+    assert backlog > len(events) // 4, "the sink kept up: nothing was left to drain"
+    stack.start()
+    try:
+        assert stack.count("SELECT count() FROM events") == len({event["event_id"] for event in events})
+        assert "into the store in" in stopping, stopping[-1500:]  # the drain's log line
+        # The runs come back from the stored events, without new traffic for the ones that
+        # ended (the assemblers are woken at start) ...
+        ended = {run_id for run_id, run in expected["runs"].items() if run["outcome"] != "timeout"}
+        wait_until(lambda: {row["run_id"] for row in stack.query("SELECT run_id FROM runs")}, 90,
+                   "the runs that ended before the stop", done=lambda landed: ended <= landed)
+        # ... and the ones that time out once event time moves on (a later fleet)
+        later, later_expected = _fleet(seed=25, runs=200, start_ms=DEFAULT_START_MS + 6 * 3_600_000)
+        _publish(stack, later)
+        want = len(expected["runs"]) + len(later_expected["runs"])
+        assert stack.wait_for_count("SELECT count() FROM runs", want) == want
     finally:
         assert stack.stop() == 0
