@@ -18,6 +18,7 @@ from streams.detect.loops import LoopPolicy
 
 if TYPE_CHECKING:
     from streams.detect.policy import Policy
+    from streams.store.clickhouse import QueryLimits
 
 # Kafka settings with a field of their own; any other TRACKSIDE_KAFKA_* variable is passed
 # to librdkafka as is (TRACKSIDE_KAFKA_SOCKET_KEEPALIVE_ENABLE -> socket.keepalive.enable).
@@ -95,6 +96,11 @@ class Settings(BaseSettings):
     # Lifecycle: canary analysis and budgets (streams/detect/policy.py, example: infra/policy.toml).
     policy_file: str = Field("", description="TOML policy file; empty: the built-in defaults")
 
+    # People's queries (`trackside sql`, saved queries, the console): each one bounded.
+    query_max_seconds: int = Field(60, ge=1, description="a person's query is stopped after this long")
+    query_max_memory_bytes: int = Field(4_000_000_000, ge=1, description="memory one person's query may use")
+    query_max_threads: int = Field(1, ge=1, description="threads one person's query may use (the pipeline keeps the rest)")
+
     # Ingest and sink.
     ingest_batch_max: int = Field(20000, ge=1, description="most messages the ingest stage takes in one poll")
     ingest_poll_seconds: float = Field(0.05, gt=0, description="longest wait of one poll")
@@ -146,6 +152,12 @@ class Settings(BaseSettings):
     @property
     def store_url_redacted(self) -> str:
         return redact_url(self.store_url)
+
+    @property
+    def query_limits(self) -> "QueryLimits":
+        from streams.store.clickhouse import QueryLimits
+
+        return QueryLimits(self.query_max_seconds, self.query_max_memory_bytes, self.query_max_threads)
 
     @property
     def store_is_embedded(self) -> bool:

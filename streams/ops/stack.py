@@ -207,6 +207,12 @@ class Stack:
                 self.service.stop()
                 step("query service")
             try:
+                killed = self.store.cancel_queries()
+                if killed:
+                    log.info("stopped %d query(ies) still running", killed)
+            except Exception as error:  # a store that is down must not block the shutdown
+                log.warning("could not stop the queries still running: %s", error)
+            try:
                 self.store.optimize()
             except Exception as error:  # a store that is down must not block the shutdown
                 log.warning("could not merge duplicate rows at shutdown: %s", error)

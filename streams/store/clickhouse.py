@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import threading
+from dataclasses import dataclass
 import urllib.error
 import urllib.request
 from functools import cached_property
@@ -40,6 +41,8 @@ READ_ONLY_STATEMENTS = ("SelectWithUnionQuery", "SelectQuery", "Show", "Describe
 # The connection for reads: ClickHouse refuses every write on it. (2, not 1: a query may still
 # set its own settings, FINAL and output formats included, but never `readonly` itself.)
 READER_SETTINGS = {"readonly": 2}
+# A person's query may lower its own bounds (QueryLimits), not lift them (0 is "no bound").
+BOUNDED_SETTING = re.compile(r"\b(max_execution_time|max_memory_usage|max_threads)\s*=\s*([^,\s]+)", re.IGNORECASE)
 # Statements remembered as read-only (the oldest forgotten first).
 CHECKED_STATEMENTS = 1024
 # Table functions a read may use: they make rows up or read this store's own tables. Every other
@@ -68,19 +71,39 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class Store:
-    """A clickhouse-connect client for one database; thread-safe (chdb is not re-entrant)."""
+@dataclass(frozen=True)
+class QueryLimits:
+    """What one person's query may use (`trackside sql`, saved queries, the console): a heavy
+    one is stopped with a clear error instead of starving the pipeline of cores and memory."""
 
-    def __init__(self, url: str, database: str, *, cluster: str = "") -> None:
+    seconds: int = 60
+    memory_bytes: int = 4_000_000_000
+    threads: int = 1
+
+    def settings(self) -> dict[str, int]:
+        return {"max_execution_time": self.seconds, "max_memory_usage": self.memory_bytes, "max_threads": self.threads}
+
+
+class Store:
+    """A clickhouse-connect client for one database; thread-safe (chdb is not re-entrant).
+
+    Three clients on the one store (chdb included: each has its own session), each behind its
+    own lock, so that none waits for another: the writer (the sink), the reader of Trackside's
+    own reads (recovery), and the reader of people's queries, which runs under `QueryLimits`.
+    """
+
+    def __init__(self, url: str, database: str, *, cluster: str = "", limits: QueryLimits = QueryLimits()) -> None:
         self.database = database
         self.cluster = cluster
+        self.limits = limits
         self._url = url
         self._lock = threading.RLock()  # the writer's
-        self._read_lock = threading.RLock()  # the reader's: reads never wait for writes, nor writes for reads
-        self._checked: dict[str, None] = {}  # statements found read-only, newest last
+        self._read_lock = threading.RLock()  # Trackside's own reads: never wait for writes, nor writes for reads
+        self._people_lock = threading.RLock()  # people's queries: a long one holds up no other client
+        self._checked: dict[tuple[bool, str], None] = {}  # (person, statement) found read-only, newest last
         self.client = self._connect()
-        # A second client on the same store, chdb included (each has its own session).
         self.reader = self._connect_reader()
+        self.people = self._connect_reader(limits.settings())
         self._use_database()
 
     def _connect(self, settings: dict | None = None) -> Any:
@@ -89,15 +112,16 @@ class Store:
         except Exception as error:  # clickhouse-connect raises several types; keep the URL's secret out
             raise StoreError(f"cannot open the store: {type(error).__name__}: {_scrub(str(error), self._url)}") from None
 
-    def _connect_reader(self) -> Any:
-        """The client reads go through: FINAL on, and ClickHouse itself refuses writes on it."""
+    def _connect_reader(self, limits: dict[str, int] | None = None) -> Any:
+        """A client for reads: FINAL on, ClickHouse itself refuses writes on it, and `limits`."""
+        settings = {**QUERY_SETTINGS, **(limits or {}), **READER_SETTINGS}
         if not self.embedded:  # a server takes a request's settings with the request, at no cost
-            return self._connect({**QUERY_SETTINGS, **READER_SETTINGS})
+            return self._connect(settings)
         # chdb applies per-query settings by reading, setting and restoring each one around every
         # query (~5 ms a query, measured); settings of the session itself cost nothing per query.
         # readonly last: after it, nothing changes it.
         reader = self._connect()
-        for name, value in {**QUERY_SETTINGS, **READER_SETTINGS}.items():
+        for name, value in settings.items():
             reader.command(f"SET {name} = {int(value)}")
         return reader
 
@@ -105,7 +129,7 @@ class Store:
         # Unqualified names (`SELECT count() FROM events`) then mean the Trackside tables.
         exists = self.client.command("SELECT count() FROM system.databases WHERE name = {db:String}", parameters={"db": self.database})
         if int(exists):
-            self.client.database = self.reader.database = self.database
+            self.client.database = self.reader.database = self.people.database = self.database
 
     @property
     def embedded(self) -> bool:
@@ -124,18 +148,23 @@ class Store:
             return self.reader.query_arrow(sql, parameters=parameters)
 
     def query_raw(
-        self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True, parameters: dict | None = None
+        self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True, parameters: dict | None = None,
+        person: bool = True,
     ) -> bytes:
         """The result of any SQL in any ClickHouse output format, as the server writes it.
 
-        `readonly` (the default): one statement that only reads the store, run on the reader.
+        `readonly` (the default): one statement that only reads the store, run on a reader:
+        a person's (the default) under `self.limits`, Trackside's own (`person=False`) without.
         `parameters` bind `{name:Type}` placeholders server-side: values never become SQL text.
         """
         try:
             if readonly:
                 with self._read_lock:
-                    self._check_reads_only(sql, parameters)
-                    return self.reader.raw_query(sql, parameters=parameters, fmt=fmt)
+                    self._check_reads_only(sql, parameters, person)
+                    if not person:
+                        return self.reader.raw_query(sql, parameters=parameters, fmt=fmt)
+                with self._people_lock:
+                    return self.people.raw_query(sql, parameters=parameters, fmt=fmt)
             with self._lock:
                 return self.client.raw_query(sql, parameters=parameters, settings=QUERY_SETTINGS, fmt=fmt)
         except StoreError:
@@ -143,10 +172,10 @@ class Store:
         except Exception as error:  # the server's message is what the person needs
             raise StoreError(_scrub(str(error), self._url)) from None
 
-    def query_json(self, sql: str, parameters: dict | None = None) -> list[dict]:
-        return _json_rows(self.query_raw(sql, "JSONEachRow", parameters=parameters))
+    def query_json(self, sql: str, parameters: dict | None = None, *, person: bool = True) -> list[dict]:
+        return _json_rows(self.query_raw(sql, "JSONEachRow", parameters=parameters, person=person))
 
-    def _check_reads_only(self, sql: str, parameters: dict | None) -> None:
+    def _check_reads_only(self, sql: str, parameters: dict | None, person: bool = True) -> None:
         """Refuse, before it runs, what the reader would refuse too or what `readonly` lets through.
 
         ClickHouse's own parser reads the text (passed as a value, never as SQL): formatQuery
@@ -155,7 +184,7 @@ class Store:
         not checked again (the console and pollers repeat theirs): parameters are values and
         cannot change what a statement is.
         """
-        if sql in self._checked:
+        if (person, sql) in self._checked:
             return
         try:
             statement = self.reader.query("SELECT formatQuery({sql:String})", parameters={"sql": sql}).result_rows[0][0]
@@ -174,9 +203,23 @@ class Store:
         if outside:
             calls = ", ".join(f"{name}()" for name in outside)
             raise StoreError(f"read-only: {calls} would read files, the network or other servers; a query reads the store only")
-        self._checked[sql] = None
+        if person:
+            self._check_bounds(statement)
+        self._checked[(person, sql)] = None
         if len(self._checked) > CHECKED_STATEMENTS:
             del self._checked[next(iter(self._checked))]
+
+    def _check_bounds(self, statement: str) -> None:
+        bounds = self.limits.settings()
+        for name, value in BOUNDED_SETTING.findall(statement):
+            bound = bounds[name.lower()]
+            try:
+                lifted = not 0 < float(value.strip("'")) <= bound
+            except ValueError:
+                lifted = True
+            if lifted:
+                raise StoreError(f"read-only: a query may lower its own limits, not lift them: {name} = {value} "
+                                 f"(at most {bound}: TRACKSIDE_QUERY_MAX_SECONDS, _MEMORY_BYTES and _THREADS of `up`)")
 
     @cached_property
     def _outside_functions(self) -> frozenset[str]:
@@ -190,6 +233,13 @@ class Store:
         with self._lock:
             self.client.insert_arrow(f"{self.database}.{table}", data)
 
+    def cancel_queries(self) -> int:
+        """Stop every query still running (at shutdown, once nothing writes: people's long
+        queries would hold the stop up to their bound); returns how many."""
+        with self._lock:
+            killed = self.client.query("KILL QUERY WHERE query NOT ILIKE 'KILL QUERY%' SYNC").result_rows
+        return len(killed)
+
     def optimize(self) -> None:
         """Merge replaced rows away, so that even a reader without FINAL sees one row per key."""
         for table in DEDUPLICATED:
@@ -197,9 +247,10 @@ class Store:
                 self.client.command(f"OPTIMIZE TABLE {self.database}.{table} FINAL")
 
     def close(self) -> None:
-        with self._lock, self._read_lock:
+        with self._lock, self._read_lock, self._people_lock:
             self.client.close()
             self.reader.close()
+            self.people.close()
 
     # Migrations.
 
@@ -258,6 +309,7 @@ class QueryService:
                     body = service.store.query_raw(
                         request["sql"], request.get("format", "PrettyCompact"),
                         readonly=request.get("readonly") is not False, parameters=request.get("parameters"),
+                        person=request.get("person") is not False,
                     )
                 except Exception as error:
                     self._reply(400, str(error).encode())
@@ -293,16 +345,18 @@ class QueryService:
 class RemoteStore:
     """Queries an embedded store through the query service of the process that owns it."""
 
-    def __init__(self, port: int, token: str) -> None:
+    def __init__(self, port: int, token: str, *, person: bool = True) -> None:
         self._url = f"http://127.0.0.1:{port}/query"
         self._token = token
+        self._person = person  # False: Trackside's own reads (recovery), not bounded by QueryLimits
 
     def query_raw(
         self, sql: str, fmt: str = "PrettyCompact", *, readonly: bool = True, parameters: dict | None = None
     ) -> bytes:
         request = urllib.request.Request(
             self._url,
-            data=json.dumps({"sql": sql, "format": fmt, "readonly": readonly, "parameters": parameters}).encode(),
+            data=json.dumps({"sql": sql, "format": fmt, "readonly": readonly, "parameters": parameters,
+                             "person": self._person}).encode(),
             headers={"X-Trackside-Token": self._token, "Content-Type": "application/json"},
         )
         try:
@@ -324,7 +378,7 @@ def _json_rows(body: bytes) -> list[dict]:
     return [orjson.loads(line) for line in body.splitlines() if line]
 
 
-def running_service(settings: Settings) -> RemoteStore | None:
+def running_service(settings: Settings, *, person: bool = True) -> RemoteStore | None:
     """The query service of a live `trackside up` on this data dir, if there is one."""
     path = settings.run_dir / SERVICE_FILE
     try:
@@ -333,7 +387,7 @@ def running_service(settings: Settings) -> RemoteStore | None:
         return None
     if not _pid_alive(info.get("pid", -1)):
         return None
-    return RemoteStore(info["port"], info["token"])
+    return RemoteStore(info["port"], info["token"], person=person)
 
 
 def open_store(settings: Settings) -> Store:
@@ -345,17 +399,18 @@ def open_store(settings: Settings) -> Store:
                 "query it with `trackside sql`"
             )
         Path(settings.store_url.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
-    return Store(settings.store_url, settings.database, cluster=settings.cluster)
+    return Store(settings.store_url, settings.database, cluster=settings.cluster, limits=settings.query_limits)
 
 
 def query_store(settings: Settings, *, may_open: bool = True) -> Store | RemoteStore:
     """Something with `query_raw` for this settings' store, whether or not `up` runs.
 
     `may_open=False` is for processes of a running stack: they must never open its embedded
-    store themselves (that would lock the owner out), only go through its query service.
+    store themselves (that would lock the owner out), only go through its query service, and
+    their reads are Trackside's own (not bounded by `QueryLimits`).
     """
     if settings.store_is_embedded:
-        remote = running_service(settings)
+        remote = running_service(settings, person=may_open)
         if remote is not None:
             return remote
         if not may_open:

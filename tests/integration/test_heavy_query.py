@@ -1,0 +1,68 @@
+"""A person's heavy query beside the live pipeline (issue 12.2): it runs on a reader of its own,
+bounded in time, memory and threads, and holds up neither the sink's writes nor Trackside's own
+reads: a loop alert goes out while it runs, and the query is stopped at its bound."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from streams.store.clickhouse import running_service
+from tests.conftest import RunningStack
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_793_600_000_000
+HEAVY = "SELECT count() FROM numbers(1000000000000) WHERE NOT ignore(cityHash64(number))"
+
+
+def _loop_run(port: int) -> None:
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{port}"})
+    for n, kind in enumerate(["run_start", "tool_call", "tool_call", "tool_call"]):
+        event = {"event_id": f"stall-{n}", "ts": T0 + n * 1000, "type": kind, "run_id": "stall-run",
+                 "agent_id": "looper", "agent_version": "v1"}
+        if kind == "tool_call":
+            event.update(tool="lookup_order", args={"order": 42})
+        producer.produce("agent.events", value=orjson.dumps(event), key=b"stall-run")
+    assert producer.flush(10) == 0
+
+
+def test_a_heavy_query_holds_up_no_alert_and_is_stopped_at_its_bound(tmp_path):
+    stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_QUERY_MAX_SECONDS": "20"})
+    stack.start()
+    try:
+        # a query may lower its own bounds, not lift them
+        assert stack.cli("sql", "SELECT 1 SETTINGS max_threads = 1, max_execution_time = 5").returncode == 0
+        for lifted in ("max_threads = 8", "max_threads = 0", "max_execution_time = 3600", "max_memory_usage = 0"):
+            refused = stack.cli("sql", f"SELECT 1 SETTINGS {lifted}", check=False)
+            assert refused.returncode != 0 and b"not lift them" in refused.stderr, lifted
+
+        heavy: dict = {}
+
+        def run_heavy() -> None:
+            heavy["result"] = stack.cli("sql", HEAVY, check=False)
+            heavy["ended"] = time.monotonic()
+
+        runner = threading.Thread(target=run_heavy)
+        runner.start()
+        own = running_service(stack.settings, person=False)  # Trackside's own reads, as recovery's
+        wait_until(lambda: own.query_json("SELECT count() AS n FROM system.processes WHERE query LIKE '%cityHash64%' "
+                                          "AND query NOT LIKE '%system.processes%'"), 20,
+                   "the heavy query to run", done=lambda rows: int(rows[0]["n"]) == 1)
+        _loop_run(stack.port)
+        wait_until(lambda: [a for a in stack.on_topic("trackside.alerts") if a["run_id"] == "stall-run"], 20,
+                   "the loop alert while the heavy query runs", done=bool)
+        assert runner.is_alive(), "the heavy query ended before the alert came: this test proves nothing"
+        # the sink's writes landed meanwhile, and Trackside's own reads see them
+        assert own.query_json("SELECT count() AS n FROM events WHERE run_id = 'stall-run'") == [{"n": 4}]
+        runner.join(60)
+        result: subprocess.CompletedProcess = heavy["result"]
+        assert result.returncode != 0 and b"TIMEOUT_EXCEEDED" in result.stderr, result.stderr[-500:]
+    finally:
+        assert stack.stop() == 0
