@@ -64,6 +64,9 @@ _DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
     "STORE_RETRYING": (Gauge, "trackside_store_retrying",
                        "1 while the store refuses writes and the sink is retrying, else 0",
                        {"multiprocess_mode": "livemax"}),
+    "BROKER_RESIDENT_BYTES": (Gauge, "trackside_broker_resident_bytes",
+                              "Resident memory of the embedded broker (it keeps every message in memory)",
+                              {"multiprocess_mode": "livemax"}),
     "STAGE_LAG_SECONDS": (Gauge, "trackside_stage_lag_seconds",
                           ("Per processor stage: age of the oldest message handed to it that it has not processed "
                            "(0 when caught up), as the store sink sees it"),

@@ -10,6 +10,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import orjson
@@ -61,6 +62,19 @@ class Drain:
     landed: int = 0  # messages
     emptied: bool = False  # nothing came for DRAIN_QUIET_S; else the deadline ended it
     seconds: float = 0.0
+
+
+def _resident_bytes(pid_file: Path) -> int | None:
+    """Resident memory of the process a pid file names (`streams.ops.broker.Child`), if it runs."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, ValueError, IndexError):
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def now_ms() -> int:
@@ -294,6 +308,10 @@ class StoreSink:
             if age is not None:
                 telemetry.STAGE_LAST_MESSAGE_AGE_SECONDS.labels(stage).set(age / 1000)
         alerts = self.watch.check(now)
+        broker = _resident_bytes(self.settings.run_dir / "broker.pid")
+        if broker is not None:  # the embedded broker's
+            telemetry.BROKER_RESIDENT_BYTES.set(broker)
+            alerts += self.watch.check_broker(broker, self.settings.broker_memory_alert_bytes, now)
         for alert in alerts:
             log.warning("%s: %s", alert["status"], alert["summary"])
             self._handovers.produce(topics.ALERTS.name, orjson.dumps(alert), key=alert["fingerprint"].encode())

@@ -1,5 +1,5 @@
-"""How far each faust stage is behind what was handed to it, measured by the store sink, which sees both.
-How lag is measured and when it alerts: streams/ops/README.md, "The pipeline watch"."""
+"""How far each faust stage is behind what was handed to it, measured by the store sink, which sees both;
+and the embedded broker's memory. How and when it alerts: streams/ops/README.md, "The pipeline watch"."""
 
 from __future__ import annotations
 
@@ -62,3 +62,21 @@ class PipelineWatch:
                 alerts.append(cleared(firing, now_ms))
                 del self._firing[stage]
         return alerts
+
+    def check_broker(self, resident_bytes: int, bound_bytes: int, now_ms: int) -> list[dict]:
+        """The `pipeline` alert about the embedded broker's memory that starts or ends now: it
+        keeps every message in memory (no retention), so it grows until `up` restarts."""
+        firing = self._firing.get("broker")
+        if firing is None and bound_bytes and resident_bytes > bound_bytes:
+            self._firing["broker"] = firing = make_alert(
+                kind="pipeline", severity="warning", status=FIRING, fingerprint=fingerprint("pipeline", "broker-memory"),
+                ts=now_ms, agent_id="",
+                summary=f"the embedded broker holds {resident_bytes / 1e6:,.0f} MB (bound {bound_bytes / 1e6:,.0f} MB): "
+                        "it keeps every message in memory until `trackside up` restarts",
+                evidence={"resident_bytes": resident_bytes, "bound_bytes": bound_bytes},
+                episode=str(now_ms))
+            return [firing]
+        if firing is not None and resident_bytes <= bound_bytes:
+            del self._firing["broker"]
+            return [cleared(firing, now_ms)]
+        return []

@@ -9,9 +9,9 @@ import os
 import re
 import secrets
 import threading
-from dataclasses import dataclass
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources.abc import Traversable
@@ -234,8 +234,11 @@ class Store:
             self.client.insert_arrow(f"{self.database}.{table}", data)
 
     def cancel_queries(self) -> int:
-        """Stop every query still running (at shutdown, once nothing writes: people's long
-        queries would hold the stop up to their bound); returns how many."""
+        """Stop every query still running in an embedded store (at shutdown, once nothing
+        writes: people's long queries would hold the stop up to their bound); returns how many.
+        A server's queries are other clients' too: they are left alone."""
+        if not self.embedded:
+            return 0
         with self._lock:
             killed = self.client.query("KILL QUERY WHERE query NOT ILIKE 'KILL QUERY%' SYNC").result_rows
         return len(killed)

@@ -89,3 +89,23 @@ def test_a_stopped_stage_raises_a_pipeline_alert_resolved_when_it_catches_up(tmp
                    30, "every pipeline alert resolved", done=lambda still_firing: still_firing == 0)
     finally:
         assert stack.stop() == 0
+
+
+def test_the_embedded_brokers_memory_is_in_metrics_and_alerts_past_its_bound(tmp_path):
+    stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_BROKER_MEMORY_ALERT_BYTES": "1000000"})  # 1 MB: passed at once
+    stack.start()
+    try:
+        broker = int((stack.data_dir / "run/broker.pid").read_text().split()[0])
+        resident = wait_until(
+            lambda: next((float(line.split()[-1]) for line in stack.metrics().splitlines()
+                          if line.startswith("trackside_broker_resident_bytes ")), None),
+            30, "the broker's memory in /metrics", done=lambda value: value is not None and value > 1e6)
+        with open(f"/proc/{broker}/status") as status:  # the figure is the broker's own VmRSS
+            vm_rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+        assert 0.5 < resident / vm_rss < 2
+        (firing,) = wait_until(
+            lambda: [a for a in stack.on_topic("trackside.alerts") if a["kind"] == "pipeline"
+                     and a["evidence"].get("bound_bytes") == 1_000_000], 30, "the broker memory alert")
+        assert firing["status"] == "firing" and firing["evidence"]["resident_bytes"] > 1_000_000
+    finally:
+        assert stack.stop() == 0

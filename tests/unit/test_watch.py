@@ -36,3 +36,14 @@ def test_a_stopped_stage_fires_once_and_resolves_when_it_catches_up():
     assert resolved["status"] == "resolved" and resolved["fingerprint"] == firing["fingerprint"]
     assert resolved["alert_id"] != firing["alert_id"]
     assert watch.check(T + 62_000) == []
+
+
+def test_the_broker_memory_alert_fires_once_and_resolves_below_its_bound():
+    watch = PipelineWatch(60)
+    assert watch.check_broker(900, 1_000, 1) == []
+    (firing,) = watch.check_broker(1_200, 1_000, 2)
+    assert (firing["kind"], firing["status"], firing["evidence"]["resident_bytes"]) == ("pipeline", "firing", 1_200)
+    assert watch.check_broker(1_500, 1_000, 3) == []  # still firing: not sent again
+    (resolved,) = watch.check_broker(800, 1_000, 4)
+    assert resolved["status"] == "resolved" and resolved["fingerprint"] == firing["fingerprint"]
+    assert watch.check_broker(10**12, 0, 5) == []  # 0: off
