@@ -60,7 +60,8 @@ class Drain:
     began: float
     deadline: float
     landed: int = 0  # messages
-    emptied: bool = False  # nothing came for DRAIN_QUIET_S; else the deadline ended it
+    emptied: bool = False  # nothing came for DRAIN_QUIET_S; else the deadline ended it, or:
+    stuck: str = ""  # why nothing could land (the drain ended at once)
     seconds: float = 0.0
 
 
@@ -131,7 +132,7 @@ class Handovers:
         self.producer = producer
         self.retry_max_seconds = retry_max_seconds
         self._refused: list[tuple[tuple, KafkaError]] = []
-        self._retrying = False
+        self.retrying = False  # refused messages are being produced again
 
     def produce(self, topic: str, value: bytes, **options) -> None:  # noqa: ANN003 (Producer.produce's options)
         message = (topic, value, options)
@@ -159,19 +160,19 @@ class Handovers:
             if stop.is_set() and (refused or len(self.producer)):
                 return False
             if not refused:
-                if self._retrying:
+                if self.retrying:
                     log.warning("the broker takes the sink's messages again")
-                    self._retrying = False
+                    self.retrying = False
                     telemetry.HANDOVER_RETRYING.set(0)
                 return True
             for topic, count in Counter(topic for (topic, _, _), _ in refused).items():
                 telemetry.HANDOVER_FAILURES.labels(topic).inc(count)
-            if not self._retrying:
+            if not self.retrying:
                 (topic, value, _), error = refused[0]
                 log.warning("the broker refused %d message(s) of the sink (first: %d bytes to %s: %s); "
                             "producing them again with backoff, offsets not committed",
                             len(refused), len(value), topic, error)
-                self._retrying = True
+                self.retrying = True
                 telemetry.HANDOVER_RETRYING.set(1)
             if stop.wait(delay):
                 return False
@@ -260,7 +261,12 @@ class StoreSink:
         `thread` runs `run`; returns what the drain did once it has ended."""
         began = time.monotonic()
         self._drain = Drain(began=began, deadline=began + seconds)
-        thread.join(seconds + 30)  # a poll being landed finishes first
+        while thread.is_alive() and time.monotonic() < self._drain.deadline:
+            if self._handovers.retrying or self._retrying:  # nothing lands while the broker or store refuses
+                self._drain.stuck = "the broker refuses the sink's messages" if self._handovers.retrying \
+                    else "the store refuses writes"
+                break
+            thread.join(0.1)
         self.stop.set()
         self._drain.seconds = time.monotonic() - began
         return self._drain

@@ -195,6 +195,9 @@ class Stack:
                 drain = self.sink.drain(self._sink_thread, self.settings.drain_seconds)
                 if drain.emptied:
                     log.info("drained %d messages into the store in %.1f s", drain.landed, drain.seconds)
+                elif drain.stuck:
+                    log.warning("stopped draining after %.1f s: %s; %d landed, what the broker still holds is "
+                                "lost with it", drain.seconds, drain.stuck, drain.landed)
                 else:
                     log.warning("stopped draining after %.0f s (TRACKSIDE_DRAIN_SECONDS) with messages still "
                                 "arriving: %d landed, what the broker still holds is lost with it",
