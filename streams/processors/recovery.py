@@ -83,9 +83,10 @@ def metrics_state(settings: Settings, partition: int, horizon_ms: int, tenant_bu
 def read_metrics_state(store, partitions: int, partition: int, window_ms: int, horizon_ms: int,  # noqa: ANN001
                        tenant_budgets: bool) -> MetricsState:
     """What a metrics partition starts from: the runs of its agents' windows not final yet,
-    the runs of the last `horizon_ms` of event time (the drift tests, failure clusters and canary
-    analyses learn them again), its agents' deployments, versions and canary analyses, its tenants' runs of the last two days (with tenant
-    budgets on), and the ids of the alerts and rollbacks already sent about them. Event time
+    the runs of the last `horizon_ms` of event time (the drift tests, failure clusters and
+    canary analyses learn them again), its agents' deployments, versions and canary analyses,
+    its tenants' runs of the last two days (with tenant budgets on), and the ids of the
+    alerts and rollbacks already sent about them. Event time
     counts back from the slowest assembler partition's progress (a window is final only once
     every one has passed it)."""
     progress = assembler_progress(store)
