@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.simulate import FleetConfig, simulate
+from streams.ops.broker import resident_bytes
 from streams.settings import Settings
 from streams.store.clickhouse import running_service
 
@@ -173,15 +174,12 @@ def _rss_mb(pid: int) -> float:
     pids = [pid]
     while pids:
         current = pids.pop()
+        total += resident_bytes(current) or 0
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            pids += [int(child) for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
         except OSError:
             continue
-        pids += [int(child) for child in children]
-    return total / 1024
+    return total / (1 << 20)
 
 
 def _cpu_by_process(pid: int) -> dict[str, float]:

@@ -10,7 +10,6 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import orjson
@@ -29,6 +28,7 @@ from streams.contracts.messages import (
 )
 from streams.contracts.topics import agent_partition, run_partition
 from streams.ingest.poison import UnfitRows, land
+from streams.ops.broker import resident_bytes
 from streams.ops.watch import STAGES, PipelineWatch
 from streams.settings import Settings
 from streams.store.clickhouse import Store
@@ -63,19 +63,6 @@ class Drain:
     emptied: bool = False  # nothing came for DRAIN_QUIET_S; else the deadline ended it, or:
     stuck: str = ""  # why nothing could land (the drain ended at once)
     seconds: float = 0.0
-
-
-def _resident_bytes(pid_file: Path) -> int | None:
-    """Resident memory of the process a pid file names (`streams.ops.broker.Child`), if it runs."""
-    try:
-        pid = int(pid_file.read_text().split()[0])
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (OSError, ValueError, IndexError):
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return None
 
 
 def now_ms() -> int:
@@ -191,9 +178,10 @@ class StoreSink:
     is down) the store refuses everything, and the rest is retried with backoff, never skipped.
     """
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, *, broker_pid: int | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.broker_pid = broker_pid  # the embedded broker's, whose memory the pipeline watch reports
         self.prices = PriceTable()
         self.stats: Counter[str] = Counter()
         self.stop = threading.Event()
@@ -250,10 +238,13 @@ class StoreSink:
         # runs whose events were all landed before the stop would wait for new traffic: an empty
         # batch to each partition rebuilds them now, and the runs that had ended are sent on.
         for partition in range(self.settings.partitions):
-            handed = now_ms()
-            self._handovers.produce(topics.EVENT_BATCHES.name, EventBatch(partition, []).encode(), partition=partition,
-                                    timestamp=handed)
-            self.watch.handed("assemble_runs", partition, handed)
+            self._hand_over(partition, EventBatch(partition, []).encode())
+
+    def _hand_over(self, partition: int, batch: bytes) -> None:
+        """One event batch to an assembler partition, which the pipeline watch then waits on."""
+        handed = now_ms()
+        self._handovers.produce(topics.EVENT_BATCHES.name, batch, partition=partition, timestamp=handed)
+        self.watch.handed("assemble_runs", partition, handed)
 
     def drain(self, thread: threading.Thread, seconds: float) -> Drain:
         """Keep landing what the broker holds until nothing came for DRAIN_QUIET_S, or for at
@@ -314,8 +305,8 @@ class StoreSink:
             if age is not None:
                 telemetry.STAGE_LAST_MESSAGE_AGE_SECONDS.labels(stage).set(age / 1000)
         alerts = self.watch.check(now)
-        broker = _resident_bytes(self.settings.run_dir / "broker.pid")
-        if broker is not None:  # the embedded broker's
+        broker = resident_bytes(self.broker_pid) if self.broker_pid is not None else None
+        if broker is not None:
             telemetry.BROKER_RESIDENT_BYTES.set(broker)
             alerts += self.watch.check_broker(broker, self.settings.broker_memory_alert_bytes, now)
         for alert in alerts:
@@ -426,9 +417,7 @@ class StoreSink:
                 by_partition[partition].append(pack_row(row))
         for partition, packed in by_partition.items():
             for value in EventBatch.encode_split(partition, packed, self.settings.handover_max_bytes):
-                handed = now_ms()
-                self._handovers.produce(topics.EVENT_BATCHES.name, value, partition=partition, timestamp=handed)
-                self.watch.handed("assemble_runs", partition, handed)
+                self._hand_over(partition, value)
         landed = sum(map(len, by_partition.values()))
         self.stats["events"] += landed
         telemetry.EVENTS_INGESTED.inc(landed)

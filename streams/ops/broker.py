@@ -73,6 +73,15 @@ class Child:
         self.pid_file.unlink(missing_ok=True)
 
 
+def resident_bytes(pid: int) -> int | None:
+    """Resident memory of a process (its VmRSS), or None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), None)
+
+
 def kill_stale(pid_file: Path) -> None:
     """Kill the process a pid file names if it is still ours (left by a killed `up`)."""
     try:

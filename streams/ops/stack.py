@@ -75,7 +75,8 @@ class Stack:
             self.service.start()
 
         tune_gc()
-        self.sink = StoreSink(settings, self.store)
+        self.sink = StoreSink(settings, self.store,
+                              broker_pid=self.broker.process.pid if self.broker is not None else None)
         self._sink_thread = threading.Thread(target=self._run_sink, name="store-sink", daemon=True)
         self._sink_thread.start()
         if targets:
