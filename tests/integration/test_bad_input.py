@@ -34,8 +34,8 @@ def _outcome(value: bytes) -> str | None:
         return None
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(st.lists(message, min_size=400, max_size=700))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(st.lists(message, min_size=100, max_size=250))
 def test_every_message_is_processed_or_a_dead_letter(stack, messages):
     before_events = stack.count("SELECT count() FROM events")
     before_dead = stack.count("SELECT count() FROM dead_letters")
