@@ -66,9 +66,15 @@ class RunState:
             self.started_at = ts
         if ts > self.last_ts:
             self.last_ts = ts
-        for name in ("task_id", "session_id", "tenant", "environment"):
-            if not getattr(self, name) and event[name]:
-                setattr(self, name, event[name])
+        # the first event that names them (spelled out: getattr/setattr cost more per event)
+        if not self.task_id and event["task_id"]:
+            self.task_id = event["task_id"]
+        if not self.session_id and event["session_id"]:
+            self.session_id = event["session_id"]
+        if not self.tenant and event["tenant"]:
+            self.tenant = event["tenant"]
+        if not self.environment and event["environment"]:
+            self.environment = event["environment"]
         kind = event["type"]
         if kind == "run_start":
             # The run's own start names its agent; events that came first (OTLP child spans
@@ -81,14 +87,14 @@ class RunState:
             self.output_tokens += event["output_tokens"]
             self.cache_read_input_tokens += event["cache_read_input_tokens"]
             self._add_cost(event)
-            self._look_for_loop(policy)
+            self._look_for_loop(policy, tools_changed=False)
         elif kind == "tool_call":
             self.tool_calls += 1
             self.tool_errors += event["status"] in ("error", "timeout")
             # Kept in event-time order as calls arrive: loops are found on the tail.
             bisect.insort(self.tool_steps, (ts, len(self.event_ids), event["tool"], event["args_hash"], event["status"]))
             self._add_cost(event)
-            self._look_for_loop(policy)
+            self._look_for_loop(policy, tools_changed=True)
         elif kind == "run_end":
             # The first run_end (in event time) decides; a second one is a client bug.
             if self.end_ts is None or ts < self.end_ts:
@@ -99,12 +105,29 @@ class RunState:
                 self.error_message = event["error_message"]
         return True
 
-    def _look_for_loop(self, policy: LoopPolicy | None) -> None:
+    def _look_for_loop(self, policy: LoopPolicy | None, tools_changed: bool) -> None:
         if policy is None or self.loop is not None:
             return
-        recent = self.tool_steps[-policy.repeats * policy.max_period:]
-        calls = [(step[2], step[3]) for step in recent]
-        self.loop = find_loop(calls, self.llm_calls + self.tool_calls, policy.budget(self.agent_id), policy)
+        steps, budget = self.llm_calls + self.tool_calls, policy.budget(self.agent_id)
+        # find_loop only when it can find something: the step budget is crossed, or the tool
+        # calls changed and their newest may close a repeat or a cycle (an unchanged tail was
+        # looked at when it last changed).
+        if steps > budget or (tools_changed and self._newest_call_recurs(policy)):
+            recent = self.tool_steps[-policy.repeats * policy.max_period:]
+            self.loop = find_loop([(step[2], step[3]) for step in recent], steps, budget, policy)
+
+    def _newest_call_recurs(self, policy: LoopPolicy) -> bool:
+        """Whether the newest tool call equals one of the `max_period` calls before it: what
+        every repeat and cycle of find_loop (two turns at least) needs."""
+        if policy.repeats < 2:
+            return True
+        calls = self.tool_steps
+        newest = calls[-1]
+        for period in range(1, min(policy.max_period, len(calls) - 1) + 1):
+            earlier = calls[-1 - period]
+            if earlier[2] == newest[2] and earlier[3] == newest[3]:
+                return True
+        return False
 
     def loop_alert(self, status: str, ts: int, now_ms: int) -> dict:
         """The `loop` alert of this run: firing when found, resolved when the run closes."""
@@ -196,6 +219,7 @@ class RunAssembler:
         self.loop_policy = loop_policy or LoopPolicy()
         # An agent's cost envelope per run in USD (0: none); crossing it raises a `budget` alert.
         self.run_budget = run_budget
+        self._run_limits: dict[str, float] = {}  # run_budget per agent, asked once
         # Alerts raised since the caller last took them (`take_alerts`).
         self.alerts: list[dict] = []
         self.open: dict[str, RunState] = {}
@@ -240,7 +264,7 @@ class RunAssembler:
                 # At once, while the run goes on: the alert says stop it.
                 run.loop_alerted = True
                 self.alerts.append(run.loop_alert(FIRING, event["ts"], now_ms))
-            if run.budget_alert is None and self.run_budget is not None:
+            if run.budget_alert is None and self.run_budget is not None and run.cost_usd > 0:
                 self._check_budget(run, event["ts"])
             touched[run_id] = run
         for run_id, run in touched.items():
@@ -261,8 +285,13 @@ class RunAssembler:
 
     def _check_budget(self, run: RunState, ts: int) -> None:
         # At once, while the run goes on, like a loop: the alert says stop it.
+        limit = self._run_limits.get(run.agent_id)
+        if limit is None:
+            limit = self._run_limits[run.agent_id] = self.run_budget(run.agent_id)
+        if limit <= 0 or run.cost_usd <= limit:
+            return
         run.budget_alert = run_over_envelope(run.run_id, run.agent_id, run.agent_version, run.cost_usd,
-                                             run.llm_calls + run.tool_calls, self.run_budget(run.agent_id), ts)
+                                             run.llm_calls + run.tool_calls, limit, ts)
         if run.budget_alert is not None:
             self.alerts.append(run.budget_alert)
 
