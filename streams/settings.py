@@ -115,8 +115,11 @@ class Settings(BaseSettings):
         30.0, gt=0, description="cap of the backoff while the broker refuses the sink's messages")
     drain_seconds: float = Field(
         30.0, ge=0, description="on stop, longest the sink keeps landing what the embedded broker holds")
+    broker_memory_bytes: int = Field(
+        2_000_000_000, ge=0,
+        description="the embedded broker is recycled (drained into the store, started afresh) past this resident memory; 0 = never")
     broker_memory_alert_bytes: int = Field(
-        8_000_000_000, ge=0, description="a `pipeline` alert when the embedded broker's resident memory passes this; 0 = off")
+        3_000_000_000, ge=0, description="a `pipeline` alert when the embedded broker's resident memory passes this; 0 = off")
     pipeline_lag_alert_seconds: float = Field(
         60.0, gt=0, description="a processor stage this far behind what was handed to it raises a `pipeline` alert")
 

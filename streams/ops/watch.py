@@ -65,14 +65,16 @@ class PipelineWatch:
 
     def check_broker(self, resident_bytes: int, bound_bytes: int, now_ms: int) -> list[dict]:
         """The `pipeline` alert about the embedded broker's memory that starts or ends now: it
-        keeps every message in memory (no retention), so it grows until `up` restarts."""
+        keeps every message in memory (no retention), and past this bound the recycles (see
+        Stack.recycle_broker) are not keeping it down."""
         firing = self._firing.get("broker")
         if firing is None and bound_bytes and resident_bytes > bound_bytes:
             self._firing["broker"] = firing = make_alert(
                 kind="pipeline", severity="warning", status=FIRING, fingerprint=fingerprint("pipeline", "broker-memory"),
                 ts=now_ms, agent_id="",
                 summary=f"the embedded broker holds {resident_bytes / 1e6:,.0f} MB (bound {bound_bytes / 1e6:,.0f} MB): "
-                        "it keeps every message in memory until `trackside up` restarts",
+                        "it keeps every message in memory, and its recycles are not keeping it down "
+                        "(TRACKSIDE_BROKER_MEMORY_BYTES)",
                 evidence={"resident_bytes": resident_bytes, "bound_bytes": bound_bytes},
                 episode=str(now_ms))
             return [firing]

@@ -18,6 +18,7 @@ from streams import telemetry
 from streams.contracts import topics
 from streams.contracts.messages import EventBatch, MetricResults, dead_letter, decode_run_result
 from streams.errors import StoreError
+from streams.ops.frontdoor import STACK_CLIENT_ID
 from streams.processors.assembler import AssemblerPartition
 from streams.processors.metrics import MetricsPartition
 from streams.processors.recovery import metrics_state, open_run_events
@@ -86,6 +87,7 @@ def create_app(settings: Settings) -> faust.App:
         # trackside:// is faust's aiokafka transport with a short fetch wait (streams/processors/transport.py).
         broker=[f"trackside://{server}" for server in settings.bootstrap_servers.split(",")],
         broker_credentials=broker_credentials(settings),
+        broker_client_id=f"{STACK_CLIENT_ID}-worker",  # the front door lets the stack's clients in
         store="memory://",
         datadir=str(settings.data_dir / "faust"),
         broker_session_timeout=settings.session_timeout_ms / 1000,

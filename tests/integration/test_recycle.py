@@ -1,0 +1,71 @@
+"""The embedded broker's memory is bounded: past TRACKSIDE_BROKER_MEMORY_BYTES it is drained and
+started afresh behind the front door, and no event is lost or doubled by it (issue 12)."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from jobs.simulate import FleetConfig, genai_prices_fn, simulate, truth
+from streams.ops.broker import resident_bytes
+from tests.conftest import RunningStack
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+RECYCLE_LINE = "recycled the embedded broker"
+
+
+def _broker_pid(stack: RunningStack) -> int:
+    return int((stack.data_dir / "run/broker.pid").read_text().split()[0])
+
+
+def test_a_broker_past_its_bound_is_recycled_and_nothing_is_lost_or_doubled(tmp_path):
+    events = list(simulate(FleetConfig(seed=31, runs=1_500, price_fn=genai_prices_fn)))
+    expected = truth(events, price_fn=genai_prices_fn)
+    stack = RunningStack(tmp_path / "stack")
+    stack.start()
+    try:
+        # the bound: a little above what the broker holds with its topics and nothing else
+        bound = resident_bytes(_broker_pid(stack)) + (6 << 20)
+    finally:
+        assert stack.stop() == 0
+    stack.env["TRACKSIDE_BROKER_MEMORY_BYTES"] = str(bound)
+    stack.start()
+    try:
+        failed: list[str] = []
+        producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}", "linger.ms": 5})  # as an agent's
+
+        def publish(part: list[dict], per_second: float | None = None) -> None:
+            began = time.monotonic()
+            for index, event in enumerate(part):
+                producer.produce("agent.events", value=orjson.dumps(event), key=event["run_id"].encode(),
+                                 on_delivery=lambda error, _message: error and failed.append(str(error)))
+                producer.poll(0)
+                if per_second and index % 100 == 0:
+                    time.sleep(max(0.0, began + index / per_second - time.monotonic()))  # pacing, not a wait
+
+        # The first part takes the broker past its bound; the rest arrives while it is recycled,
+        # and moves event time on, so the runs open at the recycle also close.
+        cut = len(events) * 3 // 5
+        publish(events[:cut])
+        publish(events[cut:], per_second=1_000)
+        assert producer.flush(120) == 0 and not failed, failed
+        wait_until(lambda: stack.output.read_text().count(RECYCLE_LINE), 90, "a recycle of the broker",
+                   done=lambda count: count >= 1)
+        runs = len(expected["runs"])
+        assert stack.wait_for_count("SELECT count() FROM runs FINAL", runs) == runs
+        distinct = len({event["event_id"] for event in events})
+        assert stack.count("SELECT count() FROM events FINAL") == distinct
+        landed = {row["run_id"]: (row["outcome"], row["steps"])
+                  for row in stack.query("SELECT run_id, outcome, steps FROM runs FINAL")}
+        assert landed == {run_id: (run["outcome"], run["steps"]) for run_id, run in expected["runs"].items()}
+        wait_until(lambda: resident_bytes(_broker_pid(stack)) or bound, 30, "the broker under its bound",
+                   done=lambda held: held < bound)
+        line = next(line for line in stack.output.read_text().splitlines() if RECYCLE_LINE in line)
+        assert "drained" in line and "agents shut out for" in line, line
+    finally:
+        assert stack.stop() == 0
