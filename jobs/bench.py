@@ -192,7 +192,7 @@ def _cpu_by_process(pid: int) -> dict[str, float]:
             command = Path(f"/proc/{current}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        role = ("up (ingest, sink, chdb)" if current == pid else
+        role = ("up (ingest, sink, chdb)" if current == pid else "front door" if "frontdoor" in command else
                 "faust worker" if "streams" in command else "broker")
         cpu[role] = cpu.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return cpu

@@ -1,6 +1,15 @@
-"""Process-wide tuning shared by `trackside up` and the faust workers."""
+"""Process-wide tuning shared by `trackside up` and the faust workers, and the tie of a child to its parent."""
 
+import ctypes
 import gc
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: the kernel kills it when its parent dies, even by kill -9."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def tune_gc() -> None:

@@ -3,7 +3,6 @@ How children are started and die with `trackside up`: streams/ops/README.md, "Ch
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -18,16 +17,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streams.contracts import topics
 from streams.errors import BrokerError
 from streams.ops.frontdoor import STACK_CLIENT_ID
+from streams.runtime import die_with_parent
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 class Child:
     """A child process with a pid file and a log file under the data dir."""
@@ -50,7 +43,7 @@ class Child:
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(
                 self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
+                env=self.env, start_new_session=True, preexec_fn=die_with_parent,
             )
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.write_text(f"{self.process.pid} {self.command[0]}\n")

@@ -1,11 +1,16 @@
-"""The embedded broker's public port: a relay to its private port that the stack closes to agents
-while it recycles the broker. Why and how: streams/ops/README.md, "The front door"."""
+"""The embedded broker's public port: a relay to its private port, in a process of its own, that the
+stack closes to agents while it recycles the broker. Why and how: streams/ops/README.md, "The front door"."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import subprocess
+import sys
+from pathlib import Path
+
+from streams.errors import BrokerError
+from streams.runtime import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -32,51 +37,99 @@ def client_id(head: bytes | bytearray) -> str | None:
     return bytes(head[14:14 + length]).decode("utf-8", "replace")
 
 
-class FrontDoor:
-    """Listens on `public_port`, relays every connection to `private_port` byte for byte."""
+class Relay:
+    """Listens on `public_port`, relays every connection to `private_port` byte for byte; runs
+    on the event loop of the front door's own process."""
 
     def __init__(self, public_port: int, private_port: int, host: str = "127.0.0.1") -> None:
         self.host, self.public_port, self.private_port = host, public_port, private_port
         self.agents_shut_out = False
         self._agents: set[_Client] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="front-door", daemon=True)
-        self._server: asyncio.AbstractServer | None = None
+
+    async def serve(self) -> asyncio.AbstractServer:
+        return await asyncio.get_running_loop().create_server(
+            lambda: _Client(self), self.host, self.public_port, reuse_address=True)
+
+    def shut_out_agents(self) -> int:
+        """Drop every agent's connection and refuse new ones; returns how many were dropped."""
+        self.agents_shut_out = True
+        dropped = list(self._agents)
+        for client in dropped:
+            client.drop()
+        return len(dropped)
+
+    def let_agents_in(self) -> None:
+        self.agents_shut_out = False
+
+
+class FrontDoor:
+    """The relay in a process of its own (`python -m streams.ops.frontdoor PUBLIC PRIVATE`), so
+    that it never waits for the GIL of `up`, whose sink is busy; commands on its stdin."""
+
+    def __init__(self, public_port: int, private_port: int, log_file: Path) -> None:
+        self.public_port, self.private_port, self.log_file = public_port, private_port, log_file
+        self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self._thread.start()
-        self._server = self._call(self._loop.create_server(
-            lambda: _Client(self), self.host, self.public_port, reuse_address=True))
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as errors:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streams.ops.frontdoor", str(self.public_port), str(self.private_port)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, start_new_session=True,
+                preexec_fn=die_with_parent)
+        self._answer("listening")
 
     def shut_out_agents(self) -> None:
         """Drop every agent's connection and refuse new ones: nothing more reaches the broker
         from outside the stack. Their clients keep what they could not send and retry."""
-        async def shut() -> int:
-            self.agents_shut_out = True
-            dropped = list(self._agents)
-            for client in dropped:
-                client.drop()
-            return len(dropped)
-        log.info("front door closed to agents (%d connection(s) dropped)", self._call(shut()))
+        self._send("shut")
+        log.info("front door closed to agents (%s connection(s) dropped)", self._answer("shut").split()[-1])
 
     def let_agents_in(self) -> None:
-        async def reopen() -> None:
-            self.agents_shut_out = False
-        self._call(reopen())
+        self._send("open")
+        self._answer("open")
         log.info("front door open to agents")
 
     def stop(self) -> None:
-        if self._server is not None:
-            async def close() -> None:
-                self._server.close()
-                for client in list(_Client.open_ones):
-                    client.drop()
-            self._call(close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()  # end of commands: it leaves
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
-    def _call(self, coroutine):  # noqa: ANN001, ANN202
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+    def _send(self, command: str) -> None:
+        self.process.stdin.write(f"{command}\n".encode())
+        self.process.stdin.flush()
+
+    def _answer(self, expected: str) -> str:
+        line = self.process.stdout.readline().decode().strip()
+        if not line.startswith(expected):
+            raise BrokerError(f"the front door said {line!r}, not {expected!r}; see {self.log_file}")
+        return line
+
+
+async def _serve(public_port: int, private_port: int) -> None:
+    relay = Relay(public_port, private_port)
+    await relay.serve()
+    loop = asyncio.get_running_loop()
+    commands = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
+    sys.stdout.write("listening\n")
+    sys.stdout.flush()
+    while command := (await commands.readline()).decode().strip():
+        if command == "shut":
+            sys.stdout.write(f"shut {relay.shut_out_agents()}\n")
+        elif command == "open":
+            relay.let_agents_in()
+            sys.stdout.write("open\n")
+        sys.stdout.flush()
+
+
+def main() -> None:
+    public_port, private_port = map(int, sys.argv[1:3])
+    asyncio.run(_serve(public_port, private_port))
 
 
 class _Client(asyncio.Protocol):
@@ -84,9 +137,7 @@ class _Client(asyncio.Protocol):
     relayed to a connection of its own to the broker; reading pauses while the other side's
     writes back up."""
 
-    open_ones: set[_Client] = set()
-
-    def __init__(self, door: FrontDoor) -> None:
+    def __init__(self, door: Relay) -> None:
         self.door = door
         self.transport: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
@@ -95,7 +146,6 @@ class _Client(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        _Client.open_ones.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.pending is None:
@@ -136,7 +186,6 @@ class _Client(asyncio.Protocol):
         self.transport.abort()  # connection_lost follows and closes the broker side
 
     def connection_lost(self, exc: Exception | None) -> None:
-        _Client.open_ones.discard(self)
         self.door._agents.discard(self)
         if self.upstream is not None:
             self.upstream.close()
@@ -170,3 +219,7 @@ class _Broker(asyncio.Protocol):
     def resume_writing(self) -> None:
         if not self.client.transport.is_closing():
             self.client.transport.resume_reading()
+
+
+if __name__ == "__main__":
+    main()

@@ -65,7 +65,7 @@ class Stack:
                     f"port {settings.embedded_port} is taken by another program; "
                     "set TRACKSIDE_EMBEDDED_PORT to a free port"
                 )
-            self.front_door = FrontDoor(settings.embedded_port, free_port())
+            self.front_door = FrontDoor(settings.embedded_port, free_port(), settings.data_dir / "logs" / "front-door.log")
             self.front_door.start()
         self._start_broker()
 
