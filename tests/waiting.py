@@ -1,13 +1,15 @@
-"""The suite's one way to wait: poll the awaited condition itself, never sleep a fixed time."""
+"""The suite's one way to wait: poll the awaited condition itself, never sleep a fixed time; and
+the one way to pace a load (`paced`), which is not a wait for anything."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 Seen = TypeVar("Seen")
+Item = TypeVar("Item")
 
 
 def wait_until(observe: Callable[[], Seen], timeout: float, what: str,
@@ -24,3 +26,14 @@ def wait_until(observe: Callable[[], Seen], timeout: float, what: str,
         if left <= 0:
             raise AssertionError(f"waited {timeout:g} s for {what}; last seen: {seen!r}")
         pause.wait(min(interval, left))  # never past the deadline
+
+
+def paced(items: Iterable[Item], per_second: float) -> Iterator[Item]:
+    """The items, at most `per_second` of them a second: a steady load, as agents send it."""
+    began = time.monotonic()
+    pause = threading.Event()  # never set
+    for index, item in enumerate(items):
+        ahead = began + index / per_second - time.monotonic()
+        if ahead > 0:
+            pause.wait(ahead)
+        yield item

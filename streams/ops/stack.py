@@ -263,6 +263,9 @@ class Stack:
 
     def stop(self) -> None:
         step = self._step_timer()
+        if self.front_door is not None and self.broker is not None:
+            # agents keep what they send and retry; the broker runs dry and the drain ends
+            self.front_door.shut_out_agents()
         self._stop_pipeline(step)
         if self.metrics is not None:
             self.metrics.stop()

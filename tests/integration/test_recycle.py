@@ -1,7 +1,10 @@
-"""The embedded broker's memory is bounded: past TRACKSIDE_BROKER_MEMORY_BYTES it is drained and
-started afresh behind the front door, and no event is lost or doubled by it (issue 12)."""
+"""The front door of the embedded broker (issue 12): past TRACKSIDE_BROKER_MEMORY_BYTES the broker
+is drained and started afresh, and a stop under load lands everything; agents are shut out
+meanwhile and retry, and no event is lost or doubled."""
 
 from __future__ import annotations
+
+import threading
 
 import orjson
 import pytest
@@ -10,7 +13,7 @@ from confluent_kafka import Producer
 from jobs.simulate import FleetConfig, genai_prices_fn, simulate, truth
 from streams.ops.broker import resident_bytes
 from tests.conftest import RunningStack
-from tests.waiting import wait_until
+from tests.waiting import paced, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -69,4 +72,39 @@ def test_a_broker_past_its_bound_is_recycled_and_nothing_is_lost_or_doubled(tmp_
         line = next(line for line in stack.output.read_text().splitlines() if RECYCLE_LINE in line)
         assert "drained" in line and "agents shut out for" in line, line
     finally:
+        assert stack.stop() == 0
+
+
+def test_a_stop_under_load_lands_everything_and_agents_retry_across_the_restart(tmp_path):
+    events = list(simulate(FleetConfig(seed=32, runs=1_000, price_fn=genai_prices_fn)))
+    expected = truth(events, price_fn=genai_prices_fn)
+    # a drain that never runs dry (agents let in) gives up after 5 s, and loses what is left
+    stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_DRAIN_SECONDS": "5"})
+    stack.start()
+    failed: list[str] = []
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}", "linger.ms": 5})  # as an agent's
+
+    def publish() -> None:
+        for event in paced(events, per_second=2_000):  # still sending when `up` stops, and after
+            producer.produce("agent.events", value=orjson.dumps(event), key=event["run_id"].encode(),
+                             on_delivery=lambda error, _message: error and failed.append(str(error)))
+            producer.poll(0)
+        producer.flush(180)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    try:
+        stack.wait_for_count("SELECT count() > 2000 FROM events", 1)
+        assert stack.stop() == 0
+        stopping = stack.output.read_text()
+        assert publisher.is_alive(), "the fleet was all sent before the stop"
+        stack.start()
+        publisher.join(180)
+        assert not failed and len(producer) == 0, failed
+        assert "front door closed to agents" in stopping and "still arriving" not in stopping, stopping[-2000:]
+        runs = len(expected["runs"])
+        assert stack.wait_for_count("SELECT count() FROM runs FINAL", runs) == runs
+        assert stack.count("SELECT count() FROM events FINAL") == len({event["event_id"] for event in events})
+    finally:
+        publisher.join(180)
         assert stack.stop() == 0
