@@ -108,7 +108,8 @@ class Settings(BaseSettings):
     store_raw_tool_args: bool = Field(False, description="store tool arguments raw, not only hashed")
     store_retry_max_seconds: float = Field(30.0, gt=0, description="cap of the backoff while the store refuses writes")
     handover_max_bytes: int = Field(
-        500_000, ge=1024, description="largest batch message the sink hands to the processors; a larger event travels alone")
+        500_000, ge=1024,
+        description="largest batch message a stage hands to the next (the sink, the processors); a larger row travels alone")
     internal_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "lz4", description="compression of the messages Trackside's stages send (hand-overs, runs, alerts)")
     handover_retry_max_seconds: float = Field(

@@ -60,9 +60,42 @@ class InvalidMessage(ValueError):
 
 class _Message:
     __slots__ = ()
+    # Fields whose value only the last part of a split message carries (`encode_split`).
+    _LAST_PART_ONLY: dict = {}
 
     def encode(self) -> bytes:
         return orjson.dumps({name: getattr(self, name) for name in self.__slots__})
+
+    def encode_split(self, max_bytes: int) -> list[bytes]:
+        """The message in as many as keep each within `max_bytes`: its lists cut between rows,
+        every part with the other fields (but `_LAST_PART_ONLY`'s values in all parts but the
+        last); a row larger than that travels alone. Mostly one part."""
+        whole = self.encode()
+        if len(whole) <= max_bytes:
+            return [whole]
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        lists = [name for name, value in fields.items() if isinstance(value, list)]
+        scalars = {name: value for name, value in fields.items() if name not in lists}
+        overhead = len(self._assemble(scalars, {name: [] for name in lists}))
+        parts: list[dict[str, list[bytes]]] = [{name: [] for name in lists}]
+        size = overhead
+        for name in lists:
+            for row in fields[name]:
+                item = orjson.dumps(row)
+                if size > overhead and size + len(item) + 1 > max_bytes:
+                    parts.append({key: [] for key in lists})
+                    size = overhead
+                parts[-1][name].append(item)
+                size += len(item) + 1
+        early = {**scalars, **self._LAST_PART_ONLY}
+        return [self._assemble(early if index < len(parts) - 1 else scalars, part)
+                for index, part in enumerate(parts)]
+
+    @staticmethod
+    def _assemble(scalars: dict, lists: dict[str, list[bytes]]) -> bytes:
+        encoded = [orjson.dumps(scalars)[1:-1]] if scalars else []
+        encoded += [b'"%s":[%s]' % (name.encode(), b",".join(items)) for name, items in lists.items()]
+        return b"{" + b",".join(encoded) + b"}"
 
 
 @dataclass(slots=True)
@@ -99,6 +132,9 @@ class ClosedRuns(_Message):
     watermark: int
     runs: list[dict]
     processed_ts: int = 0
+
+    # the watermark moves on with the last part only, once every run of the batch is in
+    _LAST_PART_ONLY = {"watermark": 0}
 
 
 @dataclass(slots=True)

@@ -122,6 +122,11 @@ def create_app(settings: Settings) -> faust.App:
             await alerts_out.send(key=alert["fingerprint"].encode(), value=orjson.dumps(alert))
             telemetry.ALERTS.labels(alert["kind"], alert["status"]).inc()
 
+    async def send_split(topic, message, partition: int) -> None:  # noqa: ANN001 (a faust topic, a message)
+        # within the hand-over bound, like the sink's: a restart's first batch may close thousands of runs
+        for value in message.encode_split(settings.handover_max_bytes):
+            await topic.send(value=value, partition=partition)
+
     async def guarded(stage: str, event, handle: Callable[[], Awaitable[None]]) -> None:  # noqa: ANN001
         """The one guard of a stage: a message whose handling raises is a dead letter (table and
         DLQ topic, through the sink), and the stage goes on with the next one."""
@@ -161,7 +166,7 @@ def create_app(settings: Settings) -> faust.App:
             telemetry.RUNS_CLOSED.labels(outcome).inc(count)
         await send_alerts(out.alerts)
         for target, result in out.results.items():
-            await run_results.send(value=result.encode(), partition=target)
+            await send_split(run_results, result, target)
 
     @app.agent(run_results, name="compute_metrics")
     async def compute_metrics(stream) -> None:  # noqa: ANN001
@@ -180,9 +185,9 @@ def create_app(settings: Settings) -> faust.App:
         # while the loop flushes what was sent and keeps the consumer's heartbeats going.
         out = await asyncio.get_running_loop().run_in_executor(
             None, analysts[partition].handle, message, kafka_ms(event), now_ms())
-        await metric_results.send(value=out.results.encode(), partition=partition)
+        await send_split(metric_results, out.results, partition)
         for target, costs in out.tenant_costs.items():
-            await run_results.send(value=costs.encode(), partition=target)
+            await send_split(run_results, costs, target)
         await send_alerts(out.alerts)
         for decision in out.rollbacks:
             await rollbacks_out.send(key=decision["agent_id"].encode(), value=orjson.dumps(decision))

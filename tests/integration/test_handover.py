@@ -105,3 +105,27 @@ def test_a_refused_hand_over_holds_the_offsets_is_counted_and_logged(tmp_path):
         assert stack.count("SELECT count() FROM runs WHERE run_id = 'after'") == 0
     finally:
         assert stack.stop() == 0
+
+
+def test_thousands_of_runs_closing_at_once_reach_the_store_in_messages_under_the_limit(tmp_path):
+    # 2,000 runs left open (no run_end), then one event 35 minutes later: the watermark passes
+    # them all in one batch, and their rows (~1.3 MB) are more than one message may hold (faust's
+    # producer refuses 1 MB): they travel in parts, and none goes to the dead letters.
+    runs = 2_000
+    common = {"agent_id": "handover", "agent_version": "v1"}
+    events = [{**common, "event_id": f"open-{n}", "ts": T0 + n, "type": "run_start", "run_id": f"open-{n}",
+               "task_id": f"task-{n}-" + "t" * 400} for n in range(runs)]
+    later = {**common, "event_id": "later", "ts": T0 + 35 * 60_000, "type": "run_start", "run_id": "later"}
+    stack = RunningStack(tmp_path / "stack")
+    stack.start()
+    try:
+        _publish(stack, events)
+        assert stack.wait_for_count("SELECT count() FROM events", runs) == runs
+        _publish(stack, [later])
+        assert stack.wait_for_count("SELECT count() FROM runs WHERE outcome = 'timeout'", runs) == runs
+        stack.wait_until_processed()
+        assert stack.count("SELECT count() FROM dead_letters") == 0
+        # the metrics stage's rows too: each closed run is in its window
+        assert stack.count("SELECT sum(runs) FROM agent_metrics WHERE agent_id = 'handover'") == runs
+    finally:
+        assert stack.stop() == 0

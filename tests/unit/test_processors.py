@@ -152,3 +152,21 @@ def test_a_batch_is_encoded_at_once_when_it_fits_and_split_the_same_way_when_not
         assert messages == list(split_by_bytes(prefix, items, limit))
         assert (len(messages) == 1) == (limit == 10_000_000)
         assert [row for m in messages for row in EventBatch.decode(m).events] == [list(row) for row in rows]
+
+
+def test_a_large_result_is_split_by_bytes_and_the_watermark_moves_with_its_last_part():
+    runs = [{"run_id": f"r{i}", "error_message": "é" * (i % 700)} for i in range(400)]
+    parts = ClosedRuns(3, 12_345, runs, 99).encode_split(20_000)
+    decoded = [decode_run_result(part) for part in parts]
+    assert len(parts) > 1 and max(map(len, parts)) <= 20_000
+    assert [run for part in decoded for run in part.runs] == runs
+    assert [part.watermark for part in decoded] == [0] * (len(parts) - 1) + [12_345]
+    assert {(part.partition, part.processed_ts) for part in decoded} == {(3, 99)}
+    assert ClosedRuns(3, 1, runs[:2], 9).encode_split(20_000) == [ClosedRuns(3, 1, runs[:2], 9).encode()]
+
+    results = MetricResults(runs=runs, metrics=runs[:50], partition=1, processed_ts=5)
+    split = [MetricResults.decode(part) for part in results.encode_split(30_000)]
+    assert [row for part in split for row in part.runs] == runs
+    assert [row for part in split for row in part.metrics] == runs[:50]
+    alone = ClosedRuns(0, 7, [{"run_id": "big", "error_message": "x" * 50_000}, *runs[:3]], 0).encode_split(20_000)
+    assert len(alone[0]) > 20_000 and decode_run_result(alone[0]).runs[0]["run_id"] == "big"
