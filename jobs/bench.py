@@ -161,6 +161,33 @@ class Probe:
         return float("nan")
 
 
+def up_env(data_dir: Path, port: int, workers: int, partitions: int) -> dict[str, str]:
+    """The environment of an embedded `trackside up` on its own data dir and port."""
+    env = {
+        **os.environ, "TRACKSIDE_DATA_DIR": str(data_dir), "TRACKSIDE_EMBEDDED_PORT": str(port),
+        "TRACKSIDE_WORKERS": str(workers), "TRACKSIDE_PARTITIONS": str(partitions),
+    }
+    env.pop("TRACKSIDE_BOOTSTRAP", None)
+    return env
+
+
+def start_up(env: dict[str, str], settings: Settings, log: Path) -> subprocess.Popen:
+    """`trackside up` as a user runs it (its log appended to `log`); returns once it printed its
+    ready line and its query service answers."""
+    up = subprocess.Popen(
+        [str(Path(sys.executable).parent / "trackside"), "up"], env=env,
+        stdout=subprocess.PIPE, stderr=open(log, "ab"),
+    )
+    for line in up.stdout:
+        if line.startswith(b"trackside ready"):
+            break
+    else:
+        raise RuntimeError(f"trackside up exited with code {up.wait()} before it was ready; see {log}")
+    while running_service(settings) is None:
+        time.sleep(0.1)
+    return up
+
+
 def _quantile(values: list[float], q: float) -> float:
     values = sorted(v for v in values if v == v)
     if not values:
@@ -175,25 +202,38 @@ def _rss_mb(pid: int) -> float:
     while pids:
         current = pids.pop()
         total += resident_bytes(current) or 0
-        try:
-            pids += [int(child) for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
-        except OSError:
-            continue
+        pids += _children(current)
     return total / (1 << 20)
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of a process's direct children; none once it is gone."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _role(pid: int) -> str:
+    """What a child of `trackside up` is: "faust worker", "front door" or "broker"."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "gone"
+    return ("faust worker" if b"streams\0worker" in command else
+            "front door" if b"streams.ops.frontdoor" in command else "broker")
 
 
 def _cpu_by_process(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of `trackside up` and of each of its children, by role."""
     tick = os.sysconf("SC_CLK_TCK")
     cpu: dict[str, float] = {}
-    for current in [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]:
+    for current in [pid] + _children(pid):
         try:
             fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            command = Path(f"/proc/{current}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        role = ("up (ingest, sink, chdb)" if current == pid else "front door" if "frontdoor" in command else
-                "faust worker" if "streams" in command else "broker")
+        role = "up (ingest, sink, chdb)" if current == pid else _role(current)
         cpu[role] = cpu.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return cpu
 
@@ -222,24 +262,12 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = Path(tempfile.mkdtemp(prefix="trackside-bench-"))
     port = _free_port()
-    env = {
-        **os.environ, "TRACKSIDE_DATA_DIR": str(data_dir), "TRACKSIDE_EMBEDDED_PORT": str(port),
-        "TRACKSIDE_WORKERS": str(args.workers), "TRACKSIDE_PARTITIONS": str(args.partitions),
-    }
-    env.pop("TRACKSIDE_BOOTSTRAP", None)
+    env = up_env(data_dir, port, args.workers, args.partitions)
     settings = Settings(data_dir=data_dir, embedded_port=port)
     bootstrap = f"127.0.0.1:{port}"
-    up = subprocess.Popen(
-        [str(Path(sys.executable).parent / "trackside"), "up"], env=env,
-        stdout=subprocess.PIPE, stderr=open(data_dir / "up.err", "wb"),
-    )
+    with console.status("starting trackside up"):
+        up = start_up(env, settings, data_dir / "up.err")
     try:
-        with console.status("starting trackside up"):
-            for line in up.stdout:
-                if line.startswith(b"trackside ready"):
-                    break
-            while running_service(settings) is None:
-                time.sleep(0.1)
         with console.status("raw confluent-kafka baseline"):
             produce_rate, raw_rate = raw_consume_rate(bootstrap, lines, keys, args.partitions)
 
