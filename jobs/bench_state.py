@@ -4,7 +4,8 @@
 
 1. 100k runs open at once (a run_start and an llm_call each): bytes per open run, then the
    watermark passes their idle timeout: every run closes as `timeout`, is kept another idle
-   timeout for late events, and is forgotten; the memory goes back.
+   sixth of the idle timeout whole and then as a tombstone for late events, and is forgotten; the
+   memory goes back.
 2. Runs that never end, for hours of event time: a steady stream of runs of which a share
    never sends run_end; the open runs plateau at about rate x idle timeout, and so does the
    memory (peak of the second half vs the first).

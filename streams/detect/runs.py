@@ -207,9 +207,11 @@ class RunAssembler:
 
     The watermark is the newest event time seen minus the allowed lateness. A run with no
     `run_end` closes as `timeout` once the watermark passes its last event + idle timeout.
-    A closed run is kept for another idle timeout so that late events update its row
-    instead of starting a phantom run; then it is forgotten, and an event that would start
-    a run already idle by the watermark is counted as late and not assembled.
+    A closed run is kept whole for a sixth of the idle timeout (the allowed lateness at
+    least) so that late events update its row; then only its id is kept (a tombstone) until
+    another idle timeout has passed, so that its stragglers are counted as late instead of
+    starting a phantom run; then it is forgotten, and an event that would start a run already
+    idle by the watermark is counted as late and not assembled.
     """
 
     def __init__(self, idle_timeout_ms: int, allowed_lateness_ms: int = 0, loop_policy: LoopPolicy | None = None,
@@ -224,6 +226,11 @@ class RunAssembler:
         self.alerts: list[dict] = []
         self.open: dict[str, RunState] = {}
         self.closed: dict[str, RunState] = {}
+        # run_id -> event time after which it is forgotten: closed runs whose late events are
+        # no longer assembled (their whole state would hold ~2 KB a run for half an hour)
+        self.tombstones: dict[str, int] = {}
+        self.closed_kept_ms = max(allowed_lateness_ms, idle_timeout_ms // 6)
+        self._compactions: list[tuple[int, str]] = []  # (event time, run_id) to make a tombstone of
         self.max_ts = 0
         self.duplicates = 0
         self.late_events = 0
@@ -247,7 +254,7 @@ class RunAssembler:
             run_id = event["run_id"]
             run = self.open.get(run_id) or self.closed.get(run_id)
             if run is None:
-                if event["ts"] + self.idle_timeout_ms <= self.watermark:
+                if run_id in self.tombstones or event["ts"] + self.idle_timeout_ms <= self.watermark:
                     # Too late to start a run: it would be idle at once. It is a redelivery of
                     # a run closed and forgotten, or a straggler past the lateness; it is in
                     # `events`, but a run made of it alone would be a phantom in the metrics.
@@ -278,6 +285,9 @@ class RunAssembler:
     def _close(self, run: RunState, closed_by: str, now_ms: int) -> None:
         run.closed_by = closed_by
         self.closed[run.run_id] = self.open.pop(run.run_id)
+        # from its last event or its close, whichever is later in event time (a replayed run
+        # closes before the stream's watermark has come back to it)
+        heapq.heappush(self._compactions, (max(self.watermark, run.last_ts) + self.closed_kept_ms, run.run_id))
         if run.loop_alerted:
             self.alerts.append(run.loop_alert(RESOLVED, max(run.last_ts, run.end_ts or 0), now_ms))
         if run.budget_alert is not None:
@@ -303,10 +313,18 @@ class RunAssembler:
         """Close runs idle past the watermark and forget old closed ones; returns closed rows."""
         watermark = self.watermark
         rows = []
+        while self._compactions and self._compactions[0][0] <= watermark:
+            due, run_id = heapq.heappop(self._compactions)
+            forget = due - self.closed_kept_ms + self.idle_timeout_ms  # another idle timeout after it closed
+            if self.closed.pop(run_id, None) is not None and forget > watermark:
+                self.tombstones[run_id] = forget
+                heapq.heappush(self._deadlines, (forget, run_id))
         while self._deadlines and self._deadlines[0][0] <= watermark:
             _, run_id = heapq.heappop(self._deadlines)
             run = self.open.get(run_id) or self.closed.get(run_id)
             if run is None:
+                if self.tombstones.get(run_id, watermark + 1) <= watermark:
+                    del self.tombstones[run_id]
                 continue
             # Open runs close when idle; closed ones are forgotten after the same time.
             deadline = run.last_ts + self.idle_timeout_ms

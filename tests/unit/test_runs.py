@@ -78,7 +78,26 @@ def test_closed_runs_are_forgotten_after_another_idle_timeout():
     assembler.apply(a_run("r1", T0), now_ms=0)
     assert "r1" in assembler.closed
     assembler.apply(a_run("r2", T0 + 61 * MIN), now_ms=0)
-    assert "r1" not in assembler.closed and "r1" not in assembler.open
+    assert "r1" not in assembler.closed and "r1" not in assembler.open and "r1" not in assembler.tombstones
+
+
+def test_a_closed_run_is_kept_whole_a_while_then_as_a_tombstone_that_counts_its_stragglers_late():
+    assembler = RunAssembler(30 * MIN, allowed_lateness_ms=2 * MIN)  # kept whole for 5 minutes
+    events = a_run("r1", T0)
+    assembler.apply(events[:-1] + [events[-1]], now_ms=0)
+    straggler = event("r1-late", "r1", "tool_call", T0 + 2500, tool="fetch", args_hash="h3")
+    # 4 minutes on: still whole, the straggler updates the row
+    (row,) = assembler.apply([straggler, event("o-1", "other", "run_start", T0 + 6 * MIN)], now_ms=0)
+    assert row["run_id"] == "r1" and row["tool_calls"] == 3
+    # 6 minutes on: a tombstone, the next straggler is late and changes nothing
+    assembler.apply([event("o-2", "other", "llm_call", T0 + 8 * MIN)], now_ms=0)
+    assert "r1" not in assembler.closed and "r1" in assembler.tombstones
+    late = assembler.late_events
+    assert assembler.apply([event("r1-later", "r1", "tool_call", T0 + 2600, tool="fetch", args_hash="h4")], 0) == []
+    assert assembler.late_events == late + 1 and "r1" not in assembler.open
+    # another idle timeout after the run: forgotten
+    assembler.apply([event("o-3", "other", "llm_call", T0 + 34 * MIN)], now_ms=0)
+    assert "r1" not in assembler.tombstones
 
 
 def test_cost_sources_combine():
