@@ -29,7 +29,7 @@ class Child:
                  *, keeps_nothing: bool = False) -> None:
         self.name = name
         # A process that holds nothing worth a graceful stop (the memory-only broker, once the
-        # sink has committed): killed if it is not gone a second after SIGTERM.
+        # sink has committed): killed if it is not gone 0.2 s after SIGTERM.
         self.keeps_nothing = keeps_nothing
         self.command = command
         self.pid_file = run_dir / f"{name}.pid"
@@ -56,7 +56,7 @@ class Child:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             if self.keeps_nothing:
-                timeout = 1.0
+                timeout = 0.2
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

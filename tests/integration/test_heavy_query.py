@@ -34,7 +34,7 @@ def _loop_run(port: int) -> None:
 
 
 def test_a_heavy_query_holds_up_no_alert_and_is_stopped_at_its_bound(tmp_path):
-    stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_QUERY_MAX_SECONDS": "20"})
+    stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_QUERY_MAX_SECONDS": "8"})
     stack.start()
     try:
         # a query may lower its own bounds, not lift them
