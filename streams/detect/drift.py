@@ -279,6 +279,18 @@ class _Window:
     tested: bool = False
     drifted: bool = False  # in a pool that tested significant: kept out of later references
     _summary: tuple | None = None
+    _compacted: int = -1  # once tested, the window keeps its summary and how many runs it had
+
+    @property
+    def size(self) -> int:
+        return len(self.runs) if self._compacted < 0 else self._compacted
+
+    def compact(self) -> None:
+        """Keep the summary (~100 bytes a run), drop the runs (~1 KB each): a tested window takes
+        no more runs."""
+        if self._compacted < 0:
+            self.summary()
+            self._compacted, self.runs = len(self.runs), {}
 
     def add(self, run_id: str, run: RunFeatures) -> None:
         known = self.runs.get(run_id)
@@ -509,6 +521,8 @@ class DriftDetector:
             r, a = self._test(key, start)
             rows.extend(r)
             alerts.extend(a)
+        for start, _, key in due:
+            self.series_[key].windows[start].compact()
         self._forget(watermark)
         return rows, alerts
 
@@ -528,13 +542,13 @@ class DriftDetector:
         # own history stops before the pool; a stable version's runs are contemporaneous
         last = start if stable else pool_start - self.window_ms
         oldest = last - self.max_reference_age_ms
-        recent = sorted((w for s, w in source.windows.items() if oldest <= s <= last and w.tested and w.runs),
+        recent = sorted((w for s, w in source.windows.items() if oldest <= s <= last and w.tested and w.size),
                         key=lambda w: -w.start)
         clean = [w for w in recent if not w.drifted][: self.reference_windows]
         how = "stable" if stable else "trailing"
-        if sum(len(w.runs) for w in clean) < self.min_reference:
+        if sum(w.size for w in clean) < self.min_reference:
             clean, how = recent[: self.reference_windows], how + " rebaselined"
-        n = sum(len(w.runs) for w in clean)
+        n = sum(w.size for w in clean)
         version = (stable or key)[1]
         return clean, f"{version} {how} {len(clean)} windows, n={n}"
 
@@ -542,7 +556,7 @@ class DriftDetector:
         series = self.series_[key]
         window = series.windows[start]
         window.tested = True
-        if not window.runs:
+        if not window.size:
             return [], []
         pools: dict[str, list[_Window]] = {}
         for scale, pool in (("short", self._last(series, start, self.short_pool_windows)),
@@ -554,7 +568,7 @@ class DriftDetector:
             return [], []
         widest = max(pools.values(), key=len)
         reference, baseline = self._reference(key, widest[-1].start, start)
-        n_ref = sum(len(w.runs) for w in reference)
+        n_ref = sum(w.size for w in reference)
         if n_ref < self.min_reference:
             return [], []
         ref = _Reference.of(reference)
@@ -574,7 +588,7 @@ class DriftDetector:
             pool = pools[scale]
             for w in pool:
                 w.drifted = True  # kept out of later references
-            finding = _finding(test, cutoff, sum(len(w.runs) for w in pool))
+            finding = _finding(test, cutoff, sum(w.size for w in pool))
             if name not in moved or _feature_p(finding) < _feature_p(moved[name]):
                 moved[name] = finding
             if len(pool) >= self.persistence and (name not in persistent or len(pool) > persistent[name]["windows"]):
@@ -584,7 +598,7 @@ class DriftDetector:
                     persistent[name] = {**finding, "windows": len(pool), **check}
 
         evidence = {"window": start, "window_ms": self.window_ms, "pool_windows": [w.start for w in widest],
-                    "n_current": sum(len(w.runs) for w in widest), "n_reference": n_ref, "reference": baseline,
+                    "n_current": sum(w.size for w in widest), "n_reference": n_ref, "reference": baseline,
                     "features": sorted(moved.values(), key=_feature_p), "min_p_value": min(t[3] for t in tests)}
         return rows, self._advance(key, series, evidence, sorted(persistent.values(), key=_feature_p))
 
@@ -592,8 +606,8 @@ class DriftDetector:
         """The windows with runs among the last `windows` of event time up to `start`, newest first,
         if they hold `min_short_samples` runs."""
         pool = [w for s in range(start, start - windows * self.window_ms, -self.window_ms)
-                if (w := series.windows.get(s)) is not None and w.runs]
-        return pool if sum(len(w.runs) for w in pool) >= self.min_short_samples else None
+                if (w := series.windows.get(s)) is not None and w.size]
+        return pool if sum(w.size for w in pool) >= self.min_short_samples else None
 
     def _pool_back(self, series: _Series, start: int) -> list[_Window] | None:
         """The window at `start` and those just before it, at most `max_pool_windows` of event time,
@@ -601,9 +615,9 @@ class DriftDetector:
         pool, n = [], 0
         for s in range(start, start - self.max_pool_windows * self.window_ms, -self.window_ms):
             w = series.windows.get(s)
-            if w is not None and w.runs:
+            if w is not None and w.size:
                 pool.append(w)
-                n += len(w.runs)
+                n += w.size
                 if n >= self.min_samples:
                     return pool
         return None
@@ -614,7 +628,7 @@ class DriftDetector:
         and the halves against each other: ({persists, halves, halves_differ}, drift rows)."""
         scale, name, _, _, _, change = test
         windows = sorted(pool, key=lambda w: w.start)
-        sizes = np.cumsum([len(w.runs) for w in windows])
+        sizes = np.cumsum([w.size for w in windows])
         cut = 1 + int(np.argmin(np.abs(sizes[:-1] - sizes[-1] / 2)))
         early, late = windows[:cut], windows[cut:]
         direction = _direction(change)
@@ -626,7 +640,7 @@ class DriftDetector:
             (h,) = self._feature_tests(scale, half, ref, self.consistency_alpha, {name}, {name: direction})
             shifted = h[3] <= self.consistency_alpha and _direction(h[5]) == direction
             rows += _rows(base, f"{name}@{scale}.{part}", h, self.consistency_alpha, shifted)
-            halves.append({"windows": [w.start for w in half], "n_current": int(sum(len(w.runs) for w in half)),
+            halves.append({"windows": [w.start for w in half], "n_current": int(sum(w.size for w in half)),
                            h[2][0]: {"value": h[2][1], "p_value": h[3], "threshold": self.consistency_alpha},
                            "change": h[5], "shifted": shifted})
         return {"persists": alike and all(h["shifted"] for h in halves), "halves": halves,
