@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.simulate import FleetConfig, simulate
-from streams.ops.broker import resident_bytes
+from streams.ops.broker import free_port, resident_bytes
 from streams.settings import Settings
 from streams.store.clickhouse import running_service
 
@@ -42,14 +42,6 @@ RAW_TOPIC = "bench.raw"
 # The bench's own polls (is it there yet?) skip FINAL: merging every part on read, many times a
 # second, took ~20% of `up`'s CPU from the pipeline it measures (py-spy).
 CHEAP = " SETTINGS final = 0"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _produce(bootstrap: str, topic: str, lines: list[bytes], keys: list[bytes], progress: list[int] | None = None) -> float:
@@ -261,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     run_ids = {event["run_id"] for event in events}
 
     data_dir = Path(tempfile.mkdtemp(prefix="trackside-bench-"))
-    port = _free_port()
+    port = free_port()
     env = up_env(data_dir, port, args.workers, args.partitions)
     settings = Settings(data_dir=data_dir, embedded_port=port)
     bootstrap = f"127.0.0.1:{port}"

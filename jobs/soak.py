@@ -50,9 +50,9 @@ from confluent_kafka import KafkaError, Message, Producer
 from rich.console import Console
 from rich.table import Table
 
-from jobs.bench import CHEAP, Probe, _children, _free_port, _quantile, _role, _rss_mb, start_up, up_env
+from jobs.bench import CHEAP, Probe, _children, _quantile, _role, _rss_mb, start_up, up_env
 from jobs.simulate import FleetConfig, simulate
-from streams.ops.broker import resident_bytes
+from streams.ops.broker import free_port, resident_bytes
 from streams.settings import Settings
 from streams.store.clickhouse import running_service
 
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="trackside-soak-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = up_env(data_dir, port, args.workers, args.partitions)
     stack = Stack(env, Settings(data_dir=data_dir, embedded_port=port), data_dir / "up.err")
     console.print(f"soak: {args.minutes:g} min at {args.rate:,.0f} events/s, {args.partitions} partitions, "

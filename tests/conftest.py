@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,6 +13,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from streams.contracts import topics
+from streams.ops.broker import free_port
 from streams.ingest import sink
 from streams.processors import app
 from streams.settings import Settings
@@ -35,12 +35,6 @@ PIPELINE = (
     (sink.GROUP, topics.ALERTS.name),
     (sink.GROUP, topics.ROLLBACKS.name),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _reader(kafka_config: dict, group: str = "trackside-tests") -> Consumer:

@@ -44,7 +44,7 @@ class Relay:
     def __init__(self, public_port: int, private_port: int, host: str = "127.0.0.1") -> None:
         self.host, self.public_port, self.private_port = host, public_port, private_port
         self.agents_shut_out = False
-        self._agents: set[_Client] = set()
+        self.agents: set[_Client] = set()  # the connections of agents, which a shut-out drops
 
     async def serve(self) -> asyncio.AbstractServer:
         return await asyncio.get_running_loop().create_server(
@@ -53,7 +53,7 @@ class Relay:
     def shut_out_agents(self) -> int:
         """Drop every agent's connection and refuse new ones; returns how many were dropped."""
         self.agents_shut_out = True
-        dropped = list(self._agents)
+        dropped = list(self.agents)
         for client in dropped:
             client.drop()
         return len(dropped)
@@ -164,7 +164,7 @@ class _Client(asyncio.Protocol):
             if self.door.agents_shut_out:
                 self.drop()
                 return
-            self.door._agents.add(self)
+            self.door.agents.add(self)
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -186,7 +186,7 @@ class _Client(asyncio.Protocol):
         self.transport.abort()  # connection_lost follows and closes the broker side
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.door._agents.discard(self)
+        self.door.agents.discard(self)
         if self.upstream is not None:
             self.upstream.close()
 
