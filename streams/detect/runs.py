@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import sys
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable
+
+import numpy as np
 
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert
 from streams.ingest.pricing import UNKNOWN
@@ -49,15 +53,18 @@ class RunState:
     # (ts, arrival order, tool, args_hash, status): sorted by time when the row is made,
     # because events of a run may arrive out of order.
     tool_steps: list[tuple[int, int, str, str, str]] = field(default_factory=list)
-    event_ids: set[str] = field(default_factory=set)
+    # hash() of each event_id (an int takes a third of the id's bytes; two ids of one run that
+    # hash alike, a chance of 2**-64, would count as one event)
+    event_ids: set[int] = field(default_factory=set)
     closed_by: str = ""
+    timer: int = 0  # the assembler's timer bucket of an open run
     loop: LoopFinding | None = None
     loop_alerted: bool = False
     budget_alert: dict | None = None  # the firing alert when the run went over its cost envelope
 
     def apply(self, event: dict, policy: LoopPolicy | None = None) -> bool:
         """Fold one event in; False if this event_id was already applied."""
-        event_id = event["event_id"]
+        event_id = hash(event["event_id"])
         if event_id in self.event_ids:
             return False
         self.event_ids.add(event_id)
@@ -104,6 +111,24 @@ class RunState:
                 self.error_type = event["error_type"]
                 self.error_message = event["error_message"]
         return True
+
+    def freeze(self) -> None:
+        """Make a closed run small (~1.5 KB instead of ~5): what it holds in containers that
+        only grow while it is open goes into compact ones, and strings many runs share into one
+        copy. `thaw` undoes it for a late event."""
+        self.event_ids = array("q", self.event_ids)
+        self.cost_sources = _shared(frozenset(self.cost_sources))
+        self.tool_steps = tuple((ts, order, sys.intern(tool), args_hash, sys.intern(status))
+                                for ts, order, tool, args_hash, status in self.tool_steps)
+        for name in ("agent_id", "agent_version", "tenant", "environment", "outcome", "error_type"):
+            setattr(self, name, sys.intern(getattr(self, name)))
+
+    @property
+    def frozen(self) -> bool:
+        return type(self.event_ids) is array
+
+    def thaw(self) -> None:
+        self.event_ids, self.cost_sources, self.tool_steps = set(self.event_ids), set(self.cost_sources), list(self.tool_steps)
 
     def _look_for_loop(self, policy: LoopPolicy | None, tools_changed: bool) -> None:
         if policy is None or self.loop is not None:
@@ -202,17 +227,84 @@ class RunState:
         }
 
 
+CLOSED_KEPT_MIN_MS = 60_000
+
+_SHARED: dict[frozenset, frozenset] = {}
+
+
+def _shared(value: frozenset) -> frozenset:
+    """One copy of each of the few sets of cost sources a run can have."""
+    return _SHARED.setdefault(value, value)
+
+
+class Tombstones:
+    """Ids of closed runs forgotten, each until an event time (`forget`): whether a run was
+    closed is all that is asked of them. New ones go to a dict; every `SEAL_EVERY` of them (and
+    when the oldest are due) they are sealed into two sorted arrays, 16 bytes a run, where those
+    due are dropped. Ids are kept as hash(): a new run whose id hashes like a forgotten one
+    (2**-64 a pair) would be counted late."""
+
+    SEAL_EVERY = 16_384
+
+    def __init__(self) -> None:
+        self._new: dict[int, int] = {}  # hash(run_id) -> forget
+        self._hashes = np.empty(0, np.int64)  # sorted
+        self._forget = np.empty(0, np.int64)  # of each hash
+        self._next_due = 2 ** 62  # the earliest forget held
+        self.watermark = 0  # entries with forget at or before it are gone
+
+    def add(self, run_id: str, forget: int) -> None:
+        self._new[hash(run_id)] = forget
+        self._next_due = min(self._next_due, forget)
+        if len(self._new) >= self.SEAL_EVERY:
+            self._seal()
+
+    def __contains__(self, run_id: str) -> bool:
+        key = hash(run_id)
+        forget = self._new.get(key)
+        if forget is None:
+            at = int(np.searchsorted(self._hashes, key))
+            if at == len(self._hashes) or self._hashes[at] != key:
+                return False
+            forget = int(self._forget[at])
+        return forget > self.watermark
+
+    def __len__(self) -> int:
+        return len(self._new) + len(self._hashes)
+
+    def expire(self, watermark: int) -> None:
+        """Forget those due by `watermark` (a minute of event time at a time)."""
+        self.watermark = watermark
+        if self._next_due + 60_000 <= watermark:
+            self._seal()
+
+    def _seal(self) -> None:
+        hashes = np.concatenate((self._hashes, np.fromiter(self._new.keys(), np.int64, len(self._new))))
+        forget = np.concatenate((self._forget, np.fromiter(self._new.values(), np.int64, len(self._new))))
+        self._new = {}
+        live = forget > self.watermark
+        hashes, forget = hashes[live], forget[live]
+        order = np.lexsort((forget, hashes))
+        hashes, forget = hashes[order], forget[order]
+        last = np.append(hashes[1:] != hashes[:-1], True)[:len(hashes)]  # an id closed twice: its later forget
+        self._hashes, self._forget = hashes[last], forget[last]
+        self._next_due = int(forget.min()) if len(forget) else 2 ** 62
+
+
 class RunAssembler:
     """Open and recently closed runs of one partition, driven by event time.
 
     The watermark is the newest event time seen minus the allowed lateness. A run with no
     `run_end` closes as `timeout` once the watermark passes its last event + idle timeout.
-    A closed run is kept whole for a sixth of the idle timeout (the allowed lateness at
-    least) so that late events update its row; then only its id is kept (a tombstone) until
+    A closed run is kept (frozen small) for the allowed lateness of event time (a minute at
+    least: redeliveries and a run's own stragglers across batches), so that late events update
+    its row; then only its id is kept (a tombstone) until
     another idle timeout has passed, so that its stragglers are counted as late instead of
     starting a phantom run; then it is forgotten, and an event that would start a run already
     idle by the watermark is counted as late and not assembled.
     """
+
+    TIMER_MS = 1000  # the width of a timer bucket (event time)
 
     def __init__(self, idle_timeout_ms: int, allowed_lateness_ms: int = 0, loop_policy: LoopPolicy | None = None,
                  run_budget: Callable[[str], float] | None = None) -> None:
@@ -226,17 +318,19 @@ class RunAssembler:
         self.alerts: list[dict] = []
         self.open: dict[str, RunState] = {}
         self.closed: dict[str, RunState] = {}
-        # run_id -> event time after which it is forgotten: closed runs whose late events are
-        # no longer assembled (their whole state would hold ~2 KB a run for half an hour)
-        self.tombstones: dict[str, int] = {}
-        self.closed_kept_ms = max(allowed_lateness_ms, idle_timeout_ms // 6)
+        # closed runs whose late events are no longer assembled, for another idle timeout
+        self.tombstones = Tombstones()
+        self.closed_kept_ms = max(allowed_lateness_ms, CLOSED_KEPT_MIN_MS)
         self._compactions: list[tuple[int, str]] = []  # (event time, run_id) to make a tombstone of
         self.max_ts = 0
         self.duplicates = 0
         self.late_events = 0
-        # (event time at which to look at the run again, run_id): checking only the runs
-        # whose deadline the watermark passed keeps a batch's cost independent of open runs.
-        self._deadlines: list[tuple[int, str]] = []
+        # The open runs by when to look at them again (their first event + the idle timeout, then
+        # their last): bucket (event time // TIMER_MS) -> run ids, and a heap of the buckets. A
+        # run leaves its bucket when it closes, so a batch's cost does not grow with the open runs
+        # and the timers hold nothing of the runs that ended.
+        self._timers: dict[int, set[str]] = {}
+        self._buckets: list[int] = []
 
     @property
     def watermark(self) -> int:
@@ -252,16 +346,20 @@ class RunAssembler:
         touched: dict[str, RunState] = {}
         for event in events:
             run_id = event["run_id"]
-            run = self.open.get(run_id) or self.closed.get(run_id)
+            run = self.open.get(run_id)
             if run is None:
-                if run_id in self.tombstones or event["ts"] + self.idle_timeout_ms <= self.watermark:
-                    # Too late to start a run: it would be idle at once. It is a redelivery of
-                    # a run closed and forgotten, or a straggler past the lateness; it is in
-                    # `events`, but a run made of it alone would be a phantom in the metrics.
-                    self.late_events += 1
-                    continue
-                run = self.open[run_id] = RunState(run_id, event["agent_id"], event["agent_version"])
-                heapq.heappush(self._deadlines, (event["ts"] + self.idle_timeout_ms, run_id))
+                run = self.closed.get(run_id)
+                if run is None:
+                    if event["ts"] + self.idle_timeout_ms <= self.watermark or run_id in self.tombstones:
+                        # Too late to start a run: it would be idle at once. It is a redelivery of
+                        # a run closed and forgotten, or a straggler past the lateness; it is in
+                        # `events`, but a run made of it alone would be a phantom in the metrics.
+                        self.late_events += 1
+                        continue
+                    run = self.open[run_id] = RunState(run_id, event["agent_id"], event["agent_version"])
+                    self._arm(run, event["ts"] + self.idle_timeout_ms)
+                elif run.frozen:
+                    run.thaw()
             if event["ts"] > self.max_ts and not replay:
                 self.max_ts = event["ts"]  # a duplicate too: the stream has come this far
             if not run.apply(event, self.loop_policy):
@@ -274,17 +372,31 @@ class RunAssembler:
             if run.budget_alert is None and self.run_budget is not None and run.cost_usd > 0:
                 self._check_budget(run, event["ts"])
             touched[run_id] = run
-        for run_id, run in touched.items():
-            if run.closed_by:
-                continue
-            if run.end_ts is not None:
+        rows = []
+        for run in touched.values():
+            if not run.closed_by and run.end_ts is not None:
                 self._close(run, "run_end", now_ms)
-        rows = [run.row(now_ms) for run in touched.values() if run.closed_by]
+            if run.closed_by:
+                rows.append(run.row(now_ms))
+                run.freeze()
         return rows + self.advance(now_ms)
+
+    def _arm(self, run: RunState, deadline: int) -> None:
+        bucket = run.timer = deadline // self.TIMER_MS
+        runs = self._timers.get(bucket)
+        if runs is None:
+            runs = self._timers[bucket] = set()
+            heapq.heappush(self._buckets, bucket)
+        runs.add(run.run_id)
 
     def _close(self, run: RunState, closed_by: str, now_ms: int) -> None:
         run.closed_by = closed_by
         self.closed[run.run_id] = self.open.pop(run.run_id)
+        runs = self._timers.get(run.timer)
+        if runs is not None:
+            runs.discard(run.run_id)
+            if not runs:
+                del self._timers[run.timer]  # its heap entry goes when due
         # from its last event or its close, whichever is later in event time (a replayed run
         # closes before the stream's watermark has come back to it)
         heapq.heappush(self._compactions, (max(self.watermark, run.last_ts) + self.closed_kept_ms, run.run_id))
@@ -312,28 +424,33 @@ class RunAssembler:
     def advance(self, now_ms: int) -> list[dict]:
         """Close runs idle past the watermark and forget old closed ones; returns closed rows."""
         watermark = self.watermark
-        rows = []
         while self._compactions and self._compactions[0][0] <= watermark:
             due, run_id = heapq.heappop(self._compactions)
             forget = due - self.closed_kept_ms + self.idle_timeout_ms  # another idle timeout after it closed
             if self.closed.pop(run_id, None) is not None and forget > watermark:
-                self.tombstones[run_id] = forget
-                heapq.heappush(self._deadlines, (forget, run_id))
-        while self._deadlines and self._deadlines[0][0] <= watermark:
-            _, run_id = heapq.heappop(self._deadlines)
-            run = self.open.get(run_id) or self.closed.get(run_id)
-            if run is None:
-                if self.tombstones.get(run_id, watermark + 1) <= watermark:
-                    del self.tombstones[run_id]
-                continue
-            # Open runs close when idle; closed ones are forgotten after the same time.
-            deadline = run.last_ts + self.idle_timeout_ms
-            if deadline > watermark:
-                heapq.heappush(self._deadlines, (deadline, run_id))
-            elif run_id in self.open:
-                self._close(run, "idle_timeout", now_ms)
-                rows.append(run.row(now_ms))
-                heapq.heappush(self._deadlines, (watermark + self.idle_timeout_ms, run_id))
-            else:
-                del self.closed[run_id]
+                self.tombstones.add(run_id, forget)
+        self.tombstones.expire(watermark)
+        idle = []
+        while self._buckets and self._buckets[0] * self.TIMER_MS <= watermark:
+            bucket = self._buckets[0]
+            runs = self._timers.get(bucket, ())
+            for run_id in list(runs):
+                run = self.open[run_id]
+                deadline = run.last_ts + self.idle_timeout_ms
+                if deadline <= watermark:
+                    runs.discard(run_id)
+                    idle.append((deadline, run_id))
+                elif deadline // self.TIMER_MS != bucket:  # it went on: look again then
+                    runs.discard(run_id)
+                    self._arm(run, deadline)
+            if runs:
+                break  # the rest of this bucket is not due yet, nor any later bucket
+            heapq.heappop(self._buckets)
+            self._timers.pop(bucket, None)
+        rows = []
+        for _, run_id in sorted(idle):
+            run = self.open[run_id]
+            self._close(run, "idle_timeout", now_ms)
+            rows.append(run.row(now_ms))
+            run.freeze()
         return rows

@@ -21,7 +21,7 @@ from streams.errors import StoreError
 from streams.ops.frontdoor import STACK_CLIENT_ID
 from streams.processors.assembler import AssemblerPartition
 from streams.processors.metrics import MetricsPartition
-from streams.processors.recovery import metrics_state, open_run_events
+from streams.processors.recovery import open_run_events, rebuild_metrics
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,8 @@ def create_app(settings: Settings) -> faust.App:
         partition = event.message.partition
         if partition not in analysts:
             started = time.monotonic()
-            state = await _from_store(metrics_state, settings, partition, DETECTION_HISTORY_MS, policy.tenant_budgets)
-            analysts[partition] = MetricsPartition(partition, settings, policy, state)
+            analysts[partition] = await _from_store(
+                rebuild_metrics, settings, policy, partition, DETECTION_HISTORY_MS, now_ms())
             telemetry.STATE_REBUILD_SECONDS.labels("compute_metrics").observe(time.monotonic() - started)
         message = decode_run_result(event.value)
         # Off the event loop (the drift tests take milliseconds); awaited, so one at a time,

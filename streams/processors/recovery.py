@@ -4,12 +4,14 @@ What is read and how it is bounded in event time: streams/processors/README.md, 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 from streams.contracts import topics
 from streams.contracts.messages import EVENT_FIELDS
 from streams.contracts.tables import RUNS
 from streams.contracts.topics import agent_partition, tenant_partition_key
-from streams.processors.metrics import MetricsState
+from streams.detect.policy import Policy
+from streams.processors.metrics import MetricsPartition, MetricsState
 from streams.settings import Settings
 from streams.store.clickhouse import query_store
 
@@ -29,6 +31,8 @@ _RUN_COLUMNS = ", ".join(
     else "toFloat64(cost_usd) AS cost_usd" if name == "cost_usd" else name
     for name in RUNS.names
 )
+# Runs read at a time while a partition is rebuilt (`RunPages`).
+PAGE_RUNS = 20_000
 # Tenant budgets are daily: their sums need the runs of the last two days.
 TENANT_HISTORY_MS = 2 * 24 * 3_600_000
 
@@ -75,9 +79,12 @@ def read_open_runs(store, partitions: int, partition: int, horizon_ms: int) -> t
     return events, {row["alert_id"] for row in sent}
 
 
-def metrics_state(settings: Settings, partition: int, horizon_ms: int, tenant_budgets: bool) -> MetricsState:
-    return read_metrics_state(query_store(settings, may_open=False), settings.partitions, partition,
-                              settings.window_seconds * 1000, horizon_ms, tenant_budgets)
+def rebuild_metrics(settings: Settings, policy: Policy, partition: int, horizon_ms: int, now_ms: int) -> MetricsPartition:
+    """A metrics partition as it was, its runs read from the store a page at a time as they are
+    folded in (blocking: run it off the event loop)."""
+    state = read_metrics_state(query_store(settings, may_open=False), settings.partitions, partition,
+                               settings.window_seconds * 1000, horizon_ms, policy.tenant_budgets)
+    return MetricsPartition(partition, settings, policy, state, now_ms)
 
 
 def read_metrics_state(store, partitions: int, partition: int, window_ms: int, horizon_ms: int,  # noqa: ANN001
@@ -95,16 +102,13 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
     def mine(key: str) -> bool:
         return agent_partition(key, partitions) == partition
 
-    state = MetricsState()
+    state = MetricsState(watermark=newest)
     since = {"since": newest - horizon_ms if newest is not None else 0}
     agents = [row["agent_id"] for row in store.query_json(
         f"SELECT DISTINCT agent_id FROM runs WHERE ended_at >= {_SINCE}", since) if mine(row["agent_id"])]
     if agents:
         state.window_runs, state.final_before = _open_windows(store, agents, window_ms)
-        # The inner query filters on the columns; the outer one renames them.
-        state.history = store.query_json(
-            f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} "
-            f"AND ended_at >= {_SINCE}) ORDER BY ended_at, run_id", {"agents": agents, **since})
+        state.history = RunPages(store, "agent_id IN {agents:Array(String)}", {"agents": agents}, since["since"])
         # rollouts: a canary is a version first seen after the stable one, however long ago
         state.versions = store.query_json(
             "SELECT agent_id, agent_version, toUnixTimestamp64Milli(min(first_started_at)) AS first_started_at "
@@ -118,7 +122,7 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
         state.sent = {row["alert_id"] for row in store.query_json(
             "SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)}", {"agents": agents})}
         log.info("partition %d: rebuilding %d agents from %d open-window runs and %d recent runs",
-                 partition, len(agents), len(state.window_runs), len(state.history))
+                 partition, len(agents), getattr(state.window_runs, "total", 0), state.history.total)
     state.deployments = [row for row in store.query_json(
         "SELECT agent_id, version, role, traffic_pct, toUnixTimestamp64Milli(ts) AS ts FROM deployments ORDER BY ts")
         if mine(row["agent_id"])]
@@ -136,7 +140,7 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
     return state
 
 
-def _open_windows(store, agents: list[str], window_ms: int) -> tuple[list[dict], int]:  # noqa: ANN001
+def _open_windows(store, agents: list[str], window_ms: int) -> tuple[RunPages | tuple, int]:  # noqa: ANN001
     """The runs of the agents' windows that are not final yet, and where final ends.
 
     A window emitted as final must stay as it is, and a window still open must be restored
@@ -148,12 +152,42 @@ def _open_windows(store, agents: list[str], window_ms: int) -> tuple[list[dict],
         "toUnixTimestamp64Milli(maxIf(window_end, is_final)) AS final_before "
         "FROM agent_metrics WHERE agent_id IN {agents:Array(String)}", params)
     first_open = int(bounds["first_open"] or 0)
-    runs = store.query_json(
-        f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE agent_id IN {{agents:Array(String)}} "
-        f"AND ended_at >= {_SINCE} "
+    runs = RunPages(
+        store, "agent_id IN {agents:Array(String)} "
         "AND (agent_id, agent_version, intDiv(toUnixTimestamp64Milli(ended_at), {window:Int64}) * {window:Int64}) IN "
         "(SELECT agent_id, agent_version, toUnixTimestamp64Milli(window_start) FROM agent_metrics "
-        " WHERE agent_id IN {agents:Array(String)} AND NOT is_final))",
-        {**params, "since": first_open},
-    ) if first_open else []
+        " WHERE agent_id IN {agents:Array(String)} AND NOT is_final)", params, first_open) if first_open else ()
     return runs, int(bounds["final_before"] or 0)
+
+
+class RunPages:
+    """The `runs` rows matching `where` that ended at or after `since`, oldest first, in pages
+    of at most `page_runs` rows (more only if that many ended within one second): slices of
+    event time cut from a count of the rows per second. Counted at once; read lazily, a page when
+    the one before it has been used, so that a rebuild holds one page of rows, not hours of them
+    (a row is ~2 KB in Python)."""
+
+    def __init__(self, store, where: str, params: dict, since: int, page_runs: int = PAGE_RUNS) -> None:  # noqa: ANN001
+        self._store, self._where, self._params = store, where, params
+        per_second = store.query_json(
+            "SELECT intDiv(toUnixTimestamp64Milli(ended_at), 1000) AS second, count() AS runs FROM runs "
+            f"WHERE ended_at >= {_SINCE} AND {where} GROUP BY second ORDER BY second", {**params, "since": since})
+        self.total = sum(int(row["runs"]) for row in per_second)  # a run counted once per stored version of its row
+        self.slices: list[tuple[int, int]] = []  # [since, until) in epoch ms
+        rows = 0
+        for row in per_second:
+            second, runs = int(row["second"]), int(row["runs"])
+            if self.slices and rows + runs <= page_runs:
+                self.slices[-1] = (self.slices[-1][0], (second + 1) * 1000)
+                rows += runs
+            else:
+                self.slices.append((max(since, second * 1000), (second + 1) * 1000))
+                rows = runs
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        for since, until in self.slices:
+            # The inner query filters on the columns; the outer one renames them.
+            yield self._store.query_json(
+                f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE ended_at >= {_SINCE} "
+                f"AND ended_at < fromUnixTimestamp64Milli({{until:Int64}}, 'UTC') AND {self._where}) "
+                "ORDER BY ended_at, run_id", {**self._params, "since": since, "until": until})

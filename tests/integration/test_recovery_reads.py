@@ -3,7 +3,7 @@ same after a month of history as after an hour (issue 11.5). Real chdb, through 
 
 import pytest
 
-from streams.processors.recovery import read_metrics_state, read_open_runs
+from streams.processors.recovery import RunPages, read_metrics_state, read_open_runs
 from streams.store.clickhouse import running_service
 from tests.conftest import RunningStack
 
@@ -89,6 +89,24 @@ def test_a_metrics_partition_reads_recent_runs_only(history):
     store = Recording(running_service(history.settings))
     state = read_metrics_state(store, 4, 0, 300_000, 3 * HOUR, tenant_budgets=True)
     # nothing of the month ended in the last 3 hours, nor (tenant budgets) in the last two days
-    assert state.history == [] and state.window_runs == [] and state.tenant_runs == []
+    assert list(state.history) == [] and list(state.window_runs) == [] and state.tenant_runs == []
     read = _rows_read(history, store.queries, "runs")
     assert read < OLD_EVENTS // 10 * 0.05, f"recovery reads {read} of {OLD_EVENTS // 10} runs"
+
+
+def test_recent_runs_are_read_a_page_at_a_time(history):
+    """A rebuild holds one page of runs: slices of event time of at most `page_runs` rows, cut
+    where the runs are dense (a burst of 2,000 runs in 5 minutes among 1,000 over 2 hours)."""
+    spread = ", ".join(f"('spread-{n}', {NOW - 2 * HOUR + n * 7_000})" for n in range(1_000))
+    burst = ", ".join(f"('burst-{n}', {NOW - HOUR + n * 150})" for n in range(2_000))
+    _write(history, "INSERT INTO runs (run_id, agent_id, agent_version, started_at, ended_at, outcome, version) "
+                    "SELECT run, 'paged', 'v1', fromUnixTimestamp64Milli(ts, 'UTC'), fromUnixTimestamp64Milli(ts, 'UTC'), "
+                    f"'success', 20 FROM values('run String, ts Int64', {spread}, {burst})")
+    store = Recording(running_service(history.settings))
+    pages = RunPages(store, "agent_id = {agent:String}", {"agent": "paged"}, NOW - 3 * HOUR, page_runs=300)
+    assert pages.total == 3_000 and len(store.queries) == 1  # counted, nothing read yet
+    read = list(pages)
+    assert all(0 < len(page) <= 300 for page in read) and len(read) <= 3_000 // 300 * 2
+    rows = [row for page in read for row in page]
+    assert len({row["run_id"] for row in rows}) == 3_000 == len(rows)
+    assert [(row["ended_at"], row["run_id"]) for row in rows] == sorted((row["ended_at"], row["run_id"]) for row in rows)

@@ -1,6 +1,6 @@
 """Run assembly: closing on run_end and on idle timeout, duplicates, late and out-of-order events."""
 
-from streams.detect.runs import RunAssembler
+from streams.detect.runs import RunAssembler, Tombstones
 
 MIN = 60_000
 T0 = 1_793_491_200_000
@@ -81,16 +81,19 @@ def test_closed_runs_are_forgotten_after_another_idle_timeout():
     assert "r1" not in assembler.closed and "r1" not in assembler.open and "r1" not in assembler.tombstones
 
 
-def test_a_closed_run_is_kept_whole_a_while_then_as_a_tombstone_that_counts_its_stragglers_late():
-    assembler = RunAssembler(30 * MIN, allowed_lateness_ms=2 * MIN)  # kept whole for 5 minutes
+def test_a_closed_run_is_kept_for_the_lateness_then_as_a_tombstone_that_counts_its_stragglers_late():
+    assembler = RunAssembler(30 * MIN, allowed_lateness_ms=2 * MIN)  # kept for 2 minutes of watermark
     events = a_run("r1", T0)
-    assembler.apply(events[:-1] + [events[-1]], now_ms=0)
+    assembler.apply(events, now_ms=0)
+    assert assembler.closed["r1"].frozen
     straggler = event("r1-late", "r1", "tool_call", T0 + 2500, tool="fetch", args_hash="h3")
-    # 4 minutes on: still whole, the straggler updates the row
-    (row,) = assembler.apply([straggler, event("o-1", "other", "run_start", T0 + 6 * MIN)], now_ms=0)
-    assert row["run_id"] == "r1" and row["tool_calls"] == 3
-    # 6 minutes on: a tombstone, the next straggler is late and changes nothing
-    assembler.apply([event("o-2", "other", "llm_call", T0 + 8 * MIN)], now_ms=0)
+    # the watermark 1 minute past the run: still kept, the straggler updates the row
+    assembler.apply([event("o-1", "other", "run_start", T0 + 3 * MIN)], now_ms=0)
+    (row,) = assembler.apply([straggler], now_ms=0)
+    assert row["run_id"] == "r1" and row["tool_calls"] == 3 and row["event_count"] == len(events) + 1
+    assert assembler.apply([straggler], now_ms=0) == [] and assembler.duplicates == 1  # frozen again, still deduplicated
+    # the watermark 3 minutes past it: a tombstone, the next straggler is late and changes nothing
+    assembler.apply([event("o-2", "other", "llm_call", T0 + 5 * MIN)], now_ms=0)
     assert "r1" not in assembler.closed and "r1" in assembler.tombstones
     late = assembler.late_events
     assert assembler.apply([event("r1-later", "r1", "tool_call", T0 + 2600, tool="fetch", args_hash="h4")], 0) == []
@@ -98,6 +101,36 @@ def test_a_closed_run_is_kept_whole_a_while_then_as_a_tombstone_that_counts_its_
     # another idle timeout after the run: forgotten
     assembler.apply([event("o-3", "other", "llm_call", T0 + 34 * MIN)], now_ms=0)
     assert "r1" not in assembler.tombstones
+
+
+def test_a_frozen_run_thaws_for_a_late_event_and_gives_the_row_it_would_have_given_whole():
+    whole, frozen = RunAssembler(30 * MIN), RunAssembler(30 * MIN)
+    events = a_run("r1", T0)
+    late = [event("r1-x", "r1", "tool_call", T0 + 2400, tool="fetch", args_hash="h1", cost_usd=0.5,
+                  cost_source="reported"), event("r1-y", "r1", "llm_call", T0 + 2600, input_tokens=7)]
+    (expected,) = whole.apply(events + late, now_ms=0)
+    frozen.apply(events, now_ms=0)
+    (row,) = frozen.apply(late, now_ms=0)
+    assert row == expected
+
+
+def test_tombstones_are_sealed_into_arrays_and_expire_there():
+    tombstones = Tombstones()
+    tombstones.SEAL_EVERY = 3
+    for n, forget in enumerate((50, 100, 200, 300)):
+        tombstones.add(f"r{n}", forget)
+    assert len(tombstones._hashes) == 3 and len(tombstones._new) == 1  # three sealed, one new
+    assert all(f"r{n}" in tombstones for n in range(4)) and "r9" not in tombstones
+    tombstones.add("r0", 100_000)  # closed again after it was forgotten: the later forget counts
+    tombstones.expire(150)
+    assert "r0" in tombstones and "r1" not in tombstones and "r2" in tombstones
+    tombstones.expire(60_000 + 50)  # a minute past the oldest: sealed again without those due
+    assert len(tombstones) == 1 and "r0" in tombstones and "r3" not in tombstones
+    few = Tombstones()  # never SEAL_EVERY of them: they expire all the same
+    few.add("a", 100)
+    few.add("b", 200)
+    few.expire(60_000 + 200)
+    assert len(few) == 0
 
 
 def test_cost_sources_combine():
