@@ -2,7 +2,7 @@
 memory per process, latencies, and exact counts at the end.
 
     python -m jobs.soak [--minutes 20] [--rate 5000] [--partitions 4] [--restart-at 0.5]
-                        [--sample-seconds 60] [--out jobs/soak-results] [--data-dir DIR]
+                        [--sample-seconds 10] [--print-seconds 60] [--out jobs/soak-results] [--data-dir DIR]
 
 1. Starts `trackside up` (a subprocess, as a user runs it, as jobs/bench.py does) on a fresh
    data dir and port.
@@ -13,7 +13,9 @@ memory per process, latencies, and exact counts at the end.
    sends one run per partition half an hour of event time later, so that the runs that never
    end close as `timeout` as they would live half an hour later.
 3. Every `--sample-seconds`: the resident memory of `up`, the broker and each faust worker (and
-   of this job), printed and kept for the CSV and the plot.
+   of this job), kept for the CSV, the plot and the peaks (a broker recycled at its bound is a
+   saw-tooth, whose peaks a sample a minute misses by chance), and printed every
+   `--print-seconds`.
 4. Latency probes (bench's `Probe`): publish -> event queryable, publish -> run queryable and
    looping call -> `loop` alert, every `--probe-seconds`; at 35% and 75% of the duration an
    analyst runs a heavy query through `trackside sql` for `--query-seconds`, and the probes
@@ -582,7 +584,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--restart-at", type=float, default=0.5, help="fraction of the duration; 0 = no restart")
-    parser.add_argument("--sample-seconds", type=float, default=60.0)
+    parser.add_argument("--sample-seconds", type=float, default=10.0,
+                        help="how often memory is measured (the CSV, the plot and the peaks)")
+    parser.add_argument("--print-seconds", type=float, default=60.0, help="how often a sample is printed")
     parser.add_argument("--probe-seconds", type=float, default=10.0)
     parser.add_argument("--query-seconds", type=float, default=60.0, help="how long each analyst session lasts")
     parser.add_argument("--settle-seconds", type=float, default=600.0,
@@ -643,15 +647,17 @@ def soak(args: argparse.Namespace, console: Console, stack: Stack, publisher: Pu
     probes = threading.Thread(target=restart.prober.run, name="prober")
     probes.start()
     threads: list[threading.Thread] = []
-    next_sample = 0.0
+    next_sample = next_print = 0.0
     while not publisher.finished.wait(0.2):
         if restart.failed is not None:
             raise RuntimeError("the restart of trackside up failed") from restart.failed
         elapsed = time.monotonic() - started
         if elapsed >= next_sample:
             samples.append(take_sample(stack, publisher, elapsed))
-            print_sample(console, samples[-1])
             next_sample += args.sample_seconds
+            if elapsed >= next_print:
+                print_sample(console, samples[-1])
+                next_print += args.print_seconds
         if args.restart_at and not threads_started(threads, "restart") and elapsed >= args.restart_at * seconds:
             threads.append(threading.Thread(target=restart.run, name="restart"))
             threads[-1].start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import operator
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import orjson
@@ -28,30 +27,6 @@ pack_row = operator.itemgetter(*(EVENTS.names.index(name) for name in EVENT_FIEL
 
 def unpack(rows: list[list]) -> list[dict]:
     return [dict(zip(EVENT_FIELDS, row)) for row in rows]
-
-
-def split_by_bytes(prefix: bytes, items: list[bytes], max_bytes: int) -> Iterator[bytes]:
-    """`prefix` + a JSON array of the encoded items + `}`, in as many messages as keep each
-    within `max_bytes`; an item too large for that travels alone."""
-    chunk: list[bytes] = []
-    size = empty = len(prefix) + 2  # the brackets and the closing brace; each item adds a comma
-    for item in items:
-        if chunk and size + len(item) + 1 > max_bytes:
-            yield prefix + b"[" + b",".join(chunk) + b"]}"
-            chunk, size = [], empty
-        chunk.append(item)
-        size += len(item) + 1
-    if chunk:
-        yield prefix + b"[" + b",".join(chunk) + b"]}"
-
-
-def _encode_split(prefix: bytes, items: list, max_bytes: int) -> Iterator[bytes]:
-    """`split_by_bytes` of the items encoded one by one, in one encoding when they all fit in one
-    message, as they mostly do (a poll's events of one partition)."""
-    whole = prefix + orjson.dumps(items) + b"}"
-    if len(whole) <= max_bytes:
-        return iter((whole,))
-    return split_by_bytes(prefix, [orjson.dumps(item) for item in items], max_bytes)
 
 
 class InvalidMessage(ValueError):
@@ -106,11 +81,6 @@ class EventBatch(_Message):
     partition: int
     events: list[list]
 
-    @staticmethod
-    def encode_split(partition: int, packed: list[tuple], max_bytes: int) -> Iterator[bytes]:
-        """The messages of many packed events (`pack(event)`), each within `max_bytes`."""
-        return _encode_split(b'{"partition":%d,"events":' % partition, packed, max_bytes)
-
     @classmethod
     def decode(cls, value: bytes) -> EventBatch:
         raw = _object(value)
@@ -143,11 +113,6 @@ class Deployments(_Message):
     agents of the partition they are sent to."""
 
     deployments: list[dict]
-
-    @staticmethod
-    def encode_split(events: list[dict], max_bytes: int) -> Iterator[bytes]:
-        """The messages of many deployment events, each within `max_bytes`."""
-        return _encode_split(b'{"deployments":', events, max_bytes)
 
 
 @dataclass(slots=True)

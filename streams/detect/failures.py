@@ -7,7 +7,7 @@ import functools
 import hashlib
 import math
 import re
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -21,6 +21,7 @@ from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
+from streams.detect.recent import RecentRuns
 
 KIND = "failure_cluster"
 
@@ -99,7 +100,7 @@ def is_failed(run: dict) -> bool:
 
 DEFAULT_WEIGHTS = {"message": 1.5, "outcome": 1.0, "error_type": 1.0, "tool": 0.5, "loop": 4.0}
 _MAX_TEMPLATES = 32  # distinct member templates counted per cluster, for its label
-_REMEMBERED_RUNS = 200_000  # run ids kept to recognise a redelivered run
+_REMEMBERED_RUNS = 100_000  # run ids kept (at least) to recognise a redelivered run
 _REMEMBERED_VECTORS = 4_096  # signature vectors kept: failures repeat a few dozen signatures
 
 
@@ -312,7 +313,7 @@ class FailureClusterer(BaseEstimator):
         self.clock_ = 0  # newest ended_at seen
         self.started_ = None  # first ended_at seen, for the warm-up
         self.traffic_: dict[str, dict[int, int]] = {}  # agent -> window start -> closed runs
-        self.seen_runs_: OrderedDict[str, str] = OrderedDict()  # run_id -> cluster id ("" for a success)
+        self.seen_runs_: RecentRuns[str] = RecentRuns(_REMEMBERED_RUNS)  # run_id -> cluster id ("" for a success)
         self.new_firing_: set[str] = set()  # clusters whose "new" alert fires
         self.vectors_: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # signature fields -> vector
 
@@ -406,8 +407,6 @@ class FailureClusterer(BaseEstimator):
 
     def _remember(self, run_id: str, cluster_id: str) -> None:
         self.seen_runs_[run_id] = cluster_id
-        if len(self.seen_runs_) > _REMEMBERED_RUNS:
-            self.seen_runs_.popitem(last=False)
 
     def window_of(self, ts: int) -> int:
         return ts - ts % self.window_ms

@@ -3,23 +3,14 @@ When a window is final (watermarks, idle upstreams): streams/detect/README.md, "
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 
 from streams.detect.estimators import quantile, ratio
 
 
-@dataclass(slots=True)
-class _RunFacts:
-    outcome: str
-    cost_usd: float
-    duration_ms: float
-    loop: bool
-    tool_calls: int
-    tool_errors: int
-    input_tokens: int
-    output_tokens: int
-    version: int
+_COUNTS = 7  # what a run adds to a window's counts: success, timeout, loop, tool calls, tool errors, input and output tokens
 
 
 @dataclass(slots=True)
@@ -28,42 +19,48 @@ class Window:
     agent_version: str
     start: int
     end: int
-    # Keyed by run_id: a run re-emitted with more events replaces its earlier facts.
-    runs: dict[str, _RunFacts] = field(default_factory=dict)
+    # A run re-emitted with more events replaces its earlier facts, so each run's are kept, in
+    # columns (~90 bytes a run, where an object per run took ~290): hash(run_id) -> its position.
+    positions: dict[int, int] = field(default_factory=dict)
+    versions: array = field(default_factory=lambda: array("q"))
+    costs: array = field(default_factory=lambda: array("d"))
+    run_durations: array = field(default_factory=lambda: array("d"))
+    run_counts: array = field(default_factory=lambda: array("q"))  # _COUNTS a run
     # The runs' counts summed and durations sorted as they come, since a window is emitted again
-    # with every run it gets: successes, timeouts, loops, tool calls, tool errors, input and output tokens.
-    counts: list[int] = field(default_factory=lambda: [0] * 7)
-    durations: list[float] = field(default_factory=list)
+    # with every run it gets.
+    counts: list[int] = field(default_factory=lambda: [0] * _COUNTS)
+    durations: array = field(default_factory=lambda: array("d"))
 
     def add(self, row: dict) -> bool:
-        known = self.runs.get(row["run_id"])
-        if known is not None and known.version >= row["version"]:
+        key = hash(row["run_id"])
+        at = self.positions.get(key)
+        if at is not None and self.versions[at] >= row["version"]:
             return False
-        fact = self.runs[row["run_id"]] = _RunFacts(
-            row["outcome"], float(row["cost_usd"]), float(row["duration_ms"]), bool(row["loop_detected"]),
-            row["tool_calls"], row["tool_errors"], row["input_tokens"], row["output_tokens"], row["version"],
-        )
-        if known is not None:
-            self._count(known, -1)
-            del self.durations[bisect_left(self.durations, known.duration_ms)]
-        self._count(fact, 1)
-        insort(self.durations, fact.duration_ms)
+        cost, duration = float(row["cost_usd"]), float(row["duration_ms"])
+        counts = (row["outcome"] == "success", row["outcome"] == "timeout", bool(row["loop_detected"]),
+                  row["tool_calls"], row["tool_errors"], row["input_tokens"], row["output_tokens"])
+        if at is None:
+            self.positions[key] = len(self.versions)
+            self.versions.append(row["version"])
+            self.costs.append(cost)
+            self.run_durations.append(duration)
+            self.run_counts.extend(counts)
+        else:
+            first = at * _COUNTS
+            for i in range(_COUNTS):
+                self.counts[i] -= self.run_counts[first + i]
+                self.run_counts[first + i] = counts[i]
+            del self.durations[bisect_left(self.durations, self.run_durations[at])]
+            self.versions[at], self.costs[at], self.run_durations[at] = row["version"], cost, duration
+        for i in range(_COUNTS):
+            self.counts[i] += counts[i]
+        insort(self.durations, duration)
         return True
 
-    def _count(self, fact: _RunFacts, sign: int) -> None:
-        counts = self.counts
-        counts[0] += sign * (fact.outcome == "success")
-        counts[1] += sign * (fact.outcome == "timeout")
-        counts[2] += sign * fact.loop
-        counts[3] += sign * fact.tool_calls
-        counts[4] += sign * fact.tool_errors
-        counts[5] += sign * fact.input_tokens
-        counts[6] += sign * fact.output_tokens
-
     def row(self, *, final: bool, version: int, updated_at: int) -> dict:
-        runs = len(self.runs)
+        runs = len(self.positions)
         successes, timeouts, loops, tool_calls, tool_errors, input_tokens, output_tokens = self.counts
-        cost = sum(fact.cost_usd for fact in self.runs.values())  # a float sum: in the runs' order, as always
+        cost = sum(self.costs)  # a float sum: in the runs' order, as always
         durations = self.durations
         return {
             "agent_id": self.agent_id,

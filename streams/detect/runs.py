@@ -58,6 +58,7 @@ class RunState:
     event_ids: set[int] = field(default_factory=set)
     closed_by: str = ""
     timer: int = 0  # the assembler's timer bucket of an open run
+    frozen: bool = False  # made small (`freeze`) while it is quiet or closed
     loop: LoopFinding | None = None
     loop_alerted: bool = False
     budget_alert: dict | None = None  # the firing alert when the run went over its cost envelope
@@ -113,9 +114,10 @@ class RunState:
         return True
 
     def freeze(self) -> None:
-        """Make a closed run small (~1.5 KB instead of ~5): what it holds in containers that
-        only grow while it is open goes into compact ones, and strings many runs share into one
-        copy. `thaw` undoes it for a late event."""
+        """Make a closed or quiet run small (~2 KB instead of ~5): what it holds in containers
+        that grow with its events goes into compact ones, and strings many runs share into one
+        copy. `thaw` undoes it for the next event."""
+        self.frozen = True
         self.event_ids = array("q", self.event_ids)
         self.cost_sources = _shared(frozenset(self.cost_sources))
         self.tool_steps = tuple((ts, order, sys.intern(tool), args_hash, sys.intern(status))
@@ -123,11 +125,8 @@ class RunState:
         for name in ("agent_id", "agent_version", "tenant", "environment", "outcome", "error_type"):
             setattr(self, name, sys.intern(getattr(self, name)))
 
-    @property
-    def frozen(self) -> bool:
-        return type(self.event_ids) is array
-
     def thaw(self) -> None:
+        self.frozen = False
         self.event_ids, self.cost_sources, self.tool_steps = set(self.event_ids), set(self.cost_sources), list(self.tool_steps)
 
     def _look_for_loop(self, policy: LoopPolicy | None, tools_changed: bool) -> None:
@@ -325,10 +324,11 @@ class RunAssembler:
         self.max_ts = 0
         self.duplicates = 0
         self.late_events = 0
-        # The open runs by when to look at them again (their first event + the idle timeout, then
-        # their last): bucket (event time // TIMER_MS) -> run ids, and a heap of the buckets. A
-        # run leaves its bucket when it closes, so a batch's cost does not grow with the open runs
-        # and the timers hold nothing of the runs that ended.
+        # The open runs by when to look at them again: once quiet for as long as a closed run is
+        # kept (to freeze it), then idle (to close it), from their last event: bucket (event
+        # time // TIMER_MS) -> run ids, and a heap of the buckets. A run leaves its bucket when it
+        # closes, so a batch's cost does not grow with the open runs and the timers hold nothing
+        # of the runs that ended.
         self._timers: dict[int, set[str]] = {}
         self._buckets: list[int] = []
 
@@ -346,20 +346,18 @@ class RunAssembler:
         touched: dict[str, RunState] = {}
         for event in events:
             run_id = event["run_id"]
-            run = self.open.get(run_id)
+            run = self.open.get(run_id) or self.closed.get(run_id)
             if run is None:
-                run = self.closed.get(run_id)
-                if run is None:
-                    if event["ts"] + self.idle_timeout_ms <= self.watermark or run_id in self.tombstones:
-                        # Too late to start a run: it would be idle at once. It is a redelivery of
-                        # a run closed and forgotten, or a straggler past the lateness; it is in
-                        # `events`, but a run made of it alone would be a phantom in the metrics.
-                        self.late_events += 1
-                        continue
-                    run = self.open[run_id] = RunState(run_id, event["agent_id"], event["agent_version"])
-                    self._arm(run, event["ts"] + self.idle_timeout_ms)
-                elif run.frozen:
-                    run.thaw()
+                if event["ts"] + self.idle_timeout_ms <= self.watermark or run_id in self.tombstones:
+                    # Too late to start a run: it would be idle at once. It is a redelivery of
+                    # a run closed and forgotten, or a straggler past the lateness; it is in
+                    # `events`, but a run made of it alone would be a phantom in the metrics.
+                    self.late_events += 1
+                    continue
+                run = self.open[run_id] = RunState(run_id, event["agent_id"], event["agent_version"])
+                self._arm(run, event["ts"] + self.closed_kept_ms)
+            elif run.frozen:
+                run.thaw()
             if event["ts"] > self.max_ts and not replay:
                 self.max_ts = event["ts"]  # a duplicate too: the stream has come this far
             if not run.apply(event, self.loop_policy):
@@ -440,9 +438,16 @@ class RunAssembler:
                 if deadline <= watermark:
                     runs.discard(run_id)
                     idle.append((deadline, run_id))
-                elif deadline // self.TIMER_MS != bucket:  # it went on: look again then
+                    continue
+                look = deadline
+                if not run.frozen:
+                    look = run.last_ts + self.closed_kept_ms
+                    if look <= watermark:  # quiet as long as a closed run is kept: make it small
+                        run.freeze()
+                        look = deadline
+                if look // self.TIMER_MS != bucket:  # look again then
                     runs.discard(run_id)
-                    self._arm(run, deadline)
+                    self._arm(run, look)
             if runs:
                 break  # the rest of this bucket is not due yet, nor any later bucket
             heapq.heappop(self._buckets)

@@ -419,7 +419,7 @@ class StoreSink:
             if row[SOURCE] not in rejected:
                 by_partition[partition].append(pack_row(row))
         for partition, packed in by_partition.items():
-            for value in EventBatch.encode_split(partition, packed, self.settings.handover_max_bytes):
+            for value in EventBatch(partition, packed).encode_split(self.settings.handover_max_bytes):
                 self._hand_over(partition, value)
         landed = sum(map(len, by_partition.values()))
         self.stats["events"] += landed
@@ -487,7 +487,7 @@ class StoreSink:
             if row["source"] not in rejected:
                 by_target[agent_partition(event["agent_id"], self.settings.partitions)].append(event)
         for target, events in by_target.items():
-            for value in Deployments.encode_split(events, self.settings.handover_max_bytes):
+            for value in Deployments(events).encode_split(self.settings.handover_max_bytes):
                 self._handovers.produce(topics.RUN_RESULTS.name, value, partition=target)
 
     def _reject(self, dead: list[dict]) -> None:

@@ -17,16 +17,16 @@ from streams.ops.broker import (Child, embedded_broker, ensure_topics, free_port
 from streams.ops.frontdoor import FrontDoor
 from streams.errors import BrokerError, ConfigError, TracksideError
 from streams.ops.forward import build_targets, run_forwarders
-
-FORWARDER_SETTINGS = ("alertmanager_url", "alert_webhook_url", "alert_webhook_token")
 from streams.ingest.sink import StoreSink
-from streams.runtime import tune_gc
+from streams.runtime import release_memory, tune_gc
 from streams.settings import Settings
 from streams.store.clickhouse import QueryService, Store, open_store
 
 log = logging.getLogger(__name__)
 
+FORWARDER_SETTINGS = ("alertmanager_url", "alert_webhook_url", "alert_webhook_token")
 WORKER_READY = b"[^Worker]: Ready"
+RELEASE_MEMORY_EVERY_S = 10  # `up` gives back the memory it holds free this often
 
 
 class Stack:
@@ -178,9 +178,13 @@ class Stack:
 
     def supervise(self, stop: threading.Event) -> None:
         """Keep the workers alive, and the embedded broker's memory bounded, until `stop` is set."""
+        ticks = 0
         while not stop.wait(1.0):
+            ticks += 1
             if self._broker_too_big():
                 self.recycle_broker()
+            if ticks % RELEASE_MEMORY_EVERY_S == 0:
+                self._release_memory()
             for worker in self.workers:
                 if not worker.alive:
                     log.warning("%s exited with code %s; restarting it", worker.name, worker.process.returncode)
@@ -188,6 +192,17 @@ class Stack:
                     worker.start()
             if self._sink_thread is not None and not self._sink_thread.is_alive():
                 raise TracksideError("the store sink stopped; see the log above")
+
+    def _release_memory(self) -> None:
+        """What `up` and its embedded store hold free goes back to the kernel: people's queries,
+        merges, recycles and drains come in bursts, after which the process would stay at its
+        high-water mark."""
+        if self.store is not None:
+            try:
+                self.store.release_memory()
+            except Exception as error:  # noqa: BLE001 (an embedded store that cannot purge still works)
+                log.debug("could not release the store's free memory: %s", error)
+        release_memory()
 
     # The broker's recycle.
 

@@ -131,6 +131,13 @@ class Store:
         if int(exists):
             self.client.database = self.reader.database = self.people.database = self.database
 
+    def release_memory(self) -> None:
+        """Embedded: give back to the kernel what ClickHouse's allocator (jemalloc) holds free. It
+        keeps what a query or a merge freed for a while: a heavy query left `up` ~500 MB larger
+        for minutes, gone at once with this (measured). A server manages its own."""
+        if self.embedded:
+            self.command("SYSTEM JEMALLOC PURGE")
+
     @property
     def embedded(self) -> bool:
         return self._url.startswith("chdb:")

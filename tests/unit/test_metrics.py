@@ -117,7 +117,7 @@ def test_a_window_row_is_its_runs_summed_afresh_after_every_run():
         durations = sorted(float(r["duration_ms"]) for r in facts)
         got = window.row(final=False, version=1, updated_at=2)
         assert got["p95_duration_ms"] == quantile(durations, 0.95)
-        assert got["p50_duration_ms"] == quantile(durations, 0.50) and window.durations == durations
+        assert got["p50_duration_ms"] == quantile(durations, 0.50) and list(window.durations) == durations
         successes = sum(r["outcome"] == "success" for r in facts)
         want = {"runs": len(facts), "successes": successes, "timeouts": sum(r["outcome"] == "timeout" for r in facts),
                 "cost_usd": sum(float(r["cost_usd"]) for r in facts),

@@ -114,6 +114,20 @@ def test_a_frozen_run_thaws_for_a_late_event_and_gives_the_row_it_would_have_giv
     assert row == expected
 
 
+def test_a_quiet_open_run_is_frozen_and_goes_on_as_it_would_have_whole():
+    events = a_run("r1", T0)
+    quiet = RunAssembler(30 * MIN, allowed_lateness_ms=2 * MIN)
+    quiet.apply(events[:3], now_ms=0)
+    # another run moves the watermark 2 minutes past r1's last event: r1 is quiet, frozen
+    quiet.apply([event("o-1", "other", "run_start", T0 + 4 * MIN + 2000)], now_ms=0)
+    assert "r1" in quiet.open and quiet.open["r1"].frozen
+    assert quiet.apply(events[2:3], now_ms=0) == [] and quiet.duplicates == 1  # still deduplicated, thawed
+    assert not quiet.open["r1"].frozen
+    (row,) = quiet.apply(events[3:], now_ms=0)
+    (whole,) = RunAssembler(30 * MIN, allowed_lateness_ms=2 * MIN).apply(events, now_ms=0)
+    assert row == whole
+
+
 def test_tombstones_are_sealed_into_arrays_and_expire_there():
     tombstones = Tombstones()
     tombstones.SEAL_EVERY = 3

@@ -9,7 +9,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from streams import telemetry
 from streams.ingest.poison import UnfitRows, land
-from streams.contracts.messages import split_by_bytes as json_batches
+from streams.contracts.messages import Deployments, EventBatch
 from streams.ingest.sink import Handovers, is_data_error
 
 DATA_ERROR = RuntimeError("Code: 53. DB::Exception: Type mismatch in VALUES section. (TYPE_MISMATCH)")
@@ -89,19 +89,17 @@ def test_data_errors_are_told_by_clickhouse_code_or_by_rows_that_cannot_be_typed
 
 
 def test_hand_overs_are_split_by_bytes_and_read_back_whole():
-    items = [orjson.dumps(["e%d" % i, "x" * (i % 700)]) for i in range(2000)]
-    prefix = b'{"partition":3,"events":'
-    messages = list(json_batches(prefix, items, 20_000))
+    rows = [["e%d" % i, "x" * (i % 700)] for i in range(2000)]
+    messages = EventBatch(3, rows).encode_split(20_000)
     assert len(messages) > 1
     assert all(len(message) <= 20_000 for message in messages)
-    decoded = [orjson.loads(message) for message in messages]
-    assert {batch["partition"] for batch in decoded} == {3}
-    assert [event for batch in decoded for event in batch["events"]] == [orjson.loads(item) for item in items]
+    decoded = [EventBatch.decode(message) for message in messages]
+    assert {batch.partition for batch in decoded} == {3}
+    assert [event for batch in decoded for event in batch.events] == rows
 
 
 def test_an_item_larger_than_the_limit_travels_alone():
-    items = [b'"small"', b'"' + b"x" * 5000 + b'"', b'"small"']
-    messages = list(json_batches(b'{"deployments":', items, 1000))
+    messages = Deployments([{"a": "small"}, {"a": "x" * 5000}, {"a": "small"}]).encode_split(1000)
     assert [len(orjson.loads(message)["deployments"]) for message in messages] == [1, 1, 1]
 
 
