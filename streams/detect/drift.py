@@ -4,6 +4,7 @@ against the version's own trailing reference (or its stable version's), alerting
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Mapping
@@ -268,14 +269,20 @@ def run_features(run: Mapping) -> RunFeatures:
         float(run.get("duration_ms") or 0),
         (run.get("tool_errors") or 0) / tool_calls if tool_calls else 0.0,
     )
-    return RunFeatures(int(run.get("version") or 0), numeric, tuple(run.get("tool_path") or ()),
-                run.get("outcome") or "", run.get("error_type") or "none")
+    # Names many runs share, one copy of each: a window holds its runs until it is tested.
+    return RunFeatures(int(run.get("version") or 0), numeric, tuple(map(_one_copy, run.get("tool_path") or ())),
+                       _one_copy(run.get("outcome") or ""), _one_copy(run.get("error_type") or "none"))
+
+
+def _one_copy(name: str) -> str:
+    # sys.intern takes exact str only; an interned string still goes when nothing holds it
+    return sys.intern(name) if type(name) is str else name
 
 
 @dataclass(slots=True)
 class _Window:
     start: int
-    runs: dict[str, RunFeatures] = field(default_factory=dict)
+    runs: dict[int, RunFeatures] = field(default_factory=dict)  # by hash(run_id)
     tested: bool = False
     drifted: bool = False  # in a pool that tested significant: kept out of later references
     _summary: tuple | None = None
@@ -293,9 +300,10 @@ class _Window:
             self._compacted, self.runs = len(self.runs), {}
 
     def add(self, run_id: str, run: RunFeatures) -> None:
-        known = self.runs.get(run_id)
+        key = hash(run_id)
+        known = self.runs.get(key)
         if known is None or known.version <= run.version:
-            self.runs[run_id] = run
+            self.runs[key] = run
             self._summary = None
 
     def summary(self) -> tuple:

@@ -287,7 +287,7 @@ class Tombstones:
         hashes, forget = hashes[order], forget[order]
         last = np.append(hashes[1:] != hashes[:-1], True)[:len(hashes)]  # an id closed twice: its later forget
         self._hashes, self._forget = hashes[last], forget[last]
-        self._next_due = int(forget.min()) if len(forget) else 2 ** 62
+        self._next_due = int(self._forget.min()) if len(self._forget) else 2 ** 62
 
 
 class RunAssembler:
@@ -297,10 +297,10 @@ class RunAssembler:
     `run_end` closes as `timeout` once the watermark passes its last event + idle timeout.
     A closed run is kept (frozen small) for the allowed lateness of event time (a minute at
     least: redeliveries and a run's own stragglers across batches), so that late events update
-    its row; then only its id is kept (a tombstone) until
-    another idle timeout has passed, so that its stragglers are counted as late instead of
-    starting a phantom run; then it is forgotten, and an event that would start a run already
-    idle by the watermark is counted as late and not assembled.
+    its row; then only its id is kept (a tombstone) until another idle timeout has passed, so
+    that its stragglers are counted as late instead of starting a phantom run; then it is
+    forgotten, and an event that would start a run already idle by the watermark is counted as
+    late and not assembled. An open run quiet for as long is frozen too.
     """
 
     TIMER_MS = 1000  # the width of a timer bucket (event time)

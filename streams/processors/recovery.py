@@ -25,14 +25,24 @@ _EVENT_COLUMNS = ", ".join(
     for name in EVENT_FIELDS
 )
 
-# Every column of `runs`, times as epoch milliseconds and money as a float, as the processors hold them.
-_RUN_COLUMNS = ", ".join(
-    f"toUnixTimestamp64Milli({name}) AS {name}" if name in ("started_at", "ended_at", "updated_at")
-    else "toFloat64(cost_usd) AS cost_usd" if name == "cost_usd" else name
-    for name in RUNS.names
-)
-# Runs read at a time while a partition is rebuilt (`RunPages`).
-PAGE_RUNS = 20_000
+
+
+def _run_columns(names: tuple[str, ...]) -> str:
+    """Columns of `runs`, times as epoch milliseconds and money as a float, as the processors hold them."""
+    return ", ".join(
+        f"toUnixTimestamp64Milli({name}) AS {name}" if name in ("started_at", "ended_at", "updated_at")
+        else "toFloat64(cost_usd) AS cost_usd" if name == "cost_usd" else name
+        for name in names
+    )
+
+
+_RUN_COLUMNS = _run_columns(RUNS.names)
+# What a window of `agent_metrics` takes of a run (`streams.detect.metrics.Window`).
+_WINDOW_COLUMNS = _run_columns((
+    "run_id", "agent_id", "agent_version", "ended_at", "outcome", "cost_usd", "duration_ms", "loop_detected",
+    "tool_calls", "tool_errors", "input_tokens", "output_tokens", "version"))
+# Runs read at a time while a partition is rebuilt (`RunPages`): ~10 MB of rows in Python.
+PAGE_RUNS = 5_000
 # Tenant budgets are daily: their sums need the runs of the last two days.
 TENANT_HISTORY_MS = 2 * 24 * 3_600_000
 
@@ -156,7 +166,8 @@ def _open_windows(store, agents: list[str], window_ms: int) -> tuple[RunPages | 
         store, "agent_id IN {agents:Array(String)} "
         "AND (agent_id, agent_version, intDiv(toUnixTimestamp64Milli(ended_at), {window:Int64}) * {window:Int64}) IN "
         "(SELECT agent_id, agent_version, toUnixTimestamp64Milli(window_start) FROM agent_metrics "
-        " WHERE agent_id IN {agents:Array(String)} AND NOT is_final)", params, first_open) if first_open else ()
+        " WHERE agent_id IN {agents:Array(String)} AND NOT is_final)", params, first_open, columns=_WINDOW_COLUMNS,
+    ) if first_open else ()
     return runs, int(bounds["final_before"] or 0)
 
 
@@ -167,8 +178,9 @@ class RunPages:
     the one before it has been used, so that a rebuild holds one page of rows, not hours of them
     (a row is ~2 KB in Python)."""
 
-    def __init__(self, store, where: str, params: dict, since: int, page_runs: int = PAGE_RUNS) -> None:  # noqa: ANN001
-        self._store, self._where, self._params = store, where, params
+    def __init__(self, store, where: str, params: dict, since: int, page_runs: int = PAGE_RUNS,  # noqa: ANN001
+                 columns: str = _RUN_COLUMNS) -> None:
+        self._store, self._where, self._params, self._columns = store, where, params, columns
         per_second = store.query_json(
             "SELECT intDiv(toUnixTimestamp64Milli(ended_at), 1000) AS second, count() AS runs FROM runs "
             f"WHERE ended_at >= {_SINCE} AND {where} GROUP BY second ORDER BY second", {**params, "since": since})
@@ -188,6 +200,6 @@ class RunPages:
         for since, until in self.slices:
             # The inner query filters on the columns; the outer one renames them.
             yield self._store.query_json(
-                f"SELECT {_RUN_COLUMNS} FROM (SELECT * FROM runs WHERE ended_at >= {_SINCE} "
+                f"SELECT {self._columns} FROM (SELECT * FROM runs WHERE ended_at >= {_SINCE} "
                 f"AND ended_at < fromUnixTimestamp64Milli({{until:Int64}}, 'UTC') AND {self._where}) "
                 "ORDER BY ended_at, run_id", {**self._params, "since": since, "until": until})
