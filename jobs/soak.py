@@ -384,6 +384,7 @@ class Counts:
     runs_published: int
     runs_final: int
     runs_distinct_stored: int
+    store_bytes: int = 0  # the store's directory after `up` stopped (its final merge done)
 
     @property
     def events_lost(self) -> int:
@@ -629,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
         prober.stop.set()
         stop_s = stack.stop()
     console.print(f"trackside up stopped in {stop_s:.1f} s")
+    counts.store_bytes = sum(path.stat().st_size for path in (data_dir / "clickhouse").rglob("*") if path.is_file())
+    console.print(f"the store on disk: {counts.store_bytes / 1e6:,.0f} MB, {counts.store_bytes / counts.events_final:,.0f} "
+                  "bytes per event (events, runs and every result table)")
     exact = report(args, console, samples, counts, publisher, prober.results, analyst, restart)
     if args.data_dir is None and exact:
         shutil.rmtree(data_dir, ignore_errors=True)
