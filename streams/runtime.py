@@ -24,8 +24,8 @@ def tune_gc() -> None:
 
 def release_memory() -> None:
     """Give the C heap's free pages back to the kernel (glibc's malloc_trim). After a rebuild has
-    read and dropped hundreds of megabytes of rows, the process would otherwise stay resident at
-    that high-water mark: freed large blocks stay in the heap for the next allocation."""
+    read and dropped page after page of rows, the process would otherwise stay resident at its
+    high-water mark: freed large blocks stay in the heap for the next allocation."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

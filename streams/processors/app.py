@@ -31,10 +31,10 @@ APP_ID = "trackside-processors"
 # Event time of runs the drift tests and failure clusters relearn when a worker takes a
 # partition: the drift reference's longest age.
 DETECTION_HISTORY_MS = 3 * 3_600_000
-# Messages an agent's stream buffers before faust stops fetching its partitions (faust's default
-# is 4,096). A message is a batch of up to `handover_max_bytes` (500 KB): after a restart with a
-# backlog, 4,096 of them had held gigabytes in the worker; 64 are 64,000 events or more, a
-# second of work at the fastest, for at most 32 MB a stream.
+# Messages an agent's stream buffers before faust stops fetching its partitions. A message is a
+# batch of up to `handover_max_bytes` (500 KB), so faust's default of 4,096 could hold up to
+# 2 GB a stream after a restart with a backlog; 64 hold at most 32 MB and 64,000 events or
+# more, a second of work at the fastest.
 STREAM_BUFFER_MESSAGES = 64
 # A dead letter of a processor carries at most this much of the message (the whole message
 # stays on its topic, at the dead letter's source).

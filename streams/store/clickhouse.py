@@ -133,8 +133,9 @@ class Store:
 
     def release_memory(self) -> None:
         """Embedded: give back to the kernel what ClickHouse's allocator (jemalloc) holds free. It
-        keeps what a query or a merge freed for a while: a heavy query left `up` ~500 MB larger
-        for minutes, gone at once with this (measured). A server manages its own."""
+        keeps what a query or a merge freed for a while: two seconds after a heavy query a chdb
+        process was still ~530 MB larger, given back at once by this (measured). A server
+        manages its own."""
         if self.embedded:
             self.command("SYSTEM JEMALLOC PURGE")
 

@@ -80,3 +80,10 @@ def test_render_fills_the_tokens_once():
     assert render("CREATE DATABASE {database} {on_cluster} -- '{x}'", database="a{on_cluster}", on_cluster="ON CLUSTER c") == (
         "CREATE DATABASE a{on_cluster} ON CLUSTER c -- '{x}'"
     )
+
+
+def test_the_embedded_store_gives_back_what_its_allocator_holds_free(store):
+    """`up` calls this every 10 s: chdb takes the command (a store that refused it would keep
+    a heavy query's freed memory for as long as jemalloc decides)."""
+    store.client.command("SELECT uniqExact(number) FROM numbers(2000000) FORMAT Null")
+    store.release_memory()
