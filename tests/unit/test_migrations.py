@@ -87,3 +87,4 @@ def test_the_embedded_store_gives_back_what_its_allocator_holds_free(store):
     a heavy query's freed memory for as long as jemalloc decides)."""
     store.client.command("SELECT uniqExact(number) FROM numbers(2000000) FORMAT Null")
     store.release_memory()
+    assert store.client.command("SELECT count() FROM numbers(3)") == 3  # and goes on answering
