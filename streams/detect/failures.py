@@ -21,7 +21,7 @@ from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
-from streams.detect.recent import RecentRuns
+from streams.detect.recent import RunMemory
 
 KIND = "failure_cluster"
 
@@ -313,7 +313,9 @@ class FailureClusterer(BaseEstimator):
         self.clock_ = 0  # newest ended_at seen
         self.started_ = None  # first ended_at seen, for the warm-up
         self.traffic_: dict[str, dict[int, int]] = {}  # agent -> window start -> closed runs
-        self.seen_runs_: RecentRuns[str] = RecentRuns(_REMEMBERED_RUNS)  # run_id -> cluster id ("" for a success)
+        # run_id -> cluster id ("" for a success), for the last _REMEMBERED_RUNS runs (twice that at most)
+        self.seen_runs_: RunMemory[str] = RunMemory(slack=_REMEMBERED_RUNS)
+        self.seen_count_ = 0  # runs remembered so far
         self.new_firing_: set[str] = set()  # clusters whose "new" alert fires
         self.vectors_: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # signature fields -> vector
 
@@ -406,7 +408,9 @@ class FailureClusterer(BaseEstimator):
         return cid
 
     def _remember(self, run_id: str, cluster_id: str) -> None:
-        self.seen_runs_[run_id] = cluster_id
+        self.seen_count_ += 1
+        self.seen_runs_.put(run_id, self.seen_count_ + _REMEMBERED_RUNS, cluster_id)
+        self.seen_runs_.expire(self.seen_count_)
 
     def window_of(self, ts: int) -> int:
         return ts - ts % self.window_ms

@@ -6,6 +6,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from streams.detect.estimators import quantile, ratio
 
@@ -117,11 +118,13 @@ class MetricWindows:
         self._started = self._started or now_ms
         return self._emit(dirty, now_ms)
 
-    def restore(self, rows: list[dict], final_before: int) -> None:
-        """Put back the runs of open windows and where final windows end, as before a restart."""
+    def restore(self, final_before: int, pages: Iterable[list[dict]]) -> None:
+        """Put back where final windows end and the runs of open windows (pages of rows, as they
+        are read), as before a restart."""
         self.final_before = max(self.final_before, final_before)
-        for row in rows:
-            self._add(row)
+        for rows in pages:
+            for row in rows:
+                self._add(row)
 
     def _add(self, row: dict) -> tuple[str, str, int] | None:
         """Fold one run into its window; the window's key if that changed it."""

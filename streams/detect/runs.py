@@ -10,12 +10,11 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert
 from streams.ingest.pricing import UNKNOWN
 from streams.detect.budgets import run_envelope_cleared, run_over_envelope
 from streams.detect.loops import LoopFinding, LoopPolicy, find_loop
+from streams.detect.recent import RunMemory
 
 
 def row_version(event_count: int, enriched: bool = False) -> int:
@@ -116,7 +115,9 @@ class RunState:
     def freeze(self) -> None:
         """Make a closed or quiet run small (~2 KB instead of ~5): what it holds in containers
         that grow with its events goes into compact ones, and strings many runs share into one
-        copy. `thaw` undoes it for the next event."""
+        copy. `thaw` undoes it for the next event. A frozen run is left as it is."""
+        if self.frozen:
+            return
         self.frozen = True
         self.event_ids = array("q", self.event_ids)
         self.cost_sources = _shared(frozenset(self.cost_sources))
@@ -236,60 +237,6 @@ def _shared(value: frozenset) -> frozenset:
     return _SHARED.setdefault(value, value)
 
 
-class Tombstones:
-    """Ids of closed runs forgotten, each until an event time (`forget`): whether a run was
-    closed is all that is asked of them. New ones go to a dict; every `SEAL_EVERY` of them (and
-    when the oldest are due) they are sealed into two sorted arrays, 16 bytes a run, where those
-    due are dropped. Ids are kept as hash(): a new run whose id hashes like a forgotten one
-    (2**-64 a pair) would be counted late."""
-
-    SEAL_EVERY = 16_384
-
-    def __init__(self) -> None:
-        self._new: dict[int, int] = {}  # hash(run_id) -> forget
-        self._hashes = np.empty(0, np.int64)  # sorted
-        self._forget = np.empty(0, np.int64)  # of each hash
-        self._next_due = 2 ** 62  # the earliest forget held
-        self.watermark = 0  # entries with forget at or before it are gone
-
-    def add(self, run_id: str, forget: int) -> None:
-        self._new[hash(run_id)] = forget
-        self._next_due = min(self._next_due, forget)
-        if len(self._new) >= self.SEAL_EVERY:
-            self._seal()
-
-    def __contains__(self, run_id: str) -> bool:
-        key = hash(run_id)
-        forget = self._new.get(key)
-        if forget is None:
-            at = int(np.searchsorted(self._hashes, key))
-            if at == len(self._hashes) or self._hashes[at] != key:
-                return False
-            forget = int(self._forget[at])
-        return forget > self.watermark
-
-    def __len__(self) -> int:
-        return len(self._new) + len(self._hashes)
-
-    def expire(self, watermark: int) -> None:
-        """Forget those due by `watermark` (a minute of event time at a time)."""
-        self.watermark = watermark
-        if self._next_due + 60_000 <= watermark:
-            self._seal()
-
-    def _seal(self) -> None:
-        hashes = np.concatenate((self._hashes, np.fromiter(self._new.keys(), np.int64, len(self._new))))
-        forget = np.concatenate((self._forget, np.fromiter(self._new.values(), np.int64, len(self._new))))
-        self._new = {}
-        live = forget > self.watermark
-        hashes, forget = hashes[live], forget[live]
-        order = np.lexsort((forget, hashes))
-        hashes, forget = hashes[order], forget[order]
-        last = np.append(hashes[1:] != hashes[:-1], True)[:len(hashes)]  # an id closed twice: its later forget
-        self._hashes, self._forget = hashes[last], forget[last]
-        self._next_due = int(self._forget.min()) if len(self._forget) else 2 ** 62
-
-
 class RunAssembler:
     """Open and recently closed runs of one partition, driven by event time.
 
@@ -318,7 +265,7 @@ class RunAssembler:
         self.open: dict[str, RunState] = {}
         self.closed: dict[str, RunState] = {}
         # closed runs whose late events are no longer assembled, for another idle timeout
-        self.tombstones = Tombstones()
+        self.tombstones: RunMemory[bool] = RunMemory(slack=60_000)  # sealed a minute past due
         self.closed_kept_ms = max(allowed_lateness_ms, CLOSED_KEPT_MIN_MS)
         self._compactions: list[tuple[int, str]] = []  # (event time, run_id) to make a tombstone of
         self.max_ts = 0
@@ -426,7 +373,7 @@ class RunAssembler:
             due, run_id = heapq.heappop(self._compactions)
             forget = due - self.closed_kept_ms + self.idle_timeout_ms  # another idle timeout after it closed
             if self.closed.pop(run_id, None) is not None and forget > watermark:
-                self.tombstones.add(run_id, forget)
+                self.tombstones.put(run_id, forget)
         self.tombstones.expire(watermark)
         idle = []
         while self._buckets and self._buckets[0] * self.TIMER_MS <= watermark:

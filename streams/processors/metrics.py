@@ -69,9 +69,7 @@ class MetricsPartition:
         self.policy = policy
         self.sent = state.sent
         self.windows = MetricWindows(window_ms, idle_timeout_ms, settings.partitions)
-        self.windows.restore([], state.final_before)  # where final windows end, then the open ones' runs
-        for rows in state.window_runs:
-            self.windows.restore(rows, 0)
+        self.windows.restore(state.final_before, state.window_runs)
         self.rollouts = RolloutController(policy, window_ms, state.sent)
         self.rollouts.deploy(state.deployments)
         self.rollouts.restore(state.versions, state.canaries)

@@ -88,7 +88,7 @@ def test_the_one_quantile_matches_numpy(size):
 
 def test_restored_windows_are_whole_and_final_ones_stay_final():
     windows = MetricWindows(5 * MIN, 30 * MIN, 2)
-    windows.restore([run_row("a", T0 + 10 * MIN), run_row("b", T0 + 11 * MIN)], final_before=T0 + 5 * MIN)
+    windows.restore(T0 + 5 * MIN, [[run_row("a", T0 + 10 * MIN)], [run_row("b", T0 + 11 * MIN)]])
     (row,) = windows.apply([run_row("c", T0 + 12 * MIN)], 0, T0, now_ms=1)
     assert row["runs"] == 3  # the restored runs are counted with the new one
     assert windows.apply([run_row("late", T0 + 1 * MIN)], 0, T0, now_ms=2) == []

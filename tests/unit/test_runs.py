@@ -1,6 +1,6 @@
 """Run assembly: closing on run_end and on idle timeout, duplicates, late and out-of-order events."""
 
-from streams.detect.runs import RunAssembler, Tombstones
+from streams.detect.runs import RunAssembler
 
 MIN = 60_000
 T0 = 1_793_491_200_000
@@ -128,23 +128,14 @@ def test_a_quiet_open_run_is_frozen_and_goes_on_as_it_would_have_whole():
     assert row == whole
 
 
-def test_tombstones_are_sealed_into_arrays_and_expire_there():
-    tombstones = Tombstones()
-    tombstones.SEAL_EVERY = 3
-    for n, forget in enumerate((50, 100, 200, 300)):
-        tombstones.add(f"r{n}", forget)
-    assert len(tombstones._hashes) == 3 and len(tombstones._new) == 1  # three sealed, one new
-    assert all(f"r{n}" in tombstones for n in range(4)) and "r9" not in tombstones
-    tombstones.add("r0", 100_000)  # closed again after it was forgotten: the later forget counts
-    tombstones.expire(150)
-    assert "r0" in tombstones and "r1" not in tombstones and "r2" in tombstones
-    tombstones.expire(60_000 + 50)  # a minute past the oldest: sealed again without those due
-    assert len(tombstones) == 1 and "r0" in tombstones and "r3" not in tombstones
-    few = Tombstones()  # never SEAL_EVERY of them: they expire all the same
-    few.add("a", 100)
-    few.add("b", 200)
-    few.expire(60_000 + 200)
-    assert len(few) == 0
+def test_a_quiet_frozen_run_closed_as_idle_is_not_frozen_again():
+    quiet = RunAssembler(30 * MIN, allowed_lateness_ms=2 * MIN)
+    quiet.apply(a_run("r1", T0)[:3], now_ms=0)
+    quiet.apply([event("o-1", "other", "run_start", T0 + 4 * MIN + 2000)], now_ms=0)
+    held = quiet.open["r1"].event_ids  # frozen while quiet
+    rows = quiet.apply([event("o-2", "other", "run_start", T0 + 40 * MIN)], now_ms=0)
+    assert [row["run_id"] for row in rows] == ["r1"]  # idle past the watermark
+    assert quiet.closed["r1"].event_ids is held  # what it froze is kept, not copied again
 
 
 def test_cost_sources_combine():
