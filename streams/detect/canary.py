@@ -11,9 +11,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from scipy.optimize import brentq
-from scipy.special import log_ndtr
-
 from streams.detect.estimators import quantile
 
 METRICS = ("success_rate", "cost_per_success", "loop_rate", "tool_error_rate", "p95_duration")
@@ -56,6 +53,8 @@ P95 = 0.95
 def log_mixture_lr(excess: float, variance: float, tau2: float) -> float:
     """log Λ of the one-sided (half-normal, scale² `tau2`) mixture SPRT for an estimate `excess`
     = θ̂ - δ beyond the null's boundary, with variance `variance` (both > 0)."""
+    from scipy.special import log_ndtr  # here: every process reads the policy (CanaryPolicy) at start
+
     total = variance + tau2
     return (math.log(2.0) + 0.5 * math.log(variance / total)
             + tau2 * excess * excess / (2.0 * variance * total)
@@ -74,6 +73,8 @@ def confidence_radius(variance: float, tau2: float, alpha: float) -> float:
 
     The root is bracketed in closed form by bounding the Φ(.) factor of Λ between 1/2 and 1.
     """
+    from scipy.optimize import brentq  # here: every process reads the policy (CanaryPolicy) at start
+
     target = -math.log(alpha)
     total = variance + tau2
     curvature = tau2 / (2.0 * variance * total)

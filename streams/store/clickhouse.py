@@ -337,7 +337,9 @@ class QueryService:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="query-service", daemon=True)
+        # a short poll: `stop` waits for it (the default half second, at every stop)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="query-service", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
