@@ -1,9 +1,14 @@
-"""Loop detection quality over labelled simulated fleets: precision and recall per seed.
+"""Loop detection quality over labelled simulated fleets: precision and recall per seed and per
+kind of fleet.
 
-    python -m jobs.evaluate_loops [--seeds 10] [--runs 2000]
+    python -m jobs.evaluate_loops [--seeds 10] [--runs 2000] [--fleet arguments|tokens|names]
 
 Each fleet's events go through the same run assembler the processors use; a run counts as
-detected when its row has `loop_detected`; the truth is the simulator's injected loops.
+detected when its row has `loop_detected`; the truth is the simulator's injected loops. The
+fleets differ in what the agents send (FLEETS): tool calls with their arguments; without them
+(what instrumentation libraries send by default), the model calls' token counts kept; tool
+names alone, no arguments and no token counts, where only the count of calls can tell and
+loops run 5-8 calls (fewer cannot be told from pagination).
 """
 
 from __future__ import annotations
@@ -20,11 +25,22 @@ from streams.contracts.events import validate
 from streams.detect.runs import RunAssembler
 
 
-def score(seed: int, runs: int, loop_fraction: float) -> dict:
-    config = FleetConfig(seed=seed, runs=runs, loop_fraction=loop_fraction)
+# fleet -> (simulator options, whether the model calls report their token counts)
+FLEETS: dict[str, tuple[dict, bool]] = {
+    "arguments": ({}, True),
+    "tokens": ({"tool_args": False}, True),
+    "names": ({"tool_args": False, "loop_repeats": (5, 8)}, False),
+}
+
+
+def score(seed: int, runs: int, loop_fraction: float, fleet: str = "arguments") -> dict:
+    options, usage = FLEETS[fleet]
+    config = FleetConfig(seed=seed, runs=runs, loop_fraction=loop_fraction, **options)
     prices = PriceTable()
     events = []
     for raw in simulate(config):
+        if not usage and raw["type"] == "llm_call":
+            raw["input_tokens"] = raw["output_tokens"] = raw["cache_read_input_tokens"] = 0
         event = validate(raw)
         price_event(prices, event)
         events.append(event)
@@ -44,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--loop-fraction", type=float, default=0.05)
+    parser.add_argument("--fleet", choices=tuple(FLEETS), default="arguments")
     args = parser.parse_args(argv)
-    results = [score(seed, args.runs, args.loop_fraction) for seed in range(1, args.seeds + 1)]
-    table = Table(title=f"Loop detection on {args.seeds} simulated fleets of {args.runs} runs")
+    results = [score(seed, args.runs, args.loop_fraction, args.fleet) for seed in range(1, args.seeds + 1)]
+    table = Table(title=f"Loop detection on {args.seeds} simulated fleets of {args.runs} runs ({args.fleet})")
     for column in ("seed", "runs", "loops", "detected", "precision", "recall"):
         table.add_column(column, justify="right")
     for result in results:

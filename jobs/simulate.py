@@ -195,6 +195,8 @@ class FleetConfig:
     agents: tuple[AgentSpec, ...] = field(default_factory=default_agents)
     timeout_fraction: float = 0.02  # runs that never send run_end
     loop_fraction: float = 0.03  # runs that repeat one tool call with the same args 3-5 times
+    loop_repeats: tuple[int, int] = (3, 5)  # how many times a loop repeats its call (least, most)
+    tool_args: bool = True  # whether tool calls carry their arguments (off: what instrumentation sends by default)
     canary: CanarySpec | None = None
     price_fn: PriceFn | None = None
     cost_fraction: float = 0.3  # llm_calls that report cost_usd (only with price_fn)
@@ -481,7 +483,7 @@ def _run_events(p: _RunPlan, cfg: FleetConfig) -> list[dict]:
     loop_at = trigger_at = -1
     llm_fail = 0
     if p.loop:
-        reps = randint(3, 5)
+        reps = randint(*cfg.loop_repeats)
         loop_at = rng.randrange(min(len(calls), (MAX_STEPS - 2 * reps) // 2 + 1))
         calls = calls[: loop_at + 1]  # the loop guard aborts the run right after it
         base_steps = 2 * loop_at + 2 * reps
@@ -517,12 +519,14 @@ def _run_events(p: _RunPlan, cfg: FleetConfig) -> list[dict]:
         return template.format(**(args or {}), n=randint(1000, 99999), k=randint(2, 60),
                                big=randint(200_001, 400_000), model=model, tool=tool)
 
-    def llm(answer: bool, error: tuple[str, str] | None = None) -> None:
+    def llm(answer: bool, error: tuple[str, str] | None = None, repeat: dict | None = None) -> None:
         nonlocal t, conv, prev_in
         if error is None:
             inp = min(MAX_INPUT, int(min(conv, MAX_INPUT) * mult))
             out = int(lognorm(ln_answer if answer else ln_decide, 0.6) * mult)
             out = MIN_OUTPUT if out < MIN_OUTPUT else MAX_OUTPUT if out > MAX_OUTPUT else out
+            if repeat is not None:  # the same call written again: the same tokens (drawn all the same)
+                out = repeat.setdefault("output", out)
             # providers cache the prompt prefix in 128-token blocks once it passes 1024 tokens
             cached = (min(prev_in, inp) // 128) * 128 if prev_in >= 1024 and rand() < 0.85 else 0
             # time to first token grows with the prompt, the rest with the output
@@ -553,7 +557,8 @@ def _run_events(p: _RunPlan, cfg: FleetConfig) -> list[dict]:
                 ev["cost_usd"] = float(cost)
         events.append(ev)
 
-    def tool_call(name: str, args: dict, status: str = "ok", error: tuple[str, str] | None = None) -> None:
+    def tool_call(name: str, args: dict, status: str = "ok", error: tuple[str, str] | None = None,
+                  repeat: dict | None = None) -> None:
         nonlocal t, conv
         prof = TOOLS[name]
         if status == "timeout":
@@ -564,7 +569,8 @@ def _run_events(p: _RunPlan, cfg: FleetConfig) -> list[dict]:
         t += lat
         ev = new("tool_call", t)
         ev["tool"] = name
-        ev["args"] = args
+        if cfg.tool_args:
+            ev["args"] = args
         ev["status"] = status
         ev["latency_ms"] = lat
         if status != "ok":
@@ -572,7 +578,8 @@ def _run_events(p: _RunPlan, cfg: FleetConfig) -> list[dict]:
             conv += 60
         else:
             lo, hi = prof.result_tokens
-            conv += randint(lo, hi)
+            result = randint(lo, hi)
+            conv += result if repeat is None else repeat.setdefault("result", result)  # the same call, the same result
         events.append(ev)
 
     ev = new("run_start", t)
@@ -589,9 +596,10 @@ def _run_events(p: _RunPlan, cfg: FleetConfig) -> list[dict]:
                 err = ("timeout", fmt("{tool} timed out after 3000 ms (request {n})", args, name)) \
                     if rand() < 0.3 else (prof.error_type, fmt(prof.error_message, args, name))
             status = "ok" if err is None else ("timeout" if err[0] == "timeout" else "error")
+            repeat: dict = {}  # one call made again: what the model writes and the tool returns, each time
             for _ in range(reps):
-                llm(False)
-                tool_call(name, dict(args), status, err)
+                llm(False, repeat=repeat)
+                tool_call(name, dict(args), status, err, repeat=repeat)
             run_error = ("loop_detected", f"stopped after {reps} identical {name} calls")
             break
         if spare > 0 and rand() < cfg.llm_error_rate:

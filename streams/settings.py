@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     loop_repeats: int = Field(3, ge=2, description="identical tool calls (or cycle turns) in a row that make a loop")
     loop_max_period: int = Field(3, ge=2, description="longest cycle of tool calls looked for")
     loop_max_steps: int = Field(200, ge=1, description="steps (llm + tool calls) a run may take")
+    loop_count_repeats: int = Field(
+        5, ge=2, description="calls of one tool in a row whose arguments are unknown that make a suspected loop "
+        "(a warning; fewer are pagination as much as a loop)")
+    loop_stop_on_count: bool = Field(False, description="whether a suspected loop's alert asks to stop the run")
     loop_step_budgets: dict[str, int] = Field(
         default_factory=dict, description='per-agent step budgets, JSON: {"coder": 40}'
     )
@@ -195,7 +199,8 @@ class Settings(BaseSettings):
         return Policy.load(self.policy_file)
 
     def loop_policy(self) -> LoopPolicy:
-        return LoopPolicy(self.loop_repeats, self.loop_max_period, self.loop_max_steps, dict(self.loop_step_budgets))
+        return LoopPolicy(self.loop_repeats, self.loop_max_period, self.loop_max_steps, dict(self.loop_step_budgets),
+                          self.loop_count_repeats, self.loop_stop_on_count)
 
     @cached_property
     def kafka_config(self) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Callable
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert
 from streams.ingest.pricing import UNKNOWN
 from streams.detect.budgets import run_envelope_cleared, run_over_envelope
-from streams.detect.loops import LoopFinding, LoopPolicy, find_loop
+from streams.detect.loops import COUNT, LoopFinding, LoopPolicy, find_loop
 from streams.detect.recent import RunMemory
 
 
@@ -49,9 +49,13 @@ class RunState:
     cost_usd: float = 0.0
     cost_sources: set[str] = field(default_factory=set)
     unpriced_calls: int = 0
-    # (ts, arrival order, tool, args_hash, status): sorted by time when the row is made,
-    # because events of a run may arrive out of order.
-    tool_steps: list[tuple[int, int, str, str, str]] = field(default_factory=list)
+    # (ts, arrival order, tool, args_hash, status, decision): sorted by time when the row is
+    # made, because events of a run may arrive out of order. `decision` is, for a call whose
+    # arguments are unknown, the model call that preceded it (see `decision` below), else None.
+    tool_steps: list[tuple[int, int, str, str, str, tuple | None]] = field(default_factory=list)
+    # (ts, input tokens, output tokens) of the newest successful model call: the call that
+    # decided the next tool call, whose tokens are loop evidence when arguments are unknown
+    decision: tuple[int, int, int] | None = None
     # hash() of each event_id (an int takes a third of the id's bytes; two ids of one run that
     # hash alike, a chance of 2**-64, would count as one event)
     event_ids: set[int] = field(default_factory=set)
@@ -93,13 +97,19 @@ class RunState:
             self.input_tokens += event["input_tokens"]
             self.output_tokens += event["output_tokens"]
             self.cache_read_input_tokens += event["cache_read_input_tokens"]
+            if event["status"] == "ok" and (self.decision is None or ts >= self.decision[0]):
+                self.decision = (ts, event["input_tokens"], event["output_tokens"])
             self._add_cost(event)
             self._look_for_loop(policy, tools_changed=False)
         elif kind == "tool_call":
             self.tool_calls += 1
             self.tool_errors += event["status"] in ("error", "timeout")
             # Kept in event-time order as calls arrive: loops are found on the tail.
-            bisect.insort(self.tool_steps, (ts, len(self.event_ids), event["tool"], event["args_hash"], event["status"]))
+            args = event["args_hash"]
+            decision = self.decision  # of a call whose arguments are unknown, if its model call reported usage
+            if args or decision is None or decision[0] > ts or not decision[2]:
+                decision = None
+            bisect.insort(self.tool_steps, (ts, len(self.event_ids), event["tool"], args, event["status"], decision))
             self._add_cost(event)
             self._look_for_loop(policy, tools_changed=True)
         elif kind == "run_end":
@@ -121,8 +131,8 @@ class RunState:
         self.frozen = True
         self.event_ids = array("q", self.event_ids)
         self.cost_sources = _shared(frozenset(self.cost_sources))
-        self.tool_steps = tuple((ts, order, sys.intern(tool), args_hash, sys.intern(status))
-                                for ts, order, tool, args_hash, status in self.tool_steps)
+        self.tool_steps = tuple((ts, order, sys.intern(tool), args_hash, sys.intern(status), decision)
+                                for ts, order, tool, args_hash, status, decision in self.tool_steps)
         for name in ("agent_id", "agent_version", "tenant", "environment", "outcome", "error_type"):
             setattr(self, name, sys.intern(getattr(self, name)))
 
@@ -138,8 +148,8 @@ class RunState:
         # calls changed and their newest may close a repeat or a cycle (an unchanged tail was
         # looked at when it last changed).
         if steps > budget or (tools_changed and self._newest_call_recurs(policy)):
-            recent = self.tool_steps[-policy.repeats * policy.max_period:]
-            self.loop = find_loop([(step[2], step[3]) for step in recent], steps, budget, policy)
+            recent = self.tool_steps[-max(policy.repeats * policy.max_period, policy.count_repeats):]
+            self.loop = find_loop([(step[2], step[3], step[5]) for step in recent], steps, budget, policy)
 
     def _newest_call_recurs(self, policy: LoopPolicy) -> bool:
         """Whether the newest tool call equals one of the `max_period` calls before it: what
@@ -154,19 +164,24 @@ class RunState:
                 return True
         return False
 
-    def loop_alert(self, status: str, ts: int, now_ms: int) -> dict:
-        """The `loop` alert of this run: firing when found, resolved when the run closes."""
+    def loop_alert(self, status: str, ts: int, now_ms: int, stop_on_count: bool = False) -> dict:
+        """The `loop` alert of this run: firing when found, resolved when the run closes. A
+        suspected loop (the count of calls alone) is a warning, with `stop_run` only when
+        `stop_on_count` (the policy) asks for it."""
         evidence = {**self.loop.evidence(), "run_id": self.run_id, "steps": self.llm_calls + self.tool_calls,
                     "detected_at": now_ms}
         if status == RESOLVED:
             evidence["outcome"] = "timeout" if self.end_ts is None else self.outcome
+        suspected = self.loop.basis == COUNT
+        stop = status == FIRING and (not suspected or stop_on_count)
         return make_alert(
-            kind="loop", severity="critical", status=status,
+            kind="loop", severity="warning" if suspected else "critical", status=status,
             fingerprint=fingerprint("loop", self.agent_id, self.run_id), ts=ts,
             agent_id=self.agent_id, agent_version=self.agent_version, run_id=self.run_id,
-            summary=f"run {self.run_id} of {self.agent_id} {self.agent_version} is looping: {self.loop.summary}"
+            summary=f"run {self.run_id} of {self.agent_id} {self.agent_version} "
+                    f"{'may be' if suspected else 'is'} looping: {self.loop.summary}"
             if status == FIRING else f"run {self.run_id} of {self.agent_id} ended after looping",
-            evidence=evidence, action="stop_run" if status == FIRING else "",
+            evidence=evidence, action="stop_run" if stop else "",
         )
 
     def _add_cost(self, event: dict) -> None:
@@ -313,7 +328,7 @@ class RunAssembler:
             if run.loop is not None and not run.loop_alerted:
                 # At once, while the run goes on: the alert says stop it.
                 run.loop_alerted = True
-                self.alerts.append(run.loop_alert(FIRING, event["ts"], now_ms))
+                self.alerts.append(run.loop_alert(FIRING, event["ts"], now_ms, self.loop_policy.stop_on_count))
             if run.budget_alert is None and self.run_budget is not None and run.cost_usd > 0:
                 self._check_budget(run, event["ts"])
             touched[run_id] = run

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -26,6 +27,16 @@ LLM_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 TOOL_OPERATIONS = frozenset({"execute_tool"})
 # GenAI operations of the conventions that are no Trackside event: skipped, counted by name.
 UNMAPPED_OPERATIONS = frozenset({"embeddings", "retrieval", "create_agent", "invoke_workflow"})
+
+# OpenInference (Arize Phoenix's conventions): the span kind -> the GenAI operation it maps as.
+# A CHAIN is the run only at a trace's root (a workflow with no AGENT span); else it is skipped.
+OPENINFERENCE_KIND = "openinference.span.kind"
+OPENINFERENCE_OPERATIONS = {
+    "AGENT": "invoke_agent", "LLM": "chat", "TOOL": "execute_tool",
+    "RETRIEVER": "retrieval", "EMBEDDING": "embeddings",
+}
+# An exception class written as Python's repr (`<class 'openai.InternalServerError'>`).
+_CLASS_REPR = re.compile(r"<class '([A-Za-z_][\w.]*)'>")
 
 MAX_ATTRIBUTES = 64
 MAX_ATTRIBUTE_CHARS = 1024
@@ -58,13 +69,19 @@ _MAPPED = frozenset({
     "gen_ai.usage.completion_tokens", "gen_ai.usage.cache_read.input_tokens",
     "gen_ai.tool.name", "gen_ai.tool.call.arguments", "error.type",
     "trackside.outcome", "trackside.task_id", "trackside.tenant",
+    OPENINFERENCE_KIND, "llm.model_name", "llm.provider", "llm.system", "llm.token_count.prompt",
+    "llm.token_count.completion", "llm.token_count.prompt_details.cache_read", "tool.name", "session.id",
+    "agent.name",
 })
 # Message content: large and sensitive, never stored.
 _CONTENT = frozenset({
     "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions",
     "gen_ai.tool.definitions", "gen_ai.tool.call.result", "gen_ai.prompt", "gen_ai.completion",
+    "llm.prompts", "tool.parameters", "tool.description",
 })
-_CONTENT_PREFIXES = ("gen_ai.prompt.", "gen_ai.completion.", "gen_ai.retrieval.")
+_CONTENT_PREFIXES = ("gen_ai.prompt.", "gen_ai.completion.", "gen_ai.retrieval.", "input.", "output.",
+                     "llm.input_messages", "llm.output_messages", "llm.prompt_template", "llm.tools",
+                     "retrieval.documents", "reranker.", "embedding.")
 
 _ZERO_TRACE, _ZERO_SPAN = bytes(16), bytes(8)
 _TYPE_RANK = {"run_start": 0, "llm_call": 1, "tool_call": 1, "run_end": 2}
@@ -337,6 +354,7 @@ class _ProtoSpan(_Span):
 
     def __init__(self, raw: Any, resource: _Resource, where: str) -> None:
         super().__init__(raw, resource, where)
+        kind = None
         for item in raw.attributes:
             key = item.key
             if key.startswith("gen_ai."):
@@ -344,6 +362,10 @@ class _ProtoSpan(_Span):
                 if key == "gen_ai.operation.name":
                     self.op = str(_proto_value(item.value)).lower()
                     break
+            elif key == OPENINFERENCE_KIND:
+                kind = _proto_value(item.value)
+        if self.op is None and kind is not None:
+            self.op = _openinference_operation(kind, root=not raw.parent_span_id)
         trace_id, span_id = raw.trace_id, raw.span_id
         parent_id = raw.parent_span_id
         if len(trace_id) != 16 or len(span_id) != 8 or len(parent_id) not in (0, 8):
@@ -380,9 +402,12 @@ class _JsonSpan(_Span):
         super().__init__(raw, resource, where)
         attributes = raw.get("attributes")
         if isinstance(attributes, list):
+            kind = None
             for item in attributes:
                 key = item.get("key") if isinstance(item, dict) else None
-                if isinstance(key, str) and key.startswith("gen_ai."):
+                if not isinstance(key, str):
+                    continue
+                if key.startswith("gen_ai."):
                     self.genai = True
                     if key == "gen_ai.operation.name":
                         try:
@@ -390,6 +415,13 @@ class _JsonSpan(_Span):
                         except _Reject:
                             self.op = "?"
                         break
+                elif key == OPENINFERENCE_KIND:
+                    try:
+                        kind = _json_value(item.get("value", {}))
+                    except _Reject:
+                        kind = "?"
+            if self.op is None and kind is not None:
+                self.op = _openinference_operation(kind, root=not raw.get("parentSpanId"))
         try:
             trace_id = _json_id(raw.get("traceId"), 16, "traceId")
             span_id = _json_id(raw.get("spanId"), 8, "spanId")
@@ -432,6 +464,14 @@ class _JsonSpan(_Span):
             ))
         self.events = events
         self.attrs = attrs  # last: a span with `attrs` is completely loaded
+
+
+def _openinference_operation(kind: Any, root: bool) -> str:
+    """The GenAI operation an OpenInference span kind maps as (see OPENINFERENCE_OPERATIONS)."""
+    kind = str(kind).upper()
+    if kind == "CHAIN":
+        return "invoke_agent" if root else "chain"
+    return OPENINFERENCE_OPERATIONS.get(kind, kind.lower())
 
 
 def _proto_spans(traces: TracesData) -> Iterator[_Span]:
@@ -522,7 +562,8 @@ def _exception(span: _Span) -> tuple[str, str]:
 
 
 def _errors(span: _Span) -> tuple[bool, str, str]:
-    """(failed, error_type, error_message) of a span."""
+    """(failed, error_type, error_message) of a span; an error type written as a Python class's
+    repr is its class name (the original stays in the span's attributes)."""
     error_type = _text(span.attrs.get("error.type"))
     failed = span.status_code == STATUS_ERROR or (bool(error_type) and span.status_code != STATUS_OK)
     message = span.status_message
@@ -530,7 +571,8 @@ def _errors(span: _Span) -> tuple[bool, str, str]:
         exc_type, exc_message = _exception(span)
         error_type = error_type or exc_type
         message = message or exc_message
-    return failed, _clip(error_type), _clip(message)
+    named = _CLASS_REPR.fullmatch(error_type)
+    return failed, _clip(named.group(1) if named else error_type), _clip(message)
 
 
 def _evaluations(span: _Span) -> list[dict]:
@@ -580,6 +622,9 @@ def _outcome(span: _Span, evaluations: list[dict]) -> tuple[str, str, float | No
 def _extra(span: _Span) -> dict:
     """The span's attributes that are no event field, bounded, and where it is in the trace."""
     out = {}
+    error_type = span.attrs.get("error.type")
+    if isinstance(error_type, str) and _CLASS_REPR.fullmatch(error_type.strip()):
+        out["error.type"] = error_type  # as the span wrote it; the event's error_type is the class name
     for key, value in span.attrs.items():
         if key in _MAPPED or key in _CONTENT or key.startswith(_CONTENT_PREFIXES):
             continue
@@ -600,6 +645,15 @@ class _Batch:
         self.spans = spans
         self.index = {span.key: span for span in spans if span.key}
 
+    def same_call_as_parent(self, span: _Span) -> bool:
+        """Whether `span` is a model call inside a model-call span of this batch for the same
+        call (the same model and usage): a framework's span over its client library's."""
+        parent = self.index.get(span.trace_id + span.parent_id) if span.parent_id else None
+        if parent is None or parent.op not in LLM_OPERATIONS:
+            return False
+        call = _call_of(span)
+        return call is not None and call == _call_of(parent)
+
     def run_of(self, span: _Span) -> _Span | None:
         """The outermost invoke_agent ancestor of `span` in this batch (not `span` itself)."""
         found = None
@@ -615,6 +669,21 @@ class _Batch:
         return found
 
 
+_USAGE_KEYS = (("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.token_count.prompt"),
+               ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens", "llm.token_count.completion"))
+
+
+def _call_of(span: _Span) -> tuple | None:
+    """What identifies one model call across two layers of instrumentation: its model and usage."""
+    try:
+        _ensure_loaded(span)
+        usage = tuple(_count(span.attrs, *keys) for keys in _USAGE_KEYS)
+    except _Reject:
+        return None
+    model = _first(span.attrs, ("gen_ai.request.model", "gen_ai.response.model", "llm.model_name"))
+    return (model, *usage) if any(value is not None for value in usage) else None
+
+
 def _ensure_loaded(span: _Span) -> None:
     if not hasattr(span, "attrs"):
         span.load()
@@ -622,8 +691,8 @@ def _ensure_loaded(span: _Span) -> None:
 
 # (agent id, agent version, session, task, tenant) of a span's own attributes
 _IDENTITY_KEYS = (
-    ("gen_ai.agent.id", "gen_ai.agent.name"), ("gen_ai.agent.version",), ("gen_ai.conversation.id",),
-    ("trackside.task_id",), ("trackside.tenant",),
+    ("gen_ai.agent.id", "gen_ai.agent.name", "agent.name"), ("gen_ai.agent.version",),
+    ("gen_ai.conversation.id", "session.id"), ("trackside.task_id",), ("trackside.tenant",),
 )
 _NO_IDENTITY = ("",) * len(_IDENTITY_KEYS)
 
@@ -700,16 +769,18 @@ def _llm_call(span: _Span, run: _Span | None) -> list[dict]:
     failed, error_type, message = _errors(span)
     event.update(event_id=f"otlp:{span.trace_id}:{span.span_id}", ts=start_ms, type="llm_call",
                  latency_ms=latency_ms, status="error" if failed else "ok")
-    model = _text(attrs.get("gen_ai.request.model")) or _text(attrs.get("gen_ai.response.model"))
+    model = _first(attrs, ("gen_ai.request.model", "gen_ai.response.model", "llm.model_name"))
     if model:
         event["model"] = model
-    provider = _text(attrs.get("gen_ai.provider.name")) or _text(attrs.get("gen_ai.system"))
+    provider = _first(attrs, ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system"))
     if provider:
         event["provider"] = provider
     for field, keys in (
-        ("input_tokens", ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens")),
-        ("output_tokens", ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")),
-        ("cache_read_input_tokens", ("gen_ai.usage.cache_read.input_tokens",)),
+        ("input_tokens", ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.token_count.prompt")),
+        ("output_tokens", ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens",
+                           "llm.token_count.completion")),
+        ("cache_read_input_tokens", ("gen_ai.usage.cache_read.input_tokens",
+                                     "llm.token_count.prompt_details.cache_read")),
     ):
         count = _count(attrs, *keys)
         if count is not None:
@@ -744,9 +815,11 @@ def _tool_args(value: Any) -> tuple[dict | None, str]:
 def _tool_call(span: _Span, run: _Span | None) -> list[dict]:
     start_ms, latency_ms = _times(span)
     attrs = span.attrs
-    tool = _text(attrs.get("gen_ai.tool.name"))
+    tool = _first(attrs, ("gen_ai.tool.name", "tool.name"))
     if not tool and span.name.startswith("execute_tool "):
         tool = span.name[len("execute_tool "):].strip()
+    if not tool and OPENINFERENCE_KIND in attrs:  # OpenInference names a tool span after its function
+        tool = span.name.strip()
     if not tool:
         raise _Reject("execute_tool span without gen_ai.tool.name")
     event = _common(span, run)
@@ -758,6 +831,10 @@ def _tool_call(span: _Span, run: _Span | None) -> list[dict]:
     event.update(event_id=f"otlp:{span.trace_id}:{span.span_id}", ts=start_ms, type="tool_call", tool=tool,
                  latency_ms=latency_ms, status=status)
     raw_args = attrs.get("gen_ai.tool.call.arguments")
+    if OPENINFERENCE_KIND in attrs and attrs.get("input.value") is not None:
+        # OpenInference's tool input is the call's arguments; its GenAI dual-write may put the
+        # tool's JSON schema in gen_ai.tool.call.arguments: the real arguments win
+        raw_args = attrs["input.value"]
     if raw_args is not None:
         args, hashed = _tool_args(raw_args)
         if args is not None:
@@ -842,6 +919,9 @@ def _map(spans: list[_Span], normalise: bool, keep_raw_args: bool) -> Mapped:
         run = batch.run_of(span) if span.key else None
         if span.op in RUN_OPERATIONS and run is not None:
             skipped["nested_invoke_agent"] += 1
+            continue
+        if span.op in LLM_OPERATIONS and batch.same_call_as_parent(span):
+            skipped["nested_llm_call"] += 1  # one call instrumented twice (a framework over its client)
             continue
         if run is not None:
             try:

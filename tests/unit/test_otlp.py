@@ -687,3 +687,94 @@ def test_attributes_are_bounded():
     assert len(attributes["app.long"]) == 1024
     assert attributes["app.list"] == list(range(32))
     assert "secret" not in orjson.dumps(attributes).decode()
+
+
+# ---------------------------------------------------------------------------------------
+# OpenInference, two layers of instrumentation, error classes
+
+
+def openinference_run(agent: Agent, dual_write: bool = False):
+    """A run as OpenInference writes it (Phoenix): AGENT -> LLM, TOOL (arguments in input.value)."""
+    root = agent.span("support-bot", attributes={"openinference.span.kind": "AGENT", "agent.name": "support-bot",
+                                                 "session.id": "s-9", "input.value": "where is my order?"})
+    llm = agent.span("ChatCompletion", parent=root, start=10, attributes={
+        "openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-mini", "llm.provider": "openai",
+        "llm.system": "openai", "llm.token_count.prompt": 310, "llm.token_count.completion": 25,
+        "llm.token_count.total": 335, "llm.token_count.prompt_details.cache_read": 128,
+        "llm.input_messages.0.message.content": "secret", "output.value": "secret too",
+        **({"gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 310, "gen_ai.usage.output_tokens": 25}
+           if dual_write else {}),
+    })
+    llm.end(end_time=T0 + 300 * MS)
+    tool = agent.span("lookup_order", parent=root, start=310, attributes={
+        "openinference.span.kind": "TOOL", "tool.name": "lookup_order", "input.value": '{"order_id": "A-17"}',
+        "tool.parameters": '{"type": "object", "properties": {"order_id": {"type": "string"}}}',
+        **({"gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.call.arguments": '{"type": "object", "properties": {"order_id": {"type": "string"}}}'}
+           if dual_write else {}),
+    })
+    tool.end(end_time=T0 + 350 * MS)
+    root.end(end_time=T0 + 400 * MS)
+    return root
+
+
+@pytest.mark.parametrize("dual_write", [False, True])
+def test_openinference_spans_map_like_genai_ones(dual_write):
+    agent = Agent(resource={})
+    root = openinference_run(agent, dual_write)
+    result = check(otlp_to_events(agent.traces().SerializeToString()))
+    assert result.rejected == [] and result.skipped == {}
+    start, llm, tool, end = result.events
+    assert [start["type"], end["type"]] == ["run_start", "run_end"] and end["outcome"] == "success"
+    assert {event["run_id"] for event in result.events} == {trace_hex(root)}
+    assert {(event["agent_id"], event.get("session_id")) for event in result.events} == {("support-bot", "s-9")}
+    assert (llm["model"], llm["provider"], llm["input_tokens"], llm["output_tokens"], llm["cache_read_input_tokens"]) == (
+        "gpt-4o-mini", "openai", 310, 25, 128)
+    assert (tool["tool"], tool["args"]) == ("lookup_order", {"order_id": "A-17"})  # the arguments, not the schema
+    kept = {key for event in result.events for key in event["attributes"]}
+    assert not kept & {"input.value", "output.value", "llm.input_messages.0.message.content", "tool.parameters"}
+
+
+def test_a_root_chain_is_the_run_and_a_nested_one_is_skipped():
+    agent = Agent()
+    root = agent.span("workflow", attributes={"openinference.span.kind": "CHAIN"})
+    step = agent.span("step", parent=root, start=1, attributes={"openinference.span.kind": "CHAIN"})
+    step.end(end_time=T0 + 5 * MS)
+    root.end(end_time=T0 + 10 * MS)
+    result = check(otlp_to_events(agent.traces().SerializeToString()))
+    assert [event["type"] for event in result.events] == ["run_start", "run_end"]
+    assert result.events[0]["agent_id"] == "support-service" and result.skipped == {"operation:other": 1}
+
+
+def test_a_model_call_instrumented_twice_counts_once():
+    """pydantic-ai's `chat` span over openai-v2's `chat` span for the same request."""
+    agent = Agent()
+    root = agent.span("invoke_agent", attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": "bot"})
+    usage = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 500,
+             "gen_ai.usage.output_tokens": 40}
+    outer = agent.span("chat gpt-4o", parent=root, start=1, attributes=usage)
+    inner = agent.span("chat gpt-4o", parent=outer, start=2, attributes=usage)
+    inner.end(end_time=T0 + 90 * MS)
+    outer.end(end_time=T0 + 95 * MS)
+    # a model call inside another with other usage is another call (an agent calling a model to judge)
+    other = agent.span("chat gpt-4o", parent=root, start=100, attributes=usage)
+    judge = agent.span("chat gpt-4o-mini", parent=other, start=101, attributes={
+        **usage, "gen_ai.request.model": "gpt-4o-mini", "gen_ai.usage.output_tokens": 3})
+    judge.end(end_time=T0 + 150 * MS)
+    other.end(end_time=T0 + 160 * MS)
+    root.end(end_time=T0 + 200 * MS)
+    result = check(otlp_to_events(agent.traces().SerializeToString()))
+    calls = by_type(result)["llm_call"]
+    assert [call["attributes"]["otel.span_id"] for call in calls] == [span_hex(outer), span_hex(other), span_hex(judge)]
+    assert result.skipped == {"nested_llm_call": 1}
+
+
+def test_an_error_type_written_as_a_class_repr_is_the_class_name():
+    agent = Agent()
+    chat = agent.span("chat", attributes={"gen_ai.operation.name": "chat", "gen_ai.agent.id": "bot",
+                                          "error.type": "<class 'openai.InternalServerError'>"},
+                      status=SdkStatus(StatusCode.ERROR, "500"))
+    chat.end(end_time=T0 + 5 * MS)
+    (llm,) = check(otlp_to_events(agent.traces().SerializeToString())).events
+    assert llm["error_type"] == "openai.InternalServerError"
+    assert llm["attributes"]["error.type"] == "<class 'openai.InternalServerError'>"
