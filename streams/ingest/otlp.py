@@ -674,14 +674,14 @@ _USAGE_KEYS = (("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.
 
 
 def _call_of(span: _Span) -> tuple | None:
-    """What identifies one model call across two layers of instrumentation: its model and usage."""
+    """What identifies one model call across two layers of instrumentation: its model and usage
+    (None for either when not reported: a failed call has no usage in either layer)."""
     try:
         _ensure_loaded(span)
         usage = tuple(_count(span.attrs, *keys) for keys in _USAGE_KEYS)
     except _Reject:
         return None
-    model = _first(span.attrs, ("gen_ai.request.model", "gen_ai.response.model", "llm.model_name"))
-    return (model, *usage) if any(value is not None for value in usage) else None
+    return (_first(span.attrs, ("gen_ai.request.model", "gen_ai.response.model", "llm.model_name")), *usage)
 
 
 def _ensure_loaded(span: _Span) -> None:

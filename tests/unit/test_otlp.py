@@ -762,11 +762,21 @@ def test_a_model_call_instrumented_twice_counts_once():
         **usage, "gen_ai.request.model": "gpt-4o-mini", "gen_ai.usage.output_tokens": 3})
     judge.end(end_time=T0 + 150 * MS)
     other.end(end_time=T0 + 160 * MS)
+    # a failed call: no usage in either layer
+    failed = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o"}
+    outer_failed = agent.span("chat gpt-4o", parent=root, start=170, attributes=failed,
+                              status=SdkStatus(StatusCode.ERROR, "ModelServerError"))
+    inner_failed = agent.span("chat gpt-4o", parent=outer_failed, start=171,
+                              attributes={**failed, "error.type": "<class 'openai.InternalServerError'>"},
+                              status=SdkStatus(StatusCode.ERROR))
+    inner_failed.end(end_time=T0 + 180 * MS)
+    outer_failed.end(end_time=T0 + 181 * MS)
     root.end(end_time=T0 + 200 * MS)
     result = check(otlp_to_events(agent.traces().SerializeToString()))
     calls = by_type(result)["llm_call"]
-    assert [call["attributes"]["otel.span_id"] for call in calls] == [span_hex(outer), span_hex(other), span_hex(judge)]
-    assert result.skipped == {"nested_llm_call": 1}
+    assert [call["attributes"]["otel.span_id"] for call in calls] == [
+        span_hex(outer), span_hex(other), span_hex(judge), span_hex(outer_failed)]
+    assert calls[-1]["status"] == "error" and result.skipped == {"nested_llm_call": 2}
 
 
 def test_an_error_type_written_as_a_class_repr_is_the_class_name():
