@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     ingest_poll_seconds: float = Field(0.05, gt=0, description="longest wait of one poll")
     max_event_bytes: int = Field(1_000_000, ge=256, description="larger events go to the dead-letter topic")
     store_raw_tool_args: bool = Field(False, description="store tool arguments raw, not only hashed")
+    otlp_hold_seconds: int = Field(
+        300, ge=1, description="how long an OTLP span that names no agent waits for its run's span (then a dead letter)")
+    otlp_hold_spans: int = Field(10_000, ge=1, description="most OTLP spans held waiting for their run's span")
     store_retry_max_seconds: float = Field(30.0, gt=0, description="cap of the backoff while the store refuses writes")
     handover_max_bytes: int = Field(
         500_000, ge=1024,

@@ -7,13 +7,14 @@ import base64
 import binascii
 import math
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
 from streams.errors import ConfigError, TracksideError
@@ -96,10 +97,21 @@ class Rejection(NamedTuple):
     reason: str
 
 
+class GivenUp(NamedTuple):
+    """Spans of an earlier message that were held (TraceMemory) and are rejected now."""
+
+    where: str  # the trace id (of the first span)
+    reason: str
+    source: str  # the message they came in: topic:partition:offset
+    payload: bytes  # the spans as a message of their own, in the encoding they came in
+
+
 class Mapped(NamedTuple):
     events: list[dict]
     rejected: list[Rejection]
     skipped: Counter  # reason -> spans
+    held: int = 0  # spans of this message held for their run's identity (TraceMemory)
+    given_up: list[GivenUp] = []  # held spans of earlier messages rejected now
 
     @property
     def skipped_total(self) -> int:
@@ -108,6 +120,10 @@ class Mapped(NamedTuple):
 
 class _Reject(Exception):
     """One span cannot be mapped; the message is the reason."""
+
+
+class _NoIdentity(_Reject):
+    """A span names no agent, and neither does anything it can be mapped with yet."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -716,11 +732,12 @@ def _identity(span: _Span | None) -> tuple[str, ...]:
     return span.identity
 
 
-def _common(span: _Span, run: _Span | None) -> dict:
-    """The fields every event has: the span's own attributes, else its run's, else the resource's."""
+def _common(span: _Span, run: tuple[str, ...]) -> dict:
+    """The fields every event has: the span's own attributes, else its run's (`run`: the
+    identity of its run span, in this message or remembered), else the resource's."""
     resource = span.resource
     agent_id, version, session_id, task_id, tenant = _identity(span)
-    run_agent, run_version, run_session, run_task, run_tenant = _identity(run)
+    run_agent, run_version, run_session, run_task, run_tenant = run
     if not agent_id:
         agent_id, version = run_agent, version or run_version
     elif agent_id == run_agent:
@@ -729,7 +746,7 @@ def _common(span: _Span, run: _Span | None) -> dict:
     if not agent_id:
         agent_id = resource.agent_id
         if not agent_id:
-            raise _Reject(
+            raise _NoIdentity(
                 "no agent identity: no gen_ai.agent.id or gen_ai.agent.name on the span or its run, "
                 "and no service.name on the resource"
             )
@@ -762,7 +779,7 @@ def _times(span: _Span) -> tuple[int, float]:
     return span.start_ns // 1_000_000, (span.end_ns - span.start_ns) / 1e6
 
 
-def _llm_call(span: _Span, run: _Span | None) -> list[dict]:
+def _llm_call(span: _Span, run: tuple[str, ...]) -> list[dict]:
     start_ms, latency_ms = _times(span)
     attrs = span.attrs
     event = _common(span, run)
@@ -812,7 +829,7 @@ def _tool_args(value: Any) -> tuple[dict | None, str]:
     return None, args_hash(orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode())
 
 
-def _tool_call(span: _Span, run: _Span | None) -> list[dict]:
+def _tool_call(span: _Span, run: tuple[str, ...]) -> list[dict]:
     start_ms, latency_ms = _times(span)
     attrs = span.attrs
     tool = _first(attrs, ("gen_ai.tool.name", "tool.name"))
@@ -860,10 +877,10 @@ def _evaluation_summary(evaluations: list[dict]) -> list[dict]:
     ]
 
 
-def _run(span: _Span, run: _Span | None) -> list[dict]:
+def _run(span: _Span, run: tuple[str, ...]) -> list[dict]:
     start_ms, _ = _times(span)
     end_ms = span.end_ns // 1_000_000
-    common = _common(span, None)
+    common = _common(span, _NO_IDENTITY)
     evaluations = _evaluations(span)
     outcome, source, score = _outcome(span, evaluations)
     base_id = f"otlp:{span.trace_id}:{span.span_id}"
@@ -899,12 +916,151 @@ def _skip_reason(span: _Span) -> str | None:
     return f"operation:{op}" if op in UNMAPPED_OPERATIONS else "operation:other"
 
 
-def _map(spans: list[_Span], normalise: bool, keep_raw_args: bool) -> Mapped:
+class TraceMemory:
+    """What the mapping keeps of traces between messages (the ingest stage holds one), so that a
+    trace is one run however its spans travel: the identity of each recent trace's run (its
+    agent, version, session, task, tenant, from its run span), the model calls mapped (so that
+    one call instrumented twice counts once when its two spans travel apart), and the spans that
+    name no agent, held until their run's span comes.
+
+    Bounds: the `traces` traces seen last (the least recently seen forgotten first); at most
+    `held_spans` spans held, each for at most `hold_ms` (ingestion time). A span held past
+    either bound, or still held when the ingest stage stops, is given up: rejected as before,
+    for the dead letters, with its own message's source and the span alone as payload.
+    """
+
+    def __init__(self, traces: int = 100_000, held_spans: int = 10_000, hold_ms: int = 300_000) -> None:
+        self.max_traces, self.max_held, self.hold_ms = traces, held_spans, hold_ms
+        self._identities: OrderedDict[str, tuple[str, ...]] = OrderedDict()  # trace -> its run's identity
+        self._calls: dict[str, dict[str, tuple]] = {}  # trace -> span id -> (parent span id, call)
+        self._held: OrderedDict[str, tuple[_Span, str, int]] = OrderedDict()  # span key -> (span, source, since)
+
+    def identity(self, trace_id: str) -> tuple[str, ...] | None:
+        return self._identities.get(trace_id)
+
+    def learn(self, trace_id: str, identity: tuple[str, ...]) -> None:
+        self._identities[trace_id] = identity
+        self._identities.move_to_end(trace_id)
+        while len(self._identities) > self.max_traces:
+            old, _ = self._identities.popitem(last=False)
+            self._calls.pop(old, None)
+
+    def same_call_mapped(self, span: _Span) -> bool:
+        """Whether the model call of `span` was mapped already from the other layer's span (its
+        parent's, or a child's) in an earlier message; remembers it otherwise."""
+        calls = self._calls.get(span.trace_id)
+        call = _call_of(span)
+        if calls is not None and call is not None:
+            parent = calls.get(span.parent_id)
+            if parent is not None and parent[1] == call:
+                return True
+            if any(parent_id == span.span_id and known == call for parent_id, known in calls.values()):
+                return True
+        if call is not None:
+            if calls is None:
+                calls = self._calls[span.trace_id] = {}
+                if span.trace_id not in self._identities:  # a trace first seen by its calls: bounded alike
+                    self.learn(span.trace_id, _NO_IDENTITY)
+            calls[span.span_id] = (span.parent_id, call)
+        return False
+
+    def hold(self, span: _Span, source: str, now_ms: int) -> None:
+        if isinstance(span.raw, PbSpan):  # alone: a part of the message would keep it all alive
+            alone = PbSpan()
+            alone.CopyFrom(span.raw)
+            span.raw = alone
+        self._held[span.key] = (span, source, now_ms)
+
+    def release(self, trace_ids: set[str]) -> list[tuple[_Span, str]]:
+        """The held spans of these traces (whose run's identity just came)."""
+        keys = [key for key, (span, _, _) in self._held.items() if span.trace_id in trace_ids]
+        return [self._held.pop(key)[:2] for key in keys]
+
+    def expire(self, now_ms: int, everything: bool = False) -> list[GivenUp]:
+        """The held spans given up (past the bounds, or all of them), one per message they came in."""
+        by_source: dict[str, list[tuple[_Span, str]]] = {}
+        while self._held:
+            key, (span, source, since) = next(iter(self._held.items()))
+            if everything:
+                why = "the ingest stage stopped while it held the span"
+            elif len(self._held) > self.max_held:
+                why = f"more than {self.max_held} spans were held"
+            elif now_ms - since >= self.hold_ms:
+                why = f"no span of its run came within {self.hold_ms // 1000} s"
+            else:
+                break
+            del self._held[key]
+            by_source.setdefault(source, []).append((span, why))
+        return [_given_up(source, given) for source, given in by_source.items()]
+
+    def oldest_held(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> the offset of the oldest message whose spans are still held:
+        where the ingest stage may commit up to, so that a restart reads them again."""
+        oldest: dict[tuple[str, int], int] = {}
+        for _, source, _ in self._held.values():
+            topic, partition, offset = source.rsplit(":", 2)
+            key = (topic, int(partition))
+            oldest[key] = min(oldest.get(key, int(offset)), int(offset))
+        return oldest
+
+    def __len__(self) -> int:
+        """Spans held."""
+        return len(self._held)
+
+
+def _given_up(source: str, given: list[tuple[_Span, str]]) -> GivenUp:
+    """One message's held spans given up: the reasons, and the spans as a message of their own
+    (`otlp_proto` or OTLP/JSON as they came; their resource's attributes are not kept)."""
+    spans = [span for span, _ in given]
+    reasons = "; ".join(
+        f"span {span.trace_id}:{span.span_id} ({span.op} {_name(span)}): no agent identity: no gen_ai.agent.id or "
+        f"gen_ai.agent.name on the span, no service.name on its resource, and its run is unknown: held, given up "
+        f"as {why}" for span, why in given[:20])
+    more = f"; and {len(given) - 20} more" if len(given) > 20 else ""
+    if isinstance(spans[0].raw, PbSpan):
+        traces = TracesData()
+        traces.resource_spans.add().scope_spans.add().spans.extend(span.raw for span in spans)
+        payload = traces.SerializeToString()
+    else:
+        payload = orjson.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span.raw for span in spans]}]}]})
+    return GivenUp(spans[0].trace_id, f"{len(given)} span(s) held and given up: {reasons}{more}", source, payload)
+
+
+def _map(spans: list[_Span], normalise: bool, keep_raw_args: bool, memory: TraceMemory | None = None,
+         source: str = "", now_ms: int = 0) -> Mapped:
     batch = _Batch(spans)
     events: list[dict] = []
     rejected: list[Rejection] = []
     skipped: Counter[str] = Counter()
     seen: set[str] = set()
+    learned: set[str] = set()  # traces whose run's identity this message brought
+    held = 0
+
+    def map_one(span: _Span, run_identity: tuple[str, ...], where: str) -> bool:
+        """Map one span into `events` (or `rejected`); False when it names no agent yet."""
+        try:
+            _ensure_loaded(span)
+            mapped = _MAPPERS[span.op](span, run_identity)
+            checked = [validate(event, keep_raw_args=keep_raw_args) for event in mapped]
+        except _NoIdentity as error:
+            if memory is not None and span.key:
+                return False
+            rejected.append(Rejection(where, f"{span.op} span {_name(span)}: {error}"))
+            return True
+        except _Reject as error:
+            rejected.append(Rejection(where, f"{span.op} span {_name(span)}: {error}"))
+            return True
+        except InvalidEvent as error:
+            rejected.append(Rejection(where, f"{span.op} span {_name(span)} makes an invalid event: {error}"))
+            return True
+        if memory is not None and span.op in RUN_OPERATIONS:
+            start = mapped[0]
+            memory.learn(span.trace_id, (start["agent_id"], start["agent_version"], start.get("session_id", ""),
+                                         start.get("task_id", ""), start.get("tenant", "")))
+            learned.add(span.trace_id)
+        events.extend(checked if normalise else mapped)
+        return True
+
     for span in spans:
         reason = _skip_reason(span)
         if reason is not None:
@@ -920,27 +1076,30 @@ def _map(spans: list[_Span], normalise: bool, keep_raw_args: bool) -> Mapped:
         if span.op in RUN_OPERATIONS and run is not None:
             skipped["nested_invoke_agent"] += 1
             continue
-        if span.op in LLM_OPERATIONS and batch.same_call_as_parent(span):
+        if span.op in LLM_OPERATIONS and (batch.same_call_as_parent(span) or (
+                memory is not None and span.key and memory.same_call_mapped(span))):
             skipped["nested_llm_call"] += 1  # one call instrumented twice (a framework over its client)
             continue
+        run_identity = _NO_IDENTITY
         if run is not None:
             try:
                 _ensure_loaded(run)
+                run_identity = _identity(run)
             except _Reject:
-                run = None  # the run's span is rejected on its own; its children map without it
-        try:
-            _ensure_loaded(span)
-            mapped = _MAPPERS[span.op](span, run)
-            checked = [validate(event, keep_raw_args=keep_raw_args) for event in mapped]
-        except _Reject as error:
-            rejected.append(Rejection(where, f"{span.op} span {_name(span)}: {error}"))
-            continue
-        except InvalidEvent as error:
-            rejected.append(Rejection(where, f"{span.op} span {_name(span)} makes an invalid event: {error}"))
-            continue
-        events.extend(checked if normalise else mapped)
+                pass  # the run's span is rejected on its own; its children map without it
+        elif memory is not None and span.key:
+            run_identity = memory.identity(span.trace_id) or _NO_IDENTITY
+        if not map_one(span, run_identity, where):
+            memory.hold(span, source, now_ms)
+            held += 1
+    given_up: list[GivenUp] = []
+    if memory is not None:
+        for span, _origin in memory.release(learned):
+            # its events come with this message; they were valid as far as they went
+            map_one(span, memory.identity(span.trace_id), f"{span.trace_id}:{span.span_id}")
+        given_up = memory.expire(now_ms)
     events.sort(key=lambda event: (event["ts"], _TYPE_RANK[event["type"]]))
-    return Mapped(events, rejected, skipped)
+    return Mapped(events, rejected, skipped, held, given_up)
 
 
 def _name(span: _Span) -> str:
@@ -949,15 +1108,18 @@ def _name(span: _Span) -> str:
     return repr(name[:80]) if isinstance(name, str) and name else "(unnamed)"
 
 
-def spans_to_events(traces: TracesData | Mapping, *, normalise: bool = False, keep_raw_args: bool = False) -> Mapped:
-    """Agent events of a `TracesData`, or of a parsed OTLP/JSON object; see streams/ingest/README.md."""
+def spans_to_events(traces: TracesData | Mapping, *, normalise: bool = False, keep_raw_args: bool = False,
+                    memory: TraceMemory | None = None, source: str = "", now_ms: int = 0) -> Mapped:
+    """Agent events of a `TracesData`, or of a parsed OTLP/JSON object; see streams/ingest/README.md.
+    With `memory`, what earlier messages brought counts (`TraceMemory`); `source` names this
+    message (topic:partition:offset) and `now_ms` is the time it is ingested."""
     if isinstance(traces, TracesData):
         spans = list(_proto_spans(traces))
     elif isinstance(traces, Mapping):
         spans = list(_json_spans(traces))
     else:
         raise TypeError(f"expected TracesData or an OTLP/JSON object, got {type(traces).__name__}")
-    return _map(spans, normalise, keep_raw_args)
+    return _map(spans, normalise, keep_raw_args, memory, source, now_ms)
 
 
 def otlp_to_events(
@@ -967,7 +1129,11 @@ def otlp_to_events(
     normalise: bool = False,
     keep_raw_args: bool = False,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    memory: TraceMemory | None = None,
+    source: str = "",
+    now_ms: int = 0,
 ) -> Mapped:
     """Agent events of one `otlp_spans` message. Raises `InvalidOtlp` when the message is
     unreadable; spans that cannot be mapped are in `rejected`."""
-    return spans_to_events(_decode(value, encoding, max_bytes), normalise=normalise, keep_raw_args=keep_raw_args)
+    return spans_to_events(_decode(value, encoding, max_bytes), normalise=normalise, keep_raw_args=keep_raw_args,
+                           memory=memory, source=source, now_ms=now_ms)

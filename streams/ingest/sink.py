@@ -14,14 +14,14 @@ from typing import Callable, Iterable, Iterator
 
 import orjson
 import pyarrow as pa
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streams.contracts import tables, topics
 from streams import telemetry
 from streams.ingest.decode import INGESTED_AT, SOURCE, decode_events, event_row
 from streams.ingest.pricing import PriceTable, price_rows
 from streams.contracts.events import InvalidEvent
-from streams.ingest.otlp import InvalidOtlp, otlp_to_events
+from streams.ingest.otlp import GivenUp, InvalidOtlp, TraceMemory, otlp_to_events
 from streams.contracts.deployments import parse_deployment
 from streams.contracts.messages import (
     ClosedRuns, Deployments, EventBatch, InvalidMessage, MetricResults, decode_run_result, pack_row, received_dead_letter,
@@ -193,6 +193,8 @@ class StoreSink:
         self._consumer = Consumer({**consumer_config(settings, GROUP), "client.id": f"{STACK_CLIENT_ID}-sink"})
         self._producer = Producer({**producer_config(settings), "client.id": f"{STACK_CLIENT_ID}-sink"})
         self._handovers = Handovers(self._producer, settings.handover_retry_max_seconds)
+        # OTLP spans held for their run, and what traces said before
+        self._traces = TraceMemory(held_spans=settings.otlp_hold_spans, hold_ms=settings.otlp_hold_seconds * 1000)
         self.watch = PipelineWatch(settings.pipeline_lag_alert_seconds)
         self._watched = 0.0
         self._drain: Drain | None = None
@@ -209,27 +211,39 @@ class StoreSink:
 
     def run(self) -> None:
         self._consumer.subscribe(list(self._handlers), on_assign=lambda *_: self.assigned.set())
-        quiet_since = time.monotonic()
         try:
-            while not self.stop.is_set():
-                if self._wake.is_set():
-                    self._wake.clear()
-                    self._wake_assemblers()
-                messages = self._consumer.consume(self.settings.ingest_batch_max, self.settings.ingest_poll_seconds)
-                if messages:
-                    self.process(messages)
-                    quiet_since = time.monotonic()
-                    if self._drain is not None:
-                        self._drain.landed += len(messages)
-                elif self._drain is not None and time.monotonic() - max(quiet_since, self._drain.began) >= DRAIN_QUIET_S:
-                    self._drain.emptied = True
-                    break
-                if self._drain is not None and time.monotonic() >= self._drain.deadline:
-                    break
-                self._watch_pipeline()
+            self._consume()
         finally:
+            given_up = self._traces.expire(now_ms(), everything=True)
+            if given_up:  # the embedded broker forgets them when it stops: the dead letters keep them
+                self._reject(self._given_up(given_up, now_ms()))
             self._producer.flush(10)
             self._consumer.close()
+
+    def _consume(self) -> None:
+        quiet_since = time.monotonic()
+        while not self.stop.is_set():
+            if self._wake.is_set():
+                self._wake.clear()
+                self._wake_assemblers()
+            messages = self._consumer.consume(self.settings.ingest_batch_max, self.settings.ingest_poll_seconds)
+            if messages:
+                self.process(messages)
+                quiet_since = time.monotonic()
+                if self._drain is not None:
+                    self._drain.landed += len(messages)
+            elif self._drain is not None and time.monotonic() - max(quiet_since, self._drain.began) >= DRAIN_QUIET_S:
+                self._drain.emptied = True
+                break
+            if self._drain is not None and time.monotonic() >= self._drain.deadline:
+                break
+            if len(self._traces):  # held OTLP spans whose run did not come in time, without new spans
+                given_up = self._traces.expire(now_ms())
+                if given_up:
+                    self._reject(self._given_up(given_up, now_ms()))
+                    if self._handovers.settle(self.stop):
+                        self._commit()  # past their messages, now in the dead letters
+            self._watch_pipeline()
 
     def wake_assemblers(self) -> None:
         """Have every assembler partition rebuild its state from the store now (see `run`)."""
@@ -283,7 +297,7 @@ class StoreSink:
             log.warning("stopped with messages of the sink not acknowledged; their offsets are not committed")
             return
         try:
-            self._consumer.commit(asynchronous=False)
+            self._commit()
             telemetry.SINK_LAST_COMMIT.set(time.time())
         except KafkaException as error:
             # Offsets not committed means redelivery, which the idempotent store absorbs.
@@ -294,6 +308,19 @@ class StoreSink:
         landed = now_ms()
         for topic, stamp in oldest.items():
             telemetry.INGEST_DELAY_SECONDS.labels(topic).observe(max(0, landed - stamp) / 1000)
+
+    def _commit(self) -> None:
+        """Commit what was consumed, but not past a message whose OTLP spans are still held
+        (TraceMemory): a restart reads it again rather than losing them."""
+        held = self._traces.oldest_held()
+        if not held:
+            self._consumer.commit(asynchronous=False)
+            return
+        positions = self._consumer.position(self._consumer.assignment())
+        offsets = [TopicPartition(tp.topic, tp.partition, min(tp.offset, held.get((tp.topic, tp.partition), tp.offset)))
+                   for tp in positions if tp.offset >= 0]
+        if offsets:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
 
     def _watch_pipeline(self) -> None:
         """Twice a second: each processor stage's lag in /metrics, and a `pipeline` alert when
@@ -443,7 +470,8 @@ class StoreSink:
         for message in messages:
             source = f"{message.topic()}:{message.partition()}:{message.offset()}"
             try:
-                mapped = otlp_to_events(message.value() or b"", normalise=True, keep_raw_args=keep_raw_args)
+                mapped = otlp_to_events(message.value() or b"", normalise=True, keep_raw_args=keep_raw_args,
+                                        memory=self._traces, source=source, now_ms=ingested_at)
             except InvalidOtlp as error:
                 dead.append(self._dead_letter(message, source, str(error), ingested_at))
                 continue
@@ -453,6 +481,8 @@ class StoreSink:
                 dead.append(self._dead_letter(
                     message, source, f"{len(mapped.rejected)} span(s) cannot be mapped: {shown}{more}", ingested_at))
             self.stats["otlp_spans_skipped"] += mapped.skipped_total
+            self.stats["otlp_spans_held"] += mapped.held
+            dead += self._given_up(mapped.given_up, ingested_at)
             for event in mapped.events:
                 row = event_row(event)
                 row[SOURCE] = source
@@ -462,6 +492,15 @@ class StoreSink:
                 assemblers.append(run_partition(event["run_id"], self.settings.partitions))
         price_rows(self.prices, rows)
         self._land_events(rows, origins, assemblers, dead)
+
+    def _given_up(self, spans: list[GivenUp], received_at: int) -> list[dict]:
+        """Dead letters of held spans given up: each with its own message's source, the span alone as payload."""
+        letters = []
+        for span in spans:
+            topic, partition, offset = span.source.rsplit(":", 2)
+            letters.append(self._dead_letter_row(topic, int(partition), int(offset), None, span.payload,
+                                                 span.reason, received_at))
+        return letters
 
     # agent.deployments
 

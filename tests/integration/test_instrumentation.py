@@ -17,6 +17,9 @@ Rows (one test each), every span made by the library, none built by hand:
 - E: row A with openai-v2 also instrumenting the OpenAI client under pydantic-ai (both switched
   on, as happens): every model call has two chat spans, openai-v2's inside pydantic-ai's, and
   must count once.
+- F: row B with no `service.name` on the resource, every span in a message of its own (a
+  Collector batches by time, not by trace), in the order they ended: children travel before
+  their run's span, and only that span names the agent.
 
 openai-v2 (2.4b0, the newest) imports `httpx` (openai 3 uses the httpx2 fork: its documented
 `alias_httpx()` bridges that) and util-genai APIs that util-genai 1.2b0/1.3b0 removed: the dev
@@ -55,7 +58,7 @@ CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 AGENT_VERSION = "1.4.0"
 # What a row's loop alert rests on (streams/detect/README.md, "Loops"): the tool arguments
 # where the spans carry them, else the model calls' token counts.
-BASIS = {"A": "arguments", "B": "arguments", "C": "tokens", "D": "arguments", "E": "arguments"}
+BASIS = {"A": "arguments", "B": "arguments", "C": "tokens", "D": "arguments", "E": "arguments", "F": "arguments"}
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +92,12 @@ class Run:
 class Row:
     """One row's TracerProvider (in-memory exporter, a resource naming the agent) and its runs."""
 
-    def __init__(self, row: str) -> None:
+    def __init__(self, row: str, service_name: bool = True) -> None:
         self.row = row
         self.agent = f"support-bot-{row.lower()}"
         self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider(resource=Resource.create(
-            {"service.name": self.agent, "service.version": AGENT_VERSION}))
+        named = {"service.name": self.agent} if service_name else {}  # else the SDK's unknown_service
+        self.provider = TracerProvider(resource=Resource.create({**named, "service.version": AGENT_VERSION}))
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.runs: list[Run] = []
 
@@ -298,11 +301,13 @@ def check_spans(row: str, runs: list[Run]) -> None:
         assert len(with_arguments) == len(tools), "tool arguments are on every tool span"
 
 
-def produce(stack, runs: list[Run]) -> None:
-    """All the row's spans as one `otlp_proto` message, as the Collector's Kafka exporter sends them."""
+def produce(stack, runs: list[Run], span_per_message: bool = False) -> None:
+    """The row's spans as `otlp_proto` messages, as the Collector's Kafka exporter sends them:
+    all in one, or each in its own (in the order they ended)."""
     spans = [span for run in runs for span in run.spans]
     producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
-    producer.produce("otlp_spans", value=to_traces_data(spans).SerializeToString())
+    for part in ([[span] for span in spans] if span_per_message else [spans]):
+        producer.produce("otlp_spans", value=to_traces_data(part).SerializeToString())
     assert producer.flush(10) == 0
 
 
@@ -343,7 +348,7 @@ def _quietly(observe: Callable[[], object], done: Callable[[object], bool], time
         return observe()
 
 
-def check_row(stack, fake: FakeOpenAI, row: Row, runs: list[Run]) -> None:
+def check_row(stack, fake: FakeOpenAI, row: Row, runs: list[Run], span_per_message: bool = False) -> None:
     assert [run.scenario for run in runs] == list(SCENARIOS)
     ids = {run.trace_id: run for run in runs}
     assert len(ids) == len(runs), "one trace per run"
@@ -353,7 +358,7 @@ def check_row(stack, fake: FakeOpenAI, row: Row, runs: list[Run]) -> None:
         assert bool(run.raised) == (run.scenario == "model_fails"), (run.scenario, run.raised)
     check_spans(row.row, runs)
 
-    produce(stack, runs)
+    produce(stack, runs, span_per_message)
     expected = {run.scenario: driven(row, run, fake) for run in runs}
 
     def stored() -> dict:
@@ -409,15 +414,16 @@ def test_pydantic_ai_instrumentation(stack, fake_openai, monkeypatch, row_name, 
     check_row(stack, fake_openai, row, drive_pydantic_ai(row, fake_openai, client_instrumented))
 
 
-@pytest.mark.parametrize("row_name, content", [("B", True), ("C", False)],
-                         ids=["openai_v2_util_genai_content", "openai_v2_util_genai_defaults"])
-def test_openai_v2_with_util_genai(stack, fake_openai, monkeypatch, row_name, content):
+@pytest.mark.parametrize("row_name, content, apart", [("B", True, False), ("C", False, False), ("F", True, True)],
+                         ids=["openai_v2_util_genai_content", "openai_v2_util_genai_defaults",
+                              "openai_v2_util_genai_span_per_message_no_service"])
+def test_openai_v2_with_util_genai(stack, fake_openai, monkeypatch, row_name, content, apart):
     if content:
         monkeypatch.setenv(CONTENT_ENV, "SPAN_ONLY")
     else:
         monkeypatch.delenv(CONTENT_ENV, raising=False)
-    row = Row(row_name)
-    check_row(stack, fake_openai, row, drive_genai(row, fake_openai))
+    row = Row(row_name, service_name=not apart)
+    check_row(stack, fake_openai, row, drive_genai(row, fake_openai), span_per_message=apart)
 
 
 def test_openinference_only(stack, fake_openai):

@@ -47,3 +47,37 @@ def test_otlp_runs_land_with_their_calls_cost_and_outcome(stack):
     stack.wait_until_processed()
     assert stack.count(sql, {"ids": list(runs)}) == 2
     assert stack.count(f"SELECT count() FROM events WHERE run_id = '{trace_hex(ok_root)}'") == 4
+
+
+def test_a_span_naming_no_agent_waits_for_its_run_uncommitted_then_is_a_dead_letter(tmp_path):
+    """A span whose run never comes and that names no agent is held (its message not committed
+    past, so a restart would read it again), then given up as a dead letter with its own source."""
+    from tests.conftest import RunningStack
+    from tests.waiting import wait_until
+
+    stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_OTLP_HOLD_SECONDS": "5"})
+    stack.start()
+    try:
+        orphan_agent, good = Agent(resource={}), Agent()
+        tool = orphan_agent.span("execute_tool t", attributes={"gen_ai.operation.name": "execute_tool",
+                                                               "gen_ai.tool.name": "t"})
+        tool.end(end_time=tool.start_time + 5 * 1_000_000)
+        root = run_agent(good)
+        delivered = []
+        producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
+        producer.produce("otlp_spans", value=orphan_agent.traces().SerializeToString(),
+                         on_delivery=lambda error, message: delivered.append((message.partition(), message.offset())))
+        assert producer.flush(10) == 0
+        ((partition, offset),) = delivered
+        # a later message of the same partition lands: the sink went past the held span's message
+        producer.produce("otlp_spans", value=good.traces().SerializeToString(), partition=partition)
+        assert producer.flush(10) == 0
+        assert stack.wait_for_count(f"SELECT count() FROM runs WHERE run_id = '{trace_hex(root)}'", 1) == 1
+        assert stack.committed("trackside-store", "otlp_spans")[partition] <= offset
+        source = f"otlp_spans:{partition}:{offset}"
+        sql = "SELECT count() FROM dead_letters WHERE source = {source:String} AND error LIKE '%held and given up%'"
+        assert stack.wait_for_count(sql, 1, parameters={"source": source}) == 1
+        wait_until(lambda: stack.committed("trackside-store", "otlp_spans")[partition], 30,
+                   "the commit past the given-up span's message", done=lambda committed: committed > offset)
+    finally:
+        assert stack.stop() == 0

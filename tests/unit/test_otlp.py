@@ -788,3 +788,86 @@ def test_an_error_type_written_as_a_class_repr_is_the_class_name():
     (llm,) = check(otlp_to_events(agent.traces().SerializeToString())).events
     assert llm["error_type"] == "openai.InternalServerError"
     assert llm["attributes"]["error.type"] == "<class 'openai.InternalServerError'>"
+
+
+# ---------------------------------------------------------------------------------------
+# A trace is one run however its spans travel (TraceMemory)
+
+
+def one_span_per_message(agent: Agent) -> list[bytes]:
+    """Every finished span in a message of its own, in the order they ended (children first)."""
+    return [to_traces_data([span]).SerializeToString() for span in agent.finished()]
+
+
+def test_children_before_their_run_are_held_and_mapped_with_its_identity():
+    from streams.ingest.otlp import TraceMemory
+
+    agent = Agent(resource={})  # no service.name: only the run span names the agent
+    root = run_agent(agent)
+    memory = TraceMemory()
+    results = [otlp_to_events(value, memory=memory, source=f"otlp_spans:0:{n}", now_ms=1)
+               for n, value in enumerate(one_span_per_message(agent))]
+    *children, last = results
+    assert [(len(r.events), r.rejected, r.held) for r in children] == [(0, [], 0), (0, [], 1), (0, [], 1)]  # http, chat, tool
+    assert len(memory) == 0 and last.rejected == [] and last.given_up == []
+    assert [event["type"] for event in last.events] == ["run_start", "llm_call", "tool_call", "run_end"]
+    assert {(e["run_id"], e["agent_id"], e["agent_version"], e["session_id"]) for e in check(last).events} == {
+        (trace_hex(root), "support-bot", "v7", "conv-42")}
+    # a straggler of the same trace after its run: mapped at once with the run's identity
+    late = agent.span("execute_tool notify", parent=root, start=1100, attributes={
+        "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "notify"})
+    late.end(end_time=T0 + 1200 * MS)
+    (event,) = otlp_to_events(to_traces_data([late]).SerializeToString(), memory=memory, now_ms=2).events
+    assert (event["agent_id"], event["agent_version"]) == ("support-bot", "v7")
+    # without a memory, the children are rejected for naming no agent, as before
+    assert "no agent identity" in otlp_to_events(one_span_per_message(agent)[1]).rejected[0].reason
+
+
+def test_held_spans_are_given_up_past_the_bounds_with_their_own_source():
+    from streams.ingest.otlp import TraceMemory
+
+    agent = Agent(resource={})
+    tools = [agent.span("execute_tool t", start=n, attributes={"gen_ai.operation.name": "execute_tool",
+                                                               "gen_ai.tool.name": "t"}) for n in range(3)]
+    for tool in tools:
+        tool.end(end_time=T0 + 10 * MS)
+    memory = TraceMemory(held_spans=2, hold_ms=60_000)
+    values = one_span_per_message(agent)
+    assert otlp_to_events(values[0], memory=memory, source="otlp_spans:1:7", now_ms=1_000).held == 1
+    assert otlp_to_events(values[1], memory=memory, source="otlp_spans:0:8", now_ms=2_000).given_up == []
+    assert memory.oldest_held() == {("otlp_spans", 1): 7, ("otlp_spans", 0): 8}
+    (over,) = otlp_to_events(values[2], memory=memory, source="otlp_spans:1:9", now_ms=3_000).given_up
+    assert over.source == "otlp_spans:1:7" and "more than 2 spans were held" in over.reason
+    (alone,) = TracesData.FromString(over.payload).resource_spans[0].scope_spans[0].spans
+    assert alone.span_id == tools[0].get_span_context().span_id.to_bytes(8, "big")
+    (late,) = memory.expire(62_000)  # the one from 2,000 ms: 60 s later
+    assert late.source == "otlp_spans:0:8" and "within 60 s" in late.reason and len(memory) == 1
+    (stopped,) = memory.expire(62_000, everything=True)
+    assert stopped.source == "otlp_spans:1:9" and "stopped" in stopped.reason and memory.oldest_held() == {}
+
+
+def test_a_model_call_instrumented_twice_counts_once_across_messages():
+    from streams.ingest.otlp import TraceMemory
+
+    agent = Agent()
+    root = agent.span("invoke_agent", attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": "bot"})
+    usage = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 500,
+             "gen_ai.usage.output_tokens": 40}
+    outer = agent.span("chat gpt-4o", parent=root, start=1, attributes=usage)
+    inner = agent.span("chat gpt-4o", parent=outer, start=2, attributes=usage)
+    inner.end(end_time=T0 + 90 * MS)
+    outer.end(end_time=T0 + 95 * MS)
+    again = agent.span("chat gpt-4o", parent=root, start=100, attributes=usage)  # the same usage, another call
+    again.end(end_time=T0 + 190 * MS)
+    root.end(end_time=T0 + 200 * MS)
+    memory = TraceMemory()
+    results = [otlp_to_events(value, memory=memory, now_ms=1) for value in one_span_per_message(agent)]
+    calls = [event for result in results for event in result.events if event["type"] == "llm_call"]
+    assert [call["attributes"]["otel.span_id"] for call in calls] == [span_hex(inner), span_hex(again)]
+    assert sum(result.skipped["nested_llm_call"] for result in results) == 1
+    # the outer span first (another exporter's order): the inner one is the one skipped
+    memory = TraceMemory()
+    inner_first, outer_next, *rest = one_span_per_message(agent)
+    results = [otlp_to_events(value, memory=memory, now_ms=1) for value in (outer_next, inner_first, *rest)]
+    calls = [event for result in results for event in result.events if event["type"] == "llm_call"]
+    assert [call["attributes"]["otel.span_id"] for call in calls] == [span_hex(outer), span_hex(again)]
