@@ -17,6 +17,8 @@ Rows (one test each), every span made by the library, none built by hand:
 - E: row A with openai-v2 also instrumenting the OpenAI client under pydantic-ai (both switched
   on, as happens): every model call has two chat spans, openai-v2's inside pydantic-ai's, and
   must count once.
+- G: row D with OpenInference's GenAI dual-write on (`TraceConfig(enable_genai_semconv=True)`):
+  each span carries both conventions and must count once, with the real arguments;
 - F: row B with no `service.name` on the resource, every span in a message of its own (a
   Collector batches by time, not by trace), in the order they ended: children travel before
   their run's span, and only that span names the agent.
@@ -58,7 +60,8 @@ CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 AGENT_VERSION = "1.4.0"
 # What a row's loop alert rests on (streams/detect/README.md, "Loops"): the tool arguments
 # where the spans carry them, else the model calls' token counts.
-BASIS = {"A": "arguments", "B": "arguments", "C": "tokens", "D": "arguments", "E": "arguments", "F": "arguments"}
+BASIS = {"A": "arguments", "B": "arguments", "C": "tokens", "D": "arguments", "E": "arguments", "F": "arguments",
+         "G": "arguments"}
 
 
 @pytest.fixture(scope="module")
@@ -233,15 +236,17 @@ def drive_genai(row: Row, fake: FakeOpenAI) -> list[Run]:
         instrumentor.uninstrument()
 
 
-def drive_openinference(row: Row, fake: FakeOpenAI) -> list[Run]:
+def drive_openinference(row: Row, fake: FakeOpenAI, dual_write: bool = False) -> list[Run]:
+    """Row D; with `dual_write` (row G) OpenInference also writes the GenAI conventions."""
     import openai
     from openinference.instrumentation import OITracer, TraceConfig
     from openinference.instrumentation.openai import OpenAIInstrumentor
 
+    config = TraceConfig(enable_genai_semconv=dual_write)
     instrumentor = OpenAIInstrumentor()
-    instrumentor.instrument(tracer_provider=row.provider)
+    instrumentor.instrument(tracer_provider=row.provider, config=config)
     try:
-        tracer = OITracer(row.provider.get_tracer(__name__), config=TraceConfig())
+        tracer = OITracer(row.provider.get_tracer(__name__), config=config)
         client = openai.OpenAI(base_url=fake.base_url, api_key="test-key", max_retries=0)
         tools = Tools()
         traced = {function.__name__: tracer.tool(name=function.__name__)(function) for function in tools.functions()}
@@ -278,12 +283,12 @@ def _openinference(kind: str) -> Callable[[ReadableSpan], bool]:
 def check_spans(row: str, runs: list[Run]) -> None:
     driven_tools = sum(len(run.executed) for run in runs)
     driven_llm = sum(EXPECTED[run.scenario].llm_calls for run in runs)
-    if row == "D":
+    if row in ("D", "G"):
         tools, llms = _attributes(runs, _openinference("TOOL")), _attributes(runs, _openinference("LLM"))
         assert len(tools) == driven_tools and len(llms) == driven_llm
         assert all("input.value" in attributes for attributes in tools), "OpenInference tool spans carry their input"
-        assert not any(key.startswith("gen_ai.") for run in runs for span in run.spans for key in span.attributes), \
-            "OpenInference only: no GenAI conventions dual-written"
+        dual = [attributes for attributes in tools + llms if "gen_ai.operation.name" in attributes]
+        assert len(dual) == (len(tools) + len(llms) if row == "G" else 0), "GenAI dual-written only in row G"
         return
     tools, llms = _attributes(runs, _genai_op("execute_tool")), _attributes(runs, _genai_op("chat"))
     if row == "E":  # every model call twice: openai-v2's chat span inside pydantic-ai's
@@ -379,6 +384,11 @@ def check_row(stack, fake: FakeOpenAI, row: Row, runs: list[Run], span_per_messa
     expected["loop alerts"] = [("looping", BASIS[row.row])]
     actual["loop alerts"] = sorted((ids[alert["run_id"]].scenario if alert["run_id"] in ids else alert["run_id"],
                                     alert["evidence"]["basis"]) for alert in alerts)
+    # error types as class names, never a class's repr (openai-v2 writes `<class '...'>`)
+    expected["error types as written"] = []
+    actual["error types as written"] = [row["error_type"] for row in stack.query(
+        "SELECT DISTINCT error_type FROM events WHERE run_id IN {ids:Array(String)} AND error_type LIKE '<class%'",
+        {"ids": list(ids)})]
     expected["runs of the agent"] = len(runs)  # none split in two, none made up
     actual["runs of the agent"] = stack.count("SELECT count() FROM runs WHERE agent_id = {agent:String}",
                                               {"agent": row.agent})
@@ -426,6 +436,8 @@ def test_openai_v2_with_util_genai(stack, fake_openai, monkeypatch, row_name, co
     check_row(stack, fake_openai, row, drive_genai(row, fake_openai), span_per_message=apart)
 
 
-def test_openinference_only(stack, fake_openai):
-    row = Row("D")
-    check_row(stack, fake_openai, row, drive_openinference(row, fake_openai))
+@pytest.mark.parametrize("row_name, dual_write", [("D", False), ("G", True)],
+                         ids=["openinference_only", "openinference_genai_dual_write"])
+def test_openinference(stack, fake_openai, row_name, dual_write):
+    row = Row(row_name)
+    check_row(stack, fake_openai, row, drive_openinference(row, fake_openai, dual_write))
