@@ -1,4 +1,4 @@
-"""The `trackside` command (SPEC §1): up, forward, publish, sql, import, migrate, demo."""
+"""The `trackside` command (SPEC §1, §9): up, forward, publish, sql, import, migrate, demo, stop, pause, resume."""
 from __future__ import annotations
 
 import argparse
@@ -129,6 +129,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(), runs=args.runs, seed=args.seed, tau_bench=args.tau_bench)
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    import getpass
+    import time
+
+    from streams.contracts.controls import make_control
+    from streams.ops.controls import issue
+
+    subject = ({"run_id": args.run_id} if args.action == "stop_run"
+               else {"agent_id": args.agent, "agent_version": args.version})
+    control = make_control(action=args.action, reason=args.reason, issued_by=args.by or getpass.getuser(),
+                           ts=time.time_ns() // 1_000_000, **subject)
+    issue(_settings(), control)
+    print(f"{args.action} control_id={control['control_id']}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="trackside", description="Live monitoring of AI agents in production.")
     top.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -166,6 +182,18 @@ def parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="apply the store's migrations and create the topics, then exit")
     migrate.set_defaults(handler=cmd_migrate)
+
+    stop = commands.add_parser("stop", help="tell the agent to stop a run at its next step (a stop_run control)")
+    stop.add_argument("run_id")
+    pause = commands.add_parser("pause", help="tell agents and deploy tooling to refuse new runs of a version")
+    resume = commands.add_parser("resume", help="lift a version's pause")
+    for command, action in ((stop, "stop_run"), (pause, "pause_version"), (resume, "resume_version")):
+        if command is not stop:
+            command.add_argument("agent")
+            command.add_argument("version")
+        command.add_argument("--reason", required=True, help="why: kept with the control (the audit trail)")
+        command.add_argument("--by", help="who asks (default: the OS user)")
+        command.set_defaults(handler=cmd_control, action=action)
 
     demo = commands.add_parser("demo", help="start the stack, play a simulated fleet, print what it found")
     demo.add_argument("--runs", type=int, default=600)

@@ -91,6 +91,13 @@ ROLLBACKS = pa.schema(
     ]
 )
 
+CONTROLS = pa.schema(
+    [
+        ("control_id", _TEXT), ("ts", _TS), ("action", _TEXT), ("agent_id", _TEXT), ("agent_version", _TEXT),
+        ("run_id", _TEXT), ("reason", _TEXT), ("issued_by", _TEXT), ("alert_id", _TEXT), ("evidence", _TEXT),
+    ]
+)
+
 DEPLOYMENTS = pa.schema(
     [
         ("agent_id", _TEXT), ("version", _TEXT), ("role", _TEXT), ("traffic_pct", pa.float64()), ("ts", _TS),
@@ -112,7 +119,7 @@ STAGE_PROGRESS = pa.schema([("stage", _TEXT), ("partition", pa.uint16()), ("wate
 BY_TABLE = {
     "events": EVENTS, "runs": RUNS, "agent_metrics": AGENT_METRICS, "dead_letters": DEAD_LETTERS, "alerts": ALERTS,
     "drift": DRIFT, "failure_clusters": FAILURE_CLUSTERS, "rollbacks": ROLLBACKS, "deployments": DEPLOYMENTS,
-    "canaries": CANARIES, "stage_progress": STAGE_PROGRESS,
+    "canaries": CANARIES, "stage_progress": STAGE_PROGRESS, "controls": CONTROLS,
 }
 
 

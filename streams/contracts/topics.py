@@ -54,6 +54,11 @@ ROLLBACKS = Topic(
     writers=("compute_metrics (the rollout controller)",),
     readers=("deploy tooling", "the sink (trackside-store): the rollbacks table"),
     key="agent_id")
+CONTROLS = Topic(
+    "trackside.controls", False, "controls (SPEC §9): stop a run, pause or resume a version",
+    writers=("trackside stop / pause / resume (people)",),
+    readers=("agents and deploy tooling", "the sink (trackside-store): the controls table"),
+    key="run_id (stop_run), agent_id/agent_version (pause_version, resume_version)")
 
 # One message per polled batch of one agent.events partition (or of the OTLP runs routed to
 # it), sent to the same partition number, so every event of a run reaches the same assembler.
@@ -80,7 +85,7 @@ METRIC_RESULTS = Topic(
     key="none: the partition of the input message")
 
 ALL = (
-    AGENT_EVENTS, AGENT_DEPLOYMENTS, OTLP_SPANS, DEAD_LETTERS, ALERTS, ROLLBACKS,
+    AGENT_EVENTS, AGENT_DEPLOYMENTS, OTLP_SPANS, DEAD_LETTERS, ALERTS, ROLLBACKS, CONTROLS,
     EVENT_BATCHES, RUN_RESULTS, METRIC_RESULTS,
 )
 

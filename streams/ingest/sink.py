@@ -21,6 +21,7 @@ from streams import telemetry
 from streams.ingest.decode import INGESTED_AT, SOURCE, decode_events, event_row
 from streams.ingest.pricing import PriceTable, price_rows
 from streams.contracts.events import InvalidEvent
+from streams.contracts.controls import parse_control
 from streams.ingest.otlp import GivenUp, InvalidOtlp, TraceMemory, otlp_to_events
 from streams.contracts.deployments import parse_deployment
 from streams.contracts.messages import (
@@ -207,6 +208,7 @@ class StoreSink:
             topics.RUN_RESULTS.name: self._land_runs,
             topics.METRIC_RESULTS.name: self._land_metrics,
             topics.ALERTS.name: self._land_alerts,
+            topics.CONTROLS.name: self._land_controls,
         }
 
     def run(self) -> None:
@@ -627,6 +629,14 @@ class StoreSink:
             row = {**alert, "evidence": orjson.dumps(alert["evidence"]).decode(), "action": alert.get("action", "")}
             tables.to_arrow([row], tables.ALERTS)  # others may write this topic: check each one
             return {"alerts": [row]}
+
+        self._land(messages, decode)
+
+    def _land_controls(self, messages: list[Message]) -> None:
+        # The table mirrors the topic (the audit trail); anything else on it is a dead letter.
+        def decode(value: bytes) -> dict[str, list[dict]]:
+            control = parse_control(value)
+            return {"controls": [{**control, "evidence": orjson.dumps(control.get("evidence", {})).decode()}]}
 
         self._land(messages, decode)
 

@@ -30,7 +30,8 @@ from streams.store.migrations import MIGRATIONS, load_migrations, pending_migrat
 log = logging.getLogger(__name__)
 
 # Tables whose rows are replaced by key: plain SELECTs see one row per key only with FINAL.
-DEDUPLICATED = ("events", "runs", "agent_metrics", "dead_letters", "alerts", "rollbacks", "drift", "failure_clusters")
+DEDUPLICATED = ("events", "runs", "agent_metrics", "dead_letters", "alerts", "rollbacks", "drift", "failure_clusters",
+                "controls")
 # Every query run for a person applies FINAL to the tables that support it, so redelivered
 # rows never show twice, whether or not the background merges have run yet; JSON output
 # writes 64-bit integers as numbers.
