@@ -56,7 +56,8 @@ ROLLBACKS = Topic(
     key="agent_id")
 CONTROLS = Topic(
     "trackside.controls", False, "controls (SPEC §9): stop a run, pause or resume a version",
-    writers=("trackside stop / pause / resume (people)",),
+    writers=("trackside stop / pause / resume (people)",
+             "the sink: a stop_run for a firing alert that asks for one, a pause_version for a rollback"),
     readers=("agents and deploy tooling", "the sink (trackside-store): the controls table"),
     key="run_id (stop_run), agent_id/agent_version (pause_version, resume_version)")
 

@@ -50,10 +50,12 @@ class Policy:
         )
         # Check every part now, so a bad file fails at start, not at the first canary.
         for agent, spec in policy.agents.items():
-            unknown = set(spec) - {"canary", "budget"}
+            unknown = set(spec) - {"canary", "budget", "pause_on_rollback"}
             if unknown:
                 raise PolicyError(f"{where} [agents.{agent}]: unknown keys {sorted(unknown)}")
             _budget(spec.get("budget", {}), f"{where} [agents.{agent}.budget]")
+            if not isinstance(spec.get("pause_on_rollback", True), bool):
+                raise PolicyError(f"{where} [agents.{agent}]: pause_on_rollback must be true or false")
             policy.canary(agent)
         policy.canary("")
         for tenant, spec in policy.tenants.items():
@@ -72,6 +74,11 @@ class Policy:
             return CanaryPolicy.from_mapping(merged)
         except (ValueError, TypeError) as error:
             raise PolicyError(f"canary policy of {agent_id or 'every agent'}: {error}") from None
+
+    def pause_on_rollback(self, agent_id: str) -> bool:
+        """Whether a rolled-back version of the agent is paused (a pause_version control): yes
+        unless the agent's entry says `pause_on_rollback = false`."""
+        return bool(self.agents.get(agent_id, {}).get("pause_on_rollback", True))
 
     def budget(self, agent_id: str, key: str) -> float:
         """A budget limit of an agent in USD (0: none); `key` is one of BUDGET_KEYS."""

@@ -21,7 +21,10 @@ from streams import telemetry
 from streams.ingest.decode import INGESTED_AT, SOURCE, decode_events, event_row
 from streams.ingest.pricing import PriceTable, price_rows
 from streams.contracts.events import InvalidEvent
-from streams.contracts.controls import parse_control
+from streams.contracts.alerts import FIRING
+from streams.contracts.controls import (MAX_REASON_CHARS, PAUSE_VERSION, STOP_RUN, TRACKSIDE, make_control,
+                                        parse_control, subject_of)
+from streams.detect.recent import RunMemory
 from streams.ingest.otlp import GivenUp, InvalidOtlp, TraceMemory, otlp_to_events
 from streams.contracts.deployments import parse_deployment
 from streams.contracts.messages import (
@@ -38,6 +41,9 @@ from streams.store.clickhouse import Store
 log = logging.getLogger(__name__)
 
 GROUP = "trackside-store"
+# How long the sink remembers an automatic control it sent, so that what asked for it, delivered
+# again (after the processors were killed, say), does not send it twice.
+ISSUED_KEPT_MS = 24 * 3_600_000
 # How often the pipeline watch looks at the stages' lag.
 WATCH_EVERY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 1 << 20
@@ -194,6 +200,8 @@ class StoreSink:
         self._consumer = Consumer({**consumer_config(settings, GROUP), "client.id": f"{STACK_CLIENT_ID}-sink"})
         self._producer = Producer({**producer_config(settings), "client.id": f"{STACK_CLIENT_ID}-sink"})
         self._handovers = Handovers(self._producer, settings.handover_retry_max_seconds)
+        self._policy = settings.policy()
+        self._issued: RunMemory[bool] = RunMemory(slack=60_000)  # control ids sent, for ISSUED_KEPT_MS
         # OTLP spans held for their run, and what traces said before
         self._traces = TraceMemory(held_spans=settings.otlp_hold_spans, hold_ms=settings.otlp_hold_seconds * 1000)
         self.watch = PipelineWatch(settings.pipeline_lag_alert_seconds)
@@ -623,14 +631,31 @@ class StoreSink:
         self._reject(dead)
 
     def _land_alerts(self, messages: list[Message]) -> None:
-        # The table mirrors the topic: every alert as sent, evidence as JSON text.
+        # The table mirrors the topic: every alert as sent, evidence as JSON text. A firing alert
+        # that asks to stop its run (a loop, a run over its budget) is also a stop_run control.
         def decode(value: bytes) -> dict[str, list[dict]]:
             alert = orjson.loads(value)
             row = {**alert, "evidence": orjson.dumps(alert["evidence"]).decode(), "action": alert.get("action", "")}
             tables.to_arrow([row], tables.ALERTS)  # others may write this topic: check each one
+            if alert["status"] == FIRING and alert.get("action") == STOP_RUN and alert.get("run_id"):
+                self._issue(make_control(
+                    action=STOP_RUN, run_id=alert["run_id"], agent_id=alert["agent_id"],
+                    agent_version=alert.get("agent_version", ""), reason=alert["summary"][:MAX_REASON_CHARS],
+                    issued_by=TRACKSIDE, ts=now_ms(), alert_id=alert["alert_id"],
+                    evidence={"alert_kind": alert["kind"], "alert_ts": alert["ts"]}, episode=alert["alert_id"]))
             return {"alerts": [row]}
 
         self._land(messages, decode)
+
+    def _issue(self, control: dict) -> None:
+        """An automatic control to `trackside.controls` (acknowledged before the offsets of what
+        asked for it move), once: the same control_id again (an alert or a rollback delivered
+        twice, e.g. after the processors were killed) is not sent again."""
+        if control["control_id"] in self._issued:
+            return
+        self._issued.put(control["control_id"], now_ms() + ISSUED_KEPT_MS)
+        self._issued.expire(now_ms())
+        self._handovers.produce(topics.CONTROLS.name, orjson.dumps(control), key=subject_of(control).encode())
 
     def _land_controls(self, messages: list[Message]) -> None:
         # The table mirrors the topic (the audit trail); anything else on it is a dead letter.
@@ -641,11 +666,18 @@ class StoreSink:
         self._land(messages, decode)
 
     def _land_rollbacks(self, messages: list[Message]) -> None:
-        # The table mirrors the topic, like alerts.
+        # The table mirrors the topic, like alerts. A rolled-back version is paused (a
+        # pause_version control), unless its agent's policy says otherwise.
         def decode(value: bytes) -> dict[str, list[dict]]:
             decision = orjson.loads(value)
             row = {**decision, "evidence": orjson.dumps(decision["evidence"]).decode()}
             tables.to_arrow([row], tables.ROLLBACKS)
+            if self._policy.pause_on_rollback(decision["agent_id"]):
+                self._issue(make_control(
+                    action=PAUSE_VERSION, agent_id=decision["agent_id"], agent_version=decision["from_version"],
+                    reason=f"rolled back to {decision['to_version']}: {decision['reason']}"[:MAX_REASON_CHARS],
+                    issued_by=TRACKSIDE, ts=now_ms(), alert_id=(decision.get("alert_ids") or [""])[0],
+                    evidence={"rollback_id": decision["rollback_id"]}, episode=decision["rollback_id"]))
             return {"rollbacks": [row]}
 
         self._land(messages, decode)

@@ -47,6 +47,15 @@ def test_loop_alert_goes_out_while_the_run_is_open_and_resolves_at_its_end(stack
     assert [row["alert_id"] for row in stored] == [alert["alert_id"] for alert in alerts]
     assert orjson.loads(stored[0]["evidence"]) == alerts[0]["evidence"]
 
+    # The firing alert asked to stop the run: one stop_run control, also when the same alert
+    # comes again (as the processors may send it after a kill -9)
+    producer.produce("trackside.alerts", value=orjson.dumps(firing), key=firing["fingerprint"].encode())
+    producer.flush(10)
+    stack.wait_until_processed()
+    stops = [c for c in stack.on_topic("trackside.controls") if c["run_id"] == "loop-run"]
+    assert [(c["action"], c["issued_by"], c["alert_id"]) for c in stops] == [("stop_run", "trackside", firing["alert_id"])]
+    assert stack.wait_for_count("SELECT count() FROM controls WHERE run_id = 'loop-run'", 1) == 1
+
 
 def test_a_malformed_message_on_the_alerts_topic_is_a_dead_letter(stack):
     producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})

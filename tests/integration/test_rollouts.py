@@ -93,6 +93,11 @@ def test_a_bad_canary_is_rolled_back_once_with_its_evidence(stack: RunningStack)
     assert {r["status"] for r in stored} == {"firing"} and "success_rate" in {r["kind"] for r in stored}
     (canary,) = stack.query("SELECT decision, stable_version, inferred FROM canaries WHERE agent_id = 'shop-bot'")
     assert canary == {"decision": "rollback", "stable_version": "v1", "inferred": False}
+    # the rolled-back version is paused: one pause_version control by trackside, on the topic and in the table
+    pauses = [c for c in stack.on_topic("trackside.controls") if c["action"] == "pause_version"]
+    assert [(c["agent_id"], c["agent_version"], c["issued_by"], c["evidence"]["rollback_id"]) for c in pauses] == [
+        ("shop-bot", "v2", "trackside", decision["rollback_id"])]
+    assert stack.wait_for_count("SELECT count() FROM controls WHERE action = 'pause_version'", 1) == 1
 
     # deploy tooling takes the canary away: its alerts resolve, once each
     stack.cli("publish", "--deployments", "-", input=orjson.dumps(
