@@ -24,7 +24,7 @@ from opentelemetry.trace import StatusCode
 from streams.errors import ConfigError
 from streams.contracts.events import args_hash, parse, validate
 
-from streams.ingest.otlp import InvalidOtlp, Mapped, decode_traces, otlp_to_events, spans_to_events
+from streams.ingest.otlp import InvalidOtlp, Mapped, TraceMemory, decode_traces, otlp_to_events, spans_to_events
 
 MS = 1_000_000
 # A fixed time an hour ago, whole milliseconds: inside the window `validate` accepts.
@@ -746,20 +746,28 @@ def test_a_root_chain_is_the_run_and_a_nested_one_is_skipped():
     assert result.events[0]["agent_id"] == "support-service" and result.skipped == {"operation:other": 1}
 
 
+USAGE = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 500,
+         "gen_ai.usage.output_tokens": 40}
+
+
+def one_call_twice(agent: Agent):
+    """A run whose one model call has two spans: a framework's (outer) over its client's (inner)."""
+    root = agent.span("invoke_agent", attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": "bot"})
+    outer = agent.span("chat gpt-4o", parent=root, start=1, attributes=USAGE)
+    inner = agent.span("chat gpt-4o", parent=outer, start=2, attributes=USAGE)
+    inner.end(end_time=T0 + 90 * MS)
+    outer.end(end_time=T0 + 95 * MS)
+    return root, outer, inner
+
+
 def test_a_model_call_instrumented_twice_counts_once():
     """pydantic-ai's `chat` span over openai-v2's `chat` span for the same request."""
     agent = Agent()
-    root = agent.span("invoke_agent", attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": "bot"})
-    usage = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 500,
-             "gen_ai.usage.output_tokens": 40}
-    outer = agent.span("chat gpt-4o", parent=root, start=1, attributes=usage)
-    inner = agent.span("chat gpt-4o", parent=outer, start=2, attributes=usage)
-    inner.end(end_time=T0 + 90 * MS)
-    outer.end(end_time=T0 + 95 * MS)
+    root, outer, inner = one_call_twice(agent)
     # a model call inside another with other usage is another call (an agent calling a model to judge)
-    other = agent.span("chat gpt-4o", parent=root, start=100, attributes=usage)
+    other = agent.span("chat gpt-4o", parent=root, start=100, attributes=USAGE)
     judge = agent.span("chat gpt-4o-mini", parent=other, start=101, attributes={
-        **usage, "gen_ai.request.model": "gpt-4o-mini", "gen_ai.usage.output_tokens": 3})
+        **USAGE, "gen_ai.request.model": "gpt-4o-mini", "gen_ai.usage.output_tokens": 3})
     judge.end(end_time=T0 + 150 * MS)
     other.end(end_time=T0 + 160 * MS)
     # a failed call: no usage in either layer
@@ -800,8 +808,6 @@ def one_span_per_message(agent: Agent) -> list[bytes]:
 
 
 def test_children_before_their_run_are_held_and_mapped_with_its_identity():
-    from streams.ingest.otlp import TraceMemory
-
     agent = Agent(resource={})  # no service.name: only the run span names the agent
     root = run_agent(agent)
     memory = TraceMemory()
@@ -824,8 +830,6 @@ def test_children_before_their_run_are_held_and_mapped_with_its_identity():
 
 
 def test_held_spans_are_given_up_past_the_bounds_with_their_own_source():
-    from streams.ingest.otlp import TraceMemory
-
     agent = Agent(resource={})
     tools = [agent.span("execute_tool t", start=n, attributes={"gen_ai.operation.name": "execute_tool",
                                                                "gen_ai.tool.name": "t"}) for n in range(3)]
@@ -847,17 +851,9 @@ def test_held_spans_are_given_up_past_the_bounds_with_their_own_source():
 
 
 def test_a_model_call_instrumented_twice_counts_once_across_messages():
-    from streams.ingest.otlp import TraceMemory
-
     agent = Agent()
-    root = agent.span("invoke_agent", attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": "bot"})
-    usage = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 500,
-             "gen_ai.usage.output_tokens": 40}
-    outer = agent.span("chat gpt-4o", parent=root, start=1, attributes=usage)
-    inner = agent.span("chat gpt-4o", parent=outer, start=2, attributes=usage)
-    inner.end(end_time=T0 + 90 * MS)
-    outer.end(end_time=T0 + 95 * MS)
-    again = agent.span("chat gpt-4o", parent=root, start=100, attributes=usage)  # the same usage, another call
+    root, outer, inner = one_call_twice(agent)
+    again = agent.span("chat gpt-4o", parent=root, start=100, attributes=USAGE)  # the same usage, another call
     again.end(end_time=T0 + 190 * MS)
     root.end(end_time=T0 + 200 * MS)
     memory = TraceMemory()
