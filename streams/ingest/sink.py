@@ -504,7 +504,7 @@ class StoreSink:
         self._land_events(rows, origins, assemblers, dead)
 
     def _given_up(self, spans: list[GivenUp], received_at: int) -> list[dict]:
-        """Dead letters of held spans given up: each with its own message's source, the span alone as payload."""
+        """Dead letters of held spans given up: one per message they came in, with its source."""
         letters = []
         for span in spans:
             topic, partition, offset = span.source.rsplit(":", 2)

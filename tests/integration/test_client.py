@@ -1,0 +1,56 @@
+"""An agent written with the client (streams/client.py) against the embedded stack: a looping run
+is stopped at its next step, a paginating one runs to its end, a paused version's new runs are
+refused until it is resumed."""
+
+import pytest
+
+from streams.client import RunStopped, Trackside, VersionPaused
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(stack):
+    agent = Trackside(f"127.0.0.1:{stack.port}", "client-bot", "v1")
+    yield agent
+    agent.close()
+
+
+def test_a_looping_run_is_stopped_at_its_next_step_and_a_paginating_one_runs_to_its_end(stack, client):
+    with client.run(task_id="paging") as paging:
+        for page in (1, 2, 3):
+            paging.check()
+            paging.llm_call(model="gpt-4o-mini", provider="openai", input_tokens=300 + 50 * page, output_tokens=12)
+            paging.tool_call("list_orders", args={"page": page})
+    with pytest.raises(RunStopped) as stopped:
+        with client.run(task_id="looping") as looping:
+            for _ in range(3):  # the same call three times: a loop
+                looping.check()
+                looping.llm_call(model="gpt-4o-mini", provider="openai", input_tokens=300, output_tokens=12)
+                looping.tool_call("search", args={"q": "where is my order"})
+            # the agent's next step comes once the control is there (no fixed wait)
+            wait_until(lambda: client.stopped(looping.run_id), 30, "the stop_run control at the client")
+            looping.check()
+    assert "looping" in stopped.value.reason
+    # the stopped run ended `aborted`; the paginating one `success`, never stopped
+    sql = "SELECT outcome FROM runs WHERE run_id = {run:String}"
+    wait_until(lambda: stack.query(sql, {"run": looping.run_id}), 60, "the stopped run to land",
+               done=lambda rows: rows == [{"outcome": "aborted"}])
+    assert stack.query(sql, {"run": paging.run_id}) == [{"outcome": "success"}]
+    assert client.stopped(paging.run_id) is None and client.dropped == 0
+
+
+def test_a_paused_version_refuses_new_runs_until_it_is_resumed(stack, client):
+    assert stack.cli("pause", "client-bot", "v1", "--reason", "bad canary").returncode == 0
+
+    def refused() -> str | None:
+        try:
+            client.start_run().end()
+        except VersionPaused as paused:
+            return paused.reason
+        return None
+
+    assert wait_until(refused, 30, "the pause at the client") == "bad canary"
+    assert stack.cli("resume", "client-bot", "v1", "--reason", "fixed").returncode == 0
+    wait_until(lambda: refused() is None, 30, "the resume at the client", done=lambda ok: ok)
