@@ -54,3 +54,16 @@ def test_a_paused_version_refuses_new_runs_until_it_is_resumed(stack, client):
     assert wait_until(refused, 30, "the pause at the client") == "bad canary"
     assert stack.cli("resume", "client-bot", "v1", "--reason", "fixed").returncode == 0
     wait_until(lambda: refused() is None, 30, "the resume at the client", done=lambda ok: ok)
+
+
+def test_the_example_agent_is_stopped_when_it_loops_and_finishes_its_other_tickets(stack):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.example_agent", "--bootstrap", f"127.0.0.1:{stack.port}", "--agent", "example-bot",
+         "--tickets", "3", "--loop-every", "3", "--step-ms", "200"],
+        capture_output=True, text=True, timeout=120, check=True)
+    lines = done.stdout.splitlines()
+    assert [line.split()[4] for line in lines] == ["success", "success", "stopped:"], done.stdout
+    assert "is looping" in lines[2]
