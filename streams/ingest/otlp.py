@@ -932,7 +932,8 @@ class TraceMemory:
     def __init__(self, traces: int = 100_000, held_spans: int = 10_000, hold_ms: int = 300_000) -> None:
         self.max_traces, self.max_held, self.hold_ms = traces, held_spans, hold_ms
         self._identities: OrderedDict[str, tuple[str, ...]] = OrderedDict()  # trace -> its run's identity
-        self._calls: dict[str, dict[str, tuple]] = {}  # trace -> span id -> (parent span id, call)
+        # trace -> (span id -> its call, parent span id -> its children's calls)
+        self._calls: dict[str, tuple[dict[str, tuple], dict[str, set[tuple]]]] = {}
         self._held: OrderedDict[str, tuple[_Span, str, int]] = OrderedDict()  # span key -> (span, source, since)
 
     def identity(self, trace_id: str) -> tuple[str, ...] | None:
@@ -948,20 +949,19 @@ class TraceMemory:
     def same_call_mapped(self, span: _Span) -> bool:
         """Whether the model call of `span` was mapped already from the other layer's span (its
         parent's, or a child's) in an earlier message; remembers it otherwise."""
-        calls = self._calls.get(span.trace_id)
         call = _call_of(span)
-        if calls is not None and call is not None:
-            parent = calls.get(span.parent_id)
-            if parent is not None and parent[1] == call:
-                return True
-            if any(parent_id == span.span_id and known == call for parent_id, known in calls.values()):
-                return True
-        if call is not None:
-            if calls is None:
-                calls = self._calls[span.trace_id] = {}
-                if span.trace_id not in self._identities:  # a trace first seen by its calls: bounded alike
-                    self.learn(span.trace_id, _NO_IDENTITY)
-            calls[span.span_id] = (span.parent_id, call)
+        if call is None:
+            return False
+        known = self._calls.get(span.trace_id)
+        if known is None:
+            known = self._calls[span.trace_id] = ({}, {})
+            if span.trace_id not in self._identities:  # a trace first seen by its calls: bounded alike
+                self.learn(span.trace_id, _NO_IDENTITY)
+        by_span, by_parent = known
+        if by_span.get(span.parent_id) == call or call in by_parent.get(span.span_id, ()):
+            return True
+        by_span[span.span_id] = call
+        by_parent.setdefault(span.parent_id, set()).add(call)
         return False
 
     def hold(self, span: _Span, source: str, now_ms: int) -> None:
