@@ -44,6 +44,10 @@ GROUP = "trackside-store"
 # How long the sink remembers an automatic control it sent, so that what asked for it, delivered
 # again (after the processors were killed, say), does not send it twice.
 ISSUED_KEPT_MS = 24 * 3_600_000
+# The automatic controls of the last ISSUED_KEPT_MS, read back at start (`_recall_issued`): at
+# most one a loop or run-budget alert and one a rollback of that day.
+_ISSUED_SQL = ("SELECT control_id, toUnixTimestamp64Milli(ts) AS ts FROM controls "
+               "WHERE issued_by = {issued_by:String} AND ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')")
 # How often the pipeline watch looks at the stages' lag.
 WATCH_EVERY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 1 << 20
@@ -220,6 +224,7 @@ class StoreSink:
         }
 
     def run(self) -> None:
+        self._recall_issued()  # before anything that asks for a control is read
         self._consumer.subscribe(list(self._handlers), on_assign=lambda *_: self.assigned.set())
         try:
             self._consume()
@@ -656,6 +661,32 @@ class StoreSink:
         self._issued.put(control["control_id"], now_ms() + ISSUED_KEPT_MS)
         self._issued.expire(now_ms())
         self._handovers.produce(topics.CONTROLS.name, orjson.dumps(control), key=subject_of(control).encode())
+
+    def _recall_issued(self) -> None:
+        """Remember the automatic controls sent in the last ISSUED_KEPT_MS, from `controls`: a
+        restart of `up` (or a recycle of its broker) starts a new sink, and what asked for them
+        may come again (a real Kafka redelivers what was not committed).
+
+        Covered: every control that reached the table, the sink's own mirror of the topic. Not
+        covered: one produced but not landed yet when `up` died. It lands when the sink reads
+        it back from `trackside.controls`, a poll after it sent it; the offsets of what asked
+        for it are committed right after the broker acknowledged it. A death between that
+        acknowledgement and that commit (milliseconds) gets the asking message delivered again,
+        and the control is sent a second time: same control_id, so still one row in `controls`,
+        but two messages on the topic. A second stop_run is harmless to an agent; a second
+        pause_version undoes a resume only if a person resumed the version in between. With the
+        embedded broker the topics die with `up`, so nothing is redelivered from them; what the
+        processors send again is what the store did not hold (streams/processors/recovery.py),
+        and its control may then go out again too. Closing this would need the controls topic
+        read up to its end before the alerts are: not done."""
+        since = now_ms() - ISSUED_KEPT_MS
+        rows = self.store.query_json(_ISSUED_SQL, {"issued_by": TRACKSIDE, "since": since}, person=False)
+        for row in rows:
+            self._issued.put(row["control_id"], int(row["ts"]) + ISSUED_KEPT_MS)
+        self._issued.expire(now_ms())
+        if rows:
+            log.info("the sink remembers %d automatic controls sent since %s", len(rows),
+                     time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since / 1000)))
 
     def _land_controls(self, messages: list[Message]) -> None:
         # The table mirrors the topic (the audit trail); anything else on it is a dead letter.

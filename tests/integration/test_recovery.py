@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -11,6 +12,7 @@ import pytest
 from confluent_kafka import Producer
 
 from jobs.simulate import DEFAULT_START_MS, CanarySpec, FleetConfig, genai_prices_fn, simulate, truth
+from streams.contracts.controls import STOP_RUN, subject_of
 from streams.contracts.topics import EVENT_BATCHES
 from streams.processors.app import APP_ID
 from tests.conftest import RunningStack, committed_offsets
@@ -61,6 +63,13 @@ def _ids_on_topic(stack: RunningStack, topic: str = "trackside.alerts", key: str
     return [message[key] for message in stack.on_topic(topic)]
 
 
+def _episode(control: dict) -> tuple[str, str, str]:
+    """What an automatic control is about, once (SPEC §9): (action, subject, episode), the episode
+    being the alert that asked for a stop_run or the rollback of a pause_version."""
+    episode = control["alert_id"] if control["action"] == STOP_RUN else control["evidence"]["rollback_id"]
+    return control["action"], subject_of(control), episode
+
+
 def _split_mid_run(events: list[dict]) -> int:
     """An index in the middle of the stream where several runs are open."""
     return len(events) // 2
@@ -96,6 +105,68 @@ def test_kill_9_of_the_faust_worker_mid_stream_loses_and_doubles_nothing(tmp_pat
         assert len(rollbacks) == len(set(rollbacks)), "a rollback went out twice"
         # roles are inferred here (no deployment events): other newer versions may be judged too
         assert "v1.6.0-rc1" in {row["from_version"] for row in stack.query("SELECT from_version FROM rollbacks")}
+        # Every control asked for is on the topic once and in `controls` once: a stop_run per
+        # firing alert that asks for one, a pause_version per rollback decision.
+        asked = Counter(
+            [(STOP_RUN, alert["run_id"], alert["alert_id"]) for alert in stack.on_topic("trackside.alerts")
+             if alert["status"] == "firing" and alert.get("action") == STOP_RUN and alert.get("run_id")]
+            + [("pause_version", f"{decision['agent_id']}/{decision['from_version']}", decision["rollback_id"])
+               for decision in stack.on_topic("trackside.rollbacks")])
+        assert any(action == STOP_RUN for action, _, _ in asked), "the fleet loops: some alerts ask to stop runs"
+        controls = stack.on_topic("trackside.controls")
+        assert Counter(_episode(control) for control in controls) == asked
+        ids = _ids_on_topic(stack, "trackside.controls", "control_id")
+        assert len(ids) == len(set(ids)) == sum(asked.values()), "a control went out twice"
+        assert stack.wait_for_count("SELECT count() FROM controls", len(ids)) == len(ids)  # FINAL: one row an id
+        stored = stack.query("SELECT control_id, action, run_id, agent_id, agent_version, alert_id, evidence, "
+                             "issued_by FROM controls")
+        assert Counter(_episode({**row, "evidence": orjson.loads(row["evidence"])}) for row in stored) == asked
+        assert {row["control_id"] for row in stored} == set(ids)
+        assert {row["issued_by"] for row in stored} == {"trackside"}
+    finally:
+        assert stack.stop() == 0
+
+
+def test_a_control_sent_before_a_restart_of_up_is_not_sent_again(tmp_path):
+    # The sink remembers the controls it sent; that memory is in `up`, so after a restart it
+    # is read back from `controls` (the embedded broker forgets its topics, the store does not).
+    # What asked for them comes again (a real Kafka redelivers what was not committed): nothing.
+    t0 = 1_793_500_000_000
+    stack = RunningStack(tmp_path / "stack")
+    stack.start()
+    try:
+        lookup = {"type": "tool_call", "tool": "lookup_order", "args": {"order": 42}}
+        _publish(stack, [{"event_id": f"loop-{n}", "ts": t0 + n * 1000, "run_id": "loop-run", "agent_id": "looper",
+                          "agent_version": "v2", **({"type": "run_start"} if n == 0 else lookup)} for n in range(4)])
+        (alert,) = wait_until(lambda: stack.on_topic("trackside.alerts"), 60, "the loop alert", done=bool)
+        assert (alert["status"], alert["action"]) == ("firing", STOP_RUN)
+        decision = {"rollback_id": "rollback-looper-v2", "ts": t0 + 5000, "agent_id": "looper", "from_version": "v2",
+                    "to_version": "v1", "reason": "loops", "alert_ids": [alert["alert_id"]], "evidence": {}}
+        producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
+        producer.produce("trackside.rollbacks", value=orjson.dumps(decision), key=b"looper")
+        assert producer.flush(10) == 0
+        assert stack.wait_for_count("SELECT count() FROM controls", 2) == 2
+        before = {row["control_id"]: row["action"] for row in stack.query("SELECT control_id, action FROM controls")}
+        assert sorted(before.values()) == ["pause_version", "stop_run"]
+    finally:
+        assert stack.stop() == 0
+    stack.start()
+    try:
+        assert stack.on_topic("trackside.controls") == []  # the fresh broker holds none
+        # the same alert and decision again, and a new alert: only the new one is a control
+        other = {**alert, "alert_id": "another-alert", "run_id": "another-run"}
+        producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
+        for value in (alert, other):
+            producer.produce("trackside.alerts", value=orjson.dumps(value), key=value["fingerprint"].encode())
+        producer.produce("trackside.rollbacks", value=orjson.dumps(decision), key=b"looper")
+        assert producer.flush(10) == 0
+        stack.wait_until_processed()  # the sink sends a control before it commits what asked for it
+        sent = stack.on_topic("trackside.controls")
+        assert [(control["action"], control["run_id"], control["alert_id"]) for control in sent] == [
+            (STOP_RUN, "another-run", "another-alert")], "a control sent before the restart went out again"
+        assert stack.wait_for_count("SELECT count() FROM controls", 3) == 3
+        after = {row["control_id"] for row in stack.query("SELECT control_id FROM controls")}
+        assert after == set(before) | {sent[0]["control_id"]}
     finally:
         assert stack.stop() == 0
 
