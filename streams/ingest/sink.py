@@ -22,7 +22,7 @@ from streams.ingest.decode import INGESTED_AT, SOURCE, decode_events, event_row
 from streams.ingest.pricing import PriceTable, price_rows
 from streams.contracts.events import InvalidEvent
 from streams.contracts.alerts import FIRING
-from streams.contracts.controls import (MAX_REASON_CHARS, PAUSE_VERSION, STOP_RUN, TRACKSIDE, make_control,
+from streams.contracts.controls import (MAX_REASON_CHARS, PAUSE_VERSION, RESUME_VERSION, STOP_RUN, TRACKSIDE, make_control,
                                         parse_control, subject_of)
 from streams.detect.recent import RunMemory
 from streams.ingest.otlp import GivenUp, InvalidOtlp, TraceMemory, otlp_to_events
@@ -48,6 +48,12 @@ ISSUED_KEPT_MS = 24 * 3_600_000
 # most one a loop or run-budget alert and one a rollback of that day.
 _ISSUED_SQL = ("SELECT control_id, toUnixTimestamp64Milli(ts) AS ts FROM controls "
                "WHERE issued_by = {issued_by:String} AND ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')")
+# The newest version control of each agent version that has one: a pause still in force is sent
+# again after the embedded broker forgot its topics (`_restore_pauses`).
+_VERSION_STATES_SQL = (
+    "SELECT control_id, toUnixTimestamp64Milli(ts) AS ts, action, agent_id, agent_version, run_id, reason, "
+    "issued_by, alert_id, evidence FROM controls FINAL WHERE action IN {actions:Array(String)} "
+    "ORDER BY ts DESC, control_id LIMIT 1 BY agent_id, agent_version")
 # How often the pipeline watch looks at the stages' lag.
 WATCH_EVERY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 1 << 20
@@ -225,6 +231,8 @@ class StoreSink:
 
     def run(self) -> None:
         self._recall_issued()  # before anything that asks for a control is read
+        if self.settings.embedded:
+            self._restore_pauses()
         self._consumer.subscribe(list(self._handlers), on_assign=lambda *_: self.assigned.set())
         try:
             self._consume()
@@ -687,6 +695,23 @@ class StoreSink:
         if rows:
             log.info("the sink remembers %d automatic controls sent since %s", len(rows),
                      time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since / 1000)))
+
+    def _restore_pauses(self) -> None:
+        """Send again, as they were, the pauses still in force: the embedded broker keeps topics in
+        memory only, so after a restart of `up` or a recycle of the broker `trackside.controls` is
+        empty, and an agent client, which learns the pauses in force from the topic, would let a
+        paused version run. Same control_id: still one row in `controls`. A real Kafka keeps
+        the topic (compacted by agent_id/agent_version), so this is for the embedded one only."""
+        rows = self.store.query_json(_VERSION_STATES_SQL, {"actions": [PAUSE_VERSION, RESUME_VERSION]}, person=False)
+        paused = [{**row, "ts": int(row["ts"]), "evidence": orjson.loads(row["evidence"] or "{}")}
+                  for row in rows if row["action"] == PAUSE_VERSION]
+        for control in paused:
+            self._handovers.produce(topics.CONTROLS.name, orjson.dumps(control), key=subject_of(control).encode())
+        if paused and not self._handovers.settle(self.stop):
+            return
+        if paused:
+            log.info("the sink sent again %d pause(s) still in force: %s", len(paused),
+                     ", ".join(subject_of(control) for control in paused))
 
     def _land_controls(self, messages: list[Message]) -> None:
         # The table mirrors the topic (the audit trail); anything else on it is a dead letter.

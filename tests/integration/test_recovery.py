@@ -13,6 +13,7 @@ from confluent_kafka import Producer
 
 from jobs.simulate import DEFAULT_START_MS, CanarySpec, FleetConfig, genai_prices_fn, simulate, truth
 from streams.contracts.controls import STOP_RUN, subject_of
+from streams.client import Trackside, VersionPaused
 from streams.contracts.topics import EVENT_BATCHES
 from streams.processors.app import APP_ID
 from tests.conftest import RunningStack, committed_offsets
@@ -127,10 +128,11 @@ def test_kill_9_of_the_faust_worker_mid_stream_loses_and_doubles_nothing(tmp_pat
         assert stack.stop() == 0
 
 
-def test_a_control_sent_before_a_restart_of_up_is_not_sent_again(tmp_path):
+def test_a_control_sent_before_a_restart_of_up_is_not_sent_again_and_pauses_stay_in_force(tmp_path):
     # The sink remembers the controls it sent; that memory is in `up`, so after a restart it
     # is read back from `controls` (the embedded broker forgets its topics, the store does not).
     # What asked for them comes again (a real Kafka redelivers what was not committed): nothing.
+    # The pauses in force are put back on the fresh broker's topic, where agent clients learn them.
     t0 = 1_793_500_000_000
     stack = RunningStack(tmp_path / "stack")
     stack.start()
@@ -145,14 +147,25 @@ def test_a_control_sent_before_a_restart_of_up_is_not_sent_again(tmp_path):
         producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
         producer.produce("trackside.rollbacks", value=orjson.dumps(decision), key=b"looper")
         assert producer.flush(10) == 0
-        assert stack.wait_for_count("SELECT count() FROM controls", 2) == 2
+        # a version paused and resumed by hand is not in force
+        for command in ("pause", "resume"):
+            assert stack.cli(command, "looper", "v0", "--reason", "by hand").returncode == 0
+        assert stack.wait_for_count("SELECT count() FROM controls", 4) == 4
         before = {row["control_id"]: row["action"] for row in stack.query("SELECT control_id, action FROM controls")}
-        assert sorted(before.values()) == ["pause_version", "stop_run"]
+        assert sorted(before.values()) == ["pause_version", "pause_version", "resume_version", "stop_run"]
+        (pause,) = [c for c in stack.on_topic("trackside.controls") if c["action"] == "pause_version" and c["agent_version"] == "v2"]
     finally:
         assert stack.stop() == 0
     stack.start()
     try:
-        assert stack.on_topic("trackside.controls") == []  # the fresh broker holds none
+        # the fresh broker holds the pause in force, as it was sent, and nothing else
+        assert stack.on_topic("trackside.controls") == [pause]
+        client = Trackside(f"127.0.0.1:{stack.port}", "looper", "v2")
+        try:
+            with pytest.raises(VersionPaused, match="rolled back to v1"):
+                client.start_run(wait_s=30)
+        finally:
+            client.close()
         # the same alert and decision again, and a new alert: only the new one is a control
         other = {**alert, "alert_id": "another-alert", "run_id": "another-run"}
         producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
@@ -161,10 +174,10 @@ def test_a_control_sent_before_a_restart_of_up_is_not_sent_again(tmp_path):
         producer.produce("trackside.rollbacks", value=orjson.dumps(decision), key=b"looper")
         assert producer.flush(10) == 0
         stack.wait_until_processed()  # the sink sends a control before it commits what asked for it
-        sent = stack.on_topic("trackside.controls")
+        sent = [control for control in stack.on_topic("trackside.controls") if control != pause]
         assert [(control["action"], control["run_id"], control["alert_id"]) for control in sent] == [
             (STOP_RUN, "another-run", "another-alert")], "a control sent before the restart went out again"
-        assert stack.wait_for_count("SELECT count() FROM controls", 3) == 3
+        assert stack.wait_for_count("SELECT count() FROM controls", 5) == 5
         after = {row["control_id"] for row in stack.query("SELECT control_id FROM controls")}
         assert after == set(before) | {sent[0]["control_id"]}
     finally:
