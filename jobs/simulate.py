@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
 import json
 import math
@@ -11,6 +12,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Callable, Iterable, Iterator
 
 import orjson
@@ -52,6 +54,29 @@ class VersionSpec:
     success_rate: float | None = None  # None: the agent's
     model: str | None = None  # None: the agent's
     cost_multiplier: float = 1.0  # scales tokens, so cost stays the true price of what is sent
+    guardrail_multiplier: float = 1.0  # scales the per-run chance of each guardrail policy firing
+
+
+@dataclass(frozen=True)
+class GuardrailPolicy:
+    """A guardrail of an agent (a `policy_hit` when it fires): its chance per run, before the
+    version's guardrail_multiplier, and what it decides when it fires. `tool`: it checks that
+    tool's calls (a run without one cannot trip it); None: it checks the model's output."""
+
+    name: str
+    rate: float
+    decisions: tuple[tuple[str, float], ...]  # (blocked | warned | redacted | allowed, weight)
+    tool: str | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalGate:
+    """A human gate: `share` of the calls of `tool` wait for an approval of `action`, which is
+    granted before the call (the call follows the decision)."""
+
+    tool: str
+    action: str
+    share: float
 
 
 @dataclass(frozen=True)
@@ -65,6 +90,10 @@ class FailureFamily:
     outcome: str = "failure"
     status: str = "error"  # for tool families: "error" or "timeout"
     weight: float = 1.0
+    # governance of its runs: this policy blocks the failing call, then an approval of this
+    # action is asked and denied or expires (how a run comes to be escalated)
+    blocked_by: str | None = None
+    approval: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +111,9 @@ class AgentSpec:
     task_prefix: str | None = None
     sessions: bool = False
     channels: tuple[str, ...] = ("api",)
+    policies: tuple[GuardrailPolicy, ...] = ()
+    approval_gates: tuple[ApprovalGate, ...] = ()
+    approvers: tuple[str, ...] = ("oncall",)  # who decides its approvals
 
     @property
     def tools(self) -> tuple[str, ...]:
@@ -99,6 +131,7 @@ class CanarySpec:
     success_rate: float | None = None  # None: the agent's
     cost_multiplier: float = 1.0
     model: str | None = None
+    guardrail_multiplier: float = 1.0
 
 
 def default_agents() -> tuple[AgentSpec, ...]:
@@ -116,7 +149,7 @@ def default_agents() -> tuple[AgentSpec, ...]:
                           "order #{order_id} not found", weight=0.4),
             FailureFamily("refund_over_limit", "refund", "policy_violation",
                           "refund of ${amount} for order #{order_id} exceeds auto-approval limit",
-                          outcome="escalated", weight=0.35),
+                          outcome="escalated", weight=0.35, blocked_by="refund_limit", approval="refund over $200"),
             FailureFamily("email_timeout", "send_email", "timeout",
                           "SMTP relay mx{k}.mail.example.com timed out after 3000 ms (message {n})",
                           status="timeout", weight=0.15),
@@ -127,6 +160,13 @@ def default_agents() -> tuple[AgentSpec, ...]:
         answer_tokens=180,
         sessions=True,
         channels=("web", "email", "slack"),
+        policies=(
+            GuardrailPolicy("pii_output", 0.045, (("redacted", 0.85), ("warned", 0.15))),
+            GuardrailPolicy("toxicity", 0.008, (("warned", 0.6), ("blocked", 0.4))),
+            GuardrailPolicy("refund_limit", 0.04, (("warned", 0.6), ("allowed", 0.4)), tool="refund"),
+        ),
+        approval_gates=(ApprovalGate("refund", "refund over $200", 0.2),),
+        approvers=("maria.lopez", "sam.okafor", "support-leads"),
     )
     research = AgentSpec(
         agent_id="research-agent",
@@ -148,6 +188,11 @@ def default_agents() -> tuple[AgentSpec, ...]:
         answer_tokens=600,
         task_prefix="RQ",
         channels=("api", "schedule"),
+        policies=(
+            GuardrailPolicy("prompt_injection", 0.02, (("blocked", 0.4), ("warned", 0.6)), tool="fetch_url"),
+            GuardrailPolicy("copyright", 0.02, (("redacted", 0.6), ("warned", 0.4))),
+            GuardrailPolicy("pii_output", 0.01, (("redacted", 0.9), ("warned", 0.1))),
+        ),
     )
     coder = AgentSpec(
         agent_id="coder",
@@ -177,11 +222,20 @@ def default_agents() -> tuple[AgentSpec, ...]:
         task_prefix="PR-",
         sessions=True,
         channels=("ci", "ide"),
+        policies=(
+            GuardrailPolicy("secrets", 0.035, (("redacted", 0.9), ("warned", 0.1)), tool="read_file"),
+            GuardrailPolicy("protected_path", 0.02, (("warned", 0.7), ("allowed", 0.3)), tool="edit_file"),
+            GuardrailPolicy("unsafe_code", 0.008, (("warned", 0.75), ("blocked", 0.25))),
+        ),
+        approval_gates=(ApprovalGate("edit_file", "change to a protected path", 0.04),),
+        approvers=("dana.kim", "li.wei", "codeowners"),
     )
     return (support, research, coder)
 
 
-DEFAULT_CANARY = CanarySpec("support-bot", "v1.6.0-rc1", share=0.3, success_rate=0.6, cost_multiplier=1.5)
+# the demo's canary: worse, dearer, and its new prompt trips the guardrails four times as often
+DEFAULT_CANARY = CanarySpec("support-bot", "v1.6.0-rc1", share=0.3, success_rate=0.6, cost_multiplier=1.5,
+                            guardrail_multiplier=4.0)
 
 DEFAULT_TENANTS = (("acme", 0.45), ("globex", 0.3), ("initech", 0.15), ("umbrella", 0.1))
 
@@ -205,6 +259,13 @@ class FleetConfig:
     llm_error_rate: float = 0.02  # transient rate limits, retried
     staging_fraction: float = 0.05
     tenants: tuple[tuple[str, float], ...] = DEFAULT_TENANTS
+    # approval, policy_hit and feedback events (SPEC §4), from a random stream of their own: on
+    # or off, the other events of a seed are the same
+    governance: bool = True
+    feedback_fraction: float = 0.25  # runs with a run_end that get a feedback event
+    # feedback comes up to this long after run_end (0: at its event time). Later feedback
+    # stretches the run's ended_at in the assembler (streams/detect/runs.py), so 0 by default
+    feedback_delay_ms: int = 0
 
 
 # --- tools ---------------------------------------------------------------------------------
@@ -306,6 +367,14 @@ TOOLS: dict[str, ToolProfile] = {
                                "code index shard {k} unavailable (request {n})"),
 }
 
+POLICY_DECISIONS = ("blocked", "warned", "redacted", "allowed")
+APPROVAL_STATUSES = ("requested", "granted", "denied", "expired")
+# request to decision of an approval, lognormal: a median of 2.5 s, a long tail. The run's
+# other events keep their times, so a wait is cut to the time the run gives it: from the run's
+# start to the gated call (the agent asks, then carries on), or from a blocked call to the next
+APPROVAL_WAIT_MEDIAN_MS, APPROVAL_WAIT_SIGMA = 2_500, 0.9
+_NORMAL = NormalDist()
+
 _LLM_RATE_LIMIT = ("rate_limit", "rate limit exceeded for {model}: {n} input tokens per minute, retry after {k}s")
 _LOOP_FAMILY = "tool_loop"
 
@@ -329,6 +398,7 @@ class _RunPlan:
     family: FailureFamily | None
     ctx: dict  # run-level fields every event carries
     seed: int
+    guardrail_multiplier: float = 1.0
 
 
 def _uuid(bits: Callable[[int], int]) -> str:
@@ -350,11 +420,13 @@ def _validate(cfg: FleetConfig) -> None:
     if cfg.runs < 0 or cfg.duration_ms <= 0:
         raise ValueError("runs must be >= 0 and duration_ms > 0")
     for name in ("timeout_fraction", "loop_fraction", "cost_fraction", "burst_fraction",
-                 "tool_error_rate", "llm_error_rate", "staging_fraction"):
+                 "tool_error_rate", "llm_error_rate", "staging_fraction", "feedback_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1]")
     if cfg.timeout_fraction + cfg.loop_fraction > 1.0:
         raise ValueError("timeout_fraction + loop_fraction must be <= 1")
+    if cfg.feedback_delay_ms < 0:
+        raise ValueError("feedback_delay_ms must be >= 0")
     if not cfg.agents:
         raise ValueError("at least one agent is needed")
     for a in cfg.agents:
@@ -366,8 +438,28 @@ def _validate(cfg: FleetConfig) -> None:
         for f in a.failures:
             if f.at not in (None, "llm") and f.at not in a.tools:
                 raise ValueError(f"{a.agent_id}: failure {f.name} at {f.at}, which is not on its path")
+            if (f.blocked_by or f.approval) and f.at in (None, "llm"):
+                raise ValueError(f"{a.agent_id}: failure {f.name} is governed, so it needs a tool call to fail")
+        for policy in a.policies:
+            if policy.tool is not None and policy.tool not in a.tools:
+                raise ValueError(f"{a.agent_id}: policy {policy.name} checks {policy.tool}, which is not on its path")
+            if not 0.0 <= policy.rate <= 1.0 or not policy.decisions:
+                raise ValueError(f"{a.agent_id}: policy {policy.name} needs a rate in [0, 1] and decisions")
+            wrong = [d for d, _ in policy.decisions if d not in POLICY_DECISIONS]
+            if wrong:
+                raise ValueError(f"{a.agent_id}: policy {policy.name} decides {wrong}, not one of {POLICY_DECISIONS}")
+        for gate in a.approval_gates:
+            if gate.tool not in a.tools or not 0.0 <= gate.share <= 1.0:
+                raise ValueError(f"{a.agent_id}: approval gate on {gate.tool} needs a tool of its path "
+                                 "and a share in [0, 1]")
+        if not a.approvers:
+            raise ValueError(f"{a.agent_id}: needs at least one approver")
+        if any(v.guardrail_multiplier < 0 for v in a.versions):
+            raise ValueError(f"{a.agent_id}: guardrail_multiplier must be >= 0")
     if cfg.canary and cfg.canary.agent_id not in {a.agent_id for a in cfg.agents}:
         raise ValueError(f"canary agent {cfg.canary.agent_id} is not in the fleet")
+    if cfg.canary and cfg.canary.guardrail_multiplier < 0:
+        raise ValueError("canary guardrail_multiplier must be >= 0")
 
 
 def _plan(cfg: FleetConfig) -> list[_RunPlan]:
@@ -405,11 +497,11 @@ def _plan(cfg: FleetConfig) -> list[_RunPlan]:
         vspec = agent.versions[_pick(u_version, [v.share for v in agent.versions])]
         version, model = vspec.version, vspec.model or agent.model
         success_rate = agent.success_rate if vspec.success_rate is None else vspec.success_rate
-        mult, is_canary = vspec.cost_multiplier, False
+        mult, guardrails, is_canary = vspec.cost_multiplier, vspec.guardrail_multiplier, False
         if canary and canary.agent_id == agent.agent_id and t >= canary_start and u_canary < canary.share:
             version, model, is_canary = canary.version, canary.model or agent.model, True
             success_rate = agent.success_rate if canary.success_rate is None else canary.success_rate
-            mult = canary.cost_multiplier
+            mult, guardrails = canary.cost_multiplier, canary.guardrail_multiplier
 
         family = None
         if timeout:
@@ -431,7 +523,7 @@ def _plan(cfg: FleetConfig) -> list[_RunPlan]:
         ctx["tenant"] = tenant_names[_pick(u_tenant, tenant_weights)]
         ctx["environment"] = "staging" if u_env < cfg.staging_fraction else "prod"
         plans.append(_RunPlan(i, run_id, t, agent, version, model, mult, is_canary, timeout, loop, outcome,
-                              family, ctx, seed))
+                              family, ctx, seed, guardrails))
     return plans
 
 
@@ -456,6 +548,12 @@ def run_labels(config: FleetConfig) -> dict[str, dict]:
 
 
 def _run_events(p: _RunPlan, cfg: FleetConfig) -> list[dict]:
+    events = _core_events(p, cfg)
+    return _with_governance(p, cfg, events) if cfg.governance else events
+
+
+def _core_events(p: _RunPlan, cfg: FleetConfig) -> list[dict]:
+    """run_start, llm_call, tool_call and run_end: the run itself."""
     rng = random.Random(p.seed)
     rand, randint, lognorm, bits = rng.random, rng.randint, rng.lognormvariate, rng.getrandbits
     agent, fam, model, mult, ctx = p.agent, p.family, p.model, p.cost_multiplier, p.ctx
@@ -645,6 +743,116 @@ def _run_events(p: _RunPlan, cfg: FleetConfig) -> list[dict]:
     return events
 
 
+def _approval_wait_ms(u: float) -> int:
+    z = _NORMAL.inv_cdf(min(max(u, 1e-12), 1 - 1e-12))
+    return int(APPROVAL_WAIT_MEDIAN_MS * math.exp(APPROVAL_WAIT_SIGMA * z))
+
+
+def _with_governance(p: _RunPlan, cfg: FleetConfig, core: list[dict]) -> list[dict]:
+    """The run's events with its guardrail hits, approvals and feedback put in, in event-time order.
+
+    They come from random streams of the run's own (decisions, ids), with a fixed number of
+    draws per policy, gate call and run, so the core events stay as they are and one knob (a
+    multiplier, the feedback share) changes nothing of the others. Each lies between the run's
+    start and its end (feedback: at run_end or up to feedback_delay_ms after), so a run's span
+    is its core events' span.
+    """
+    rng = random.Random(f"governance:{p.seed}")
+    rand = rng.random
+    ids = random.Random(f"governance-ids:{p.seed}").getrandbits
+    agent, ctx, last = p.agent, p.ctx, len(core) - 1
+    times = [e["ts"] for e in core]
+    added: list[tuple[int, int, dict]] = []  # (index of the core event it follows, ts, event)
+
+    def add(after: int, ts: int, type_: str, fields: dict) -> None:
+        ev = {"event_id": _uuid(ids), "ts": ts, "type": type_}
+        ev.update(ctx)
+        ev.update((k, v) for k, v in fields.items() if v is not None)
+        added.append((after, ts, ev))
+
+    def just_after(i: int, u: float) -> int:
+        """A time after core event i and before the next one; i's own when there is no room."""
+        room = times[i + 1] - times[i] - 1 if i < last else 0
+        return times[i] + 1 + int(u * room) if room > 0 else times[i]
+
+    llm_ok = [i for i, e in enumerate(core) if e["type"] == "llm_call" and e["status"] == "ok"]
+    calls: dict[str, list[int]] = {}
+    for i, e in enumerate(core):
+        if e["type"] == "tool_call":
+            calls.setdefault(e["tool"], []).append(i)
+
+    # guardrails: each fires on one of the calls it checks, with its chance per run
+    for policy in agent.policies:
+        u_hit, u_decision, u_host, u_ts = rand(), rand(), rand(), rand()
+        hosts = llm_ok if policy.tool is None else calls.get(policy.tool, ())
+        if hosts and u_hit < policy.rate * p.guardrail_multiplier:
+            host = hosts[int(u_host * len(hosts))]
+            decision = policy.decisions[_pick(u_decision, [w for _, w in policy.decisions])][0]
+            add(host, just_after(host, u_ts), "policy_hit",
+                {"policy": policy.name, "decision": decision, "tool": policy.tool})
+
+    # a governed failure: its failing call blocked, an approval asked at once and refused
+    # (denied, or expired) before the run's next event
+    fam, failing = p.family, None
+    u_wait, u_status, u_who = rand(), rand(), rand()
+    if fam is not None and (fam.blocked_by or fam.approval):
+        failing = next((i for i in reversed(calls.get(fam.at, ())) if core[i]["status"] != "ok"), None)
+        if failing is not None and failing < last and times[failing + 1] - times[failing] > 3:
+            t0 = times[failing]
+            if fam.blocked_by:
+                add(failing, t0 + 1, "policy_hit", {"policy": fam.blocked_by, "decision": "blocked", "tool": fam.at})
+            if fam.approval:
+                asked = t0 + 2
+                decided = asked + max(1, min(_approval_wait_ms(u_wait), times[failing + 1] - 1 - asked))
+                denied = u_status < 0.75
+                add(failing, asked, "approval", {"status": "requested", "action": fam.approval})
+                add(failing, decided, "approval", {
+                    "status": "denied" if denied else "expired", "action": fam.approval,
+                    "approver": agent.approvers[int(u_who * len(agent.approvers))] if denied else None,
+                    "wait_ms": decided - asked})
+
+    # human gates: asked before the gated call (the agent carries on meanwhile), granted while
+    # the model call that chose the gated call runs, so the call and all after it follow the decision
+    for gate in agent.approval_gates:
+        for j in calls.get(gate.tool, ()):
+            u_need, u_wait, u_at, u_who = rand(), rand(), rand(), rand()
+            if j == failing or core[j - 1]["type"] != "llm_call" or u_need >= gate.share:
+                continue  # a retry of a call is covered by its first attempt's approval
+            lo, hi = times[j - 2], times[j - 1]  # hi - lo: a model call's latency, >= 300 ms
+            decided = lo + 2 + int(u_at * (hi - lo - 3))
+            asked = min(decided - 1, max(times[0] + 1, decided - _approval_wait_ms(u_wait)))
+            add(bisect.bisect_right(times, asked) - 1, asked, "approval",
+                {"status": "requested", "action": gate.action})
+            add(j - 2, decided, "approval", {
+                "status": "granted", "action": gate.action,
+                "approver": agent.approvers[int(u_who * len(agent.approvers))], "wait_ms": decided - asked})
+
+    # feedback on a share of the runs that ended: a user's thumbs or an online evaluator's
+    # score, both following the run's success
+    u_feedback, u_source, u_score, u_delay = rand(), rand(), rand(), rand()
+    end = core[last]
+    if end["type"] == "run_end" and u_feedback < cfg.feedback_fraction:
+        success = end["outcome"] == "success"
+        if u_source < 0.6:
+            up = u_score < (0.85 if success else 0.2)
+            fields = {"score": 1.0 if up else 0.0, "label": "thumbs_up" if up else "thumbs_down", "source": "user"}
+        else:
+            score = round(0.35 + 0.65 * u_score ** 0.5 if success else 0.7 * u_score ** 1.5, 3)
+            fields = {"score": score, "label": "pass" if score >= 0.5 else "fail", "source": "eval"}
+        add(last, end["ts"] + int(u_delay * cfg.feedback_delay_ms), "feedback", fields)
+
+    if not added:
+        return core
+    added.sort(key=lambda a: (a[0], a[1]))  # stable: on a tie, the order they were made in
+    out, k = [], 0
+    for i, ev in enumerate(core):
+        out.append(ev)
+        while k < len(added) and added[k][0] == i:
+            out.append(added[k][2])
+            k += 1
+    return out
+
+
 # --- public API -------------------------------------------------------------------------------------
 
 
@@ -683,13 +891,21 @@ def truth(events: Iterable[dict], price_fn: PriceFn | None = None,
     Cost of an llm_call is its cost_usd, else price_fn(...); calls with neither are counted as unpriced.
     A run's loop flag comes from `labels` when given, else from the definition (>= 3 identical
     tool calls in a row). Returns {"groups": {(agent_id, agent_version): {...}}, "runs": {run_id: {...}}}.
+    A run's `events` counts every event of it (distinct ids); its governance: `policy_hits`
+    ("policy:decision" -> count), `approvals` (status -> count), `approval_waits_ms` (of the
+    decisions, as they come), `feedback` (count) and `feedback_score` (their mean, None without).
     """
     acc: dict[str, dict] = {}
     for ev in events:
         r = acc.get(ev["run_id"])
         if r is None:
             r = acc[ev["run_id"]] = {"agent_id": ev["agent_id"], "agent_version": ev["agent_version"],
-                                     "outcome": None, "steps": 0, "costs": [], "unpriced": 0, "tools": []}
+                                     "outcome": None, "steps": 0, "costs": [], "unpriced": 0, "tools": [],
+                                     "ids": set(), "policy_hits": {}, "approvals": dict.fromkeys(APPROVAL_STATUSES, 0),
+                                     "waits": [], "scores": []}
+        if ev["event_id"] in r["ids"]:
+            continue  # a redelivery counts once
+        r["ids"].add(ev["event_id"])
         kind = ev["type"]
         if kind == "llm_call":
             r["steps"] += 1
@@ -706,25 +922,52 @@ def truth(events: Iterable[dict], price_fn: PriceFn | None = None,
             r["tools"].append((ev["ts"], ev["tool"], json.dumps(ev.get("args"), sort_keys=True)))
         elif kind == "run_end":
             r["outcome"] = ev["outcome"]
+        elif kind == "policy_hit":
+            key = f"{ev.get('policy', '')}:{ev.get('decision', '')}"
+            r["policy_hits"][key] = r["policy_hits"].get(key, 0) + 1
+        elif kind == "approval":
+            status = ev.get("status")
+            if status in r["approvals"]:
+                r["approvals"][status] += 1
+            if ev.get("wait_ms") is not None:
+                r["waits"].append(ev["wait_ms"])
+        elif kind == "feedback" and ev.get("score") is not None:
+            r["scores"].append(ev["score"])
 
     runs: dict[str, dict] = {}
     groups: dict[tuple[str, str], dict] = {}
     for run_id, r in acc.items():
         loop = labels[run_id]["loop"] if labels is not None and run_id in labels else _loop_in(r["tools"])
         cost = math.fsum(r["costs"])
+        scores = r["scores"]
         run = {"agent_id": r["agent_id"], "agent_version": r["agent_version"],
                "outcome": r["outcome"] or "timeout", "steps": r["steps"], "loop": loop,
-               "cost_usd": cost, "unpriced_llm_calls": r["unpriced"]}
+               "cost_usd": cost, "unpriced_llm_calls": r["unpriced"], "events": len(r["ids"]),
+               "policy_hits": r["policy_hits"], "approvals": r["approvals"], "approval_waits_ms": r["waits"],
+               "feedback": len(scores), "feedback_score": math.fsum(scores) / len(scores) if scores else None}
         runs[run_id] = run
         g = groups.setdefault((r["agent_id"], r["agent_version"]), {
-            "runs": 0, "successes": 0, "outcomes": {}, "loops": 0, "costs": [], "unpriced_llm_calls": 0})
+            "runs": 0, "successes": 0, "outcomes": {}, "loops": 0, "costs": [], "unpriced_llm_calls": 0,
+            "events": 0, "runs_with_policy_hit": 0, "policy_hits": {},
+            "approvals": dict.fromkeys(APPROVAL_STATUSES, 0), "approval_waits_ms": [], "feedback_scores": []})
         g["runs"] += 1
         g["successes"] += run["outcome"] == "success"
         g["outcomes"][run["outcome"]] = g["outcomes"].get(run["outcome"], 0) + 1
         g["loops"] += loop
         g["costs"].append(cost)
         g["unpriced_llm_calls"] += r["unpriced"]
+        g["events"] += run["events"]
+        g["runs_with_policy_hit"] += bool(r["policy_hits"])
+        for key, n in r["policy_hits"].items():
+            g["policy_hits"][key] = g["policy_hits"].get(key, 0) + n
+        for status, n in r["approvals"].items():
+            g["approvals"][status] += n
+        g["approval_waits_ms"] += r["waits"]
+        g["feedback_scores"] += scores
     for g in groups.values():
+        scores = g.pop("feedback_scores")
+        g["feedback"] = len(scores)
+        g["feedback_score"] = math.fsum(scores) / len(scores) if scores else None
         g["cost_usd"] = math.fsum(g.pop("costs"))
         # all runs' cost, failed ones too, over the runs that succeeded
         g["cost_per_success"] = g["cost_usd"] / g["successes"] if g["successes"] else None
@@ -773,10 +1016,12 @@ def main(argv: list[str] | None = None) -> int:
                                                           f"{DEFAULT_CANARY.version})")
     ap.add_argument("--cost", action="store_true", help="report cost_usd on some llm_calls (needs genai-prices)")
     ap.add_argument("--cost-fraction", type=float, default=0.3)
+    ap.add_argument("--no-governance", action="store_true", help="no approval, policy_hit or feedback events")
     args = ap.parse_args(argv)
     cfg = FleetConfig(seed=args.seed, runs=args.runs, start_ms=args.start_ms,
                       duration_ms=int(args.hours * HOUR_MS), canary=DEFAULT_CANARY if args.canary else None,
-                      price_fn=genai_prices_fn if args.cost else None, cost_fraction=args.cost_fraction)
+                      price_fn=genai_prices_fn if args.cost else None, cost_fraction=args.cost_fraction,
+                      governance=not args.no_governance)
     began = time.perf_counter()
     if args.out == "-":
         n = 0
