@@ -164,7 +164,8 @@ class Trackside:
 
 
 class Run:
-    """One run of the agent: record its calls, `check()` before each step, `end()` it."""
+    """One run of the agent: record its calls (and its guardrail hits, approvals and feedback),
+    `check()` before each step, `end()` it."""
 
     def __init__(self, client: Trackside, run_id: str, task_id: str, session_id: str) -> None:
         self.client, self.run_id, self.task_id, self.session_id = client, run_id, task_id, session_id
@@ -186,6 +187,19 @@ class Run:
         if args is not None:
             fields["args"] = args
         self._emit("tool_call", tool=tool, status=status, latency_ms=latency_ms, **fields)
+
+    def policy_hit(self, policy: str, decision: str, *, tool: str = "", **fields: Any) -> None:
+        """A guardrail fired: `decision` is blocked, warned, redacted or allowed."""
+        self._emit("policy_hit", policy=policy, decision=decision, tool=tool, **fields)
+
+    def approval(self, status: str, *, action: str = "", approver: str = "", wait_ms: float | None = None,
+                 **fields: Any) -> None:
+        """A human gate: `requested`, then `granted`, `denied` or `expired` (with the wait)."""
+        self._emit("approval", status=status, action=action, approver=approver, wait_ms=wait_ms, **fields)
+
+    def feedback(self, score: float, *, label: str = "", source: str = "", **fields: Any) -> None:
+        """A live evaluation of the run, 0..1 (it may come after `end`, within a minute or so)."""
+        self._emit("feedback", score=score, label=label, source=source, **fields)
 
     def end(self, outcome: str = "success", **fields: Any) -> None:
         if not self.ended:

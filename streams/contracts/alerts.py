@@ -7,10 +7,11 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-# SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.detect.rollout) and
-# a stage of Trackside itself that stopped or fell behind (streams.ops.watch)
+# SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.detect.rollout),
+# a stage of Trackside itself that stopped or fell behind (streams.ops.watch), and spikes of
+# guardrail hits and escalations (streams.detect.governance)
 KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency",
-         "pipeline")
+         "pipeline", "policy", "escalation")
 SEVERITIES = ("info", "warning", "critical")
 FIRING, RESOLVED = "firing", "resolved"
 

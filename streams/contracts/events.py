@@ -16,10 +16,13 @@ import orjson
 from streams.errors import TracksideError
 
 CORE_TYPES = ("run_start", "llm_call", "tool_call", "run_end")
-# Stored and counted, but they do not change a run's numbers.
+# Governance signals: stored, counted, and summed per run (its guardrail hits, approvals and live
+# evaluations); they are not steps and do not change a run's cost or outcome.
 OTHER_TYPES = ("approval", "policy_hit", "feedback")
 EVENT_TYPES = CORE_TYPES + OTHER_TYPES
 OUTCOMES = ("success", "failure", "escalated", "aborted")
+APPROVAL_STATUSES = ("requested", "granted", "denied", "expired")
+POLICY_DECISIONS = ("blocked", "warned", "redacted", "allowed")
 
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 4096
@@ -40,6 +43,11 @@ class Field:
     required: bool = False
     choices: tuple[str, ...] = ()
     about: str = ""
+    column: str = ""  # the `events` column it is stored in, when not its name
+
+    @property
+    def stored_as(self) -> str:
+        return self.column or self.name
 
 
 COMMON_FIELDS = (
@@ -84,6 +92,25 @@ TYPE_FIELDS: dict[str, tuple[Field, ...]] = {
         Field("error_type", "text"),
         Field("error_message", "text"),
     ),
+    # SPEC §4: every type-specific field of these three is optional, so that they are never refused
+    # for a field an agent leaves out; what is there is checked.
+    "approval": (
+        Field("status", "choice", choices=APPROVAL_STATUSES),
+        Field("action", "text", about="what needed approval"),
+        Field("approver", "text"),
+        Field("wait_ms", "amount", about="request to decision"),
+    ),
+    "policy_hit": (
+        Field("policy", "text", about="the guardrail's name"),
+        Field("decision", "choice", choices=POLICY_DECISIONS),
+        Field("tool", "text"),
+    ),
+    "feedback": (
+        Field("score", "fraction", about="a live evaluation, 0..1"),
+        Field("label", "text"),
+        # `source` of `events` says where the message was read from
+        Field("source", "text", about="user, eval or other", column="feedback_source"),
+    ),
 }
 
 # The normalised event: every column of `events` except the ones the ingest stage adds.
@@ -93,11 +120,12 @@ COLUMNS = (
     "model", "provider", "input_tokens", "output_tokens", "cache_read_input_tokens",
     "latency_ms", "status", "error_type", "error_message",
     "tool", "args_hash", "args", "outcome", "score", "cost_usd", "attributes",
+    "action", "approver", "wait_ms", "policy", "decision", "label", "feedback_source",
 )
 _TEXT_DEFAULTS = {name: "" for name in COLUMNS}
 _TEXT_DEFAULTS.update(
     input_tokens=0, output_tokens=0, cache_read_input_tokens=0,
-    latency_ms=None, score=None, cost_usd=None, ts=0,
+    latency_ms=None, score=None, cost_usd=None, ts=0, wait_ms=None,
 )
 
 
@@ -215,7 +243,7 @@ def _check_of(field: Field) -> _Check:
 
 # Per event type: every field's check, and the names that must be present.
 _CHECKS_BY_TYPE = {
-    kind: {field.name: _check_of(field) for field in COMMON_FIELDS + TYPE_FIELDS.get(kind, ())}
+    kind: {field.name: (field.stored_as, _check_of(field)) for field in COMMON_FIELDS + TYPE_FIELDS.get(kind, ())}
     for kind in EVENT_TYPES
 }
 _REQUIRED_BY_TYPE = {
@@ -247,16 +275,17 @@ def validate(raw: Any, *, keep_raw_args: bool = False) -> dict:
     extra = None
     # Only the fields present are looked at: most of an event's optional fields are absent.
     for name, value in raw.items():
-        check = checks.get(name)
-        if check is None:
+        known = checks.get(name)
+        if known is None:
             if extra is None:
                 extra = {}
             extra[name] = value
             continue
         if value is None:
             continue
+        column, check = known
         try:
-            event[name] = check(value)
+            event[column] = check(value)
         except ValueError as error:
             raise InvalidEvent(f"field {name!r}: {error}") from None
     if extra:

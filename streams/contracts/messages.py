@@ -17,7 +17,7 @@ EVENT_FIELDS = (
     "event_id", "ts", "type", "run_id", "agent_id", "agent_version", "task_id", "session_id",
     "tenant", "environment", "input_tokens", "output_tokens", "cache_read_input_tokens",
     "status", "error_type", "error_message", "tool", "args_hash", "outcome", "score",
-    "cost_usd", "cost_source",
+    "cost_usd", "cost_source", "policy", "decision", "wait_ms",
 )
 
 

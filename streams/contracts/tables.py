@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 _TS = pa.timestamp("ms", tz="UTC")
 _TEXT = pa.string()
 _MONEY = pa.decimal128(18, 9)
+_COUNTS_BY = pa.map_(pa.string(), pa.uint32())  # e.g. guardrail hits by "policy:decision"
 
 EVENTS = pa.schema(
     [
@@ -21,6 +22,8 @@ EVENTS = pa.schema(
         ("latency_ms", pa.float64()), ("status", _TEXT), ("error_type", _TEXT), ("error_message", _TEXT),
         ("tool", _TEXT), ("args_hash", _TEXT), ("args", _TEXT), ("outcome", _TEXT), ("score", pa.float64()),
         ("cost_usd", _MONEY), ("cost_source", _TEXT), ("attributes", _TEXT),
+        ("action", _TEXT), ("approver", _TEXT), ("wait_ms", pa.float64()), ("policy", _TEXT), ("decision", _TEXT),
+        ("label", _TEXT), ("feedback_source", _TEXT),
         ("source", _TEXT), ("ingested_at", _TS),
     ]
 )
@@ -38,6 +41,10 @@ RUNS = pa.schema(
         ("duration_ms", pa.uint64()), ("tool_path", pa.list_(_TEXT)), ("loop_detected", pa.bool_()),
         ("failure_cluster_id", _TEXT), ("event_count", pa.uint32()), ("closed_by", _TEXT),
         ("version", pa.uint64()), ("updated_at", _TS),
+        ("policy_hits", _COUNTS_BY), ("approvals_requested", pa.uint32()), ("approvals_granted", pa.uint32()),
+        ("approvals_denied", pa.uint32()), ("approvals_expired", pa.uint32()),
+        ("approval_waits_ms", pa.list_(pa.float64())), ("feedback_count", pa.uint32()),
+        ("feedback_score", pa.float64()),
     ]
 )
 
@@ -50,6 +57,12 @@ AGENT_METRICS = pa.schema(
         ("tool_calls", pa.uint32()), ("tool_errors", pa.uint32()), ("tool_error_rate", pa.float64()),
         ("input_tokens", pa.uint64()), ("output_tokens", pa.uint64()),
         ("is_final", pa.bool_()), ("version", pa.uint64()), ("updated_at", _TS),
+        ("policy_hits", pa.uint32()), ("policy_hits_by", _COUNTS_BY), ("guardrail_runs", pa.uint32()),
+        ("guardrail_rate", pa.float64()), ("approvals_requested", pa.uint32()), ("approvals_granted", pa.uint32()),
+        ("approvals_denied", pa.uint32()), ("approvals_expired", pa.uint32()),
+        ("approval_wait_p50_ms", pa.float64()), ("approval_wait_p95_ms", pa.float64()),
+        ("escalations", pa.uint32()), ("escalation_rate", pa.float64()), ("escalation_steps_p50", pa.float64()),
+        ("escalation_seconds_p50", pa.float64()), ("feedback_count", pa.uint32()), ("feedback_score", pa.float64()),
     ]
 )
 

@@ -14,6 +14,77 @@ from streams.detect.estimators import quantile, ratio
 _COUNTS = 7  # what a run adds to a window's counts: success, timeout, loop, tool calls, tool errors, input and output tokens
 
 
+@dataclass(slots=True, frozen=True)
+class RunGovernance:
+    """What a run adds to its window's governance columns; only runs that have any keep one."""
+
+    policy_hits: dict[str, int]
+    guardrail: bool  # a hit that was not `allowed`: a guardrail acted
+    approvals: tuple[int, int, int, int]  # requested, granted, denied, expired
+    waits: tuple[float, ...]
+    feedback_count: int
+    feedback_sum: float
+    escalation: tuple[int, float] | None  # (steps, seconds) before it, if the run ended escalated
+
+    @classmethod
+    def of(cls, row: dict) -> RunGovernance | None:
+        hits = row.get("policy_hits") or {}
+        approvals = tuple(int(row.get(f"approvals_{status}") or 0) for status in ("requested", "granted", "denied", "expired"))
+        feedback = int(row.get("feedback_count") or 0)
+        escalated = row["outcome"] == "escalated"
+        if not (hits or any(approvals) or feedback or escalated):
+            return None
+        return cls(
+            dict(hits), any(not key.endswith(":allowed") for key in hits), approvals,
+            tuple(row.get("approval_waits_ms") or ()), feedback, feedback * float(row.get("feedback_score") or 0.0),
+            (int(row["steps"]), float(row["duration_ms"]) / 1000) if escalated else None)
+
+
+def governance_columns(runs: int, facts: Iterable[RunGovernance]) -> dict:
+    """The governance columns of a window of `runs` runs, from the facts of those that have any."""
+    hits: dict[str, int] = {}
+    approvals = [0, 0, 0, 0]
+    waits: list[float] = []
+    steps: list[float] = []
+    seconds: list[float] = []
+    guardrail_runs = feedback_count = 0
+    feedback_sum = 0.0
+    for fact in facts:
+        for key, count in fact.policy_hits.items():
+            hits[key] = hits.get(key, 0) + count
+        guardrail_runs += fact.guardrail
+        for i, count in enumerate(fact.approvals):
+            approvals[i] += count
+        waits += fact.waits
+        feedback_count += fact.feedback_count
+        feedback_sum += fact.feedback_sum
+        if fact.escalation is not None:
+            steps.append(fact.escalation[0])
+            seconds.append(fact.escalation[1])
+    waits.sort()
+    steps.sort()
+    seconds.sort()
+    requested, granted, denied, expired = approvals
+    return {
+        "policy_hits": sum(hits.values()),
+        "policy_hits_by": hits,
+        "guardrail_runs": guardrail_runs,
+        "guardrail_rate": ratio(guardrail_runs, runs),
+        "approvals_requested": requested,
+        "approvals_granted": granted,
+        "approvals_denied": denied,
+        "approvals_expired": expired,
+        "approval_wait_p50_ms": quantile(waits, 0.50),
+        "approval_wait_p95_ms": quantile(waits, 0.95),
+        "escalations": len(steps),
+        "escalation_rate": ratio(len(steps), runs),
+        "escalation_steps_p50": quantile(steps, 0.50),
+        "escalation_seconds_p50": quantile(seconds, 0.50),
+        "feedback_count": feedback_count,
+        "feedback_score": ratio(feedback_sum, feedback_count),
+    }
+
+
 @dataclass(slots=True)
 class Window:
     agent_id: str
@@ -31,6 +102,8 @@ class Window:
     # with every run it gets.
     counts: list[int] = field(default_factory=lambda: [0] * _COUNTS)
     durations: array = field(default_factory=lambda: array("d"))
+    # position -> the governance facts of a run that has any (most have none)
+    governance: dict[int, RunGovernance] = field(default_factory=dict)
 
     def add(self, row: dict) -> bool:
         key = hash(row["run_id"])
@@ -56,6 +129,12 @@ class Window:
         for i in range(_COUNTS):
             self.counts[i] += counts[i]
         insort(self.durations, duration)
+        facts = RunGovernance.of(row)
+        position = self.positions[key]
+        if facts is not None:
+            self.governance[position] = facts
+        else:
+            self.governance.pop(position, None)
         return True
 
     def row(self, *, final: bool, version: int, updated_at: int) -> dict:
@@ -87,6 +166,7 @@ class Window:
             "is_final": final,
             "version": version,
             "updated_at": updated_at,
+            **governance_columns(runs, self.governance.values()),
         }
 
 

@@ -23,6 +23,48 @@ def row_version(event_count: int, enriched: bool = False) -> int:
     return 2 * event_count + enriched
 
 
+APPROVAL_STATUSES = ("requested", "granted", "denied", "expired")
+_STEPS = ("run_start", "llm_call", "tool_call", "run_end")  # what makes a run's time span
+
+
+@dataclass(slots=True)
+class Governance:
+    """A run's governance signals (SPEC §4), made when its first one comes: guardrail hits by
+    "policy:decision", approvals by status with the waits of decided ones, live evaluations."""
+
+    policy_hits: dict[str, int] = field(default_factory=dict)
+    approvals: list[int] = field(default_factory=lambda: [0] * len(APPROVAL_STATUSES))
+    waits: list[float] = field(default_factory=list)
+    feedback_count: int = 0
+    feedback_sum: float = 0.0
+
+    def apply(self, kind: str, event: dict) -> None:
+        if kind == "policy_hit":
+            key = f"{event['policy']}:{event['decision']}"
+            self.policy_hits[key] = self.policy_hits.get(key, 0) + 1
+        elif kind == "approval":
+            status = event["status"]
+            if status in APPROVAL_STATUSES:  # an approval that says no status is stored, not counted
+                self.approvals[APPROVAL_STATUSES.index(status)] += 1
+                if status != "requested" and event["wait_ms"] is not None:
+                    self.waits.append(float(event["wait_ms"]))
+        elif event["score"] is not None:  # feedback: its score is what it says
+            self.feedback_count += 1
+            self.feedback_sum += event["score"]
+
+    def columns(self) -> dict:
+        requested, granted, denied, expired = self.approvals
+        return {
+            "policy_hits": dict(self.policy_hits), "approvals_requested": requested, "approvals_granted": granted,
+            "approvals_denied": denied, "approvals_expired": expired, "approval_waits_ms": sorted(self.waits),
+            "feedback_count": self.feedback_count,
+            "feedback_score": self.feedback_sum / self.feedback_count if self.feedback_count else None,
+        }
+
+
+NO_GOVERNANCE = Governance().columns()
+
+
 @dataclass(slots=True)
 class RunState:
     run_id: str
@@ -34,6 +76,7 @@ class RunState:
     environment: str = ""
     started_at: int = 0
     last_ts: int = 0
+    last_step_ts: int = 0  # of its newest event but approvals, policy hits and feedback (its end, for a timeout)
     end_ts: int | None = None
     outcome: str = ""
     score: float | None = None
@@ -65,6 +108,7 @@ class RunState:
     loop: LoopFinding | None = None
     loop_alerted: bool = False
     budget_alert: dict | None = None  # the firing alert when the run went over its cost envelope
+    governance: Governance | None = None  # its approvals, guardrail hits and feedback, if any
 
     def apply(self, event: dict, policy: LoopPolicy | None = None) -> bool:
         """Fold one event in; False if this event_id was already applied."""
@@ -87,6 +131,8 @@ class RunState:
         if not self.environment and event["environment"]:
             self.environment = event["environment"]
         kind = event["type"]
+        if kind in _STEPS and ts > self.last_step_ts:
+            self.last_step_ts = ts
         if kind == "run_start":
             # The run's own start names its agent; events that came first (OTLP child spans
             # travel before their invoke_agent span) may have carried a fallback identity.
@@ -120,6 +166,10 @@ class RunState:
                 self.score = event["score"]
                 self.error_type = event["error_type"]
                 self.error_message = event["error_message"]
+        elif kind != "run_start":  # approval, policy_hit, feedback
+            if self.governance is None:
+                self.governance = Governance()
+            self.governance.apply(kind, event)
         return True
 
     def freeze(self) -> None:
@@ -203,8 +253,11 @@ class RunState:
 
     def row(self, updated_at: int) -> dict:
         """The `runs` row of this run as it stands."""
+        # Its end: run_end's time, or its last step's when that came later (events are stamped by
+        # different clocks); feedback given after the end does not make a run longer.
         timed_out = self.end_ts is None
-        ended_at = self.last_ts if timed_out else max(self.end_ts, self.last_ts)
+        last = self.last_step_ts or self.last_ts
+        ended_at = last if timed_out else max(self.end_ts, last)
         steps = sorted(self.tool_steps)
         return {
             "run_id": self.run_id,
@@ -239,6 +292,7 @@ class RunState:
             "closed_by": "idle_timeout" if timed_out else "run_end",
             "version": row_version(len(self.event_ids)),
             "updated_at": updated_at,
+            **(NO_GOVERNANCE if self.governance is None else self.governance.columns()),
         }
 
 

@@ -66,8 +66,10 @@ def _struct(kind: str) -> type[msgspec.Struct]:
 _STRUCTS = {kind: _struct(kind) for kind in contract.EVENT_TYPES}
 _DECODER = msgspec.json.Decoder(Union[tuple(_STRUCTS.values())])
 # Per struct: where each of its fields goes in a row, the objects among them, and its type.
+_STORED_AS = {kind: {field.name: field.stored_as for field in contract.COMMON_FIELDS + contract.TYPE_FIELDS.get(kind, ())}
+              for kind in contract.EVENT_TYPES}
 _LAYOUT = {
-    struct: (tuple(INDEX[name] for name in struct.__struct_fields__),
+    struct: (tuple(INDEX[_STORED_AS[kind][name]] for name in struct.__struct_fields__),
              tuple(i for i, name in enumerate(struct.__struct_fields__) if name in _OBJECTS),
              kind)
     for kind, struct in _STRUCTS.items()

@@ -12,6 +12,7 @@ from streams.contracts.topics import agent_partition, tenant_partition_key
 from streams.detect.budgets import PeriodBudgets
 from streams.detect.drift import DriftDetector
 from streams.detect.failures import FailureClusterer
+from streams.detect.governance import GovernanceWatch
 from streams.detect.metrics import MetricWindows
 from streams.detect.policy import Policy
 from streams.detect.rollout import RolloutController
@@ -78,6 +79,7 @@ class MetricsPartition:
         self.drift = DriftDetector(window_ms=window_ms, lateness_ms=settings.allowed_lateness_seconds * 1000,
                                    baseline_version=self.rollouts.rollouts.canary_baseline)
         self.clusters = FailureClusterer(window_ms=window_ms)
+        self.governance = GovernanceWatch(window_ms, lateness_ms=settings.allowed_lateness_seconds * 1000)
         self._found = _Found()
         for runs in state.history:
             # The history comes in order of ended_at: a window before the last run of a page
@@ -111,7 +113,7 @@ class MetricsPartition:
         if runs or test:
             drift_rows, drift_alerts = self.drift.update(runs, passed)
             found.drift += [{**row, "updated_at": now_ms} for row in drift_rows]
-            found.alerts += drift_alerts
+            found.alerts += drift_alerts + self.governance.update(runs, passed)
         if not runs:
             return
         clusters, cluster_alerts, assigned = self.clusters.update(runs, now_ms)

@@ -40,7 +40,9 @@ _RUN_COLUMNS = _run_columns(RUNS.names)
 # What a window of `agent_metrics` takes of a run (`streams.detect.metrics.Window`).
 _WINDOW_COLUMNS = _run_columns((
     "run_id", "agent_id", "agent_version", "ended_at", "outcome", "cost_usd", "duration_ms", "loop_detected",
-    "tool_calls", "tool_errors", "input_tokens", "output_tokens", "version"))
+    "tool_calls", "tool_errors", "input_tokens", "output_tokens", "version", "steps", "policy_hits",
+    "approvals_requested", "approvals_granted", "approvals_denied", "approvals_expired", "approval_waits_ms",
+    "feedback_count", "feedback_score"))
 # Runs read at a time while a partition is rebuilt (`RunPages`): ~10 MB of rows in Python.
 PAGE_RUNS = 5_000
 # Tenant budgets are daily: their sums need the runs of the last two days.

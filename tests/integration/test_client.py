@@ -67,3 +67,22 @@ def test_the_example_agent_is_stopped_when_it_loops_and_finishes_its_other_ticke
     lines = done.stdout.splitlines()
     assert [line.split()[4] for line in lines] == ["success", "success", "stopped:"], done.stdout
     assert "is looping" in lines[2]
+
+
+def test_a_runs_guardrail_hits_approvals_and_feedback_land_in_its_row(stack, client):
+    run = client.start_run(task_id="refund-7")
+    run.llm_call(model="gpt-4o-mini", provider="openai", input_tokens=100, output_tokens=10)
+    run.policy_hit("refund_limit", "blocked", tool="refund")
+    run.approval("requested", action="refund over $200")
+    run.approval("granted", approver="kim", wait_ms=42_000)
+    run.end("success")
+    run.feedback(0.75, label="helpful", source="user")
+    sql = ("SELECT policy_hits, approvals_requested, approvals_granted, approval_waits_ms, feedback_count, "
+           "feedback_score, steps FROM runs WHERE run_id = {run:String}")
+    row = wait_until(lambda: stack.query(sql, {"run": run.run_id}), 60, "the run with its feedback",
+                     done=lambda rows: rows and rows[0]["feedback_count"] == 1)[0]
+    assert row == {"policy_hits": {"refund_limit:blocked": 1}, "approvals_requested": 1, "approvals_granted": 1,
+                   "approval_waits_ms": [42_000.0], "feedback_count": 1, "feedback_score": 0.75, "steps": 1}
+    (feedback,) = stack.query("SELECT label, feedback_source FROM events WHERE run_id = {run:String} "
+                              "AND type = 'feedback'", {"run": run.run_id})
+    assert feedback == {"label": "helpful", "feedback_source": "user"}

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
+import numpy as np
 import pytest
 
 from jobs.demo import MALFORMED, demo_deployments
@@ -203,6 +204,48 @@ def test_cost_per_success_by_version(filled: Filled):
     narrow = filled.run("cost_per_success_by_version", agent_id="coder", bucket_seconds=900)
     assert {r["agent_id"] for r in narrow} == {"coder"}
     assert len(narrow) > len([r for r in rows if r["agent_id"] == "coder"])
+
+
+def test_guardrail_hits(filled: Filled):
+    # a look-back over the whole fleet: every hit is in it, none in the baseline
+    rows = filled.run("guardrail_hits", days=60)
+    assert rows and all(r["baseline_share"] is None and r["lift"] is None for r in rows)
+    groups = filled.truth["groups"]
+    found = {(r["agent_id"], r["agent_version"], f"{r['policy']}:{r['decision']}"): r for r in rows}
+    expected = {(agent, version, key): hits for (agent, version), g in groups.items()
+                for key, hits in g["policy_hits"].items()}
+    assert {key: row["hits"] for key, row in found.items()} == expected
+    for (agent, version, _), row in found.items():
+        assert 0 < row["runs_hit"] <= row["hits"] and row["version_runs"] == groups[(agent, version)]["runs"]
+        assert row["share"] == pytest.approx(row["runs_hit"] / row["version_runs"], abs=1e-4)
+    assert [r["decision"] for r in rows][:1] == ["blocked"], "blocked first"
+
+    def acted(version: str) -> float:  # share of the version's runs a guardrail acted on, summed over policies
+        return sum(r["share"] for r in rows if r["agent_id"] == "support-bot" and r["agent_version"] == version
+                   and r["decision"] != "allowed")
+
+    # the demo's canary trips its guardrails far more often than its stable version
+    assert acted(DEFAULT_CANARY.version) > 2 * acted("v1.4.2")
+
+
+def test_escalations(filled: Filled):
+    rows = filled.run("escalations", days=60, bucket_seconds=60 * 86_400)
+    groups = filled.truth["groups"]
+    assert {(r["agent_id"], r["agent_version"]) for r in rows} == set(groups)
+    for r in rows:
+        g = groups[(r["agent_id"], r["agent_version"])]
+        assert r["runs"] == g["runs"] and r["escalations"] == g["outcomes"].get("escalated", 0)
+        assert {status: r[f"approvals_{status}"] for status in g["approvals"]} == g["approvals"]
+        waits = sorted(g["approval_waits_ms"])
+        if waits:
+            assert r["approval_wait_p50_ms"] == pytest.approx(float(np.median(waits)), rel=1e-6)
+        else:
+            assert r["approval_wait_p50_ms"] is None
+        if g["feedback"]:
+            assert r["feedback_score"] == pytest.approx(g["feedback_score"], abs=1e-4)
+        if r["escalations"]:
+            assert 0 < r["escalation_steps_p50"] <= r["escalation_steps_p95"]
+    assert sum(r["escalations"] for r in rows) > 0 and sum(r["approvals_denied"] for r in rows) > 0
 
 
 def test_top_failure_clusters(filled: Filled):

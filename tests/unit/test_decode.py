@@ -139,10 +139,7 @@ def test_a_simulated_fleet_takes_the_fast_path(monkeypatch):
     monkeypatch.setattr(decode, "parse", lambda value, **options: exact.append(value) or parse(value, **options))
     rows = decode_events(values)
     assert not any(isinstance(row, InvalidEvent) for row in rows)
-    # the exact path only for what the contract keeps in attributes: an llm_call's error_message,
-    # and the fields of approval, policy_hit and feedback events, which it does not name yet
-    governance = (b'"type":"approval"', b'"type":"policy_hit"', b'"type":"feedback"')
-    core = [value for value in exact if not any(t in value for t in governance)]
-    assert all(b'"error_message"' in value and b'"llm_call"' in value for value in core)
-    assert len(core) < len(values) / 20 and len(exact) > len(core)
+    # the exact path only for what the contract keeps in attributes (an llm_call's error_message)
+    assert all(b'"error_message"' in value and b'"llm_call"' in value for value in exact)
+    assert len(exact) < len(values) / 20
     assert rows == one_by_one(values)

@@ -96,3 +96,23 @@ def test_money_too_large_for_its_column_is_refused_not_wrapped():
         pa.array([0.1], pa.float64()).cast(pa.decimal128(18, 9), safe=False).to_pylist()[0]
     with pytest.raises(pa.ArrowInvalid, match="cost_usd"):
         tables.to_arrow([{"cost_usd": 0.5}, {"cost_usd": 1e10}], schema)
+
+
+def test_governance_fields_are_checked_and_stored_in_their_columns():
+    base = {"event_id": "e", "ts": 1_793_491_200_000, "run_id": "r", "agent_id": "a", "agent_version": "v"}
+    approval = parse(orjson.dumps({**base, "type": "approval", "status": "denied", "action": "refund $500",
+                                   "approver": "kim", "wait_ms": 42_000}))
+    assert (approval["status"], approval["action"], approval["approver"], approval["wait_ms"]) == (
+        "denied", "refund $500", "kim", 42_000.0)
+    hit = parse(orjson.dumps({**base, "type": "policy_hit", "policy": "pii", "decision": "redacted", "tool": "email"}))
+    assert (hit["policy"], hit["decision"], hit["tool"]) == ("pii", "redacted", "email")
+    feedback = parse(orjson.dumps({**base, "type": "feedback", "score": 0.25, "label": "wrong", "source": "user"}))
+    # `source` of `events` is where the message was read from: the feedback's own goes beside it
+    assert (feedback["score"], feedback["label"], feedback["feedback_source"]) == (0.25, "wrong", "user")
+    assert "source" not in feedback and feedback["attributes"] == ""
+    # every type-specific field is optional
+    assert parse(orjson.dumps({**base, "type": "approval"}))["status"] == ""
+    for kind, field, value in (("approval", "status", "maybe"), ("policy_hit", "decision", "shrugged"),
+                               ("feedback", "score", 1.5), ("approval", "wait_ms", -1)):
+        with pytest.raises(InvalidEvent, match=field):
+            parse(orjson.dumps({**base, "type": kind, field: value}))

@@ -127,3 +127,32 @@ def test_a_window_row_is_its_runs_summed_afresh_after_every_run():
                 "output_tokens": sum(r["output_tokens"] for r in facts)}
         assert {key: got[key] for key in want} == want
         assert all(type(got[key]) is type(want[key]) for key in want)
+
+
+def test_a_window_sums_the_governance_signals_of_its_runs():
+    windows = MetricWindows(5 * MIN, 30 * MIN, 1)
+    hit = {**run_row("a", T0 + 1), "policy_hits": {"pii:redacted": 2, "tone:allowed": 1}, "approvals_requested": 1,
+           "approvals_granted": 1, "approval_waits_ms": [30_000.0], "feedback_count": 2, "feedback_score": 0.5}
+    allowed_only = {**run_row("b", T0 + 2), "policy_hits": {"tone:allowed": 1}, "feedback_count": 1, "feedback_score": 1.0}
+    escalated = {**run_row("c", T0 + 3, "escalated", duration=8_000), "steps": 7, "approvals_requested": 1,
+                 "approvals_denied": 1, "approval_waits_ms": [90_000.0]}
+    plain = run_row("d", T0 + 4)  # a row without the governance columns (landed before they existed)
+    (row,) = windows.apply([hit, allowed_only, escalated, plain], 0, T0, now_ms=1)
+    assert row["policy_hits"] == 4 and row["policy_hits_by"] == {"pii:redacted": 2, "tone:allowed": 2}
+    assert row["guardrail_runs"] == 1 and row["guardrail_rate"] == pytest.approx(0.25)  # `allowed` is not a trip
+    assert (row["approvals_requested"], row["approvals_granted"], row["approvals_denied"]) == (2, 1, 1)
+    assert row["approval_wait_p50_ms"] == pytest.approx(60_000.0) and row["approval_wait_p95_ms"] == pytest.approx(87_000.0)
+    assert (row["escalations"], row["escalation_steps_p50"], row["escalation_seconds_p50"]) == (1, 7, 8.0)
+    assert row["escalation_rate"] == pytest.approx(0.25)
+    assert row["feedback_count"] == 3 and row["feedback_score"] == pytest.approx(2 / 3)
+    # run "a" again with more events and no hits: its facts are replaced, not added
+    (again,) = windows.apply([{**run_row("a", T0 + 1, version=9), "feedback_count": 0}], 0, T0, now_ms=2)
+    assert again["policy_hits_by"] == {"tone:allowed": 1} and again["guardrail_runs"] == 0
+    assert again["approvals_requested"] == 1 and again["feedback_count"] == 1
+
+
+def test_a_window_without_governance_signals_reports_none():
+    windows = MetricWindows(5 * MIN, 30 * MIN, 1)
+    (row,) = windows.apply([run_row("a", T0)], 0, T0, now_ms=1)
+    assert (row["policy_hits"], row["policy_hits_by"], row["guardrail_rate"], row["escalations"]) == (0, {}, 0.0, 0)
+    assert row["approval_wait_p50_ms"] is None and row["feedback_score"] is None

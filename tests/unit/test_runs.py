@@ -1,5 +1,7 @@
 """Run assembly: closing on run_end and on idle timeout, duplicates, late and out-of-order events."""
 
+import pytest
+
 from streams.detect.runs import RunAssembler
 
 MIN = 60_000
@@ -12,7 +14,7 @@ def event(event_id, run_id, kind, ts, **fields):
         "agent_version": "v1", "task_id": "", "session_id": "", "tenant": "", "environment": "",
         "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0, "status": "ok",
         "error_type": "", "error_message": "", "tool": "", "args_hash": "", "outcome": "",
-        "score": None, "cost_usd": None, "cost_source": "",
+        "score": None, "cost_usd": None, "cost_source": "", "policy": "", "decision": "", "wait_ms": None,
     }
     base.update(fields)
     return base
@@ -156,3 +158,38 @@ def test_a_redelivery_after_the_run_was_forgotten_makes_no_phantom_run():
     assert assembler.apply([events[1]], now_ms=0) == []
     assert assembler.late_events == 1 and "r1" not in assembler.open
     assert assembler.apply(a_run("r3", T0 + 200 * MIN)[:2], now_ms=0) == []
+
+
+def test_governance_events_are_summed_per_run_and_are_not_steps():
+    start = T0
+    events = a_run("r1", start)[:-1] + [
+        event("g1", "r1", "policy_hit", start + 1100, policy="pii", decision="redacted", tool="search"),
+        event("g2", "r1", "policy_hit", start + 1200, policy="pii", decision="redacted"),
+        event("g3", "r1", "policy_hit", start + 1300, policy="refund_limit", decision="blocked"),
+        event("g4", "r1", "approval", start + 1400, status="requested"),
+        event("g5", "r1", "approval", start + 1600, status="denied", wait_ms=200.0),
+        event("g6", "r1", "approval", start + 1700, status="granted", wait_ms=90.0),
+        event("g7", "r1", "approval", start + 1800, status=""),  # no status: stored, not counted
+        event("g8", "r1", "feedback", start + 2900, score=0.2),
+        event("g9", "r1", "feedback", start + 2950, score=0.6),
+        event("g10", "r1", "feedback", start + 2960),  # no score: nothing to average
+        event("r1-4", "r1", "run_end", start + 3000, outcome="escalated"),
+    ]
+    (row,) = RunAssembler(30 * MIN).apply(events, now_ms=0)
+    assert row["steps"] == 3 and row["outcome"] == "escalated"
+    assert row["policy_hits"] == {"pii:redacted": 2, "refund_limit:blocked": 1}
+    assert (row["approvals_requested"], row["approvals_granted"], row["approvals_denied"],
+            row["approvals_expired"]) == (1, 1, 1, 0)
+    assert row["approval_waits_ms"] == [90.0, 200.0]
+    assert row["feedback_count"] == 2 and row["feedback_score"] == pytest.approx(0.4)
+    (plain,) = RunAssembler(30 * MIN).apply(a_run("r2", start), now_ms=0)
+    assert (plain["policy_hits"], plain["approvals_requested"], plain["approval_waits_ms"], plain["feedback_score"]) == (
+        {}, 0, [], None)
+
+
+def test_feedback_after_the_end_counts_but_does_not_make_the_run_longer():
+    assembler = RunAssembler(30 * MIN)
+    (closed,) = assembler.apply(a_run("r1", T0), now_ms=0)
+    (again,) = assembler.apply([event("late-feedback", "r1", "feedback", T0 + 40_000, score=1.0)], now_ms=1)
+    assert again["feedback_count"] == 1 and again["event_count"] == closed["event_count"] + 1
+    assert (again["ended_at"], again["duration_ms"]) == (closed["ended_at"], closed["duration_ms"]) == (T0 + 3000, 3000)
