@@ -9,7 +9,9 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from jobs.example_agent import handle
 from jobs.publish import agent_key, publish_lines
+from streams.client import Trackside, VersionPaused
 from streams.contracts import topics
 from jobs.simulate import DEFAULT_CANARY, FleetConfig, genai_prices_fn, run_labels, simulate
 from streams.ops.broker import port_free
@@ -116,6 +118,9 @@ def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: s
         with console.status("waiting for the last verdicts, alerts and drift tests"):
             _settle(stack)
         _print_summary(console, stack)
+        with console.status("closing the loop: a live agent on the client, the paused canary"):
+            lines = _close_the_loop(stack, settings)
+        _print_controls(console, stack, lines)
         console.print(
             f"{landed} of {expected_runs} runs landed; whole demo took {time.monotonic() - started:.1f} s"
         )
@@ -216,6 +221,60 @@ def _print_rollouts(console: Console, stack: Stack) -> None:
                           _num(m["margin"]), _num(m["statistic"]), _num(m["p_value"]), _num(m["threshold"]),
                           "yes" if m["worse"] else "")
         console.print(table)
+
+
+LIVE_AGENT = "example-agent"
+CONTROLS = """
+SELECT action, issued_by, count() AS controls,
+       argMax(if(action = 'stop_run', substring(run_id, 1, 8), agent_id || ' ' || agent_version), ts) AS newest,
+       argMax(reason, ts) AS why
+FROM controls FINAL GROUP BY action, issued_by ORDER BY action, issued_by
+"""
+
+
+def _close_the_loop(stack: Stack, settings: Settings) -> list[str]:
+    """Intervene, as agents do when Trackside tells them: a live agent written with the client
+    (jobs/example_agent.py) answers three tickets, the third looping, which its client stops at
+    the next step; and a client of each rolled-back canary version is refused a new run."""
+    lines = []
+    agent = Trackside(settings.bootstrap_servers, LIVE_AGENT, "v1")
+    try:
+        for ticket in (1, 2, 3):
+            # a step of 0.3 s: a quick model call; the stop comes ~0.25 s after the looping call
+            run_id, ended, steps = handle(agent, ticket, looping=ticket == 3, step_s=0.3)
+            ended = ended.replace(f"run {run_id} of {LIVE_AGENT} v1 ", "")
+            lines.append(f"live agent {LIVE_AGENT}, ticket {ticket}: run {run_id[:8]} ended after {steps} steps: {ended}")
+    finally:
+        agent.close()
+    for agent_id, version in stack.store.query_rows("SELECT DISTINCT agent_id, from_version FROM rollbacks FINAL"):
+        canary = Trackside(settings.bootstrap_servers, agent_id, version)
+        try:
+            canary.start_run(wait_s=10).end("aborted")
+            lines.append(f"{agent_id} {version}: rolled back but not paused (its policy says pause_on_rollback = false)")
+        except VersionPaused as paused:
+            lines.append(f"{agent_id} {version}: a new run is refused by its client, VersionPaused: {paused.reason}")
+        finally:
+            canary.close()
+    # the live agent's stop lands in `controls` a moment after the agent obeyed it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not stack.store.query_rows(
+            "SELECT count() FROM controls WHERE action = 'stop_run' AND agent_id = {agent:String}",
+            {"agent": LIVE_AGENT})[0][0]:
+        time.sleep(0.2)
+    return lines
+
+
+def _print_controls(console: Console, stack: Stack, lines: list[str]) -> None:
+    console.print("[bold]The loop closed[/bold] (controls on trackside.controls, obeyed by the agent client)")
+    for line in lines:
+        console.print("  " + line)
+    table = Table(title="Controls (the audit trail, read back from ClickHouse)")
+    for column in ("action", "issued by", "controls", "the newest: subject", "reason"):
+        table.add_column(column, justify="right" if column == "controls" else "left",
+                         no_wrap=column != "reason", max_width=60 if column == "reason" else None)
+    for action, issued_by, count, newest, why in stack.store.query_rows(CONTROLS):
+        table.add_row(action, issued_by, str(count), newest, why[:110])
+    console.print(table)
 
 
 def _num(value: float | None) -> str:

@@ -105,6 +105,7 @@ class Trackside:
     def close(self, timeout: float = 10.0) -> None:
         self._closing.set()
         self._producer.flush(timeout)
+        atexit.unregister(self._producer.flush)  # so the producer goes with the client, its connections too
         for thread in self._threads:
             thread.join(timeout)
         self._consumer.close()

@@ -25,6 +25,13 @@ def test_demo_lands_every_run_and_prints_the_summary(tmp_path):
     # the story: the bad canary is rolled back, with when, after how many runs and why
     assert "support-bot v1.6.0-rc1 vs v1.4.2 (roles from agent.deployments" in out and "ROLLED BACK to" in out
     assert "evidence of the support-bot v1.6.0-rc1 rollback" in out
+    # the loop closed: the live agent's looping ticket stopped by its client, the others answered;
+    # the rolled-back canary refused a new run; the controls in their table
+    lines = [line for line in out.splitlines() if line.startswith("  live agent example-agent")]
+    assert [line.split("steps: ")[1][:8] for line in lines] == ["success", "success", "stopped:"], out
+    assert "is looping" in out.split("ticket 3:")[1]
+    assert "support-bot v1.6.0-rc1: a new run is refused by its client, VersionPaused: rolled back to v1.4.2" in out
+    assert "Controls (the audit trail" in out and "pause_version │ trackside │        1" in out
     assert not list((tmp_path / "demo" / "run").glob("*.pid")), "a child process was left behind"
     # published all at once, the fleet still gets its drift tests (partitions run ahead of
     # each other; a window is tested once the slowest has passed it)
