@@ -37,6 +37,35 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    from streams.console.app import ConsoleServer
+    from streams.store.clickhouse import Store, query_store
+
+    settings = _settings()
+    if not settings.console_port:
+        raise TracksideError("TRACKSIDE_CONSOLE_PORT is 0: the console is off")
+    store = query_store(settings)  # a running `up`'s query service, or the store itself
+    if isinstance(store, Store):
+        def read(sql: str, parameters: dict) -> list[dict]:
+            return store.query_json(sql, parameters, person=False)
+    else:
+        read = store.query_json
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server = ConsoleServer(settings, read)
+    if not server.start():
+        raise TracksideError(f"the console cannot listen on {settings.console_host}:{settings.console_port}; "
+                             "set TRACKSIDE_CONSOLE_PORT")
+    print(f"trackside console {server.url}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+        store.close()
+    return 0
+
+
 def cmd_forward(args: argparse.Namespace) -> int:
     from streams import telemetry
     from streams.ops.forward import build_targets, run_forwarders
@@ -152,6 +181,10 @@ def parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run the embedded stack in the foreground until Ctrl-C")
     up.set_defaults(handler=cmd_up)
+
+    console = commands.add_parser(
+        "console", help="serve the web console and JSON API alone (SPEC §10) against the configured store and broker")
+    console.set_defaults(handler=cmd_console)
 
     forward = commands.add_parser(
         "forward", help="deliver trackside.alerts to Alertmanager and/or a webhook until Ctrl-C (what `up` runs "

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     # Operations.
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port of `up`; 0 = off")
     metrics_host: str = Field("127.0.0.1", description="address /metrics listens on (0.0.0.0 in a container)")
+    console_port: int = Field(8765, ge=0, le=65535, description="web console and JSON API of `up` (SPEC §10); 0 = off")
+    console_host: str = Field(
+        "127.0.0.1", description="address the console listens on; beyond 127.0.0.1 it needs TRACKSIDE_CONSOLE_TOKEN")
+    console_token: SecretStr = Field(
+        SecretStr(""), description="bearer token of the console: every request needs it beyond 127.0.0.1, a POST always")
 
     # Alert forwarding (streams/ops/forward.py); no URL = no forwarder.
     alertmanager_url: SecretStr = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -109,11 +110,13 @@ class RunningStack:
         self.cwd = cwd
         self.port = free_port()
         self.metrics_port = free_port()
+        self.console_port = free_port()
         self.env = {
             **os.environ,
             "TRACKSIDE_DATA_DIR": str(data_dir),
             "TRACKSIDE_EMBEDDED_PORT": str(self.port),
             "TRACKSIDE_METRICS_PORT": str(self.metrics_port),
+            "TRACKSIDE_CONSOLE_PORT": str(self.console_port),
             **(extra_env or {}),
         }
         self.env.pop("TRACKSIDE_BOOTSTRAP", None)
@@ -182,6 +185,17 @@ class RunningStack:
         """Wait until a one-number query gives `expected`, and return it."""
         return wait_until(lambda: self.count(sql, parameters), timeout, f"`{sql}` to give {expected}",
                           done=lambda count: count == expected, interval=0.3)
+
+    def api(self, path: str, *, method: str = "GET", body: bytes | None = None,
+            headers: dict | None = None) -> tuple[int, object]:
+        """(status, JSON) of a request to the console (SPEC §10); an error's JSON too."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.console_port}{path}", data=body, method=method,
+                                         headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, orjson.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, orjson.loads(error.read() or b"null")
 
     def on_topic(self, topic: str) -> list[dict]:
         """Every message on a topic so far, decoded from JSON."""

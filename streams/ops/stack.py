@@ -48,6 +48,7 @@ class Stack:
         self._metrics_dir = None
         self._targets: list = []
         self._started = False
+        self.console = None  # streams.console.app.ConsoleServer, when it listens
 
     # Start.
 
@@ -85,7 +86,21 @@ class Stack:
                 log.warning("no /metrics: cannot listen on %s:%d (%s); set TRACKSIDE_METRICS_PORT",
                             settings.metrics_host, settings.metrics_port, error)
         self._start_pipeline(ready_timeout)
+        self._start_console()
         self._started = True
+
+    def _start_console(self) -> None:
+        """The web console and JSON API (SPEC §10), reading the store as Trackside (no person's
+        limits) and following the topics; a taken port is a warning, as for /metrics."""
+        if not self.settings.console_port:
+            return
+        from streams.console.app import ConsoleServer
+
+        store = self.store
+        console = ConsoleServer(self.settings, lambda sql, params: store.query_json(sql, params, person=False))
+        if console.start():
+            self.console = console
+            log.info("console on %s", console.url)
 
     def _start_broker(self) -> None:
         """The embedded broker behind the front door (or nothing, with an external one); then the topics."""
@@ -281,6 +296,10 @@ class Stack:
         if self.front_door is not None and self.broker is not None:
             # agents keep what they send and retry; the broker runs dry and the drain ends
             self.front_door.shut_out_agents()
+        if self.console is not None:
+            self.console.stop()
+            self.console = None
+            step("console")
         self._stop_pipeline(step)
         if self.metrics is not None:
             self.metrics.stop()
