@@ -66,7 +66,22 @@ class Console:
         self.issue = issue
 
     def app(self) -> Starlette:
+        from starlette.routing import Mount
+        from starlette.staticfiles import StaticFiles
+
+        from streams.console.pages import HERE, Pages
+
+        pages = Pages(self.read, self.live, self.settings.policy())
         routes = [
+            Route("/", pages.fleet),
+            Route("/live", pages.live_runs),
+            Route("/runs/{run_id:path}", pages.run),
+            Route("/alerts", pages.alerts),
+            Route("/canaries", pages.canaries),
+            Route("/canaries/{agent_id}/{version:path}", pages.canary),
+            Route("/api/v1/runs/live/stream", pages.live_stream),
+            Route("/api/v1/alerts/stream", pages.alert_stream),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
             Route("/healthz", self.healthz),
             Route("/api/v1/fleet", self.fleet),
             Route("/api/v1/runs/live", self.live_runs),
@@ -231,7 +246,7 @@ class ConsoleServer:
         if self.live is not None:
             self.live.start()
         config = uvicorn.Config(self.console.app(), host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off")
+                                lifespan="off", timeout_graceful_shutdown=1)  # open live streams end at stop
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="console", daemon=True)
         self._thread.start()

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +27,7 @@ _TS, _TYPE, _RUN, _AGENT, _VERSION, _TOOL, _COST, _ID = (
 _STEPS = ("llm_call", "tool_call")
 _OPENS = ("run_start", "llm_call", "tool_call")
 EXPIRE_EVERY_S = 1.0
+RECENT_ALERTS = 200
 
 # The runs of the store with events in the last idle timeout and no `runs` row: open at start.
 OPEN_IN_STORE = """
@@ -73,6 +75,8 @@ class LiveRuns:
         self.idle_timeout_ms = idle_timeout_ms
         self.max_runs = max_runs
         self.runs: dict[str, OpenRun] = {}
+        self.alerts: deque[dict] = deque(maxlen=RECENT_ALERTS)  # the newest alerts seen on the topic, oldest first
+        self.alerts_seen = 0  # how many came: a page's stream sends those after the count it last saw
         self.newest_ts = 0
         self.version = 0  # grows with every change: what a page's live stream waits on
         self.changed = threading.Condition()
@@ -160,13 +164,24 @@ class LiveRuns:
                 return True
             return False
         alert = orjson.loads(value)
+        if not isinstance(alert, dict) or "alert_id" not in alert:
+            return False  # not an alert: the sink dead-letters it
+        with self._lock:
+            self.alerts.append(alert)
+            self.alerts_seen += 1
         if alert.get("kind") == "loop" and alert.get("status") == "firing":
             with self._lock:
                 run = self.runs.get(alert.get("run_id", ""))
                 if run is not None:
                     run.loop_suspected = True
                     return True
-        return False
+        return True
+
+    def recent_alerts(self, after: int) -> tuple[list[dict], int]:
+        """The alerts seen since the count `after` (as many as are kept), and the count now."""
+        with self._lock:
+            new = min(self.alerts_seen - after, len(self.alerts))
+            return (list(self.alerts)[len(self.alerts) - new:] if new > 0 else []), self.alerts_seen
 
     def apply(self, events: list[list]) -> None:
         """Fold packed events (`EventBatch.events`) in."""

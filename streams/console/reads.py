@@ -169,3 +169,125 @@ def _json(text: str) -> Any:
         return orjson.loads(text) if text else {}
     except orjson.JSONDecodeError:
         return text
+
+
+# --- what the pages read besides the API's ------------------------------------------------------------
+
+FLEET_SERIES = """
+WITH (SELECT max(ended_at) FROM runs FINAL) AS newest
+SELECT agent_id, agent_version, bucket, n_runs AS runs, n_successes / n_runs AS success_rate,
+       cost / nullIf(n_successes, 0) AS cost_per_success, p95 AS p95_duration_ms, loops / n_runs AS loop_rate,
+       errors / nullIf(calls, 0) AS tool_error_rate
+FROM
+(
+    SELECT agent_id, agent_version,
+           toUnixTimestamp(toStartOfInterval(window_start, toIntervalSecond({bucket:UInt32}))) * 1000 AS bucket,
+           sum(runs) AS n_runs, sum(successes) AS n_successes, toFloat64(sum(cost_usd)) AS cost,
+           max(p95_duration_ms) AS p95, sum(loop_rate * runs) AS loops, sum(tool_errors) AS errors,
+           sum(tool_calls) AS calls
+    FROM agent_metrics FINAL
+    WHERE window_end > newest - toIntervalHour({hours:UInt32})
+      AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+    GROUP BY agent_id, agent_version, bucket
+)
+ORDER BY bucket
+"""
+SERIES = ("runs", "success_rate", "cost_per_success", "p95_duration_ms", "loop_rate", "tool_error_rate")
+POINTS = 24  # a sparkline's points over the range
+
+RUN_ALERTS = f"""
+SELECT alert_id, toUnixTimestamp64Milli(ts) AS ts, kind, severity, status, fingerprint, agent_id, agent_version,
+       run_id, summary, evidence, action
+FROM (SELECT * FROM alerts FINAL WHERE run_id = {{run_id:String}}) ORDER BY ts
+"""
+RUN_CONTROLS = """
+SELECT control_id, toUnixTimestamp64Milli(ts) AS ts, action, reason, issued_by, alert_id
+FROM (SELECT * FROM controls FINAL WHERE run_id = {run_id:String}) ORDER BY ts
+"""
+FAILURE_MODE = "SELECT cluster_id, label, size FROM failure_clusters FINAL WHERE cluster_id = {cluster_id:String} LIMIT 1"
+ROLLBACKS = """
+SELECT rollback_id, toUnixTimestamp64Milli(ts) AS ts, agent_id, from_version, to_version, reason, alert_ids, evidence
+FROM (SELECT * FROM rollbacks FINAL) ORDER BY ts DESC
+"""
+DEPLOYMENTS = """
+SELECT agent_id, version, role, traffic_pct, toUnixTimestamp64Milli(ts) AS ts
+FROM (SELECT * FROM deployments FINAL WHERE {agent_id:String} = '' OR agent_id = {agent_id:String})
+ORDER BY agent_id, ts
+"""
+ARM_RUNS = """
+SELECT run_id, agent_version, outcome, toFloat64(cost_usd) AS cost_usd, loop_detected, tool_calls, tool_errors,
+       duration_ms, toUnixTimestamp64Milli(ended_at) AS ended_at
+FROM runs FINAL
+WHERE agent_id = {agent_id:String} AND agent_version IN ({stable:String}, {canary:String})
+  AND ended_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+ORDER BY ended_at, run_id
+LIMIT 200000
+"""
+
+
+def fleet_series(read: Read, hours: int, agent_id: str = "") -> dict[tuple[str, str], dict[str, list]]:
+    """Per agent version, each metric of the fleet over the range in POINTS buckets (None: no run)."""
+    bucket_s = max(hours * 3600 // POINTS, 300)
+    rows = read(FLEET_SERIES, {"hours": hours, "bucket": bucket_s, "agent_id": agent_id})
+    if not rows:
+        return {}
+    last = max(row["bucket"] for row in rows)
+    first = last - (POINTS - 1) * bucket_s * 1000
+    out: dict[tuple[str, str], dict[str, list]] = {}
+    for row in rows:
+        index = (row["bucket"] - first) // (bucket_s * 1000)
+        if not 0 <= index < POINTS:
+            continue
+        series = out.setdefault((row["agent_id"], row["agent_version"]), {name: [None] * POINTS for name in SERIES})
+        for name in SERIES:
+            series[name][index] = row[name]
+    return out
+
+
+def run_context(read: Read, run_id: str, cluster_id: str) -> dict:
+    """A run's alerts (with the loop's evidence), controls and failure mode."""
+    alerts = read(RUN_ALERTS, {"run_id": run_id})
+    for alert in alerts:
+        alert["evidence"] = _json(alert["evidence"])
+    loop = next((a["evidence"] for a in alerts if a["kind"] == "loop" and a["status"] == "firing"), None)
+    mode = read(FAILURE_MODE, {"cluster_id": cluster_id}) if cluster_id else []
+    return {"alerts": alerts, "controls": read(RUN_CONTROLS, {"run_id": run_id}), "loop": loop,
+            "failure_mode": mode[0] if mode else None}
+
+
+def rollbacks(read: Read) -> list[dict]:
+    rows = read(ROLLBACKS, {})
+    for row in rows:
+        row["evidence"] = _json(row["evidence"])
+    return rows
+
+
+def deployments(read: Read, agent_id: str = "") -> list[dict]:
+    return read(DEPLOYMENTS, {"agent_id": agent_id})
+
+
+def canary_trajectory(read: Read, canary: dict, policy=None) -> dict:  # noqa: ANN001 (a CanaryPolicy)
+    """The analysis replayed from the stored runs of both arms since the canary started, in the
+    order they ended: after each canary run, every metric's always-valid p-value (the running
+    minimum) and its threshold. The live analysis judged batch by batch, so its decision may come
+    a few runs apart from the replay's; its own point of decision is `canary["canary_runs"]`."""
+    from streams.detect.canary import METRICS, CanaryAnalysis, CanaryPolicy
+
+    rows = read(ARM_RUNS, {"agent_id": canary["agent_id"], "stable": canary["stable_version"],
+                           "canary": canary["version"], "since": canary["since"]})
+    analysis = CanaryAnalysis(policy or CanaryPolicy())
+    points: dict[str, list] = {metric: [] for metric in METRICS}
+    runs: list[int] = []
+    threshold = analysis.policy.metric_alpha
+    for row in rows:
+        arm = "canary" if row["agent_version"] == canary["version"] else "stable"
+        analysis.add(arm, [row])
+        if arm != "canary":
+            continue
+        verdict = analysis.decide()
+        runs.append(verdict.canary_runs)
+        for result in verdict.metrics:
+            points[result.metric].append(result.p_value)
+        analysis.verdict_ = None  # keep replaying past a decision: the chart shows the whole run
+    return {"runs": runs, "p_values": points, "threshold": threshold, "metrics": list(METRICS),
+            "decided_at_run": canary["canary_runs"] if canary["verdict"] != "pending" else None}
