@@ -7,10 +7,11 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-# SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.detect.rollout) and
-# a stage of Trackside itself that stopped or fell behind (streams.ops.watch)
+# SPEC §6's kinds, and beyond them a canary's loop rate, p95 duration, guardrail actions, denied
+# approvals and late escalations (streams.detect.rollout) and a stage of Trackside itself that
+# stopped or fell behind (streams.ops.watch)
 KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency",
-         "pipeline")
+         "guardrail", "denial", "escalation", "pipeline")
 SEVERITIES = ("info", "warning", "critical")
 FIRING, RESOLVED = "firing", "resolved"
 

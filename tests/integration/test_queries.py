@@ -29,6 +29,7 @@ from jobs.demo import MALFORMED, demo_deployments
 from jobs.publish import agent_key, publish_lines
 from jobs.simulate import DEFAULT_CANARY, FleetConfig, default_agents, genai_prices_fn, run_labels, simulate, truth
 from streams.contracts import topics
+from streams.detect.canary import METRICS
 from streams.detect.drift import NUMERIC
 from streams.store.saved_queries import PARAM
 from streams.store.saved_queries import load_query as saved_query
@@ -316,8 +317,7 @@ def test_slowest_tool_paths(filled: Filled):
 def test_canary_against_stable(filled: Filled):
     rows = filled.run("canary_vs_stable")
     canary = [r for r in rows if r["agent_id"] == "support-bot" and r["canary_version"] == DEFAULT_CANARY.version]
-    assert {r["metric"] for r in canary} == {"success_rate", "cost_per_success", "loop_rate", "tool_error_rate",
-                                             "p95_duration"}
+    assert {r["metric"] for r in canary} == set(METRICS)
     for r in canary:
         assert r["stable_version"] == "v1.4.2" and not r["inferred"]
         assert r["decision"] == "rollback" and r["decided_at"] is not None
