@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 triggers[min((m for m in verdict.metrics if m.worse), key=lambda m: m.p_value).metric] += 1
             elif verdict.decision == "promote":
                 promoted.append(verdict.canary_runs)
-                proven += all(m.upper_excess is not None and m.upper_excess < 0
-                              for m in verdict.metrics if m.metric in policy.rollback_on)
+                proven += verdict.reason.startswith("no worse than stable")  # on evidence, not at max_runs
             else:
                 undecided.append(verdict.canary_runs)
         n, k = len(seeds), len(rolled)

@@ -24,7 +24,7 @@ ALTER TABLE {database}.runs {on_cluster}
 ALTER TABLE {database}.agent_metrics {on_cluster}
     ADD COLUMN IF NOT EXISTS policy_hits UInt32 COMMENT 'guardrail hits of the runs of the window',
     ADD COLUMN IF NOT EXISTS policy_hits_by Map(String, UInt32) COMMENT 'the same by "policy:decision"',
-    ADD COLUMN IF NOT EXISTS guardrail_runs UInt32 COMMENT 'runs with a hit that was not allowed (a guardrail acted)',
+    ADD COLUMN IF NOT EXISTS guardrail_runs UInt32 COMMENT 'runs where a guardrail acted: a hit warned, redacted or blocked',
     ADD COLUMN IF NOT EXISTS guardrail_rate Float64 COMMENT 'guardrail_runs / runs',
     ADD COLUMN IF NOT EXISTS approvals_requested UInt32,
     ADD COLUMN IF NOT EXISTS approvals_granted UInt32,

@@ -14,7 +14,8 @@
 --                                  "new"), which are never resolved and would otherwise stay
 --                                  "firing" forever
 -- @param kind String ''            one kind (loop, drift, cost, success_rate, error_rate,
---                                  loop_rate, latency, failure_cluster, budget), or '' for all
+--                                  loop_rate, latency, guardrail, denial, escalation,
+--                                  failure_cluster, budget, pipeline), or '' for all
 --
 -- Reading the result: one row per firing condition, critical first, then newest. fired_at is
 -- the event time of the firing alert (the episode's start); age_minutes is measured to the

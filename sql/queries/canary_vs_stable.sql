@@ -2,8 +2,10 @@
 --
 -- Answers: for every canary (a new version taking part of an agent's traffic), how does it
 -- compare with its stable version on success rate, cost per successful task, loop rate, tool
--- error rate and p95 duration; which metric is worse beyond its margin; what did Trackside decide
--- (pending, rollback, promote), when, after how many runs, and was the rollback sent?
+-- error rate, p95 duration, the shares of runs where a guardrail acted or an approval was denied,
+-- and how many steps escalated runs took; which metric is worse beyond its margin; what did
+-- Trackside decide (pending, rollback, promote), when, after how many runs, and was the rollback
+-- sent?
 --
 -- Source: canaries (the latest verdict of each canary analysis; its evidence JSON holds, per
 -- metric, both arms' values, sample sizes, the margin, the sequential test's statistic and
@@ -16,13 +18,14 @@
 --
 -- Reading the result: one row per (canary, metric). test_stable/test_canary are the values the
 -- sequential test saw (n_stable/n_canary runs); observed_* the same metric recomputed here from
--- `runs` (they agree up to runs that landed after the test ran and the p95 estimator).
--- worse = the canary is shown worse than stable by more than margin (absolute for rates,
--- relative for cost and p95): p_value < alpha, where p_value is always valid (checking after
--- every run does not inflate false rollbacks). A 'rollback' decision names the worse metrics in
--- reason; rolled_back_to/rolled_back_at come from the rollback actually sent (NULL if none). A
--- 'pending' canary has not shown either way yet; 'promote' = shown within every margin, or
--- reached max_runs without a rollback. inferred = roles guessed from traffic (no deployment
+-- `runs` (they agree up to runs that landed after the test ran and the quantile estimators;
+-- guardrail_rate counts runs with a hit that warned, redacted or blocked, from runs.policy_hits).
+-- worse = the canary is shown worse than stable by more than margin (absolute for rates, relative
+-- for cost, p95 and escalation steps): p_value < alpha, where p_value is always valid (checking
+-- after every run does not inflate false rollbacks). A 'rollback' decision names the worse
+-- metrics in reason; rolled_back_to/rolled_back_at come from the rollback actually sent (NULL if
+-- none). A 'pending' canary has not shown either way yet; 'promote' = shown within every margin,
+-- or reached max_runs without a rollback. inferred = roles guessed from traffic (no deployment
 -- events for that agent).
 --
 -- Deduplication: explicit FINAL on canaries, runs and rollbacks.
@@ -45,7 +48,11 @@ WITH
             toFloat64(sum(r.cost_usd)) / nullIf(countIf(r.outcome = 'success'), 0) AS cost_per_success,
             countIf(r.loop_detected) / count() AS loop_rate,
             sum(r.tool_errors) / nullIf(sum(r.tool_calls), 0) AS tool_error_rate,
-            quantile(0.95)(r.duration_ms) AS p95_duration
+            quantile(0.95)(r.duration_ms) AS p95_duration,
+            quantileIf(0.5)(r.steps, r.outcome = 'escalated') AS escalation_steps,
+            countIf(arrayExists((k, v) -> v > 0 AND match(k, ':(warned|redacted|blocked)$'),
+                                mapKeys(r.policy_hits), mapValues(r.policy_hits))) / count() AS guardrail_rate,
+            countIf(r.approvals_denied > 0) / count() AS denial_rate
         FROM runs AS r FINAL
         INNER JOIN c ON r.agent_id = c.agent_id
         WHERE r.agent_version IN (c.version, c.stable_version)
@@ -78,10 +85,14 @@ SELECT
     toBool(JSONExtractBool(x.m, 'worse')) AS worse,
     multiIf(metric = 'success_rate', s.success_rate, metric = 'cost_per_success', s.cost_per_success,
             metric = 'loop_rate', s.loop_rate, metric = 'tool_error_rate', s.tool_error_rate,
-            metric = 'p95_duration', s.p95_duration, NULL) AS observed_stable,
+            metric = 'p95_duration', s.p95_duration, metric = 'escalation_steps', s.escalation_steps,
+            metric = 'guardrail_rate', s.guardrail_rate, metric = 'denial_rate', s.denial_rate,
+            NULL) AS observed_stable,
     multiIf(metric = 'success_rate', k.success_rate, metric = 'cost_per_success', k.cost_per_success,
             metric = 'loop_rate', k.loop_rate, metric = 'tool_error_rate', k.tool_error_rate,
-            metric = 'p95_duration', k.p95_duration, NULL) AS observed_canary,
+            metric = 'p95_duration', k.p95_duration, metric = 'escalation_steps', k.escalation_steps,
+            metric = 'guardrail_rate', k.guardrail_rate, metric = 'denial_rate', k.denial_rate,
+            NULL) AS observed_canary,
     s.n AS observed_n_stable,
     k.n AS observed_n_canary,
     c.canary_runs AS canary_runs,

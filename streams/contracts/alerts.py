@@ -7,11 +7,12 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-# SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.detect.rollout),
-# a stage of Trackside itself that stopped or fell behind (streams.ops.watch), and spikes of
-# guardrail hits and escalations (streams.detect.governance)
+# SPEC §6's kinds, and beyond them a canary's loop rate, p95 duration, guardrail actions, denied
+# approvals and late escalations (streams.detect.rollout), spikes of guardrail actions (`policy`) and
+# escalations against a version's own baseline (streams.detect.governance), and a stage of Trackside
+# itself that stopped or fell behind (streams.ops.watch)
 KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency",
-         "pipeline", "policy", "escalation")
+         "guardrail", "denial", "escalation", "policy", "pipeline")
 SEVERITIES = ("info", "warning", "critical")
 FIRING, RESOLVED = "firing", "resolved"
 

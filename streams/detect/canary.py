@@ -12,39 +12,53 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from streams.detect.estimators import quantile
+from streams.detect.governance import approval_denied, guardrail_acted
 
-METRICS = ("success_rate", "cost_per_success", "loop_rate", "tool_error_rate", "p95_duration")
+METRICS = ("success_rate", "cost_per_success", "loop_rate", "tool_error_rate", "p95_duration", "guardrail_rate",
+           "denial_rate", "escalation_steps")
 ARMS = ("stable", "canary")
 
-# Tolerated degradation per metric: absolute for the rates, relative for cost per success and
-# p95 duration. A canary within these is as good as stable for a rollout's purposes; they are
-# also what promotion must prove, so a smaller margin costs many more runs to promote.
+# Tolerated degradation per metric: absolute for the rates, relative for cost per success, p95
+# duration and escalation steps. A canary within these is as good as stable for a rollout's
+# purposes; they are also what promotion must prove, so a smaller margin costs many more runs to
+# promote.
 DEFAULT_MARGINS: Mapping[str, float] = MappingProxyType({
     "success_rate": 0.03,  # 3 points of task success, about a fifth of the failures of an 85% agent
     "cost_per_success": 0.15,  # +15% cost per successful task
     "loop_rate": 0.02,  # 2 more runs in 100 caught in a loop (the simulated fleet loops ~3%)
     "tool_error_rate": 0.03,  # 3 more failed tool calls in 100
     "p95_duration": 0.20,  # +20% on the slow tail
+    # governance (SPEC §4 policy_hit, approval), from each run's row; 0 in both arms without them
+    "guardrail_rate": 0.02,  # 2 more runs in 100 where a guardrail warned, redacted or blocked
+    "denial_rate": 0.02,  # 2 more runs in 100 with an approval denied
+    "escalation_steps": 0.25,  # escalating after +25% steps (the median escalation, ~1-2 steps at 4-8)
 })
 
 # Scale τ of the mixing distribution, on each metric's test scale (absolute rate, log ratio of
-# cost per success, excess share of slow runs for p95). Λ rises fastest for degradations beyond
-# the margin of about τ, so τ is set to the excess that should stop a canary within a few dozen
-# runs: 20 points of success, +35% cost (log 1.35 ≈ 0.3), 5 points of loops or tool errors,
-# 10 points more runs beyond the slow threshold. The mixture is forgiving, and τ never affects
+# cost per success, excess share of slow runs for p95, of late escalations for escalation steps).
+# Λ rises fastest for degradations beyond the margin of about τ, so τ is set to the excess that
+# should stop a canary within a few dozen runs: 20 points of success, +35% cost (log 1.35 ≈ 0.3),
+# 5 points of loops, tool errors, guardrail actions or denials, 10 points more runs beyond the
+# slow threshold, 20 points more escalated runs beyond the late threshold (a share near 1/2, so
+# a few dozen escalations resolve about that much). The mixture is forgiving, and τ never affects
 # validity: for the success rate of the simulated support-bot, a 0.85 -> 0.5 canary is rolled
 # back after a median (p95) of 63 (113) canary runs with τ = 0.1, 49 (103) with 0.2 and 47 (103)
-# with 0.3 (300 seeds each), while at 1,000 runs the boundary is 6.0, 6.2 and 6.4 points beyond
-# the margin: a larger τ is quicker on gross regressions and slightly slower on subtle ones.
+# with 0.3 (300 seeds each; at α/5, before the governance metrics), while at 1,000 runs the
+# boundary is 6.0, 6.2 and 6.4 points beyond the margin: a larger τ is quicker on gross
+# regressions and slightly slower on subtle ones.
 DEFAULT_TAU: Mapping[str, float] = MappingProxyType({
     "success_rate": 0.20,
     "cost_per_success": 0.30,
     "loop_rate": 0.05,
     "tool_error_rate": 0.05,
     "p95_duration": 0.10,
+    "guardrail_rate": 0.05,
+    "denial_rate": 0.05,
+    "escalation_steps": 0.20,
 })
 
 P95 = 0.95
+MEDIAN = 0.5
 
 
 # --- always-valid inference ---------------------------------------------------------------------
@@ -89,7 +103,7 @@ def confidence_radius(variance: float, tau2: float, alpha: float) -> float:
 # --- estimators --------------------------------------------------------------------------------------
 
 
-def proportion_variance(count: int, n: int) -> float:
+def proportion_variance(count: float, n: int) -> float:
     """Variance of a proportion count/n, evaluated at (count + 1) / (n + 2).
 
     The pseudo-counts (Agresti-Coull style) keep an arm that has seen no loops, or only
@@ -155,6 +169,11 @@ class CanaryPolicy:
     min_successes: cost_per_success is tested only once each arm has this many successes: the
         delta method needs the ratio's denominator well away from 0 (its coefficient of
         variation <= ~0.3).
+    min_escalations: escalation_steps is tested only once each arm has this many escalated runs:
+        it compares shares of escalated runs (a proportion near 1/2), whose normal approximation
+        holds from about ten on. Until then it neither rolls back nor holds back a promotion on
+        evidence: a canary that hardly escalates cannot escalate late often, and an agent that
+        never escalates would otherwise never be promoted before max_runs.
     promote_after: no promotion on evidence before this many canary runs. Showing a canary as
         good as stable to be within the default margins takes, on the simulated support-bot
         (79% success, 3% loops, a 30% canary), ~400 canary runs for cost and p95, ~1,000 for
@@ -164,8 +183,9 @@ class CanaryPolicy:
         real power limit: at 1,000 canary runs (~2,300 stable at a 30% canary) the rollback
         boundary of the success rate sits ~6 points beyond its margin and that of cost per
         success at ~+26%, so drops of >= ~12 points or cost >= ~+45% are rolled back with
-        high probability, a 9.5-point drop about half the time (55% of 300 seeds in
-        `jobs.evaluate_canary`), and smaller degradations beyond the margin are usually
+        high probability, a 9.5-point drop about half the time (47% of 300 seeds in
+        `jobs.evaluate_canary` with the eight default metrics at α/8; 55% with the five before
+        the governance ones, at α/5), and smaller degradations beyond the margin are usually
         promoted. At a few runs a minute, a 30% canary reaches 1,000 runs in about half a day;
         a larger max_runs buys power slowly (the boundary shrinks ~1/sqrt(n)).
     alpha: total false-rollback rate over the metrics of `rollback_on` (Bonferroni, α/k each),
@@ -185,9 +205,10 @@ class CanaryPolicy:
     rollback_on: tuple[str, ...] = METRICS
     tau: Mapping[str, float] = field(default_factory=lambda: DEFAULT_TAU)
     min_successes: int = 10
+    min_escalations: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("min_runs", "promote_after", "max_runs", "min_successes"):
+        for name in ("min_runs", "promote_after", "max_runs", "min_successes", "min_escalations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, not {value!r}")
@@ -196,8 +217,9 @@ class CanaryPolicy:
         if not self.min_runs <= self.promote_after <= self.max_runs:
             raise ValueError(f"need min_runs <= promote_after <= max_runs, got {self.min_runs}, "
                              f"{self.promote_after}, {self.max_runs}")
-        if self.min_successes < 2:
-            raise ValueError(f"min_successes must be >= 2, not {self.min_successes}")
+        for name in ("min_successes", "min_escalations"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2, not {getattr(self, name)}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 0.5:
             raise ValueError(f"alpha must be a number in (0, 0.5), not {self.alpha!r}")
         margins = _frozen("margins", self.margins, DEFAULT_MARGINS)
@@ -238,17 +260,21 @@ class CanaryPolicy:
 class MetricResult:
     """One metric of both arms and its sequential test.
 
-    stable, canary: the metric per arm (p95_duration in ms). difference: canary minus stable,
-    absolute for the rates, relative (canary/stable - 1) for cost_per_success and p95_duration.
+    stable, canary: the metric per arm (p95_duration in ms, escalation_steps the median steps of
+    the escalated runs). difference: canary minus stable, absolute for the rates, relative
+    (canary/stable - 1) for cost_per_success, p95_duration and escalation_steps. n_stable,
+    n_canary: runs of each arm (escalation_steps uses their escalated ones).
     The test runs on the degradation θ (positive = worse): stable - canary success rate,
-    log(canary/stable) cost per success, canary - stable loop and tool error rates, and for
-    p95_duration the share of canary runs slower than (1 + margin) x the stable p95 minus the
-    stable share above its own p95 (so the margin is built into the threshold, 0 on this
+    log(canary/stable) cost per success, canary - stable loop, tool error, guardrail and denial
+    rates, for p95_duration the share of canary runs slower than (1 + margin) x the stable p95
+    minus the stable share above its own p95, and for escalation_steps the same with escalated
+    runs' steps and the median (so the margin is built into the threshold, 0 on this
     scale). statistic: z = (θ̂ - δ) / sqrt(V). p_value: always-valid p, the running minimum of
     1/Λ. threshold: α of this metric. worse: p_value <= threshold. margin: the tolerated
-    degradation as configured (relative for cost and p95). upper_excess: always-valid upper
-    confidence bound of θ - δ at level 1 - threshold (< 0: shown no worse). Test fields are None
-    until both arms have enough runs (and successes, for cost).
+    degradation as configured (relative for cost, p95 and escalation steps). upper_excess:
+    always-valid upper confidence bound of θ - δ at level 1 - threshold (< 0: shown no worse).
+    Test fields are None until both arms have enough runs (and successes, for cost; escalated
+    runs, for escalation steps).
     """
 
     metric: str
@@ -293,6 +319,9 @@ class _Run(NamedTuple):
     tool_calls: int
     tool_errors: int
     duration: int
+    guardrail: int  # a guardrail acted (warned, redacted, blocked)
+    denied: int  # an approval was denied
+    escalation: int  # steps before escalating; -1: not escalated
 
 
 def _run(row: Mapping[str, Any]) -> _Run:
@@ -301,24 +330,27 @@ def _run(row: Mapping[str, Any]) -> _Run:
     except KeyError as missing:
         raise ValueError(f"run {row.get('run_id')!r} has no {missing.args[0]}") from None
     return _Run(int(outcome == "success"), float(row.get("cost_usd") or 0.0), int(bool(row.get("loop_detected"))),
-                int(row.get("tool_calls") or 0), int(row.get("tool_errors") or 0), int(duration))
+                int(row.get("tool_calls") or 0), int(row.get("tool_errors") or 0), int(duration),
+                int(guardrail_acted(row)), int(approval_denied(row)),
+                int(row.get("steps") or 0) if outcome == "escalated" else -1)
 
 
 class _Arm:
     """One arm's runs by run_id (so a redelivered run replaces itself), their running sums, and
-    its durations kept sorted.
+    its durations and escalated runs' steps kept sorted.
 
-    The sums are the sufficient statistics of every metric but p95; the p95 test needs the
-    exact order statistics of both arms (the stable p95, and how many canary runs exceed a
-    multiple of it, which moves with every stable run), so durations are kept whole, as a
-    sorted list: a few thousand ints per canary, bounded in practice by max_runs and the
+    The sums are the sufficient statistics of every metric but p95 and escalation steps; those
+    tests need the exact order statistics of both arms (the stable p95, and how many canary runs
+    exceed a multiple of it, which moves with every stable run), so durations are kept whole, as
+    a sorted list: a few thousand ints per canary, bounded in practice by max_runs and the
     traffic split. A reservoir would add sampling noise the variance does not account for.
     """
 
     def __init__(self) -> None:
         self.runs: dict[str, _Run] = {}
         self.durations: list[int] = []
-        self.successes = self.loops = 0
+        self.escalations: list[int] = []  # steps of the escalated runs
+        self.successes = self.loops = self.guardrails = self.denials = 0
         self.cost = self.cost_sq = self.cost_success = 0.0
         self.calls = self.calls_sq = self.errors = self.errors_sq = self.errors_calls = 0
 
@@ -329,11 +361,15 @@ class _Arm:
     def add(self, run_id: str, run: _Run) -> None:
         self.runs[run_id] = run
         bisect.insort(self.durations, run.duration)
+        if run.escalation >= 0:
+            bisect.insort(self.escalations, run.escalation)
         self._count(run, 1)
 
     def remove(self, run_id: str) -> None:
         run = self.runs.pop(run_id)
         del self.durations[bisect.bisect_left(self.durations, run.duration)]
+        if run.escalation >= 0:
+            del self.escalations[bisect.bisect_left(self.escalations, run.escalation)]
         self._count(run, -1)
         # Subtracting a float back out can cancel catastrophically (a cost that was wrong by
         # orders of magnitude, then corrected); replacements are rare, so sum afresh.
@@ -344,6 +380,8 @@ class _Arm:
     def _count(self, run: _Run, sign: int) -> None:
         self.successes += sign * run.success
         self.loops += sign * run.loop
+        self.guardrails += sign * run.guardrail
+        self.denials += sign * run.denied
         self.cost += sign * run.cost
         self.cost_sq += sign * run.cost * run.cost
         self.cost_success += sign * run.cost * run.success
@@ -357,6 +395,13 @@ class _Arm:
         """Runs strictly slower than `threshold` ms."""
         return self.n - bisect.bisect_right(self.durations, threshold)
 
+    def escalated_above(self, threshold: float) -> float:
+        """Escalated runs with more steps than `threshold`, those with exactly as many counted
+        half (steps are small integers, so ties at a median are many)."""
+        low = bisect.bisect_left(self.escalations, threshold)
+        high = bisect.bisect_right(self.escalations, threshold)
+        return len(self.escalations) - high + 0.5 * (high - low)
+
 
 class _Estimate(NamedTuple):
     stable: float | None
@@ -367,10 +412,15 @@ class _Estimate(NamedTuple):
     variance: float
 
 
+# the proportions: metric -> the arm's count of runs it counts
+_RATES = {"success_rate": "successes", "loop_rate": "loops", "guardrail_rate": "guardrails", "denial_rate": "denials"}
+
+
 def _estimate(metric: str, s: _Arm, c: _Arm, policy: CanaryPolicy) -> _Estimate:
     """Both arms' values of one metric and, once testable, its degradation estimate and variance.
 
-    Rates compare proportions; cost per success compares log ratios (delta method, which also
+    Rates compare proportions (success, loops, and the shares of runs where a guardrail acted or
+    an approval was denied); cost per success compares log ratios (delta method, which also
     makes "+15%" a fixed distance log 1.15 whatever the price level); tool errors compare
     pooled ratios with run-clustered variances. p95 duration compares shares of slow runs: the
     canary's above (1 + margin) x the stable p95 against the stable's above its own p95. At the
@@ -381,11 +431,21 @@ def _estimate(metric: str, s: _Arm, c: _Arm, policy: CanaryPolicy) -> _Estimate:
     order-statistic coverage with variance ≈ 0.05 x 0.95 / n_stable. A direct difference of
     p95s would need a density estimate at the tail for its variance, which a few dozen runs do
     not support.
+
+    Escalation steps (how late escalations come) is the p95 test again over the escalated runs'
+    steps, at the median: the canary's share above (1 + margin) x the stable median against the
+    stable share above its own median (its coverage variance ≈ 1/4 / escalated stable runs), ties
+    at a threshold counted half on both sides. The median, not a tail: an arm has a few dozen
+    escalations where it has hundreds of runs. Steps are integers, so "+25%" is resolved to a
+    step only: a canary taking (1 + margin) x stable's steps, rounded, sits near the null's
+    boundary, not on it; one escalating where stable does has θ̂ well below 0 (its share above
+    the raised threshold is under 1/2). A stable median of 0 steps leaves no room for a relative
+    margin: a canary like that stable is then never shown within it (it only waits for max_runs).
     """
     margin = policy.margins[metric]
     enough = s.n >= policy.min_runs and c.n >= policy.min_runs
-    if metric in ("success_rate", "loop_rate"):
-        xs, xc = (s.successes, c.successes) if metric == "success_rate" else (s.loops, c.loops)
+    if metric in _RATES:
+        xs, xc = getattr(s, _RATES[metric]), getattr(c, _RATES[metric])
         ps, pc = (xs / s.n if s.n else None), (xc / c.n if c.n else None)
         if not enough:
             return _Estimate(ps, pc, None, None, margin, 0.0)
@@ -407,6 +467,15 @@ def _estimate(metric: str, s: _Arm, c: _Arm, policy: CanaryPolicy) -> _Estimate:
         variance = sum(ratio_variance(a.n, a.errors, a.errors_sq, a.calls, a.errors_calls, a.calls_sq)
                        for a in (s, c))
         return _Estimate(rs, rc, rc - rs, rc - rs, margin, variance)
+    if metric == "escalation_steps":
+        ms, mc = quantile(s.escalations, MEDIAN), quantile(c.escalations, MEDIAN)
+        difference = mc / ms - 1.0 if ms and mc is not None else None
+        ns, nc = len(s.escalations), len(c.escalations)
+        if not (enough and min(ns, nc) >= policy.min_escalations):
+            return _Estimate(ms, mc, difference, None, 0.0, 0.0)
+        xs, xc = s.escalated_above(ms), c.escalated_above((1.0 + margin) * ms)
+        return _Estimate(ms, mc, difference, xc / nc - xs / ns, 0.0,
+                         proportion_variance(xs, ns) + proportion_variance(xc, nc))
     # p95_duration
     qs = quantile(s.durations, P95)
     qc = quantile(c.durations, P95)
@@ -425,6 +494,8 @@ def _show(metric: str, value: float | None) -> str:
         return f"${value:.4g}"
     if metric == "p95_duration":
         return f"{value:.0f} ms"
+    if metric == "escalation_steps":
+        return f"{value:.3g} steps"
     return f"{value:.3f}"
 
 
@@ -507,10 +578,18 @@ class CanaryAnalysis:
             return verdict("rollback", f"{first.metric} {_show(first.metric, first.stable)} -> "
                                        f"{_show(first.metric, first.canary)} (always-valid p={first.p_value:.2g} "
                                        f"< {first.threshold:.2g}) after {n_c} canary runs{also}")
-        unproven = [m.metric for m in gating if m.upper_excess is None or m.upper_excess >= 0.0]
+        # too few escalations to test how late they come: nothing to hold a promotion back on
+        escalations = {arm: len(self.arms_[arm].escalations) for arm in ARMS}
+        untested = ("escalation_steps",) if min(escalations.values()) < policy.min_escalations else ()
+        unproven = [m.metric for m in gating
+                    if m.metric not in untested and (m.upper_excess is None or m.upper_excess >= 0.0)]
         if n_c >= policy.promote_after and not unproven:
-            return verdict("promote", f"no worse than stable within the margins on {', '.join(policy.rollback_on)} "
-                                      f"(level {1 - policy.alpha:.3g}) after {n_c} canary runs")
+            shown = [m for m in policy.rollback_on if m not in untested]
+            skipped = (f"; escalation_steps not tested ({escalations['canary']} canary and {escalations['stable']} "
+                       f"stable escalations, min_escalations {policy.min_escalations})"
+                       if "escalation_steps" in policy.rollback_on and untested else "")
+            return verdict("promote", f"no worse than stable within the margins on {', '.join(shown)} "
+                                      f"(level {1 - policy.alpha:.3g}) after {n_c} canary runs{skipped}")
         if n_c >= policy.max_runs:
             return verdict("promote", f"no degradation detected after {n_c} canary runs (max_runs "
                                       f"{policy.max_runs}); not shown within the margin: {', '.join(unproven)}")

@@ -14,6 +14,7 @@ from scipy import special, stats
 from scipy.spatial.distance import jensenshannon
 
 from streams.contracts.alerts import fingerprint, make_alert
+from streams.detect.governance import NONE, guardrail
 
 try:  # the exact two-sample KS distribution of ks_2samp (private; ks falls back to ks_2samp without it)
     from scipy.stats._stats_py import _attempt_exact_2kssamp as _exact_2samp
@@ -25,8 +26,14 @@ except ImportError:  # pragma: no cover
 NUMERIC = ("cost_usd", "total_tokens", "steps", "duration_ms", "tool_error_rate")
 # Categorical features: tool_mix counts every tool call of every run's tool_path; outcome and
 # error_type count runs ("" error_type is reported as "none"); success is outcome folded to
-# success / not, whose 1-df test is far more powerful for a success-rate drop than outcome's.
-CATEGORICAL = ("tool_mix", "outcome", "error_type", "success")
+# success / not, whose 1-df test is far more powerful for a success-rate drop than outcome's;
+# guardrail counts runs by the most severe decision of their policy hits (blocked > redacted >
+# warned > allowed, or "none"; streams.detect.governance).
+CATEGORICAL = ("tool_mix", "outcome", "error_type", "success", "guardrail")
+# Features only some agents report: tested only where a run of the pool or its reference has one
+# (a category other than "none"), so an agent without guardrails adds no tests, no rows and no
+# share of the FDR.
+OPTIONAL = {"guardrail": NONE}
 
 
 # --- two-sample statistics ------------------------------------------------------------------------
@@ -257,6 +264,7 @@ class RunFeatures:
     tools: tuple[str, ...]
     outcome: str
     error_type: str
+    guardrail: str = NONE
 
 
 def run_features(run: Mapping) -> RunFeatures:
@@ -271,7 +279,8 @@ def run_features(run: Mapping) -> RunFeatures:
     )
     # Names many runs share, one copy of each: a window holds its runs until it is tested.
     return RunFeatures(int(run.get("version") or 0), numeric, tuple(map(_one_copy, run.get("tool_path") or ())),
-                       _one_copy(run.get("outcome") or ""), _one_copy(run.get("error_type") or "none"))
+                       _one_copy(run.get("outcome") or ""), _one_copy(run.get("error_type") or "none"),
+                       guardrail(run))  # one of governance's constants: shared already
 
 
 def _one_copy(name: str) -> str:
@@ -307,7 +316,7 @@ class _Window:
             self._summary = None
 
     def summary(self) -> tuple:
-        """(numeric array, tool_mix, outcome, error_type and success counters, tool calls)."""
+        """(numeric array, tool_mix, outcome, error_type, success and guardrail counters, tool calls)."""
         if self._summary is None:
             runs = self.runs.values()
             self._summary = (
@@ -316,6 +325,7 @@ class _Window:
                 Counter(r.outcome for r in runs),
                 Counter(r.error_type for r in runs),
                 Counter("success" if r.outcome == "success" else "not" for r in runs),
+                Counter(r.guardrail for r in runs),
                 _ToolCalls.of(runs),
             )
         return self._summary
@@ -580,10 +590,12 @@ class DriftDetector:
         if n_ref < self.min_reference:
             return [], []
         ref = _Reference.of(reference)
-        n_tests = len(pools) * (len(NUMERIC) + len(CATEGORICAL))
+        absent = {name for name in OPTIONAL if not _reported(reference + widest, name)}
+        only = set(NUMERIC + CATEGORICAL) - absent if absent else None
+        n_tests = len(pools) * (len(NUMERIC) + len(CATEGORICAL) - len(absent))
         tests: list[Test] = []
         for scale, pool in pools.items():
-            tests += self._feature_tests(scale, pool, ref, self.alpha / n_tests)
+            tests += self._feature_tests(scale, pool, ref, self.alpha / n_tests, only)
 
         rejected, cutoff = benjamini_hochberg([t[3] for t in tests], self.alpha)
         rows, moved, persistent = [], {}, {}
@@ -729,6 +741,13 @@ class DriftDetector:
         )
 
 
+def _reported(windows: list[_Window], name: str) -> bool:
+    """Whether a run of the windows has the optional categorical feature `name` (a category other
+    than its absent one)."""
+    i, absent = 1 + CATEGORICAL.index(name), OPTIONAL[name]
+    return any(category != absent for w in windows for category in w.summary()[i])
+
+
 def _feature_name(name: str, scale: str) -> str:
     return name if scale == "long" else f"{name}@{scale}"
 
@@ -761,7 +780,7 @@ def _tool_counts(windows: list[_Window], tools: list[str]) -> np.ndarray:
     index = {t: i for i, t in enumerate(tools)}
     rows, cols, n = [], [], 0
     for w in windows:
-        calls = w.summary()[5]
+        calls = w.summary()[-1]
         cols.append(np.array([index[t] for t in calls.tools], dtype=np.int64)[calls.codes])
         rows.append(np.repeat(np.arange(n, n + len(calls.calls)), calls.calls))
         n += len(calls.calls)

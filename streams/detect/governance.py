@@ -1,13 +1,57 @@
-"""Spikes of governance signals per agent version against its own baseline: runs where a guardrail
-acted (`policy` alerts) and runs that ended escalated (`escalation` alerts), window by window."""
+"""Governance signals of closed runs (SPEC §4 `policy_hit`, `approval`, `run_end` escalated): how the
+canary analysis, the drift tests and the windows read them from a run's row (rows written before
+these fields existed read as none), and their spikes per agent version against its own baseline:
+runs where a guardrail acted (`policy` alerts) and runs that ended escalated (`escalation` alerts)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Iterable
 
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
+
+# Decisions of a policy hit, least to most severe. A decision outside these (a hit that carried
+# none) ranks below `allowed`: a guardrail was evaluated, what it did is unknown.
+DECISIONS = ("allowed", "warned", "redacted", "blocked")
+UNKNOWN, NONE = "unknown", "none"
+_RANK = {decision: rank for rank, decision in enumerate((UNKNOWN, *DECISIONS), start=1)}
+_ONE_COPY = {decision: decision for decision in DECISIONS}  # a key's slice -> the constant
+# A guardrail acted on the run: it did something other than let the call through.
+ACTED = frozenset(("warned", "redacted", "blocked"))
+
+
+def guardrail(run: Mapping[str, Any]) -> str:
+    """The most severe decision among the run's policy hits (`policy_hits`: "policy:decision" ->
+    count, the key split at its last ':'), `unknown` for hits without a known decision, or `none`.
+
+    Always one of the module's constants, so that many runs share one copy of each string.
+    """
+    hits = run.get("policy_hits")
+    if not hits:
+        return NONE
+    worst, rank = NONE, 0
+    for key, count in hits.items() if isinstance(hits, Mapping) else hits:  # a dict, or (key, count) pairs
+        if not count:
+            continue
+        decision = _ONE_COPY.get(str(key).rpartition(":")[2], UNKNOWN)
+        if _RANK[decision] > rank:
+            worst, rank = decision, _RANK[decision]
+    return worst
+
+
+def guardrail_acted(run: Mapping[str, Any]) -> bool:
+    """Whether a guardrail acted on the run: a policy hit warned, redacted or blocked."""
+    return guardrail(run) in ACTED
+
+
+def approval_denied(run: Mapping[str, Any]) -> bool:
+    """Whether an approval the run asked for was denied."""
+    return bool(run.get("approvals_denied") or 0)
+
+
+# --- spikes ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -20,11 +64,6 @@ class Signal:
 POLICY = Signal("policy", "guardrail_rate", "tripped a guardrail")
 ESCALATION = Signal("escalation", "escalation_rate", "escalated")
 SIGNALS = (POLICY, ESCALATION)
-
-
-def guardrail_acted(run: Mapping) -> bool:
-    """A hit that was not `allowed` (blocked, warned, redacted, or no decision given)."""
-    return any(not key.endswith(":allowed") for key in (run.get("policy_hits") or ()))
 
 
 def _flags(run: Mapping) -> tuple[bool, bool]:

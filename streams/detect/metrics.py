@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from streams.detect.estimators import quantile, ratio
+from streams.detect.governance import guardrail_acted
 
 
 _COUNTS = 7  # what a run adds to a window's counts: success, timeout, loop, tool calls, tool errors, input and output tokens
@@ -19,7 +20,7 @@ class RunGovernance:
     """What a run adds to its window's governance columns; only runs that have any keep one."""
 
     policy_hits: dict[str, int]
-    guardrail: bool  # a hit that was not `allowed`: a guardrail acted
+    guardrail: bool  # a guardrail acted: a hit warned, redacted or blocked
     approvals: tuple[int, int, int, int]  # requested, granted, denied, expired
     waits: tuple[float, ...]
     feedback_count: int
@@ -35,7 +36,7 @@ class RunGovernance:
         if not (hits or any(approvals) or feedback or escalated):
             return None
         return cls(
-            dict(hits), any(not key.endswith(":allowed") for key in hits), approvals,
+            dict(hits), guardrail_acted(row), approvals,
             tuple(row.get("approval_waits_ms") or ()), feedback, feedback * float(row.get("feedback_score") or 0.0),
             (int(row["steps"]), float(row["duration_ms"]) / 1000) if escalated else None)
 

@@ -25,10 +25,13 @@ SETTLED_POOL = 3
 # and at least TAKEOVER_MIN_RUNS of them.
 STICKY = 2.0
 TAKEOVER_MIN_RUNS = 10
-# The alert kind of each canary metric; SPEC §6 names the first three.
+# The alert kind of each canary metric; SPEC §6 names the first three. One kind per metric: a
+# canary alert's fingerprint is (kind, canary, agent, version), so two metrics of one kind would
+# make one alert.
 METRIC_KINDS = {
     "success_rate": "success_rate", "cost_per_success": "cost", "tool_error_rate": "error_rate",
-    "loop_rate": "loop_rate", "p95_duration": "latency",
+    "loop_rate": "loop_rate", "p95_duration": "latency", "guardrail_rate": "guardrail", "denial_rate": "denial",
+    "escalation_steps": "escalation",
 }
 
 

@@ -30,6 +30,7 @@ from jobs.demo import MALFORMED, demo_deployments
 from jobs.publish import agent_key, publish_lines
 from jobs.simulate import DEFAULT_CANARY, FleetConfig, default_agents, genai_prices_fn, run_labels, simulate, truth
 from streams.contracts import topics
+from streams.detect.canary import METRICS
 from streams.detect.drift import NUMERIC
 from streams.store.saved_queries import PARAM
 from streams.store.saved_queries import load_query as saved_query
@@ -359,19 +360,24 @@ def test_slowest_tool_paths(filled: Filled):
 def test_canary_against_stable(filled: Filled):
     rows = filled.run("canary_vs_stable")
     canary = [r for r in rows if r["agent_id"] == "support-bot" and r["canary_version"] == DEFAULT_CANARY.version]
-    assert {r["metric"] for r in canary} == {"success_rate", "cost_per_success", "loop_rate", "tool_error_rate",
-                                             "p95_duration"}
+    assert {r["metric"] for r in canary} == set(METRICS)
     for r in canary:
         assert r["stable_version"] == "v1.4.2" and not r["inferred"]
         assert r["decision"] == "rollback" and r["decided_at"] is not None
         assert r["rolled_back_to"] == "v1.4.2" and r["rolled_back_at"] == r["decided_at"]
         assert r["since"].startswith("2026-11-01 01:00:00")
         assert r["n_canary"] >= 20 and r["n_stable"] >= 20
-        # recomputed from runs over the same span, the arms agree with what the test saw
-        assert abs(r["observed_n_canary"] - r["n_canary"]) <= 3 and abs(r["observed_n_stable"] - r["n_stable"]) <= 3
+        # recomputed from runs over the same span, the arms agree with what the test saw, up to the
+        # runs that ended before the decision but landed after it (the assembler's partitions run
+        # a few seconds of event time apart)
+        for arm in ("canary", "stable"):
+            assert abs(r[f"observed_n_{arm}"] - r[f"n_{arm}"]) <= max(3, 0.12 * r[f"n_{arm}"])
         if r["metric"] in ("success_rate", "cost_per_success", "tool_error_rate"):
             assert r["observed_canary"] == pytest.approx(r["test_canary"], rel=0.15, abs=0.02)
             assert r["observed_stable"] == pytest.approx(r["test_stable"], rel=0.15, abs=0.02)
+        if r["metric"] in ("guardrail_rate", "denial_rate"):  # rare events: a run or two more moves them
+            assert r["observed_canary"] == pytest.approx(r["test_canary"], abs=0.05)
+            assert r["observed_stable"] == pytest.approx(r["test_stable"], abs=0.05)
     worse = [r for r in canary if r["worse"]]
     assert worse, "a rollback names at least one metric shown worse"
     for r in worse:

@@ -138,6 +138,8 @@ def test_policy_defaults_and_partial_mappings_merge():
     ({"max_runs": "many"}, "max_runs"),
     ({"margins": {"success_rate": -0.01}}, "margins"),
     ({"margins": 0.03}, "margins"),
+    ({"min_escalations": 1}, "min_escalations"),
+    ({"min_escalations": 2.5}, "min_escalations"),
 ])
 def test_policy_rejects_what_it_does_not_know_with_a_clear_message(data, words):
     with pytest.raises(ValueError, match=words):
@@ -156,7 +158,7 @@ def synthetic_runs(rng, n, prefix, success=0.85, cost=1.0, loop=0.03, tool_error
             "run_id": f"{prefix}-{i}-{rng.integers(1 << 62)}",
             "outcome": "success" if ok else rng.choice(["failure", "escalated"]),
             "cost_usd": cost * rng.lognormal(-7, 0.4) * (1.3 if ok else 1.0), "loop_detected": rng.random() < loop,
-            "tool_calls": calls, "tool_errors": int(rng.binomial(calls, tool_error)),
+            "tool_calls": calls, "tool_errors": int(rng.binomial(calls, tool_error)), "steps": 2 * calls + 1,
             "duration_ms": int(slower * rng.lognormal(8.4, 0.4)), "ended_at": 1_793_491_200_000 + i,
         })
     return runs
@@ -243,7 +245,7 @@ def test_a_canary_like_stable_is_never_rolled_back_and_promoted_at_max_runs():
 def test_a_canary_shown_no_worse_is_promoted_on_evidence():
     rng = np.random.default_rng(15)
     margins = {"success_rate": 0.15, "cost_per_success": 0.5, "loop_rate": 0.1, "tool_error_rate": 0.1,
-               "p95_duration": 0.5}
+               "p95_duration": 0.5, "escalation_steps": 1.0}
     analysis = CanaryAnalysis(CanaryPolicy(promote_after=60, max_runs=3000, margins=margins))
     verdicts = replay(analysis, rng, 400)
     decided = next(v for v in verdicts if v.decision != "pending")
@@ -303,6 +305,12 @@ def test_redelivered_runs_count_once_and_a_later_row_replaces_the_earlier():
     fixed.add("canary", canary)  # the corrected rows
     assert same_verdict(fixed.decide(), once.decide())
 
+    escalated = CanaryAnalysis()  # a row first closed as a late escalation, then corrected
+    escalated.add("stable", stable)
+    escalated.add("canary", [dict(r, outcome="escalated", steps=99) for r in canary])
+    escalated.add("canary", canary)
+    assert same_verdict(escalated.decide(), once.decide())
+
     moved = CanaryAnalysis()
     moved.add("canary", stable[:10])  # first attributed to the wrong arm
     moved.add("stable", stable)
@@ -328,3 +336,179 @@ def test_bad_input_is_refused():
         analysis.add("stable", [{"outcome": "success", "duration_ms": 5}])
     with pytest.raises(ValueError, match="outcome"):
         analysis.add("stable", [{"run_id": "r1", "duration_ms": 5}])
+
+
+# --- governance: guardrails, denied approvals, late escalations --------------------------------------------
+
+
+def governed_runs(rng, n, prefix, guardrail=0.05, denied=0.03, escalated=0.10, later=1.0, governed=True):
+    """Runs whose success, cost, loops, tool errors and durations are those of stable, with SPEC §4
+    governance fields: a guardrail acts (warns, redacts or blocks) in `guardrail` of them, and a
+    third of the runs have a hit it allowed, which must not count; an approval is denied in
+    `denied` of them; `escalated` of them escalate, after `later` x stable's steps. Without
+    `governed` the rows have none of the governance fields (rows from before they existed)."""
+    runs = []
+    for i in range(n):
+        draw = rng.random()
+        outcome = "success" if draw < 0.8 else "escalated" if draw < 0.8 + escalated else "failure"
+        calls = int(rng.integers(1, 6))
+        steps = int(rng.integers(2, 10))
+        run = {"run_id": f"{prefix}-{i}-{rng.integers(1 << 62)}", "outcome": outcome,
+               "cost_usd": rng.lognormal(-7, 0.4), "loop_detected": rng.random() < 0.03, "tool_calls": calls,
+               "tool_errors": int(rng.binomial(calls, 0.05)), "duration_ms": int(rng.lognormal(8.4, 0.4)),
+               "steps": round(later * steps) if outcome == "escalated" else steps}
+        hits = {}
+        if rng.random() < 1 / 3:
+            hits["tool:refund:allowed"] = int(rng.integers(1, 3))  # policy names may hold ':'
+        if rng.random() < guardrail:
+            hits[f"pii:{rng.choice(['warned', 'redacted', 'blocked'])}"] = 1
+        asked = rng.random() < 0.4
+        no = rng.random() < denied
+        if governed:
+            run.update(policy_hits=hits, approvals_requested=int(asked or no), approvals_granted=int(asked and not no),
+                       approvals_denied=int(no), approvals_expired=0, approval_waits_ms=[1500.0] if asked else [],
+                       feedback_count=0, feedback_score=None)
+        runs.append(run)
+    return runs
+
+
+def governed_replay(seed, batches, policy=None, stable=None, canary=None):
+    """decide() after each batch of 7 stable and 3 canary governed runs; the first verdict that is
+    not pending, or the last one."""
+    rng = np.random.default_rng(seed)
+    analysis = CanaryAnalysis(policy)
+    for b in range(batches):
+        analysis.add("stable", governed_runs(rng, 7, f"s{b}", **(stable or {})))
+        analysis.add("canary", governed_runs(rng, 3, f"c{b}", **(canary or {})))
+        verdict = analysis.decide()
+        if verdict.decision != "pending":
+            break
+    return verdict
+
+
+def _metric(verdict, name):
+    return next(m for m in verdict.metrics if m.metric == name)
+
+
+@pytest.mark.parametrize("stable, canary, metric", [
+    ({}, {"guardrail": 0.15}, "guardrail_rate"),  # 3x the guardrail actions
+    ({}, {"denied": 0.15}, "denial_rate"),  # 5x the denials
+    # escalating after 2x the steps; a fifth of the runs escalate, so 600 canary runs hold ~120
+    ({"escalated": 0.2}, {"escalated": 0.2, "later": 2.0}, "escalation_steps"),
+])
+def test_a_canary_worse_on_governance_is_rolled_back_on_that_metric(stable, canary, metric):
+    """Default policy (every metric gating, α/8 each), 10 seeds: each bad canary is rolled back,
+    on that metric alone, within 600 canary runs."""
+    for seed in range(10):
+        verdict = governed_replay(seed, 200, stable=stable, canary=canary)
+        assert verdict.decision == "rollback" and verdict.reason.startswith(metric), (seed, verdict.reason)
+        assert [m.metric for m in verdict.metrics if m.worse] == [metric], seed
+        worst = _metric(verdict, metric)
+        assert worst.difference > (0.05 if metric != "escalation_steps" else 0.5) and worst.upper_excess > 0
+
+
+def test_a_canary_like_stable_on_governance_is_not_rolled_back():
+    """30 seeds of 600 canary runs like stable (guardrails, denials, escalations alike): no
+    rollback, and the governance metrics were tested all along."""
+    for seed in range(30):
+        verdict = governed_replay(100 + seed, 200, CanaryPolicy(max_runs=10_000))
+        assert verdict.decision == "pending", (seed, verdict.reason)
+        for name in ("guardrail_rate", "denial_rate", "escalation_steps"):
+            m = _metric(verdict, name)
+            assert m.p_value is not None and not m.worse, (seed, name)
+
+
+def test_allowed_policy_hits_are_not_guardrail_actions():
+    rng = np.random.default_rng(21)
+    stable = governed_runs(rng, 200, "s", guardrail=0.0)
+    canary = governed_runs(rng, 100, "c", guardrail=0.0)
+    for run in canary:
+        run["policy_hits"]["pii:allowed"] = 5  # hits on every canary run, none acting
+    analysis = CanaryAnalysis()
+    analysis.add("stable", stable)
+    analysis.add("canary", canary)
+    m = _metric(analysis.decide(), "guardrail_rate")
+    assert m.stable == 0.0 and m.canary == 0.0
+    analysis.add("canary", [dict(r, policy_hits={"pii:allowed": 5, "pii:blocked": 1}) for r in canary[:10]])
+    assert _metric(analysis.decide(), "guardrail_rate").canary == pytest.approx(0.1)
+
+
+def _escalation_rollbacks(later: float, reps: int, rng, batches: int) -> float:
+    """Share of canaries whose escalations come `later` x stable's steps (nothing else differs)
+    rolled back on escalation_steps at α = 0.05 within 3 x `batches` canary runs, a tenth of them
+    escalating."""
+    policy = CanaryPolicy(alpha=0.05, rollback_on=("escalation_steps",))
+    rolled = 0
+    for rep in range(reps):
+        analysis = CanaryAnalysis(policy)
+        for b in range(batches):
+            for arm, n, factor in (("stable", 7, 1.0), ("canary", 3, later)):
+                steps = rng.lognormal(math.log(40), 0.5, n)  # enough steps that +25% is no rounding
+                escalated = rng.random(n) < 0.1
+                analysis.add(arm, [{"run_id": f"{rep}-{b}-{arm}-{i}", "outcome": "escalated" if e else "success",
+                                    "duration_ms": 1000, "steps": round(factor * s)}
+                                   for i, (s, e) in enumerate(zip(steps, escalated))])
+            if analysis.decide().decision == "rollback":
+                rolled += 1
+                break
+    return rolled / reps
+
+
+def test_the_escalation_test_holds_its_level_at_the_margin_and_catches_late_escalations():
+    rng = np.random.default_rng(22)
+    assert _escalation_rollbacks(1.25, 100, rng, 100) <= 0.05  # exactly the +25% margin: the null's boundary
+    assert _escalation_rollbacks(2.0, 30, rng, 200) >= 0.9
+
+
+def test_escalation_steps_waits_for_enough_escalations_in_each_arm():
+    rng = np.random.default_rng(23)
+    analysis = CanaryAnalysis(CanaryPolicy(min_escalations=10))
+    analysis.add("stable", governed_runs(rng, 300, "s"))
+    canary = governed_runs(rng, 60, "c", escalated=0.0)
+    for run in canary[:9]:
+        run.update(outcome="escalated", steps=40)
+    analysis.add("canary", canary)
+    m = _metric(analysis.decide(), "escalation_steps")
+    assert m.canary == 40 and m.p_value is None and m.statistic is None and m.upper_excess is None
+    analysis.add("canary", [dict(canary[9], outcome="escalated", steps=40)])  # the 10th, by a corrected row
+    m = _metric(analysis.decide(), "escalation_steps")
+    assert m.p_value is not None and m.difference > 3
+
+
+def test_rows_without_governance_fields_read_as_none():
+    """Rows from before the governance fields: guardrail and denial rates 0 in both arms (tested,
+    never worse); how late escalations come still reads outcome and steps, which rows always had."""
+    verdict = governed_replay(24, 200, CanaryPolicy(max_runs=10_000), stable={"governed": False},
+                              canary={"governed": False})
+    assert verdict.decision == "pending"
+    for name in ("guardrail_rate", "denial_rate"):
+        m = _metric(verdict, name)
+        assert (m.stable, m.canary, m.difference) == (0.0, 0.0, 0.0) and m.p_value == 1.0 and not m.worse
+    later = governed_replay(24, 200, stable={"governed": False}, canary={"governed": False, "later": 2.0})
+    assert later.decision == "rollback" and later.reason.startswith("escalation_steps")
+    # older stable rows, a canary's new ones: an empty mapping or None is no hit either
+    analysis = CanaryAnalysis()
+    rng = np.random.default_rng(25)
+    analysis.add("stable", governed_runs(rng, 50, "s", governed=False))
+    analysis.add("canary", [dict(r, policy_hits=None if i % 2 else {}, approvals_denied=None)
+                            for i, r in enumerate(governed_runs(rng, 30, "c"))])
+    assert _metric(analysis.decide(), "guardrail_rate").canary == 0.0
+    assert _metric(analysis.decide(), "denial_rate").canary == 0.0
+
+
+def test_an_agent_that_never_escalates_is_promoted_on_evidence():
+    """escalation_steps cannot be tested without escalations; it holds no promotion back."""
+    margins = {"success_rate": 0.15, "cost_per_success": 0.5, "loop_rate": 0.1, "tool_error_rate": 0.1,
+               "p95_duration": 0.5, "guardrail_rate": 0.1, "denial_rate": 0.1}
+    policy = CanaryPolicy(promote_after=60, max_runs=3000, margins=margins)
+    never = {"escalated": 0.0}
+    verdict = governed_replay(26, 1000, policy, stable=never, canary=never)
+    assert verdict.decision == "promote" and verdict.reason.startswith("no worse than stable")
+    assert "escalation_steps not tested (0 canary and 0 stable escalations" in verdict.reason
+    assert verdict.canary_runs < 3000 and _metric(verdict, "escalation_steps").upper_excess is None
+    assert all(m.upper_excess < 0 for m in verdict.metrics if m.metric != "escalation_steps")
+    # once both arms escalate, it must be shown within its margin like the others, which takes far
+    # more runs: a share near 1/2 within 0.25 x the median's steps, at α/8
+    sometimes = governed_replay(26, 1000, policy, stable={"escalated": 0.1}, canary={"escalated": 0.1})
+    assert sometimes.decision == "promote" and "not tested" not in sometimes.reason
+    assert _metric(sometimes, "escalation_steps").upper_excess < 0 and sometimes.canary_runs > 5 * verdict.canary_runs

@@ -348,3 +348,75 @@ def test_monte_carlo_chi2_counts_each_distinct_draw_as_often_as_drawn(monkeypatc
                               rng=np.random.default_rng(7))
         assert got == want
     assert len(calls) > 20 and calls[-1]  # the Monte Carlo branch, and codes that would overflow
+
+
+# --- governance: the guardrail feature -------------------------------------------------------------
+
+
+def with_guardrails(rng, runs, blocked=0.02, warned=0.05, allowed=0.3):
+    """The runs with policy hits: the most severe decision `blocked`, `warned` or `allowed` in
+    those shares of them (an allowed hit besides a blocked one, as a run meets several policies)."""
+    for run in runs:
+        draw = rng.random()
+        hits = {"tool:refund:allowed": 1} if rng.random() < 0.5 else {}
+        if draw < blocked:
+            hits["pii:blocked"] = 1
+        elif draw < blocked + warned:
+            hits["tone:warned"] = 2
+        elif draw < blocked + warned + allowed:
+            hits["pii:allowed"] = 1
+        run["policy_hits"] = hits
+    return runs
+
+
+def test_a_shifted_guardrail_mix_drifts_on_guardrail():
+    rng = np.random.default_rng(31)
+    runs = (with_guardrails(rng, synthetic(rng, T0, 90, per_min=10), blocked=0.02)
+            + with_guardrails(rng, synthetic(rng, T0 + 90 * MIN, 40, per_min=10), blocked=0.15))
+    rows, alerts = feed(DriftDetector(), runs)
+    assert [a["status"] for a in alerts] == ["firing"]
+    moved = {m["feature"]: m for m in alerts[0]["evidence"]["persistent"]}
+    assert set(moved) == {"guardrail"}, alerts[0]["summary"]
+    change = moved["guardrail"]["change"]
+    assert change["category"] == "blocked" and change["reference_share"] < 0.05 < 0.1 < change["current_share"]
+    assert "guardrail blocked " in alerts[0]["summary"]
+    assert T0 + 90 * MIN <= alerts[0]["evidence"]["window"] <= T0 + 105 * MIN
+    assert {r["feature"] for r in rows if r["window"] < T0 + 90 * MIN and r["p_value"] is not None} >= {
+        "guardrail", "guardrail@short", "guardrail@mid"}  # tested all along
+
+
+def test_guardrails_that_go_quiet_drift_on_guardrail():
+    """The pool without a policy hit, its reference with them: still tested (a guardrail that
+    stopped reporting is a change too)."""
+    rng = np.random.default_rng(34)
+    runs = with_guardrails(rng, synthetic(rng, T0, 90, per_min=10)) + synthetic(rng, T0 + 90 * MIN, 40, per_min=10)
+    _, alerts = feed(DriftDetector(), runs)
+    assert [a["status"] for a in alerts] == ["firing"]
+    moved = {m["feature"]: m["change"] for m in alerts[0]["evidence"]["persistent"]}
+    assert moved["guardrail"]["category"] == "none" and moved["guardrail"]["current_share"] == 1.0
+
+
+def test_a_steady_guardrail_mix_or_none_at_all_does_not_drift_on_guardrail():
+    rng = np.random.default_rng(32)
+    steady = with_guardrails(rng, synthetic(rng, T0, 180), blocked=0.05)
+    rows, alerts = feed(DriftDetector(), steady)
+    assert alerts == [] and any(r["feature"] == "guardrail" for r in rows)
+    assert not any(r["significant"] for r in rows if r["feature"].startswith("guardrail"))
+    # runs without governance fields, or with no hits: no guardrail test, and every other number
+    # as before the feature existed (the same tests in the FDR, the same Monte Carlo draws)
+    rng = np.random.default_rng(33)
+    older = synthetic(rng, T0, 90) + synthetic(rng, T0 + 90 * MIN, 40, success=0.5)
+    rows, alerts = feed(DriftDetector(), older)
+    assert alerts and not any(r["feature"].startswith("guardrail") for r in rows)
+    assert "guardrail" not in {m["feature"] for a in alerts for m in a["evidence"]["features"]}
+    empty = [dict(r, policy_hits={} if i % 2 else None) for i, r in enumerate(older)]
+    assert feed(DriftDetector(), empty) == (rows, alerts)
+
+
+def test_run_features_share_one_copy_of_each_guardrail_decision():
+    from streams.detect.drift import run_features
+
+    a = run_features({"policy_hits": {"pii:" + "blocked": 1}})  # built at run time: another str object
+    b = run_features({"policy_hits": {"tool:refund:blocked": 3, "pii:warned": 1}})
+    assert a.guardrail == b.guardrail == "blocked" and a.guardrail is b.guardrail
+    assert run_features({}).guardrail == "none"

@@ -207,6 +207,27 @@ def test_every_canary_metric_can_raise_its_alert():
     from streams.detect.rollout import METRIC_KINDS
 
     assert set(METRICS) == set(METRIC_KINDS) and set(METRIC_KINDS.values()) <= set(KINDS)
+    assert len(set(METRIC_KINDS.values())) == len(METRIC_KINDS)  # one alert (fingerprint) per metric
+
+
+def test_a_canary_that_trips_guardrails_and_is_denied_more_has_an_alert_for_each():
+    controller = RolloutController(Policy.from_mapping({"canary": {"rollback_on": ["guardrail_rate", "denial_rate"]}}),
+                                   WINDOW)
+    runs = fleet(1500, T0)
+    for r in runs:
+        k = int(r["run_id"].rsplit("-", 1)[1])
+        bad = r["agent_version"] == "v2" and k % 4 == 0  # a quarter of the canary's runs, none of stable's
+        r["policy_hits"] = {"pii:redacted": 1, "pii:allowed": 2} if bad else {"pii:allowed": 1}
+        r["approvals_denied"] = int(bad)
+    rollbacks, alerts = [], []
+    for i in range(0, len(runs), 30):
+        rb, al, _ = controller.update(runs[i:i + 30])
+        rollbacks += rb
+        alerts += al
+    assert len(rollbacks) == 1
+    assert sorted(a["kind"] for a in alerts) == ["denial", "guardrail"]
+    assert len({a["fingerprint"] for a in alerts}) == 2 and set(rollbacks[0]["alert_ids"]) == {
+        a["alert_id"] for a in alerts}
 
 
 def test_a_canary_that_loops_and_slows_down_is_rolled_back_on_those_metrics():
