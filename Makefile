@@ -3,25 +3,26 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test unit evaluation integration bench install clean schema
+.PHONY: demo test unit evaluation integration bench install clean schema browser
 
 TAU_BENCH ?= ../shared/data/tau-bench/gpt-4o-airline.json
 
 demo: $(STAMP)
 	$(BIN)/trackside demo $(if $(wildcard $(TAU_BENCH)),--tau-bench $(TAU_BENCH))
 
-test: $(STAMP)
+test: $(DEV_STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
-unit: $(STAMP)
+unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
 # Fleet-sized evaluations: the detectors' quality bars, the state's footprint and the simulator's speed on simulated fleets.
-evaluation: $(STAMP)
+evaluation: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests/evaluation
 
-integration: $(STAMP)
+integration: $(DEV_STAMP) browser
 	$(BIN)/python -m pytest -q tests/integration
 
 bench: $(STAMP)
@@ -32,11 +33,22 @@ schema: $(STAMP)
 
 install: $(STAMP)
 
+# The demo installs what Trackside needs; the tests add the dev extra (pytest, instrumentation
+# libraries, selenium).
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
+
+# The console's tests drive Debian's chromium (headless) through its chromedriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
 
 clean:
 	rm -rf $(VENV) .trackside .pytest_cache

@@ -125,7 +125,8 @@ const Trackside = (() => {
     const opts = {
       width: Math.min(box.clientWidth || 900, 1000), height: 340, series,
       scales: {x: {time: false}, y: {distr: 3, range: [floor, 1]}},
-      axes: [{label: "canary runs"}, {label: "always-valid p", values: (u, ticks) => ticks.map((v) => v.toExponential(0))}],
+      axes: [{label: "canary runs"}, {label: "always-valid p", size: 60,
+              values: (u, ticks) => ticks.map((v) => (v === null ? "" : v.toExponential(0)))}],
       hooks: {draw: [(u) => {
         if (!t.decided_at_run) return;
         const x = u.valToPos(t.decided_at_run, "x", true);

@@ -180,3 +180,127 @@ def test_trackside_console_serves_the_same_api_beside_up(demo):
     finally:
         console.send_signal(signal.SIGINT)
         assert console.wait(30) == 0
+
+
+# --- the pages, in a real headless Chromium (Debian's chromium and chromedriver) -----------------------
+
+SCRIPT = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    shots = tmp_path_factory.mktemp("screenshots")
+    print(f"\nconsole screenshots in {shots}")
+    driver.shots = shots
+    yield driver
+    driver.quit()
+
+
+def _page(browser, stack, path: str, shot: str, ready_css: str) -> None:
+    """Open a page, wait for what shows it rendered with data, screenshot it, and check the
+    browser logged no error (a failed request, a script error)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get_log("browser")  # what earlier pages logged
+    browser.get(f"http://127.0.0.1:{stack.console_port}{path}")
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, ready_css), 30, f"{ready_css} on {path}", done=bool)
+    browser.save_screenshot(str(browser.shots / f"{shot}.png"))
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, (path, errors)
+
+
+def test_every_page_renders_with_data_and_no_error(demo, browser):
+    from selenium.webdriver.common.by import By
+
+    stack, expected, _ = demo
+    _page(browser, stack, "/?hours=6", "fleet", "#fleet tbody tr.state-rolled_back")  # the 2-hour fleet in 15-minute buckets
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#fleet tbody tr")) == len(expected["groups"])
+    assert browser.find_elements(By.CSS_SELECTOR, "#fleet svg.spark polyline"), "sparklines drawn"
+    _page(browser, stack, "/live", "live", "#live-status.on")
+    loop_run = stack.query("SELECT run_id FROM runs WHERE loop_detected ORDER BY run_id LIMIT 1")[0]["run_id"]
+    _page(browser, stack, f"/runs/{loop_run}", "run", ".waterfall .bar-row.looping")
+    assert browser.find_elements(By.CSS_SELECTOR, "#events tbody tr")
+    _page(browser, stack, "/alerts?status=firing", "alerts", "#alerts tbody tr[data-alert]")
+    _page(browser, stack, "/canaries", "canaries", "#canaries tbody tr")
+    _page(browser, stack, f"/canaries/support-bot/{DEFAULT_CANARY.version}", "canary", "#canary-chart canvas")
+    assert "Rolled back to v1.4.2" in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_live_runs_and_alerts_appear_without_a_reload_and_stop_sends_a_control(demo, browser):
+    from selenium.webdriver.common.by import By
+
+    stack, _, _ = demo
+    _page(browser, stack, "/live", "live-before", "#live-status.on")
+    marker = browser.find_element(By.TAG_NAME, "h1")  # the same element after the run appears: no reload
+    now = time.time_ns() // 1_000_000
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
+    lookup = {"tool": "lookup", "args": {"order": 7}}
+    for n, (kind, fields) in enumerate([("run_start", {}), ("tool_call", lookup), ("tool_call", lookup)]):
+        event = {"event_id": f"page-run-{n}", "ts": now + n, "type": kind, "run_id": "page-run",
+                 "agent_id": "page-bot", "agent_version": "v1", **fields}
+        producer.produce("agent.events", value=orjson.dumps(event), key=b"page-run")
+    assert producer.flush(10) == 0
+    row = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#live-runs tr[data-run="page-run"]'), 30,
+                     "the new run on the live page", done=bool)[0]
+    assert marker.is_displayed() and "page-bot" in row.text
+
+    # Stop: a reason asked for, then the control on the topic
+    row.find_element(By.CSS_SELECTOR, "button.stop").click()
+    prompt = wait_until(lambda: _alert(browser), 10, "the reason prompt", done=bool)
+    prompt.send_keys("stopped from the console test")
+    prompt.accept()
+    wait_until(lambda: browser.find_elements(By.ID, "stop-note"), 10, "the stop note", done=bool)
+    assert "stop_run" in browser.find_element(By.ID, "stop-note").text
+    stops = wait_until(lambda: [c for c in stack.on_topic("trackside.controls") if c["run_id"] == "page-run"], 30,
+                       "the stop control", done=bool)
+    assert [(c["action"], c["reason"]) for c in stops] == [("stop_run", "stopped from the console test")]
+
+    # a new alert on the alerts page: the third identical call makes a loop alert
+    _page(browser, stack, "/alerts", "alerts-before", "#alerts tbody tr")
+    event = {"event_id": "page-run-3", "ts": now + 3, "type": "tool_call", "run_id": "page-run",
+             "agent_id": "page-bot", "agent_version": "v1", **lookup}
+    producer.produce("agent.events", value=orjson.dumps(event), key=b"page-run")
+    assert producer.flush(10) == 0
+    new = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#alerts tbody tr.new"), 30,
+                     "the loop alert on the alerts page", done=bool)
+    assert "page-run" in new[0].text and "loop" in new[0].text
+    browser.save_screenshot(str(browser.shots / "alerts-live.png"))
+
+
+def _alert(browser):
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        return browser.switch_to.alert
+    except NoAlertPresentException:
+        return None
+
+
+def test_strings_from_agents_show_as_text(demo, browser):
+    from selenium.webdriver.common.by import By
+
+    stack, _, _ = demo
+    now = time.time_ns() // 1_000_000
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
+    for n, (kind, fields) in enumerate([
+            ("run_start", {}),
+            ("tool_call", {"tool": SCRIPT, "status": "error", "error_type": "<b>Boom</b>", "error_message": SCRIPT}),
+            ("run_end", {"outcome": "failure", "error_message": SCRIPT})]):
+        event = {"event_id": f"xss-{n}", "ts": now + n, "type": kind, "run_id": "xss-run", "agent_id": "xss-bot",
+                 "agent_version": "v1", **fields}
+        producer.produce("agent.events", value=orjson.dumps(event), key=b"xss-run")
+    assert producer.flush(10) == 0
+    assert stack.wait_for_count("SELECT count() FROM runs WHERE run_id = 'xss-run'", 1) == 1
+    _page(browser, stack, "/runs/xss-run", "untrusted", "#events tbody tr.tool_call")
+    assert SCRIPT in browser.find_element(By.CSS_SELECTOR, "#events tbody tr.tool_call").text
+    assert browser.execute_script("return window.__pwned === undefined")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#events b, #events img")
