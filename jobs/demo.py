@@ -13,10 +13,13 @@ from jobs.example_agent import handle
 from jobs.publish import agent_key, publish_lines
 from streams.client import Trackside, VersionPaused
 from streams.contracts import topics
-from jobs.simulate import DEFAULT_CANARY, FleetConfig, genai_prices_fn, run_labels, simulate
+from jobs.simulate import (DEFAULT_CANARY, DEFAULT_START_MS, HOUR_MS, FleetConfig, genai_prices_fn, run_labels,
+                           simulate)
 from streams.ops.broker import port_free
 from streams.settings import Settings
 from streams.ops.stack import Stack
+
+DEMO_SPAN_MS = 3 * 3_600_000  # the fleet starts on the hour, two to three hours ago
 
 # A few of the ways real producers get it wrong; each must end in the dead letters.
 MALFORMED = (
@@ -80,10 +83,14 @@ def demo_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"data_dir": data_dir, "embedded_port": port})
 
 
-def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: str | None = None) -> int:
+def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: str | None = None,
+             serve_s: float = 0.0) -> int:
     console = Console(width=None if Console().is_terminal else 110)
     settings = demo_settings(settings) if settings.embedded else settings
-    config = FleetConfig(seed=seed, runs=runs, canary=DEFAULT_CANARY, price_fn=genai_prices_fn)
+    # the fleet's two hours end about now, so the console's default range (the 24 h that end with
+    # the newest run) holds them and the live agent's runs that follow
+    start_ms = (time.time_ns() // 1_000_000 - DEMO_SPAN_MS) // HOUR_MS * HOUR_MS
+    config = FleetConfig(seed=seed, runs=runs, canary=DEFAULT_CANARY, price_fn=genai_prices_fn, start_ms=start_ms)
     fleet = list(simulate(config))
     expected_runs = len(run_labels(config))
     recorded = ""
@@ -91,6 +98,8 @@ def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: s
         from jobs.tau_bench import import_runs
 
         real = import_runs(tau_bench)
+        for event in real:  # recorded from DEFAULT_START_MS on: to the fleet's start
+            event["ts"] += start_ms - DEFAULT_START_MS
         real_runs = len({event["run_id"] for event in real})
         # both start at the same event time: merged by it, as live traffic would arrive
         fleet = sorted(fleet + real, key=lambda event: event["ts"])
@@ -124,10 +133,26 @@ def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: s
         console.print(
             f"{landed} of {expected_runs} runs landed; whole demo took {time.monotonic() - started:.1f} s"
         )
+        if stack.console is not None:
+            console.print(f"console: {stack.console.url}" + (f" (serving for {serve_s:.0f} s; Ctrl-C ends it)"
+                                                              if serve_s else " (pass --serve to keep it up)"))
+        if serve_s:
+            _serve(serve_s)
         return 0 if landed == expected_runs else 1
     finally:
         with console.status("stopping"):
             stack.stop()
+
+
+def _serve(seconds: float) -> None:
+    """Keep the stack up for `seconds`, or until Ctrl-C (or SIGTERM)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait(seconds)
 
 
 def _wait_for_runs(stack: Stack, expected: int, timeout: float) -> int:

@@ -155,7 +155,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
-    return run_demo(_settings(), runs=args.runs, seed=args.seed, tau_bench=args.tau_bench)
+    return run_demo(_settings(), runs=args.runs, seed=args.seed, tau_bench=args.tau_bench, serve_s=args.serve)
 
 
 def cmd_control(args: argparse.Namespace) -> int:
@@ -233,6 +233,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--tau-bench", metavar="FILE",
                       help="also play these recorded runs, e.g. ../shared/data/tau-bench/gpt-4o-airline.json")
+    demo.add_argument("--serve", type=float, nargs="?", const=600.0, default=0.0, metavar="SECONDS",
+                      help="then keep the stack and its console up this long (default 600 s) or until Ctrl-C")
     demo.set_defaults(handler=cmd_demo)
     return top
 

@@ -1,10 +1,13 @@
 """`trackside demo` (what `make demo` runs) ends by itself, with every run landed and nothing left running."""
 
 import os
+import signal
 import subprocess
+import urllib.request
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.conftest import free_port
@@ -12,13 +15,25 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.integration
 
 
-def test_demo_lands_every_run_and_prints_the_summary(tmp_path):
-    env = {**os.environ, "TRACKSIDE_DATA_DIR": str(tmp_path), "TRACKSIDE_EMBEDDED_PORT": str(free_port())}
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "trackside"), "demo"], env=env, capture_output=True, timeout=300
-    )
-    out = result.stdout.decode()
-    assert result.returncode == 0, out + result.stderr.decode()
+def test_demo_lands_every_run_prints_the_summary_and_serves_its_console(tmp_path):
+    console_port = free_port()
+    env = {**os.environ, "TRACKSIDE_DATA_DIR": str(tmp_path), "TRACKSIDE_EMBEDDED_PORT": str(free_port()),
+           "TRACKSIDE_CONSOLE_PORT": str(console_port)}
+    demo = subprocess.Popen([str(Path(sys.executable).parent / "trackside"), "demo", "--serve", "120"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in demo.stdout:  # until the demo says where its console is, then it serves
+        lines.append(line)
+        if line.startswith("console: "):
+            break
+    assert lines and lines[-1].startswith(f"console: http://127.0.0.1:{console_port}/ (serving for 120 s"), "".join(lines)
+    with urllib.request.urlopen(f"http://127.0.0.1:{console_port}/api/v1/fleet", timeout=30) as response:
+        fleet = {(row["agent_id"], row["agent_version"]): row for row in orjson.loads(response.read())}
+    assert fleet[("support-bot", "v1.6.0-rc1")]["state"] == "rolled_back"
+    demo.send_signal(signal.SIGINT)
+    rest, errors = demo.communicate(timeout=60)
+    out = "".join(lines) + rest
+    assert demo.returncode == 0, out + errors
     assert "600 of 600 runs landed" in out
     for heading in ("per agent and version", "Alerts sent", "Largest failure clusters", "Canaries"):
         assert heading in out
