@@ -71,7 +71,10 @@ class Console:
 
         from streams.console.pages import HERE, Pages
 
-        pages = Pages(self.read, self.live, self.settings.policy())
+        settings = self.settings
+        pages = Pages(self.read, self.live, settings.policy(), window_s=settings.window_seconds,
+                      metrics_url=f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+                      if settings.metrics_port else "")
         routes = [
             Route("/", pages.fleet),
             Route("/live", pages.live_runs),
@@ -79,6 +82,12 @@ class Console:
             Route("/alerts", pages.alerts),
             Route("/canaries", pages.canaries),
             Route("/canaries/{agent_id}/{version:path}", pages.canary),
+            Route("/drift", pages.drift),
+            Route("/drift/{agent_id}/{version:path}", pages.drift_cell),
+            Route("/tools", pages.tools),
+            Route("/dead-letters", pages.dead_letters),
+            Route("/pipeline", pages.pipeline),
+            Route("/api/v1/pipeline", pages.pipeline_json),
             Route("/api/v1/runs/live/stream", pages.live_stream),
             Route("/api/v1/alerts/stream", pages.alert_stream),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),

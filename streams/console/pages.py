@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +23,13 @@ HERE = Path(__file__).parent
 RANGES = (1, 6, 24, 72, 168)  # hours a page can show
 STREAM_POLL_S = 0.2  # how often a page's stream looks at the live view (memory, not the store)
 STREAM_KEEPALIVE_S = 15.0
+# The pipeline page's figures: totals, and rates between two readings of /metrics.
+PIPELINE_TOTALS = {
+    "events_ingested": "trackside_events_ingested_total", "dead_letters": "trackside_dead_letters_total",
+    "sink_inflight_messages": "trackside_sink_inflight_messages", "store_retrying": "trackside_store_retrying",
+    "broker_resident_bytes": "trackside_broker_resident_bytes",
+}
+PIPELINE_RATES = {"events_per_s": "trackside_events_ingested_total", "dead_letters_per_s": "trackside_dead_letters_total"}
 
 
 def sparkline(values: Iterable[float | None], width: int = 96, height: int = 22) -> Markup:
@@ -70,13 +78,17 @@ def _time(ms: int | None) -> str:
 
 
 class Pages:
-    def __init__(self, read: reads.Read, live: LiveRuns | None, policy=None) -> None:  # noqa: ANN001
+    def __init__(self, read: reads.Read, live: LiveRuns | None, policy=None, *,  # noqa: ANN001 (a Policy)
+                 metrics_url: str = "", window_s: int = 300) -> None:
         self.read = read
         self.live = live
         self.policy = policy
+        self.metrics_url = metrics_url  # the stack's /metrics, which the pipeline page reads
+        self.window_s = window_s
+        self._pipeline: tuple[float, dict] | None = None  # the last reading, for rates
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(default=True, default_for_string=True))
-        self.env.filters.update(fmt=_fmt, time=_time, spark=sparkline,
+        self.env.filters.update(fmt=_fmt, time=_time, spark=sparkline, log10=lambda x: math.log10(max(x, 1e-300)),
                                 json=lambda value: Markup(orjson.dumps(value).decode()
                                                           .replace("<", "\\u003c").replace(">", "\\u003e")
                                                           .replace("&", "\\u0026")))
@@ -142,6 +154,69 @@ class Pages:
                          and r["from_version"] == version), None)
         return self.render(request, "canary.html", row=row, trajectory=trajectory, rollback=rollback)
 
+    def dead_letters(self, request: Request) -> Response:
+        hours, _ = _filters(request)
+        return self.render(request, "dead_letters.html", rows=reads.dead_letters(self.read, hours))
+
+    def tools(self, request: Request) -> Response:
+        hours, agent_id = _filters(request)
+        rows, series = reads.tools(self.read, hours, agent_id)
+        return self.render(request, "tools.html", rows=rows, series=series)
+
+    def drift(self, request: Request) -> Response:
+        hours, agent_id = _filters(request)
+        return self.render(request, "drift.html", versions=reads.drift(self.read, hours, agent_id))
+
+    def drift_cell(self, request: Request) -> Response:
+        agent_id, version = request.path_params["agent_id"], request.path_params["version"]
+        feature = request.query_params.get("feature", "")
+        try:
+            window_ms = int(request.query_params.get("window", ""))
+        except ValueError:
+            return self.render(request, "missing.html", what="drift window (?window=epoch ms)")
+        test = next((row for row in reads.drift(self.read, 24 * 366, agent_id).get((agent_id, version), {})
+                     .get("cells", {}).values() if row["feature"] == feature and row["window_ms"] == window_ms), None)
+        sample = reads.drift_sample(self.read, agent_id, version, feature.split("@")[0], window_ms, self.window_s)
+        return self.render(request, "drift_cell.html", agent=agent_id, version=version, feature=feature,
+                           window_ms=window_ms, test=test, sample=sample)
+
+    def pipeline(self, request: Request) -> Response:
+        return self.render(request, "pipeline.html", figures=self.pipeline_figures())
+
+    def pipeline_json(self, request: Request) -> Response:
+        from streams.console.app import JSON
+
+        return JSON(self.pipeline_figures())
+
+    def pipeline_figures(self) -> dict:
+        """The stack's own figures, from its /metrics: events/s (between two readings), each stage's
+        lag and the age of its last message, the store's backlog and retries, dead letters."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError as error:
+            return {"error": f"no /metrics at {self.metrics_url}: {error}"}
+        now, values = time.monotonic(), parse_metrics(text)
+        previous, self._pipeline = self._pipeline, (now, values)
+        figures: dict = {"stages": {}, "totals": {}}
+        for (name, labels), value in values.items():
+            if name in ("trackside_stage_lag_seconds", "trackside_stage_last_message_age_seconds"):
+                stage = labels.get("stage", "") + (f" {labels['partition']}" if "partition" in labels else "")
+                figures["stages"].setdefault(stage, {})[name.removeprefix("trackside_stage_")] = value
+
+        def total(name: str, of: dict = values) -> float:
+            return sum(value for (n, _), value in of.items() if n == name)
+
+        totals = figures["totals"]
+        for key, name in PIPELINE_TOTALS.items():
+            totals[key] = total(name)
+        if previous is not None and now > previous[0]:
+            for key, name in PIPELINE_RATES.items():
+                totals[key] = (total(name) - total(name, previous[1])) / (now - previous[0])
+        return figures
+
     # -- live streams (server-sent events from the live view, in memory)
 
     async def live_stream(self, request: Request) -> Response:
@@ -185,6 +260,45 @@ class Pages:
                 idle += STREAM_POLL_S
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text exposition -> {(name, labels as a dict's items): value}; a label dict is
+    returned by `labels` below. Comments and unparsable lines are skipped."""
+    values: dict = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, number = line.rpartition(" ")
+        try:
+            value = float(number)
+        except ValueError:
+            continue
+        name, _, rest = head.partition("{")
+        labels = _Labels(pair.split("=", 1) for pair in _label_pairs(rest.rstrip("}"))) if rest else _Labels()
+        values[(name, labels)] = value
+    return values
+
+
+class _Labels(dict):
+    def __hash__(self) -> int:  # noqa: D105
+        return hash(tuple(sorted(self.items())))
+
+
+def _label_pairs(text: str) -> list[str]:
+    pairs, current, quoted = [], "", False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+            continue
+        if char == "," and not quoted:
+            pairs.append(current)
+            current = ""
+            continue
+        current += char
+    if current:
+        pairs.append(current)
+    return [pair for pair in pairs if "=" in pair]
 
 
 def _filters(request: Request) -> tuple[int, str]:

@@ -291,3 +291,145 @@ def canary_trajectory(read: Read, canary: dict, policy=None) -> dict:  # noqa: A
         analysis.verdict_ = None  # keep replaying past a decision: the chart shows the whole run
     return {"runs": runs, "p_values": points, "threshold": threshold, "metrics": list(METRICS),
             "decided_at_run": canary["canary_runs"] if canary["verdict"] != "pending" else None}
+
+
+DEAD_LETTERS = """
+WITH (SELECT max(received_at) FROM dead_letters FINAL) AS newest
+SELECT topic,
+       replaceRegexpAll(replaceRegexpAll(error, 'got (\\'[^\\']*\\'|"[^"]*"|[^ ,;)]+)', 'got <value>'),
+                        '-?\\\\b\\\\d+(\\\\.\\\\d+)?\\\\b', '<n>') AS reason,
+       count() AS messages, sum(payload_bytes) AS bytes,
+       toUnixTimestamp64Milli(max(received_at)) AS last_received,
+       argMax(source, received_at) AS example_source, argMax(error, received_at) AS example_error,
+       substring(argMax(payload, received_at), 1, 2000) AS example_payload
+FROM dead_letters FINAL
+WHERE received_at > newest - toIntervalHour({hours:UInt32})
+GROUP BY topic, reason
+ORDER BY messages DESC, topic, reason
+LIMIT 500
+"""
+
+TOOLS = """
+WITH (SELECT max(ts) FROM events FINAL WHERE type = 'tool_call') AS newest
+SELECT tool, count() AS calls, countIf(status = 'error') / calls AS error_rate,
+       countIf(status = 'timeout') / calls AS timeout_rate, countIf(retry) AS retries,
+       quantile(0.5)(latency_ms) AS p50_latency_ms, quantile(0.95)(latency_ms) AS p95_latency_ms,
+       arraySort(groupUniqArray(agent_id || ' ' || agent_version)) AS used_by
+FROM
+(
+    SELECT tool, status, latency_ms, agent_id, agent_version,
+           lagInFrame(tool) OVER run = tool AND lagInFrame(status) OVER run IN ('error', 'timeout') AS retry
+    FROM events FINAL
+    WHERE type = 'tool_call' AND ts > newest - toIntervalHour({hours:UInt32})
+      AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+    WINDOW run AS (PARTITION BY run_id ORDER BY ts, event_id ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
+)
+GROUP BY tool
+ORDER BY calls DESC, tool
+LIMIT 200
+"""
+TOOL_SERIES = """
+WITH (SELECT max(ts) FROM events FINAL WHERE type = 'tool_call') AS newest
+SELECT tool, toUnixTimestamp(toStartOfInterval(ts, toIntervalSecond({bucket:UInt32}))) * 1000 AS bucket,
+       quantile(0.95)(latency_ms) AS p95_latency_ms, countIf(status IN ('error', 'timeout')) / count() AS failure_rate
+FROM events FINAL
+WHERE type = 'tool_call' AND ts > newest - toIntervalHour({hours:UInt32})
+  AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+GROUP BY tool, bucket
+ORDER BY bucket
+"""
+
+DRIFT = """
+WITH (SELECT max(window) FROM drift FINAL) AS newest
+SELECT agent_id, agent_version, toUnixTimestamp64Milli(window) AS window_ms, feature, statistic, value, p_value,
+       threshold, baseline, significant
+FROM drift FINAL
+WHERE window > newest - toIntervalHour({hours:UInt32}) AND position(feature, '@') = 0
+  AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+ORDER BY agent_id, agent_version, window_ms, feature
+"""
+# A numeric feature of a run, as the drift tests compute it (streams/detect/drift.py run_features).
+DRIFT_NUMERIC = {
+    "cost_usd": "toFloat64(cost_usd)", "total_tokens": "toFloat64(input_tokens + output_tokens)",
+    "steps": "toFloat64(steps)", "duration_ms": "toFloat64(duration_ms)",
+    "tool_error_rate": "if(tool_calls = 0, 0, tool_errors / tool_calls)",
+}
+DRIFT_CATEGORICAL = {"outcome": "toString(outcome)", "error_type": "if(error_type = '', 'none', toString(error_type))",
+                     "success": "if(outcome = 'success', 'success', 'not')", "tool_mix": "arrayJoin(tool_path)"}
+DRIFT_SAMPLE = """
+SELECT window_ms >= {{window:Int64}} AS current, {expression} AS value{counted}
+FROM (SELECT *, toUnixTimestamp64Milli(ended_at) AS window_ms FROM runs FINAL
+      WHERE agent_id = {{agent_id:String}} AND agent_version = {{agent_version:String}}
+        AND ended_at >= fromUnixTimestamp64Milli({{since:Int64}}, 'UTC')
+        AND ended_at < fromUnixTimestamp64Milli({{until:Int64}}, 'UTC'))
+{grouped}
+"""
+
+
+def dead_letters(read: Read, hours: int) -> list[dict]:
+    return read(DEAD_LETTERS, {"hours": hours})
+
+
+def tools(read: Read, hours: int, agent_id: str = "") -> tuple[list[dict], dict[str, dict[str, list]]]:
+    """Each tool's calls, error and timeout rates, retries (a call right after a failed call of the
+    same tool in the run), latency, and who uses it; and its p95 latency and failure rate over time."""
+    rows = read(TOOLS, {"hours": hours, "agent_id": agent_id})
+    bucket_s = max(hours * 3600 // POINTS, 300)
+    series: dict[str, dict[str, list]] = {}
+    points = read(TOOL_SERIES, {"hours": hours, "bucket": bucket_s, "agent_id": agent_id})
+    if points:
+        last = max(p["bucket"] for p in points)
+        first = last - (POINTS - 1) * bucket_s * 1000
+        for p in points:
+            index = (p["bucket"] - first) // (bucket_s * 1000)
+            if 0 <= index < POINTS:
+                tool = series.setdefault(p["tool"], {"p95_latency_ms": [None] * POINTS, "failure_rate": [None] * POINTS})
+                tool["p95_latency_ms"][index] = p["p95_latency_ms"]
+                tool["failure_rate"][index] = p["failure_rate"]
+    return rows, series
+
+
+def drift(read: Read, hours: int, agent_id: str = "") -> dict[tuple[str, str], dict]:
+    """Per agent version: its windows, its features, and each (feature, window) test."""
+    out: dict[tuple[str, str], dict] = {}
+    for row in read(DRIFT, {"hours": hours, "agent_id": agent_id}):
+        version = out.setdefault((row["agent_id"], row["agent_version"]), {"windows": [], "features": [], "cells": {}})
+        if row["window_ms"] not in version["windows"]:
+            version["windows"].append(row["window_ms"])
+        if row["feature"] not in version["features"]:
+            version["features"].append(row["feature"])
+        version["cells"][(row["feature"], row["window_ms"])] = row
+    for version in out.values():
+        version["features"].sort()
+    return out
+
+
+def drift_sample(read: Read, agent_id: str, agent_version: str, feature: str, window_ms: int, window_s: int,
+                 reference_windows: int = 6) -> dict | None:
+    """A feature's values in one window against the version's `reference_windows` windows before it,
+    from `runs`: numeric ones as quantiles, categorical ones as shares. (The test itself may have
+    used another reference: its `baseline` says which.)"""
+    width = window_s * 1000
+    params = {"agent_id": agent_id, "agent_version": agent_version, "since": window_ms - reference_windows * width,
+              "until": window_ms + width, "window": window_ms}
+    if feature in DRIFT_NUMERIC:
+        sql = DRIFT_SAMPLE.format(expression=DRIFT_NUMERIC[feature], counted="", grouped="")
+        rows = read(sql, params)
+        arms = {True: sorted(r["value"] for r in rows if r["current"]), False: sorted(r["value"] for r in rows if not r["current"])}
+        from streams.detect.estimators import quantile
+
+        qs = (0.05, 0.25, 0.5, 0.75, 0.95)
+        return {"kind": "numeric", "quantiles": list(qs),
+                "current": [quantile(arms[True], q) for q in qs], "reference": [quantile(arms[False], q) for q in qs],
+                "n_current": len(arms[True]), "n_reference": len(arms[False])}
+    if feature in DRIFT_CATEGORICAL:
+        sql = DRIFT_SAMPLE.format(expression=DRIFT_CATEGORICAL[feature], counted=", count() AS n",
+                                  grouped="GROUP BY current, value")
+        rows = read(sql, params)
+        totals = {arm: sum(r["n"] for r in rows if bool(r["current"]) == arm) for arm in (True, False)}
+        categories = sorted({r["value"] for r in rows})
+        share = {(bool(r["current"]), r["value"]): r["n"] / totals[bool(r["current"])] for r in rows}
+        return {"kind": "categorical", "categories": [
+            {"category": c, "current": share.get((True, c), 0.0), "reference": share.get((False, c), 0.0)} for c in categories],
+            "n_current": totals[True], "n_reference": totals[False]}
+    return None

@@ -137,5 +137,37 @@ const Trackside = (() => {
     new uPlot(opts, data, box);
   }
 
-  return {liveRuns, liveAlerts, canaryChart, stop, params};
+  function pipeline() {
+    const box = document.getElementById("pipeline");
+    const refresh = async () => {
+      const response = await fetch("/api/v1/pipeline");
+      const f = await response.json();
+      if (f.error) { box.replaceChildren(el("p", f.error, "empty")); return; }
+      const totals = el("table", undefined, "grid"); totals.id = "pipeline-totals";
+      const tbody = el("tbody");
+      for (const [key, value] of Object.entries(f.totals)) {
+        const row = el("tr"); row.appendChild(el("th", key.replaceAll("_", " ")));
+        const cell = el("td", Number(value).toPrecision(4), "num"); cell.dataset.key = key; row.appendChild(cell);
+        tbody.appendChild(row);
+      }
+      totals.appendChild(tbody);
+      const stages = el("table", undefined, "grid"); stages.id = "pipeline-stages";
+      const head = el("tr");
+      for (const name of ["stage", "lag", "age of the last message"]) head.appendChild(el("th", name));
+      const thead = el("thead"); thead.appendChild(head); stages.appendChild(thead);
+      const sbody = el("tbody");
+      for (const [stage, figures] of Object.entries(f.stages)) {
+        const row = el("tr"); row.appendChild(el("td", stage));
+        row.appendChild(el("td", (figures.lag_seconds ?? "-") + " s", "num"));
+        row.appendChild(el("td", (figures.last_message_age_seconds ?? "-") + " s", "num"));
+        sbody.appendChild(row);
+      }
+      stages.appendChild(sbody);
+      box.replaceChildren(totals, el("h2", "Stages"), stages);
+      box.dataset.refreshed = String(Date.now());
+    };
+    setInterval(refresh, 2000);
+  }
+
+  return {liveRuns, liveAlerts, canaryChart, pipeline, stop, params};
 })();
