@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import orjson
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 
 from streams.contracts import topics
 from streams.contracts.messages import EVENT_FIELDS, InvalidMessage, EventBatch, decode_run_result, ClosedRuns
@@ -92,7 +92,8 @@ class LiveRuns:
         self._read = read
         self._expired_at = 0.0
         self._thread = threading.Thread(target=self._follow, name="console-live-runs", daemon=True)
-        self.listening = threading.Event()  # assigned its partitions: what is produced from now on is seen
+        # assigned its partitions and placed at their ends: what is produced from now on is seen
+        self.listening = threading.Event()
 
     def start(self) -> None:
         if self._read is not None:
@@ -101,7 +102,7 @@ class LiveRuns:
             except Exception as error:  # noqa: BLE001 (the live view starts empty rather than not at all)
                 log.warning("the console could not read the open runs from the store: %s", error)
         self._consumer.subscribe([topics.EVENT_BATCHES.name, topics.RUN_RESULTS.name, topics.ALERTS.name],
-                                 on_assign=lambda *_: self.listening.set())
+                                 on_assign=self._at_the_end)
         self._thread.start()
 
     def stop(self) -> None:
@@ -152,6 +153,19 @@ class LiveRuns:
                 with self.changed:
                     self.version += 1
                     self.changed.notify_all()
+
+    def _at_the_end(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Start each assigned partition at its end, resolved here and now: with "latest" left to
+        the client the end is asked for after the assignment, and what was produced in between
+        would not be seen. An end reported short (the embedded broker's can be) re-reads a few
+        recent messages, which the live view takes twice harmlessly (event ids, closed runs)."""
+        for tp in partitions:
+            try:
+                tp.offset = consumer.get_watermark_offsets(tp, timeout=5)[1]
+            except KafkaException:
+                tp.offset = OFFSET_END
+        consumer.assign(partitions)
+        self.listening.set()
 
     def _handle(self, topic: str, value: bytes) -> bool:
         if topic == topics.EVENT_BATCHES.name:
