@@ -743,3 +743,41 @@ class FailureClusterer(BaseEstimator):
             agent_id=firing["agent_id"], agent_version=firing["agent_version"], run_id=firing["run_id"],
             summary=f"failure mode \"{cluster.label}\" {why} ({cluster.size} runs in {self._who(evidence)})",
             evidence=evidence, episode=firing["evidence"]["episode"])
+
+
+class TrafficCounts:
+    """Closed runs per agent and window where they close (a metrics partition), each run once, for
+    the spike tests of the failure modes, which live in other partitions: `counts` are totals that
+    only grow, so a count sent twice or late does no harm."""
+
+    def __init__(self, window_ms: int, keep_windows: int = 16) -> None:
+        self.window_ms = window_ms
+        self.keep_windows = keep_windows
+        self.runs: dict[tuple[str, int], set[int]] = {}  # (agent, window start) -> hash(run_id) of its runs
+        self.newest = 0
+
+    def window_of(self, ts: int) -> int:
+        return ts - ts % self.window_ms
+
+    def add(self, runs: Iterable[dict]) -> set[tuple[str, int]]:
+        """Count closed runs; the (agent, window) pairs they fell in."""
+        touched = set()
+        for row in runs:
+            key = (row["agent_id"], self.window_of(row["ended_at"]))
+            self.runs.setdefault(key, set()).add(hash(row["run_id"]))
+            touched.add(key)
+            self.newest = max(self.newest, key[1])
+        oldest = self.newest - self.keep_windows * self.window_ms
+        if len(self.runs) > 4 * len(touched) + 64:
+            for key in [k for k in self.runs if k[1] < oldest]:
+                del self.runs[key]
+        return touched
+
+    def counts(self, pairs: Iterable[tuple[str, int]]) -> dict[str, dict[str, int]]:
+        """agent -> window start (text, as JSON keys are) -> runs, for the pairs still held."""
+        out: dict[str, dict[str, int]] = {}
+        for agent, window in pairs:
+            runs = self.runs.get((agent, window))
+            if runs:
+                out.setdefault(agent, {})[str(window)] = len(runs)
+        return out
