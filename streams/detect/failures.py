@@ -92,6 +92,7 @@ def error_class(error_type: str, message: str) -> str:
     return _CLASS_SUFFIX.sub("", name) or name
 
 
+@functools.lru_cache(maxsize=4_096)  # failing runs repeat their errors; each is keyed where it closes and where it is clustered
 def mode_key(outcome: str, error_type: str, message: str, loop: bool) -> str:
     """The coarse part of a failure's identity, which every run of one cause shares: "loop" for a
     run stopped for going round in circles (flagged as a loop with no error of its own, or whose
