@@ -71,7 +71,8 @@ def mask(message: str) -> str:
 # iteration or recursion limit (LangGraph's GraphRecursionError, the OpenAI Agents SDK's
 # MaxTurnsExceeded, tau-bench's step limit), or Trackside's own loop guard.
 _LOOPISH = re.compile(
-    r"loop|step[ _-]?budget|max(?:imum)?[ _-]?(?:steps|turns|iterations)|(?:iteration|recursion|turn|step)s?[ _-]?limit"
+    r"(?<!event )(?<!event_)\bloop(?:s|ing|_detected)?\b"  # an agent's loop, not asyncio's "event loop"
+    r"|step[ _-]?budget|max(?:imum)?[ _-]?(?:steps|turns|iterations)|(?:iteration|recursion|turn|step)s?[ _-]?limit"
     r"|too many (?:steps|iterations|turns)", re.IGNORECASE)
 # An exception class at the head of a message: "pydantic_core.ValidationError: ..." -> ValidationError
 _CLASS_HEAD = re.compile(r"\s*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)\s*:")

@@ -65,6 +65,8 @@ def test_signature_is_the_mode_key_and_template_never_the_tool_or_agent():
     ("failure", "max_steps", "stopped after 62 messages", False, "loop"),
     ("failure", "GraphRecursionError", "Recursion limit of 25 reached", False, "loop"),
     ("aborted", "", "", True, "loop"),
+    ("failure", "RuntimeError", "Event loop is closed", False, "failure|runtime"),  # not an agent's loop
+    ("failure", "loop_detected", "stopped after 4 identical fetch_url calls", False, "loop"),
     ("aborted", "", "", False, "aborted|"),
     ("timeout", "", "", False, "timeout"),
     ("timeout", "", "", True, "loop"),
