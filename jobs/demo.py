@@ -48,8 +48,15 @@ SELECT agent_id, version, stable_version, since, inferred, decision, decided_at,
 FROM canaries ORDER BY agent_id, version
 """
 ROLLBACKS = "SELECT agent_id, from_version, to_version, ts, length(alert_ids) FROM rollbacks"
+# a failure mode spans agents: its runs per agent from its breakdown
 CLUSTERS = """
-SELECT agent_id, size, label FROM failure_clusters ORDER BY size DESC LIMIT 6
+SELECT c.size, c.label, arrayStringConcat(arrayMap(x -> concat(x.1, ' ', toString(x.2)),
+       arrayReverseSort(x -> x.2, b.agents)), ', ')
+FROM failure_clusters AS c FINAL
+LEFT JOIN (SELECT cluster_id, groupArray((toString(agent_id), runs)) AS agents
+           FROM (SELECT cluster_id, agent_id, sum(runs) AS runs FROM failure_cluster_agents FINAL
+                 GROUP BY cluster_id, agent_id) GROUP BY cluster_id) AS b ON b.cluster_id = c.cluster_id
+ORDER BY c.size DESC, c.cluster_id LIMIT 6
 """
 DEAD_BY_AGENT = """
 SELECT JSONExtractString(toString(payload), 'agent_id') AS agent_id,
@@ -213,11 +220,11 @@ def _print_summary(console: Console, stack: Stack) -> None:
 
     _print_rollouts(console, stack)
 
-    clusters = Table(title="Largest failure clusters")
-    for column in ("agent", "runs", "failure mode"):
+    clusters = Table(title="Largest failure clusters (failure modes across the fleet)")
+    for column in ("runs", "failure mode", "runs per agent"):
         clusters.add_column(column, justify="right" if column == "runs" else "left")
-    for agent, size, label in stack.store.query_rows(CLUSTERS):
-        clusters.add_row(agent, str(size), label)
+    for size, label, agents in stack.store.query_rows(CLUSTERS):
+        clusters.add_row(str(size), label, agents)
     console.print(clusters)
 
 

@@ -5,7 +5,8 @@
 Bars: loop precision and recall >= 0.95; zero drift alerts on stable agents over 3 h of event
 time; a real shift caught within 2 windows (of the earliest alert persistence allows) in at
 least 90% of seeds (a test at a fixed false-alert rate cannot promise every seed); failure
-clusters with adjusted Rand index >= 0.8 against the labelled failure families. Exits 1 when a
+clusters with adjusted Rand index >= 0.8 against the labelled failure families, and failure modes
+across the fleet (jobs.evaluate_modes) with ARI >= 0.9 and no looping run outside the loop mode. Exits 1 when a
 bar that is held (loops, stable drift, clusters, shifts of a version with enough runs per window)
 is missed; lower traffic, an oracle's catch rate and a one-window blip are reported beside it.
 The per-detector jobs (`jobs.evaluate_loops`, `jobs.evaluate_drift`, `jobs.evaluate_failures`)
@@ -21,7 +22,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from jobs import evaluate_drift, evaluate_failures, evaluate_loops
+from jobs import evaluate_drift, evaluate_failures, evaluate_loops, evaluate_modes
 
 # (scenario, fleet runs per 3 h, held?): support-bot v1.4.2 runs ~2.7/min at 1,200 (13 runs per
 # 5-min window), research ~1.7, coder ~1, a 30% canary ~0.8. A success drop 0.85 -> 0.5 at 13
@@ -129,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         aris = clusters(seeds, args.runs)
     row("clusters", "adjusted Rand index (min over seeds)", ">= 0.8",
         f"{min(aris):.3f} (mean {statistics.mean(aris):.3f})", min(aris) >= 0.8)
+    with console.status("failure modes across the fleet"):
+        modes = [evaluate_modes.evaluate(seed) for seed in seeds]
+    row("modes", "families spanning agents (jobs.evaluate_modes): ARI, min over seeds", ">= 0.9",
+        f"{min(r['ari'] for r in modes):.3f}", min(r["ari"] for r in modes) >= 0.9)
+    row("modes", "looping runs outside the loop mode", "0", str(sum(r["loops_outside"] for r in modes)),
+        sum(r["loops_outside"] for r in modes) == 0)
 
     console.print(table)
     if missed:

@@ -71,9 +71,9 @@ def _loops(tools: list[dict], repeats: int = 3) -> bool:
 def scored(runs: list[dict], labels: dict[str, dict], timeouts: bool = False) -> list[tuple[str, tuple]]:
     """(run_id, true family) of the failed runs that are scored.
 
-    A family is (agent, name): clusters never span agents, so tool_loop of two agents are two
-    families. Timeouts carry no family (the process died anywhere); with `timeouts` they are
-    scored as one "timeout" family per agent.
+    A family is its name, fleet-wide: failure modes span agents, so the loops of every agent are
+    one family (the simulator's other families each belong to one agent). Timeouts carry no
+    family (the process died anywhere); with `timeouts` they are scored as one "timeout" family.
     """
     out = []
     for run in runs:
@@ -83,7 +83,7 @@ def scored(runs: list[dict], labels: dict[str, dict], timeouts: bool = False) ->
         if family is None and timeouts and run["outcome"] == "timeout":
             family = "timeout"
         if family is not None:
-            out.append((run["run_id"], (run["agent_id"], family)))
+            out.append((run["run_id"], (family,)))
     return out
 
 
@@ -161,12 +161,14 @@ def spike_scenario(seed: int, runs: int = 2000) -> dict:
     for minute in range(0, cfg.duration_ms, 60_000):
         lo, hi = cfg.start_ms + minute, cfg.start_ms + minute + 60_000
         alerts += model.update([r for r in rows if lo <= r["ended_at"] < hi])[1]
-    spikes = [a for a in alerts if a["evidence"]["condition"] == "spike" and a["status"] == FIRING]
+    spikes = [a for a in alerts if a["evidence"]["condition"] == "spike" and a["status"] == FIRING
+              and "window_versions" in a["evidence"]]
     before = [a for a in spikes if a["ts"] < start]
     after = [a for a in spikes if a["ts"] >= start]
     return {"seed": seed, "spikes_before": len(before), "spikes_after": len(after),
             "first_delay_min": (min(a["ts"] for a in after) - start) / 60_000 if after else None,
-            "canary_version_named": sum(a["agent_version"] == canary.version for a in after)}
+            "canary_version_named": sum(canary.version in a["evidence"]["window_versions"].get(canary.agent_id, {})
+                                        for a in after)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,11 @@
--- Failure cluster trend: runs per failure cluster per time bucket, for the largest clusters.
+-- Failure mode trend: runs per failure mode, agent and time bucket, for the largest modes.
 --
 -- Answers: is this failure mode new, growing, steady or gone? Did it start with a deploy (look at
--- versions) or at one moment for every version (a dependency)? The companion of
--- top_failure_clusters.sql, over time.
+-- versions) or at one moment for every version (a dependency)? Did it spread from one agent to
+-- others (a row per agent it hit)? The companion of top_failure_clusters.sql, over time.
 --
 -- Source: runs (failure_cluster_id, ended_at), labels from failure_clusters; the `top` largest
--- clusters of the period, by runs in it.
+-- modes of the period, by runs in it (of every agent, or of `agent_id`).
 --
 -- Parameters:
 -- @param days UInt32 7             look-back, in days of event time, ending at the newest run in the store
@@ -13,11 +13,11 @@
 -- @param top UInt32 8              clusters shown (largest in the period)
 -- @param agent_id String ''        one agent, or '' for every agent
 --
--- Reading the result: one row per (cluster, bucket) that had at least one such failed run, in
--- time order; a bucket without a row had none. runs_of_agent is every run of the cluster's agent
--- that ended in the bucket, so share = failures of this mode / all runs of the agent: a rising
--- share is a real increase, a rising count with a flat share is only more traffic. versions are
--- the versions hit in the bucket.
+-- Reading the result: one row per (mode, agent, bucket) that had at least one such failed run, in
+-- time order; a bucket without a row had none. runs_of_agent is every run of that agent that
+-- ended in the bucket, so share = failures of this mode / all runs of the agent: a rising share
+-- is a real increase, a rising count with a flat share is only more traffic. versions are the
+-- agent's versions hit in the bucket.
 --
 -- Deduplication: explicit FINAL on runs and failure_clusters.
 WITH

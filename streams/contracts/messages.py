@@ -123,7 +123,18 @@ class TenantCosts(_Message):
     tenant_runs: list[dict]
 
 
-RunResult = ClosedRuns | Deployments | TenantCosts
+@dataclass(slots=True)
+class FailedRuns(_Message):
+    """`trackside.run-results`, metrics stage -> the metrics partition that owns a failure mode
+    key (`mode_partition`): failed runs (whole `runs` rows, which that partition sends again with
+    their mode), and `traffic`, agent -> window start (as text) -> runs closed in it so far where
+    they were counted, which the spike test of a mode scales by. Without runs: traffic only."""
+
+    failed_runs: list[dict]
+    traffic: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+RunResult = ClosedRuns | Deployments | TenantCosts | FailedRuns
 
 
 def decode_run_result(value: bytes) -> RunResult:
@@ -134,6 +145,8 @@ def decode_run_result(value: bytes) -> RunResult:
             return Deployments(list(raw["deployments"]))
         if "tenant_runs" in raw:
             return TenantCosts(list(raw["tenant_runs"]))
+        if "failed_runs" in raw:
+            return FailedRuns(list(raw["failed_runs"]), dict(raw.get("traffic") or {}))
         return ClosedRuns(int(raw["partition"]), int(raw["watermark"]), list(raw["runs"]),
                           int(raw.get("processed_ts") or 0))
     except (KeyError, TypeError, ValueError) as error:
@@ -143,7 +156,7 @@ def decode_run_result(value: bytes) -> RunResult:
 # The table each kind of row of a metrics result lands in.
 RESULT_TABLES = {
     "metrics": "agent_metrics", "drift": "drift", "failure_clusters": "failure_clusters",
-    "runs": "runs", "canaries": "canaries",
+    "failure_cluster_agents": "failure_cluster_agents", "runs": "runs", "canaries": "canaries",
 }
 
 
@@ -157,6 +170,7 @@ class MetricResults(_Message):
     metrics: list[dict] = field(default_factory=list)
     drift: list[dict] = field(default_factory=list)
     failure_clusters: list[dict] = field(default_factory=list)
+    failure_cluster_agents: list[dict] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)
     canaries: list[dict] = field(default_factory=list)
     dead_letters: list[dict] = field(default_factory=list)

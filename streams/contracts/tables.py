@@ -93,7 +93,16 @@ DRIFT = pa.schema(
 FAILURE_CLUSTERS = pa.schema(
     [
         ("cluster_id", _TEXT), ("agent_id", _TEXT), ("label", _TEXT), ("size", pa.uint64()), ("first_seen", _TS),
-        ("last_seen", _TS), ("example_run_ids", pa.list_(_TEXT)), ("updated_at", _TS),
+        ("last_seen", _TS), ("example_run_ids", pa.list_(_TEXT)), ("updated_at", _TS), ("kind", _TEXT),
+        ("seed_signature", _TEXT), ("agents", pa.list_(_TEXT)),
+    ]
+)
+
+# A failure mode's breakdown: its runs per agent version (0007_failure_modes.sql).
+FAILURE_CLUSTER_AGENTS = pa.schema(
+    [
+        ("cluster_id", _TEXT), ("agent_id", _TEXT), ("agent_version", _TEXT), ("runs", pa.uint64()),
+        ("first_seen", _TS), ("last_seen", _TS), ("updated_at", _TS),
     ]
 )
 
@@ -131,7 +140,8 @@ STAGE_PROGRESS = pa.schema([("stage", _TEXT), ("partition", pa.uint16()), ("wate
 
 BY_TABLE = {
     "events": EVENTS, "runs": RUNS, "agent_metrics": AGENT_METRICS, "dead_letters": DEAD_LETTERS, "alerts": ALERTS,
-    "drift": DRIFT, "failure_clusters": FAILURE_CLUSTERS, "rollbacks": ROLLBACKS, "deployments": DEPLOYMENTS,
+    "drift": DRIFT, "failure_clusters": FAILURE_CLUSTERS, "failure_cluster_agents": FAILURE_CLUSTER_AGENTS,
+    "rollbacks": ROLLBACKS, "deployments": DEPLOYMENTS,
     "canaries": CANARIES, "stage_progress": STAGE_PROGRESS, "controls": CONTROLS,
 }
 

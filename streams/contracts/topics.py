@@ -72,15 +72,16 @@ EVENT_BATCHES = Topic(
 # place; also what the metrics stage needs from elsewhere: deployments and tenant costs.
 RUN_RESULTS = Topic(
     "trackside.run-results", True,
-    "closed runs (ClosedRuns), deployments (Deployments), tenant costs (TenantCosts), batched",
-    writers=("assemble_runs (ClosedRuns)", "the sink (Deployments)", "compute_metrics (TenantCosts)"),
+    "closed runs (ClosedRuns), deployments (Deployments), tenant costs (TenantCosts), failed runs (FailedRuns), batched",
+    writers=("assemble_runs (ClosedRuns)", "the sink (Deployments)", "compute_metrics (TenantCosts, FailedRuns)"),
     readers=("compute_metrics (trackside-processors)", "the sink (trackside-store): runs and stage_progress"),
-    key="none: the metrics partition of the agent (agent_partition) or tenant (tenant_partition_key); "
-        "ClosedRuns without runs (watermarks) go to any partition")
+    key="none: the metrics partition of the agent (agent_partition), tenant (tenant_partition_key) or "
+        "failure mode key (mode_partition_key); ClosedRuns without runs (watermarks) go to any partition")
 # Rows for the store, and the processors' dead letters.
 METRIC_RESULTS = Topic(
     "trackside.metric-results", True,
-    "agent_metrics, drift, failure_clusters, canaries and enriched runs rows, and dead letters (MetricResults)",
+    "agent_metrics, drift, failure_clusters, failure_cluster_agents, canaries and enriched runs rows, and dead letters "
+    "(MetricResults)",
     writers=("compute_metrics", "the guard of each processor stage (dead letters)"),
     readers=("the sink (trackside-store)",),
     key="none: the partition of the input message")
@@ -108,3 +109,9 @@ def run_partition(run_id: str, partitions: int) -> int:
 def tenant_partition_key(tenant: str) -> str:
     """The key whose agent partition holds a tenant's budget (tenants and agents share partitions)."""
     return "tenant:" + tenant
+
+
+def mode_partition_key(mode_key: str) -> str:
+    """The key whose agent partition holds the failure modes of a mode key (streams.detect.failures.mode_key),
+    so that the failed runs of one cause meet in one partition whichever agent they come from."""
+    return "failure-mode:" + mode_key

@@ -1,5 +1,6 @@
-"""Failure clustering of closed runs: masked error signatures, online cosine clustering per agent,
-and `failure_cluster` alerts when a cluster appears or spikes (SPEC §6, table `failure_clusters`)."""
+"""Failure modes of closed runs across the fleet: masked error signatures, online cosine clustering by
+mode key, a per-agent and per-version breakdown, and one `failure_cluster` incident per mode when it
+appears or spikes (SPEC §6, tables `failure_clusters` and `failure_cluster_agents`)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ import scipy.sparse as sp
 from scipy.stats import poisson
 from sklearn import config_context
 from sklearn.base import BaseEstimator
-from sklearn.feature_extraction import FeatureHasher
 from sklearn.feature_extraction.text import HashingVectorizer
-from sklearn.preprocessing import normalize
 
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
 from streams.detect.recent import RunMemory
@@ -66,63 +65,128 @@ def mask(message: str) -> str:
     text = _NUMBER.sub("<num>", text)
     return _SPACE.sub(" ", text).strip()
 
-
 # --- signatures -------------------------------------------------------------------------------
 
+# How agent frameworks stop a run that goes round in circles: a step or turn budget, an
+# iteration or recursion limit (LangGraph's GraphRecursionError, the OpenAI Agents SDK's
+# MaxTurnsExceeded, tau-bench's step limit), or Trackside's own loop guard.
+_LOOPISH = re.compile(
+    r"(?<!event )(?<!event_)\bloop(?:s|ing|_detected)?\b"  # an agent's loop, not asyncio's "event loop"
+    r"|step[ _-]?budget|max(?:imum)?[ _-]?(?:steps|turns|iterations)|(?:iteration|recursion|turn|step)s?[ _-]?limit"
+    r"|too many (?:steps|iterations|turns)", re.IGNORECASE)
+# An exception class at the head of a message: "pydantic_core.ValidationError: ..." -> ValidationError
+_CLASS_HEAD = re.compile(r"\s*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)\s*:")
+_CLASS_SUFFIX = re.compile(r"(?:error|exception)$")
 
-def _fields(run: dict) -> tuple[str, str, str, str, bool]:
+LOOP, TIMEOUT = "loop", "timeout"
+
+
+def error_class(error_type: str, message: str) -> str:
+    """The error's class, normalised so that spellings of one class meet: the run's error_type,
+    else the exception class that heads its message; lower case without separators or a trailing
+    "error"/"exception" (RateLimitError, rate_limit and rate_limit_error are all "ratelimit")."""
+    name = (error_type or "").strip()
+    if not name:
+        match = _CLASS_HEAD.match(message or "")
+        name = match.group(1) if match else ""
+    name = name.rsplit(".", 1)[-1].lower().replace("_", "").replace("-", "").replace(" ", "")
+    return _CLASS_SUFFIX.sub("", name) or name
+
+
+@functools.lru_cache(maxsize=4_096)  # failing runs repeat their errors; each is keyed where it closes and where it is clustered
+def mode_key(outcome: str, error_type: str, message: str, loop: bool) -> str:
+    """The coarse part of a failure's identity, which every run of one cause shares: "loop" for a
+    run stopped for going round in circles (flagged as a loop with no error of its own, or whose
+    error says a step budget or iteration limit stopped it), "timeout" for a run that never sent
+    run_end, else its outcome and error class ("failure|validation", "escalated|", ...). Runs of
+    one key are then clustered by their message's template. The agent, its version and the last
+    tool are not in it: they are the evidence of a mode, not its identity."""
+    if _LOOPISH.search(error_type or "") or _LOOPISH.search((message or "")[:200]):
+        return LOOP
+    if loop and not error_type and not message:
+        return LOOP
+    if outcome == "timeout" and not error_type and not message:
+        return TIMEOUT
+    return f"{outcome}|{error_class(error_type, message)}"
+
+
+def _fields(run: dict) -> tuple[str, str, str, str, str]:
+    """(mode key, template, outcome, error type, last tool) of a failed run."""
+    error_type, message = run.get("error_type") or "", run.get("error_message") or ""
     path = run.get("tool_path") or []
-    return (run.get("error_type") or "", mask(run.get("error_message") or ""), path[-1] if path else "",
-            run.get("outcome") or "", bool(run.get("loop_detected")))
+    outcome = run.get("outcome") or ""
+    return (mode_key(outcome, error_type, message, bool(run.get("loop_detected"))), mask(message), outcome,
+            error_type, path[-1] if path else "")
 
 
 def signature(run: dict) -> str:
-    """Error type, masked message, last tool and outcome of a run, as one line of text."""
-    return _signature(*_fields(run))
+    """A failed run's signature as one line: its mode key and the template of its error message."""
+    key, template, *_ = _fields(run)
+    return f"{key} | {template or '-'}"
 
 
-def _signature(error_type: str, template: str, tool: str, outcome: str, loop: bool) -> str:
-    text = f"{error_type or '-'} | {template or '-'} | tool:{tool or '-'} | outcome:{outcome}"
-    return text + " | loop" if loop else text
-
-
-def _label(error_type: str, template: str, tool: str, outcome: str, loop: bool) -> str:
-    head = f"{error_type}: {template}" if error_type or template else "no error message"
-    text = f"{head} ({outcome}{' after ' + tool if tool else ''})"
-    return "loop, " + text if loop else text
+def _label(key: str, template: str, outcome: str, error_type: str) -> str:
+    """What a reader sees: the error type and masked template, and the outcome."""
+    head = f"{error_type}: {template}" if error_type and not template.startswith(error_type) else template
+    head = head or "no error message"
+    return f"loop, {head} ({outcome})" if key == LOOP else f"{head} ({outcome})"
 
 
 def is_failed(run: dict) -> bool:
     return run.get("outcome") != "success"
 
 
-# --- clusters ---------------------------------------------------------------------------------
+# --- modes ------------------------------------------------------------------------------------
 
-DEFAULT_WEIGHTS = {"message": 1.5, "outcome": 1.0, "error_type": 1.0, "tool": 0.5, "loop": 4.0}
-_MAX_TEMPLATES = 32  # distinct member templates counted per cluster, for its label
+_MAX_TEMPLATES = 32  # distinct member labels counted per mode, for its label
 _REMEMBERED_RUNS = 100_000  # run ids kept (at least) to recognise a redelivered run
-_REMEMBERED_VECTORS = 4_096  # signature vectors kept: failures repeat a few dozen signatures
+_REMEMBERED_VECTORS = 4_096  # template vectors kept: failures repeat a few dozen templates
+
+
+@dataclass(slots=True)
+class Slice:
+    """One agent version's part of a mode."""
+
+    runs: int = 0
+    first_seen: int = 0
+    last_seen: int = 0
 
 
 @dataclass(slots=True)
 class Cluster:
+    """A failure mode: every failed run of one root cause, whichever agent, version or tool."""
+
     cluster_id: str
-    agent_id: str
-    row: int  # of the agent's centroid matrix
+    key: str  # mode_key of its runs
+    seed: str  # the template of its first run: with the key, what its id is made of
+    row: int  # of its key's centroid matrix
     first_seen: int
     last_seen: int
     size: int = 0
     example_run_ids: list[str] = field(default_factory=list)
-    templates: Counter = field(default_factory=Counter)
-    versions: Counter = field(default_factory=Counter)
-    windows: dict[int, Counter] = field(default_factory=dict)  # window start -> versions -> runs
+    templates: Counter = field(default_factory=Counter)  # labels of its runs
+    slices: dict[tuple[str, str], Slice] = field(default_factory=dict)  # (agent, version) -> its part
+    windows: dict[int, Counter] = field(default_factory=dict)  # window start -> (agent, version) -> runs
+    changed: set[tuple[str, str]] = field(default_factory=set)  # slices changed since the last rows
     new_done: bool = False  # the "new" condition was reached (alerted, or learned silently)
-    new_alert: dict | None = None  # the firing "new" alert, until the cluster goes quiet
+    incident: dict | None = None  # the firing incident alert (new or spike), as last sent
     spike_since: int | None = None  # window start of the spike that is firing
 
     @property
     def label(self) -> str:
         return self.templates.most_common(1)[0][0] if self.templates else ""
+
+    @property
+    def agent_id(self) -> str:
+        """The agent that failed first in this mode (the `agent_id` of its row)."""
+        return min(self.slices.items(), key=lambda kv: (kv[1].first_seen, kv[0]))[0][0] if self.slices else ""
+
+    def agents(self) -> dict[str, dict[str, int]]:
+        """agent -> version -> runs."""
+        out: dict[str, dict[str, int]] = {}
+        for (agent, version), part in sorted(self.slices.items()):
+            out.setdefault(agent, {})[version] = part.runs
+        return out
 
     def count(self, window: int) -> int:
         counts = self.windows.get(window)
@@ -131,7 +195,25 @@ class Cluster:
     def row_dict(self, updated_at: int) -> dict:
         return {"cluster_id": self.cluster_id, "agent_id": self.agent_id, "label": self.label,
                 "size": self.size, "first_seen": self.first_seen, "last_seen": self.last_seen,
-                "example_run_ids": list(self.example_run_ids), "updated_at": updated_at}
+                "example_run_ids": list(self.example_run_ids), "updated_at": updated_at,
+                "kind": self.key, "seed_signature": self.seed, "agents": sorted({a for a, _ in self.slices})}
+
+    def breakdown_rows(self, updated_at: int, changed_only: bool = True) -> list[dict]:
+        keys = sorted(self.changed) if changed_only else sorted(self.slices)
+        return [{"cluster_id": self.cluster_id, "agent_id": agent, "agent_version": version,
+                 "runs": self.slices[(agent, version)].runs, "first_seen": self.slices[(agent, version)].first_seen,
+                 "last_seen": self.slices[(agent, version)].last_seen, "updated_at": updated_at}
+                for agent, version in keys]
+
+
+@dataclass
+class ModeUpdate:
+    """What learning a batch of runs gave."""
+
+    rows: list[dict]  # changed `failure_clusters` rows
+    breakdown: list[dict]  # changed `failure_cluster_agents` rows
+    alerts: list[dict]
+    assigned: dict[str, str]  # run_id -> cluster_id
 
 
 def _row(matrix: sp.csr_matrix, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,20 +223,20 @@ def _row(matrix: sp.csr_matrix, i: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Centroids:
-    """Sums of unit vectors per cluster of one agent, dense over the features that agent has used."""
+    """Sums of unit vectors per mode of one key, dense over the features that key has used."""
 
     def __init__(self) -> None:
         self.columns: dict[int, int] = {}  # hashed feature -> column
         self.sums = np.zeros((4, 64))
         self.norms = np.zeros(4)
         self.k = 0
-        self.placed: dict[tuple, np.ndarray] = {}  # signature -> the columns of its features, once all have one
+        self.placed: dict[str, np.ndarray] = {}  # template -> the columns of its features, once all have one
 
-    def similarities(self, features: np.ndarray, values: np.ndarray, signature: tuple | None = None) -> np.ndarray:
+    def similarities(self, features: np.ndarray, values: np.ndarray, template: str | None = None) -> np.ndarray:
         """Cosine of a unit vector with each centroid."""
         if self.k == 0:
             return np.zeros(0)
-        cols = self.placed.get(signature)
+        cols = self.placed.get(template)
         if cols is not None:
             return self.sums[: self.k, cols] @ values / self.norms[: self.k]
         cols = np.fromiter((self.columns.get(f, -1) for f in features.tolist()), np.int64, len(features))
@@ -162,17 +244,17 @@ class _Centroids:
         dots = self.sums[: self.k, cols[known]] @ values[known]
         return dots / self.norms[: self.k]
 
-    def add(self, row: int, features: np.ndarray, values: np.ndarray, signature: tuple | None = None) -> None:
+    def add(self, row: int, features: np.ndarray, values: np.ndarray, template: str | None = None) -> None:
         if row == self.k:
             if row == self.sums.shape[0]:
                 self.sums = np.vstack([self.sums, np.zeros_like(self.sums)])
                 self.norms = np.concatenate([self.norms, np.zeros_like(self.norms)])
             self.k += 1
-        cols = self.placed.get(signature)
+        cols = self.placed.get(template)
         if cols is None:
             cols = np.array([self._column(f) for f in features.tolist()], np.int64)
-            if signature is not None:
-                self.placed[signature] = cols
+            if template is not None:
+                self.placed[template] = cols
                 if len(self.placed) > _REMEMBERED_VECTORS:
                     del self.placed[next(iter(self.placed))]
         self.sums[row, cols] += values
@@ -188,20 +270,29 @@ class _Centroids:
 
 
 class FailureClusterer(BaseEstimator):
-    """Online clustering of failed runs per agent, with `failure_cluster` alerts.
+    """Online clustering of failed runs into failure modes across the fleet, with incident alerts.
 
-    A failed run (outcome != "success") joins the most similar cluster of its agent when the
-    cosine of its signature vector with the cluster centroid is at least `threshold`, else it
-    opens a new cluster. Cluster ids are a hash of the agent and the first member's signature,
-    so they never change as clusters grow and replaying the same runs in the same order gives
-    the same ids. Time is event time (`ended_at`); windows are `window_ms` long.
+    A failed run (outcome != "success") is keyed by `mode_key` (loop, timeout, or its outcome and
+    error class) and, among the modes of its key, joins the one whose centroid is most similar to
+    its message template (cosine of hashed word 1-2-grams) when that is at least `threshold`,
+    else opens a new mode. Loop and timeout keys hold one mode each. Its agent, version and last
+    tool are counted in the mode's breakdown, never used to place it. Mode ids are a hash of the
+    key and the first member's template, so they never change as modes grow, do not depend on
+    which agent failed first, and a replay in the same order gives the same ids; `restore` puts
+    stored modes back after a restart. Time is event time (`ended_at`); windows are `window_ms`
+    long.
+
+    One incident alert per mode (fingerprint of the mode): when it reaches `min_size` runs
+    ("new") or spikes against its own traffic-scaled history ("spike"); sent again with the same
+    fingerprint (a new alert id) each time a new agent joins it while it fires; resolved once the
+    mode is quiet (no run for `new_quiet_ms` after "new", a window without a spike after "spike").
     """
 
-    def __init__(self, threshold: float = 0.7, window_ms: int = 300_000, min_size: int = 3,
+    def __init__(self, threshold: float = 0.5, window_ms: int = 300_000, min_size: int = 3,
                  history_windows: int = 12, min_history_windows: int = 3, spike_min_count: int = 5,
                  spike_ratio: float = 3.0, spike_p_value: float = 1e-3, spike_floor: float = 0.2,
-                 max_examples: int = 5, warmup_ms: int = 0, weights: dict | None = None,
-                 n_features: int = 2**20, new_quiet_ms: int = 3_600_000) -> None:
+                 max_examples: int = 5, warmup_ms: int = 0, n_features: int = 2**20,
+                 new_quiet_ms: int = 3_600_000) -> None:
         self.threshold = threshold
         self.window_ms = window_ms
         self.min_size = min_size
@@ -213,48 +304,46 @@ class FailureClusterer(BaseEstimator):
         self.spike_floor = spike_floor
         self.max_examples = max_examples
         self.warmup_ms = warmup_ms
-        # a "new cluster" alert resolves once the cluster has had no run for this long
-        self.new_quiet_ms = new_quiet_ms
-        self.weights = weights
         self.n_features = n_features
+        # a "new mode" incident resolves once the mode has had no run for this long
+        self.new_quiet_ms = new_quiet_ms
 
     # -- vectors --
 
     def transform(self, runs: list[dict]) -> sp.csr_matrix:
-        """Unit-norm signature vectors; stateless, so the same run maps to the same vector after a restart."""
-        return self._vectorise([_fields(run) for run in runs])
+        """Unit-norm template vectors; stateless, so the same run maps to the same vector after a restart."""
+        return self._vectorise([self._text(*_fields(run)[:2]) for run in runs])
 
-    def _vectorise(self, runs_fields: list[tuple[str, str, str, str, bool]]) -> sp.csr_matrix:
-        weights = {**DEFAULT_WEIGHTS, **(self.weights or {})}
+    @staticmethod
+    def _text(key: str, template: str) -> str:
+        """What is compared within a key: the template without the exception class at its head (the
+        key holds the class, and a long module path would make two causes of one class look alike).
+        A loop or a run that never ended is one mode whatever its message; no message is a word of its own."""
+        if key in (LOOP, TIMEOUT):
+            return f"<{key}>"
+        head = _CLASS_HEAD.match(template)
+        if head is not None and error_class(head.group(1), "") == key.partition("|")[2]:
+            template = template[head.end():]
+        return template.strip() or "<empty>"
+
+    def _vectorise(self, texts: list[str]) -> sp.csr_matrix:
         text = HashingVectorizer(n_features=self.n_features, token_pattern=r"<\w+>|\w\w+", ngram_range=(1, 2),
                                  norm="l2", alternate_sign=False)
-        hasher = FeatureHasher(n_features=self.n_features, input_type="dict", alternate_sign=False)
-        messages, fields = [], []
-        for error_type, template, tool, outcome, loop in runs_fields:
-            messages.append(template)
-            # categorical fields as weighted one-hot features; the message block has norm `message`
-            doc = {f"outcome={outcome}": weights["outcome"], f"type={error_type}": weights["error_type"]}
-            if tool:
-                doc[f"tool={tool}"] = weights["tool"]
-            if loop:
-                doc["loop"] = weights["loop"]
-            fields.append(doc)
         # The inputs are ours and finite: sklearn's per-call validation was a third of the cost.
         with config_context(assume_finite=True, skip_parameter_validation=True):
-            matrix = sp.hstack([text.transform(messages) * weights["message"], hasher.transform(fields)], format="csr")
-            return normalize(matrix)
+            return text.transform(texts)
 
-    def _vectors(self, runs_fields: list[tuple]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each signature's vector as (features, values): those of `_vectorise`, whose rows do not
-        depend on each other, so a signature seen before is not vectorised again."""
+    def _vectors(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each text's vector as (features, values): those of `_vectorise`, whose rows do not
+        depend on each other, so a text seen before is not vectorised again."""
         known = self.vectors_
-        new = [f for f in dict.fromkeys(runs_fields) if f not in known]
+        new = [t for t in dict.fromkeys(texts) if t not in known]
         if new:
             matrix = self._vectorise(new)
-            for i, f in enumerate(new):
+            for i, t in enumerate(new):
                 features, values = _row(matrix, i)
-                known[f] = (features.copy(), values.copy())
-        vectors = [known[f] for f in runs_fields]
+                known[t] = (features.copy(), values.copy())
+        vectors = [known[t] for t in texts]
         while len(known) > _REMEMBERED_VECTORS:  # the oldest first
             del known[next(iter(known))]
         return vectors
@@ -266,66 +355,139 @@ class FailureClusterer(BaseEstimator):
         self._learn(list(runs), emit=False)
         return self
 
-    def update(self, runs: Iterable[dict], now_ms: int | None = None) -> tuple[list[dict], list[dict], dict[str, str]]:
-        """Learn from closed runs; returns (changed `failure_clusters` rows, alerts, run_id -> cluster_id).
+    def update(self, runs: Iterable[dict], now_ms: int | None = None, traffic: dict | None = None
+               ) -> tuple[list[dict], list[dict], dict[str, str]]:
+        """Learn from closed runs; returns (changed `failure_clusters` rows, alerts, run_id -> cluster_id)."""
+        out = self.update_modes(runs, now_ms, traffic)
+        return out.rows, out.alerts, out.assigned
 
-        `now_ms` (wall clock) becomes the rows' `updated_at`; without it, the event-time clock.
+    def update_modes(self, runs: Iterable[dict], now_ms: int | None = None, traffic: dict | None = None,
+                     emit: bool = True) -> ModeUpdate:
+        """Learn from closed runs: the changed rows of `failure_clusters` and of its breakdown
+        `failure_cluster_agents`, alerts, and run_id -> cluster_id.
+
+        `traffic`: agent -> window start -> runs closed in it so far (counts that only grow),
+        when the runs given are only the failed ones; without it, the runs given (successes
+        too) are the traffic. `now_ms` (wall clock) becomes the rows' `updated_at`; without it,
+        the event-time clock. `emit=False` learns silently.
         """
-        touched, alerts, assigned = self._learn(list(runs), emit=True)
+        self._ensure_state()
+        if traffic:
+            self.count_traffic(traffic)
+        touched, alerts, assigned = self._learn(list(runs), emit=emit, count=traffic is None)
         updated_at = self.clock_ if now_ms is None else now_ms
-        rows = [self.clusters_[cid].row_dict(updated_at) for cid in touched]
-        return rows, alerts, assigned
+        rows, breakdown = [], []
+        for cid in touched:
+            cluster = self.clusters_[cid]
+            rows.append(cluster.row_dict(updated_at))
+            breakdown += cluster.breakdown_rows(updated_at)
+            cluster.changed.clear()
+        return ModeUpdate(rows, breakdown, alerts, assigned)
+
+    def count_traffic(self, traffic: dict) -> None:
+        """Closed runs per agent and window, as counted where they closed (they only grow)."""
+        self._ensure_state()
+        for agent, windows in traffic.items():
+            mine = self.traffic_.setdefault(agent, {})
+            for window, runs in windows.items():
+                window = int(window)
+                if runs > mine.get(window, 0):
+                    mine[window] = runs
+            self._forget_old(mine)
 
     def predict(self, runs: Iterable[dict]) -> list[str]:
-        """The cluster each run would join now ("" for a success or when none is near enough); learns nothing."""
+        """The mode each run would join now ("" for a success or when none is near enough); learns nothing."""
         runs = list(runs)
         self._ensure_state()
         out = [""] * len(runs)
         failed = [i for i, run in enumerate(runs) if is_failed(run)]
         if not failed:
             return out
-        matrix = self.transform([runs[i] for i in failed])
+        fields = [_fields(runs[i]) for i in failed]
+        matrix = self._vectorise([self._text(f[0], f[1]) for f in fields])
         for n, i in enumerate(failed):
             known = self.seen_runs_.get(runs[i]["run_id"])
             if known:
                 out[i] = known
                 continue
-            space = self.centroids_.get(runs[i]["agent_id"])
+            space = self.centroids_.get(fields[n][0])
             if space is not None and space.k:
                 sims = space.similarities(*_row(matrix, n))
                 best = int(np.argmax(sims))
                 if sims[best] >= self.threshold:
-                    out[i] = self.rows_[runs[i]["agent_id"]][best]
+                    out[i] = self.rows_[fields[n][0]][best]
         return out
 
     def cluster_rows(self, updated_at: int | None = None) -> list[dict]:
-        """Every cluster's `failure_clusters` row."""
+        """Every mode's `failure_clusters` row."""
         self._ensure_state()
         stamp = self.clock_ if updated_at is None else updated_at
         return [cluster.row_dict(stamp) for cluster in self.clusters_.values()]
+
+    def breakdown(self, updated_at: int | None = None) -> list[dict]:
+        """Every mode's `failure_cluster_agents` rows."""
+        self._ensure_state()
+        stamp = self.clock_ if updated_at is None else updated_at
+        return [row for cluster in self.clusters_.values() for row in cluster.breakdown_rows(stamp, changed_only=False)]
+
+    def restore(self, modes: Iterable[dict], breakdown: Iterable[dict] = ()) -> FailureClusterer:
+        """Put back modes as stored (`failure_clusters` rows with `kind` and `seed_signature`, and
+        their `failure_cluster_agents` rows), oldest first, before the runs of the history are
+        learned again: they keep their ids and lifetime counts, and a run of the history that was
+        already in one (its stored `failure_cluster_id`) is not counted twice."""
+        self._ensure_state()
+        parts: dict[str, list[dict]] = {}
+        for row in breakdown:
+            parts.setdefault(row["cluster_id"], []).append(row)
+        for row in sorted(modes, key=lambda r: (r["first_seen"], r["cluster_id"])):
+            cid, key, seed = row["cluster_id"], row.get("kind") or "", row.get("seed_signature") or ""
+            if cid in self.clusters_ or not key:
+                continue
+            space = self._space(key)
+            cluster = Cluster(cid, key, seed, space.k, int(row["first_seen"]), int(row["last_seen"]),
+                              size=int(row["size"]), example_run_ids=list(row["example_run_ids"])[: self.max_examples])
+            cluster.templates[row["label"]] = 1
+            cluster.new_done = cluster.size >= self.min_size
+            for part in parts.get(cid, ()):
+                cluster.slices[(part["agent_id"], part["agent_version"])] = Slice(
+                    int(part["runs"]), int(part["first_seen"]), int(part["last_seen"]))
+            self.clusters_[cid] = cluster
+            self.rows_[key].append(cid)
+            features, values = self._vectors([self._text(key, seed)])[0]
+            space.add(cluster.row, features, values, self._text(key, seed))
+            self.restored_.add(cid)
+        return self
 
     def _ensure_state(self) -> None:
         if hasattr(self, "clusters_"):
             return
         self.clusters_: dict[str, Cluster] = {}
-        self.centroids_: dict[str, _Centroids] = {}
-        self.rows_: dict[str, list[str]] = {}  # agent -> cluster id per centroid row
+        self.centroids_: dict[str, _Centroids] = {}  # mode key -> its modes' centroids
+        self.rows_: dict[str, list[str]] = {}  # mode key -> cluster id per centroid row
+        self.restored_: set[str] = set()  # modes put back by `restore`
         self.clock_ = 0  # newest ended_at seen
         self.started_ = None  # first ended_at seen, for the warm-up
         self.traffic_: dict[str, dict[int, int]] = {}  # agent -> window start -> closed runs
         # run_id -> cluster id ("" for a success), for the last _REMEMBERED_RUNS runs (twice that at most)
         self.seen_runs_: RunMemory[str] = RunMemory(slack=_REMEMBERED_RUNS)
         self.seen_count_ = 0  # runs remembered so far
-        self.new_firing_: set[str] = set()  # clusters whose "new" alert fires
-        self.vectors_: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # signature fields -> vector
+        self.vectors_: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # text -> vector
 
-    def _learn(self, runs: list[dict], emit: bool) -> tuple[list[str], list[dict], dict[str, str]]:
+    def _space(self, key: str) -> _Centroids:
+        space = self.centroids_.get(key)
+        if space is None:
+            space = self.centroids_[key] = _Centroids()
+            self.rows_[key] = []
+        return space
+
+    def _learn(self, runs: list[dict], emit: bool, count: bool = True) -> tuple[list[str], list[dict], dict[str, str]]:
         self._ensure_state()
-        # event-time order, so a batch gives the same clusters however it was cut
+        # event-time order, so a batch gives the same modes however it was cut
         runs = sorted(runs, key=lambda r: (r["ended_at"], r["run_id"]))
         failed = [run for run in runs if is_failed(run)]
         fields = [_fields(run) for run in failed]
-        vectors = self._vectors(fields)
+        texts = [self._text(f[0], f[1]) for f in fields]
+        vectors = self._vectors(texts)
         position = {id(run): i for i, run in enumerate(failed)}
         assigned: dict[str, str] = {}
         touched: dict[str, None] = {}
@@ -333,7 +495,7 @@ class FailureClusterer(BaseEstimator):
         for run in runs:
             run_id, ended = run["run_id"], run["ended_at"]
             known = self.seen_runs_.get(run_id)
-            if known is not None:  # redelivered: counted once, keeps its cluster
+            if known is not None:  # redelivered: counted once, keeps its mode
                 if known:
                     assigned[run_id] = known
                 continue
@@ -343,66 +505,76 @@ class FailureClusterer(BaseEstimator):
                 # a window closed: judge spikes as of then, before this run opens the next one
                 alerts += self._check_spikes(touched, emit) + self._check_quiet(emit)
             self.clock_ = max(self.clock_, ended)
-            traffic = self.traffic_.setdefault(run["agent_id"], {})
-            traffic[self.window_of(ended)] = traffic.get(self.window_of(ended), 0) + 1
-            self._forget_old(traffic)
+            if count:
+                traffic = self.traffic_.setdefault(run["agent_id"], {})
+                traffic[self.window_of(ended)] = traffic.get(self.window_of(ended), 0) + 1
+                self._forget_old(traffic)
             if id(run) not in position:
                 self._remember(run_id, "")
                 continue
             i = position[id(run)]
-            cluster = self._place(run, fields[i], *vectors[i])
+            cluster = self._place(run, fields[i], texts[i], *vectors[i])
             assigned[run_id] = cluster.cluster_id
             self._remember(run_id, cluster.cluster_id)
             touched[cluster.cluster_id] = None
             if not cluster.new_done and cluster.size >= self.min_size:
                 cluster.new_done = True
-                if emit and cluster.first_seen - self.started_ >= self.warmup_ms:
-                    cluster.new_alert = self._new_alert(cluster)
-                    self.new_firing_.add(cluster.cluster_id)
-                    alerts.append(cluster.new_alert)
+                if emit and cluster.first_seen - self.started_ >= self.warmup_ms and cluster.incident is None:
+                    cluster.incident = self._incident(cluster, "new", cluster.cluster_id, {})
+                    alerts.append(cluster.incident)
+            elif emit and cluster.incident is not None and run["agent_id"] not in cluster.incident["evidence"]["agents"]:
+                alerts.append(self._spread(cluster, run))
         alerts += self._check_spikes(touched, emit)
         return list(touched), alerts, assigned
 
-    def _place(self, run: dict, run_fields: tuple, features: np.ndarray, values: np.ndarray) -> Cluster:
-        agent = run["agent_id"]
-        space = self.centroids_.get(agent)
-        if space is None:
-            space = self.centroids_[agent] = _Centroids()
-            self.rows_[agent] = []
-        sims = space.similarities(features, values, run_fields)
+    def _place(self, run: dict, run_fields: tuple, text: str, features: np.ndarray, values: np.ndarray) -> Cluster:
+        key, template, outcome, error_type, _ = run_fields
+        space = self._space(key)
+        sims = space.similarities(features, values, text)
         best = int(np.argmax(sims)) if len(sims) else -1
         ended = run["ended_at"]
         if best >= 0 and sims[best] >= self.threshold:
-            cluster = self.clusters_[self.rows_[agent][best]]
+            cluster = self.clusters_[self.rows_[key][best]]
         else:
-            cluster = Cluster(self._new_id(agent, _signature(*run_fields)), agent, space.k, ended, ended)
+            cluster = Cluster(self._new_id(key, template), key, template, space.k, ended, ended)
             self.clusters_[cluster.cluster_id] = cluster
-            self.rows_[agent].append(cluster.cluster_id)
-        space.add(cluster.row, features, values, run_fields)
+            self.rows_[key].append(cluster.cluster_id)
+        space.add(cluster.row, features, values, text)
+        agent, version = run["agent_id"], run.get("agent_version") or ""
+        if cluster.cluster_id in self.restored_ and run.get("failure_cluster_id") == cluster.cluster_id:
+            # counted in the stored mode already: its centroid and recent windows learn it again
+            cluster.windows.setdefault(self.window_of(ended), Counter())[(agent, version)] += 1
+            self._forget_old(cluster.windows)
+            return cluster
         cluster.size += 1
         cluster.first_seen = min(cluster.first_seen, ended)
         cluster.last_seen = max(cluster.last_seen, ended)
         if len(cluster.example_run_ids) < self.max_examples:
             cluster.example_run_ids.append(run["run_id"])
-        label = _label(*run_fields)
+        label = _label(key, template, outcome, error_type)
         if label in cluster.templates or len(cluster.templates) < _MAX_TEMPLATES:
             cluster.templates[label] += 1
-        version = run.get("agent_version") or ""
-        cluster.versions[version] += 1
-        cluster.windows.setdefault(self.window_of(ended), Counter())[version] += 1
+        part = cluster.slices.get((agent, version))
+        if part is None:
+            part = cluster.slices[(agent, version)] = Slice(0, ended, ended)
+        part.runs += 1
+        part.first_seen, part.last_seen = min(part.first_seen, ended), max(part.last_seen, ended)
+        cluster.changed.add((agent, version))
+        cluster.windows.setdefault(self.window_of(ended), Counter())[(agent, version)] += 1
         self._forget_old(cluster.windows)
         return cluster
 
     def _forget_old(self, windows: dict) -> None:
         # windows older than the history the spike test looks at are not needed again
         oldest = self.window_of(self.clock_) - (self.history_windows + 2) * self.window_ms
-        for start in [w for w in windows if w < oldest]:
-            del windows[start]
+        if len(windows) > self.history_windows + 4:
+            for start in [w for w in windows if w < oldest]:
+                del windows[start]
 
-    def _new_id(self, agent: str, sig: str) -> str:
-        base = "fc-" + hashlib.sha1(f"{agent}|{sig}".encode()).hexdigest()[:12]
+    def _new_id(self, key: str, template: str) -> str:
+        base = "fc-" + hashlib.sha1(f"{key}|{template}".encode()).hexdigest()[:12]
         cid, n = base, 1
-        while cid in self.clusters_:  # the same first signature twice in one agent: keep both ids distinct
+        while cid in self.clusters_:  # the same first template twice in one key: keep both ids distinct
             n += 1
             cid = f"{base}-{n}"
         return cid
@@ -417,23 +589,29 @@ class FailureClusterer(BaseEstimator):
 
     # -- alerts --
 
-    def _spike_test(self, cluster: Cluster, window: int) -> dict | None:
-        """Evidence that `window` holds far more of the cluster's runs than its history predicts, or None.
+    def _spike_test(self, cluster: Cluster, window: int, current: bool) -> dict | None:
+        """Evidence that `window` holds far more of the mode's runs than its history predicts, or None.
 
-        The expectation is the cluster's share of the agent's closed runs over the trailing windows
-        times the agent's runs in this window, so a burst of traffic alone is not a spike.
+        The expectation is the mode's share of its agents' closed runs over the trailing windows
+        times those agents' runs in this window, so a burst of traffic alone is not a spike. The
+        window still going on counts its traffic as at least the history's mean: traffic routed
+        from other partitions may not all have arrived yet.
         """
         first = self.window_of(cluster.first_seen)
         history = [window - i * self.window_ms for i in range(1, self.history_windows + 1)]
         history = [w for w in history if w >= first]
         if len(history) < self.min_history_windows:
-            return None  # too young to have a normal rate; the "new" alert covers it
+            return None  # too young to have a normal rate; the "new" condition covers it
         count = cluster.count(window)
         if count < self.spike_min_count:
             return None
-        traffic = self.traffic_.get(cluster.agent_id, {})
-        runs_now = max(traffic.get(window, 0), count)
-        history_runs = sum(traffic.get(w, 0) for w in history)
+        agents = {agent for agent, _ in cluster.slices}
+        traffic = [self.traffic_.get(agent, {}) for agent in agents]
+        history_runs = sum(t.get(w, 0) for t in traffic for w in history)
+        runs_now = sum(t.get(window, 0) for t in traffic)
+        if current:
+            runs_now = max(runs_now, history_runs / len(history))
+        runs_now = max(runs_now, count)
         history_count = sum(cluster.count(w) for w in history)
         rate = history_count / history_runs if history_runs else 0.0
         expected = max(rate * runs_now, self.spike_floor)
@@ -442,8 +620,12 @@ class FailureClusterer(BaseEstimator):
         p_value = float(poisson.sf(count - 1, expected))
         if p_value > self.spike_p_value:
             return None
+        window_versions: dict[str, dict[str, int]] = {}
+        for (agent, version), n in sorted(cluster.windows[window].items()):
+            window_versions.setdefault(agent, {})[version] = n
         return {"window_start": window, "window_end": window + self.window_ms, "count": count,
-                "runs_in_window": runs_now, "expected": expected, "baseline_share": rate,
+                "window_versions": window_versions,
+                "runs_in_window": round(runs_now), "expected": expected, "baseline_share": rate,
                 "baseline_mean": history_count / len(history), "baseline_windows": len(history),
                 "p_value": p_value}
 
@@ -454,67 +636,150 @@ class FailureClusterer(BaseEstimator):
         for cid in sorted(candidates):
             cluster = self.clusters_[cid]
             # the window just closed counts too, so a spike does not clear the moment a window opens
-            evidence = self._spike_test(cluster, current) or self._spike_test(cluster, current - self.window_ms)
+            evidence = (self._spike_test(cluster, current, True)
+                        or self._spike_test(cluster, current - self.window_ms, False))
             if evidence is not None and cluster.spike_since is None:
                 cluster.spike_since = evidence["window_start"]
-                if emit:
-                    alerts.append(self._spike_alert(cluster, FIRING, evidence))
+                if emit and cluster.incident is None:
+                    cluster.incident = self._incident(cluster, "spike", f"spike:{cluster.spike_since}", evidence)
+                    alerts.append(cluster.incident)
+                elif emit:  # a new mode that now spikes: its incident again, critical, with the spike's numbers
+                    alerts.append(self._escalate(cluster, evidence))
             elif evidence is None and cluster.spike_since is not None:
-                if emit:
-                    alerts.append(self._spike_alert(cluster, RESOLVED, {
-                        "window_start": current, "window_end": current + self.window_ms,
-                        "count": cluster.count(current)}))
                 cluster.spike_since = None
+                firing = cluster.incident
+                if firing is not None and firing["evidence"]["condition"] == "spike":
+                    cluster.incident = None
+                    if emit:
+                        alerts.append(self._resolved(cluster, firing, {
+                            "window_start": current, "window_end": current + self.window_ms,
+                            "count": cluster.count(current)}, "is back to its usual rate"))
         return alerts
 
     def _check_quiet(self, emit: bool) -> list[dict]:
-        """Resolve the "new cluster" alerts of clusters with no run for `new_quiet_ms`."""
+        """Resolve the "new mode" incidents of modes with no run for `new_quiet_ms`."""
         alerts = []
-        for cid in sorted(self.new_firing_):
+        for cid in sorted(self.clusters_):
             cluster = self.clusters_[cid]
-            if self.clock_ - cluster.last_seen < self.new_quiet_ms:
+            firing = cluster.incident
+            if firing is None or firing["evidence"]["condition"] != "new" or \
+                    self.clock_ - cluster.last_seen < self.new_quiet_ms:
                 continue
-            self.new_firing_.discard(cid)
-            firing, cluster.new_alert = cluster.new_alert, None
+            cluster.incident = None
             if emit:
-                alerts.append(make_alert(
-                    kind=KIND, severity=firing["severity"], status=RESOLVED, fingerprint=firing["fingerprint"],
-                    ts=self.clock_, agent_id=cluster.agent_id, agent_version=firing["agent_version"],
-                    run_id=firing["run_id"], episode=cluster.cluster_id,
-                    summary=f"failure cluster of {cluster.agent_id} quiet since {utc_text(cluster.last_seen)}: "
-                            f"\"{cluster.label}\" ({cluster.size} runs)",
-                    evidence={**firing["evidence"], "size": cluster.size, "last_seen": cluster.last_seen,
-                              "quiet_ms": self.new_quiet_ms}))
+                alerts.append(self._resolved(cluster, firing, {"last_seen": cluster.last_seen,
+                                                               "quiet_ms": self.new_quiet_ms},
+                                             f"quiet since {utc_text(cluster.last_seen)}"))
         return alerts
 
-    def _new_alert(self, cluster: Cluster) -> dict:
-        version = cluster.versions.most_common(1)[0][0]
-        evidence = {"condition": "new", "cluster_id": cluster.cluster_id, "label": cluster.label, "size": cluster.size,
-                    "min_size": self.min_size, "first_seen": cluster.first_seen, "last_seen": cluster.last_seen,
-                    "versions": dict(cluster.versions), "run_ids": list(cluster.example_run_ids),
-                    "threshold": self.threshold}
-        return make_alert(
-            kind=KIND, severity="warning", status=FIRING, fingerprint=fingerprint(KIND, "new", cluster.cluster_id),
-            ts=cluster.last_seen, agent_id=cluster.agent_id, agent_version=version,
-            run_id=cluster.example_run_ids[-1],
-            summary=f"new failure cluster for {cluster.agent_id}: {cluster.size} runs failing as "
-                    f"\"{cluster.label}\" since {utc_text(cluster.first_seen)}",
-            evidence=evidence, episode=cluster.cluster_id)
+    def _evidence(self, cluster: Cluster) -> dict:
+        agents = cluster.agents()
+        return {"cluster_id": cluster.cluster_id, "label": cluster.label, "kind": cluster.key, "size": cluster.size,
+                "first_seen": cluster.first_seen, "last_seen": cluster.last_seen,
+                "agents": sorted(agents), "versions": agents,
+                "runs_by_agent": {agent: sum(v.values()) for agent, v in agents.items()},
+                "run_ids": list(cluster.example_run_ids)}
 
-    def _spike_alert(self, cluster: Cluster, status: str, numbers: dict) -> dict:
-        window_versions = cluster.windows.get(numbers["window_start"]) or Counter()
-        version = (window_versions or cluster.versions).most_common(1)[0][0]
-        evidence = {"condition": "spike", "cluster_id": cluster.cluster_id, "label": cluster.label, **numbers,
-                    "window_ms": self.window_ms, "min_count": self.spike_min_count, "ratio": self.spike_ratio,
-                    "p_value_threshold": self.spike_p_value, "versions": dict(window_versions)}
-        if status == FIRING:
-            summary = (f"failure cluster \"{cluster.label}\" of {cluster.agent_id} is spiking: "
-                       f"{numbers['count']} of {numbers['runs_in_window']} runs in {self.window_ms // 60_000} min, "
-                       f"{numbers['expected']:.1f} expected")
+    @staticmethod
+    def _who(evidence: dict) -> str:
+        agents = evidence["agents"]
+        return agents[0] if len(agents) == 1 else f"{len(agents)} agents ({', '.join(agents)})"
+
+    def _incident(self, cluster: Cluster, condition: str, episode: str, numbers: dict) -> dict:
+        """The firing incident of a mode: the agent that failed first in it and its version name the
+        alert (they stay the same as it spreads, so an alert receiver sees one alert); the evidence
+        lists every agent and version."""
+        evidence = {"condition": condition, **self._evidence(cluster), "min_size": self.min_size,
+                    "threshold": self.threshold, **numbers, "episode": episode}
+        if condition == "spike":
+            evidence.update(window_ms=self.window_ms, min_count=self.spike_min_count, ratio=self.spike_ratio,
+                            p_value_threshold=self.spike_p_value)
+            summary = (f"failure mode \"{cluster.label}\" is spiking in {self._who(evidence)}: "
+                       f"{numbers['count']} runs in {self.window_ms // 60_000} min, {numbers['expected']:.1f} expected")
         else:
-            summary = f"failure cluster \"{cluster.label}\" of {cluster.agent_id} is back to normal"
+            summary = (f"new failure mode in {self._who(evidence)}: {cluster.size} runs failing as "
+                       f"\"{cluster.label}\" since {utc_text(cluster.first_seen)}")
+        agent = cluster.agent_id
+        version = min((v for (a, v), part in cluster.slices.items() if a == agent),
+                      key=lambda v: cluster.slices[(agent, v)].first_seen, default="")
         return make_alert(
-            kind=KIND, severity="critical", status=status, fingerprint=fingerprint(KIND, "spike", cluster.cluster_id),
-            ts=self.clock_, agent_id=cluster.agent_id, agent_version=version, run_id=cluster.example_run_ids[-1],
-            summary=summary, evidence=evidence, episode=str(cluster.spike_since))
+            kind=KIND, severity="critical" if condition == "spike" else "warning", status=FIRING,
+            fingerprint=fingerprint(KIND, cluster.cluster_id), ts=self.clock_ if condition == "spike" else cluster.last_seen,
+            agent_id=agent, agent_version=version, run_id=cluster.example_run_ids[-1], summary=summary,
+            evidence=evidence, episode=episode)
 
+    def _spread(self, cluster: Cluster, run: dict) -> dict:
+        """The incident again, same fingerprint, when a new agent fails in the mode while it fires:
+        a new alert id (the episode and the number of agents), the evidence with every agent."""
+        firing = cluster.incident
+        evidence = {**firing["evidence"], **self._evidence(cluster), "spread_to": run["agent_id"],
+                    "spread_at": run["ended_at"]}
+        episode = f"{evidence['episode']}+{len(evidence['agents'])}"
+        summary = (f"failure mode \"{cluster.label}\" spread to {run['agent_id']}: "
+                   f"{cluster.size} runs in {self._who(evidence)}")
+        cluster.incident = make_alert(
+            kind=KIND, severity=firing["severity"], status=FIRING, fingerprint=firing["fingerprint"], ts=run["ended_at"],
+            agent_id=firing["agent_id"], agent_version=firing["agent_version"], run_id=run["run_id"], summary=summary,
+            evidence=evidence, episode=episode)
+        return cluster.incident
+
+    def _escalate(self, cluster: Cluster, numbers: dict) -> dict:
+        """The incident of a new mode again, same fingerprint, when the mode spikes while it fires:
+        critical from then on, and it resolves when the spike is over."""
+        firing = cluster.incident
+        evidence = {**firing["evidence"], **self._evidence(cluster), **numbers, "condition": "spike",
+                    "window_ms": self.window_ms, "min_count": self.spike_min_count, "ratio": self.spike_ratio,
+                    "p_value_threshold": self.spike_p_value}
+        summary = (f"failure mode \"{cluster.label}\" is spiking in {self._who(evidence)}: "
+                   f"{numbers['count']} runs in {self.window_ms // 60_000} min, {numbers['expected']:.1f} expected")
+        cluster.incident = make_alert(
+            kind=KIND, severity="critical", status=FIRING, fingerprint=firing["fingerprint"], ts=self.clock_,
+            agent_id=firing["agent_id"], agent_version=firing["agent_version"], run_id=cluster.example_run_ids[-1],
+            summary=summary, evidence=evidence, episode=f"{evidence['episode']}:spike:{numbers['window_start']}")
+        return cluster.incident
+
+    def _resolved(self, cluster: Cluster, firing: dict, numbers: dict, why: str) -> dict:
+        evidence = {**firing["evidence"], **self._evidence(cluster), **numbers}
+        return make_alert(
+            kind=KIND, severity=firing["severity"], status=RESOLVED, fingerprint=firing["fingerprint"], ts=self.clock_,
+            agent_id=firing["agent_id"], agent_version=firing["agent_version"], run_id=firing["run_id"],
+            summary=f"failure mode \"{cluster.label}\" {why} ({cluster.size} runs in {self._who(evidence)})",
+            evidence=evidence, episode=firing["evidence"]["episode"])
+
+
+class TrafficCounts:
+    """Closed runs per agent and window where they close (a metrics partition), each run once, for
+    the spike tests of the failure modes, which live in other partitions: `counts` are totals that
+    only grow, so a count sent twice or late does no harm."""
+
+    def __init__(self, window_ms: int, keep_windows: int = 16) -> None:
+        self.window_ms = window_ms
+        self.keep_windows = keep_windows
+        self.runs: dict[tuple[str, int], set[int]] = {}  # (agent, window start) -> hash(run_id) of its runs
+        self.newest = 0
+
+    def window_of(self, ts: int) -> int:
+        return ts - ts % self.window_ms
+
+    def add(self, runs: Iterable[dict]) -> set[tuple[str, int]]:
+        """Count closed runs; the (agent, window) pairs they fell in."""
+        touched = set()
+        for row in runs:
+            key = (row["agent_id"], self.window_of(row["ended_at"]))
+            self.runs.setdefault(key, set()).add(hash(row["run_id"]))
+            touched.add(key)
+            self.newest = max(self.newest, key[1])
+        oldest = self.newest - self.keep_windows * self.window_ms
+        if len(self.runs) > 4 * len(touched) + 64:
+            for key in [k for k in self.runs if k[1] < oldest]:
+                del self.runs[key]
+        return touched
+
+    def counts(self, pairs: Iterable[tuple[str, int]]) -> dict[str, dict[str, int]]:
+        """agent -> window start (text, as JSON keys are) -> runs, for the pairs still held."""
+        out: dict[str, dict[str, int]] = {}
+        for agent, window in pairs:
+            runs = self.runs.get((agent, window))
+            if runs:
+                out.setdefault(agent, {})[str(window)] = len(runs)
+        return out

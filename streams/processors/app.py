@@ -237,6 +237,8 @@ def create_app(settings: Settings) -> faust.App:
         await send_split(metric_results, out.results, partition)
         for target, costs in out.tenant_costs.items():
             await send_split(run_results, costs, target)
+        for target, failed in out.failed_runs.items():  # to the partition of their failure mode key
+            await send_split(run_results, failed, target)
         await send_alerts(out.alerts)
         for decision in out.rollbacks:
             await rollbacks_out.send(key=decision["agent_id"].encode(), value=orjson.dumps(decision))

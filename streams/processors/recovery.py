@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from streams.contracts import topics
 from streams.contracts.messages import EVENT_FIELDS
 from streams.contracts.tables import RUNS
-from streams.contracts.topics import agent_partition, tenant_partition_key
+from streams.contracts.topics import agent_partition, mode_partition_key, tenant_partition_key
+from streams.detect.failures import mode_key
 from streams.detect.policy import Policy
 from streams.processors.metrics import MetricsPartition, MetricsState
 from streams.settings import Settings
@@ -135,6 +136,7 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
             "SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)}", {"agents": agents})}
         log.info("partition %d: rebuilding %d agents from %d open-window runs and %d recent runs",
                  partition, len(agents), getattr(state.window_runs, "total", 0), state.history.total)
+    _failure_modes(store, state, lambda key: mine(mode_partition_key(key)), window_ms, since["since"])
     state.deployments = [row for row in store.query_json(
         "SELECT agent_id, version, role, traffic_pct, toUnixTimestamp64Milli(ts) AS ts FROM deployments ORDER BY ts")
         if mine(row["agent_id"])]
@@ -150,6 +152,34 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
         state.sent |= {row["alert_id"] for row in store.query_json(
             "SELECT alert_id FROM alerts WHERE kind = 'budget' AND agent_id = '' AND run_id = ''")}
     return state
+
+
+def _failure_modes(store, state: MetricsState, mine, window_ms: int, since: int) -> None:  # noqa: ANN001
+    """The failure modes of the partition's mode keys as stored (ids, lifetime counts, breakdown),
+    the failed runs of every agent with those keys since `since` (pages, read lazily), the closed
+    runs per agent and window of that time, and the ids of the incidents already sent."""
+    state.modes = [row for row in store.query_json(
+        "SELECT cluster_id, agent_id, label, size, toUnixTimestamp64Milli(first_seen) AS first_seen, "
+        "toUnixTimestamp64Milli(last_seen) AS last_seen, example_run_ids, kind, seed_signature "
+        "FROM failure_clusters FINAL WHERE kind != ''") if mine(row["kind"])]
+    if state.modes:
+        state.mode_agents = store.query_json(
+            "SELECT cluster_id, agent_id, agent_version, runs, toUnixTimestamp64Milli(first_seen) AS first_seen, "
+            "toUnixTimestamp64Milli(last_seen) AS last_seen FROM failure_cluster_agents FINAL "
+            "WHERE cluster_id IN {ids:Array(String)}", {"ids": [row["cluster_id"] for row in state.modes]})
+    pages = RunPages(store, "outcome != 'success'", {}, since)
+    if pages.total:
+        state.mode_history = (
+            [row for row in page if mine(mode_key(row["outcome"], row["error_type"], row["error_message"],
+                                                  bool(row["loop_detected"])))] for page in pages)
+        state.mode_traffic = {}
+        for row in store.query_json(
+                "SELECT agent_id, intDiv(toUnixTimestamp64Milli(ended_at), {window:Int64}) * {window:Int64} AS window, "
+                f"uniqExact(run_id) AS runs FROM runs WHERE ended_at >= {_SINCE} GROUP BY agent_id, window",
+                {"window": window_ms, "since": since}):
+            state.mode_traffic.setdefault(row["agent_id"], {})[int(row["window"])] = int(row["runs"])
+    state.sent |= {row["alert_id"] for row in store.query_json(
+        "SELECT alert_id FROM alerts WHERE kind = 'failure_cluster'")}
 
 
 def _open_windows(store, agents: list[str], window_ms: int) -> tuple[RunPages | tuple, int]:  # noqa: ANN001

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Tables whose rows are replaced by key: plain SELECTs see one row per key only with FINAL.
 DEDUPLICATED = ("events", "runs", "agent_metrics", "dead_letters", "alerts", "rollbacks", "drift", "failure_clusters",
-                "controls")
+                "failure_cluster_agents", "controls")
 # Every query run for a person applies FINAL to the tables that support it, so redelivered
 # rows never show twice, whether or not the background merges have run yet; JSON output
 # writes 64-bit integers as numbers.

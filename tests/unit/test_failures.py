@@ -8,7 +8,7 @@ import hashlib
 import pytest
 from sklearn.base import clone
 
-from streams.detect.failures import FIRING, RESOLVED, FailureClusterer, mask, signature
+from streams.detect.failures import FIRING, RESOLVED, FailureClusterer, mask, mode_key, signature
 
 T0 = 1_793_491_200_000
 MIN = 60_000
@@ -47,11 +47,33 @@ def test_mask_is_idempotent_and_collapses_a_family():
     assert a == b and mask(a) == a
 
 
-def test_signature_names_type_template_tool_and_outcome():
+def test_signature_is_the_mode_key_and_template_never_the_tool_or_agent():
     sig = signature(run("r1", tool_path=["get_customer", "lookup_order"]))
-    assert sig == "not_found | order #<id> not found | tool:lookup_order | outcome:failure"
-    assert signature(run("r2", error_type="", message="", tool_path=[], outcome="aborted", loop_detected=True)) \
-        == "- | - | tool:- | outcome:aborted | loop"
+    assert sig == "failure|notfound | order #<id> not found"
+    assert signature(run("r2", tool_path=["refund"], agent="other", version="v9")) == sig
+    assert signature(run("r3", error_type="", message="", tool_path=[], outcome="aborted", loop_detected=True)) \
+        == "loop | -"
+
+
+@pytest.mark.parametrize("outcome, error_type, message, loop, key", [
+    ("failure", "RateLimitError", "429", False, "failure|ratelimit"),
+    ("failure", "rate_limit", "429", False, "failure|ratelimit"),
+    ("failure", "", "openai.RateLimitError: Error code: 429", False, "failure|ratelimit"),
+    ("failure", "ToolTimeout", "inventory-service did not answer", True, "failure|tooltimeout"),  # a retried timeout
+    ("aborted", "", "step budget exhausted", True, "loop"),
+    ("aborted", "", "step budget exhausted", False, "loop"),  # a loop the detector missed
+    ("failure", "max_steps", "stopped after 62 messages", False, "loop"),
+    ("failure", "GraphRecursionError", "Recursion limit of 25 reached", False, "loop"),
+    ("aborted", "", "", True, "loop"),
+    ("failure", "RuntimeError", "Event loop is closed", False, "failure|runtime"),  # not an agent's loop
+    ("failure", "loop_detected", "stopped after 4 identical fetch_url calls", False, "loop"),
+    ("aborted", "", "", False, "aborted|"),
+    ("timeout", "", "", False, "timeout"),
+    ("timeout", "", "", True, "loop"),
+    ("escalated", "policy_violation", "refund over limit", False, "escalated|policyviolation"),
+])
+def test_mode_key(outcome, error_type, message, loop, key):
+    assert mode_key(outcome, error_type, message, loop) == key
 
 
 # --- clustering -------------------------------------------------------------------------------------------
@@ -79,8 +101,9 @@ def test_same_template_joins_other_failure_modes_do_not():
     assert "s1" not in assigned
     row = next(r for r in rows if r["cluster_id"] == assigned["a1"])
     assert row["size"] == 2 and row["example_run_ids"] == ["a1", "a2"]
-    assert row["label"] == "not_found: order #<id> not found (failure after lookup_order)"
+    assert row["label"] == "not_found: order #<id> not found (failure)"
     assert (row["first_seen"], row["last_seen"]) == (T0, T0 + 1)
+    assert row["kind"] == "failure|notfound" and row["seed_signature"] == "order #<id> not found"
     assert model.predict([run("a3", message="order #5 not found")]) == [assigned["a1"]]
 
 
@@ -92,22 +115,74 @@ def test_one_error_type_with_other_messages_is_another_failure_mode():
     assert assigned["a"] != assigned["b"]
 
 
-def test_agents_never_share_a_cluster():
-    _, _, assigned = FailureClusterer().update([run("a", agent="one"), run("b", agent="two")])
-    assert assigned["a"] != assigned["b"]
+def test_near_miss_validation_errors_are_two_modes_and_field_names_do_not_split_one():
+    missing = "1 validation error for {model}\n{field}\n  Field required [type=missing, input_value={{'id': 7}}, input_type=dict]"
+    ranged = ("1 validation error for {model}\n{field}\n  Input should be less than or equal to 10 "
+              "[type=less_than_equal, input_value=512, input_type=int]")
+    runs = [run(f"m{i}", T0 + i, error_type="ValidationError", message=missing.format(model=m, field=f))
+            for i, (m, f) in enumerate([("CreateOrder", "customer_id"), ("UpdateBooking", "email"),
+                                        ("CreateOrder", "shipping_address")])]
+    runs += [run(f"r{i}", T0 + 10 + i, error_type="ValidationError", message=ranged.format(model=m, field=f))
+             for i, (m, f) in enumerate([("CreateOrder", "quantity"), ("RefundRequest", "amount")])]
+    _, _, assigned = FailureClusterer().update(runs)
+    assert len({assigned["m0"], assigned["m1"], assigned["m2"]}) == 1
+    assert assigned["r0"] == assigned["r1"] != assigned["m0"]
 
 
-def test_ids_stable_as_clusters_grow_and_deterministic():
-    batches = [[run(f"r{b}{i}", ended_at=T0 + b * MIN + i, message=f"order #{b}{i} not found") for i in range(4)]
-               for b in range(3)]
+def test_one_cause_is_one_mode_across_agents_versions_and_last_tools():
+    model = FailureClusterer()
+    rows, _, assigned = model.update([
+        run("a", agent="one", version="v1", tool_path=["lookup_order"]),
+        run("b", agent="two", version="v7", tool_path=["send_email", "refund"], ended_at=T0 + 1),
+        run("c", agent="two", version="v8", tool_path=[], ended_at=T0 + 2),
+    ])
+    assert len(set(assigned.values())) == 1
+    (row,) = rows
+    assert row["agents"] == ["one", "two"] and row["agent_id"] == "one" and row["size"] == 3
+    cluster = model.clusters_[row["cluster_id"]]
+    assert cluster.agents() == {"one": {"v1": 1}, "two": {"v7": 1, "v8": 1}}
+    parts = {(r["agent_id"], r["agent_version"]): r for r in model.breakdown()}
+    assert parts[("two", "v8")]["runs"] == 1 and parts[("two", "v8")]["first_seen"] == T0 + 2
+
+
+def test_loops_do_not_share_a_mode_with_retried_timeouts():
+    _, _, assigned = FailureClusterer().update([
+        run("l1", error_type="", message="step budget exhausted", outcome="aborted", loop_detected=True),
+        run("l2", error_type="", message="step budget exhausted after 31 steps", outcome="aborted", ended_at=T0 + 1),
+        run("l3", error_type="", message="", outcome="aborted", loop_detected=True, ended_at=T0 + 2),
+        run("t1", error_type="ToolTimeout", message="inventory-service did not answer within 30000 ms",
+            loop_detected=True, ended_at=T0 + 3),
+        run("t2", error_type="ToolTimeout", message="inventory-service did not answer within 20000 ms", ended_at=T0 + 4),
+    ])
+    assert assigned["l1"] == assigned["l2"] == assigned["l3"]
+    assert assigned["t1"] == assigned["t2"] != assigned["l1"]
+
+
+def test_ids_stable_as_modes_grow_and_deterministic():
+    batches = [[run(f"r{b}{i}", ended_at=T0 + b * MIN + i, message=f"order #{b}{i} not found",
+                    agent=("one", "two")[i % 2]) for i in range(4)] for b in range(3)]
     first, second = FailureClusterer(), FailureClusterer()
     ids = [set(first.update(batch)[2].values()) for batch in batches]
     assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 1
     second.update([r for batch in batches for r in batch])
     assert set(second.clusters_) == ids[0]
     cid = next(iter(ids[0]))
-    sig = "not_found | order #<id> not found | tool:lookup_order | outcome:failure"
-    assert cid == "fc-" + hashlib.sha1(f"support-bot|{sig}".encode()).hexdigest()[:12]
+    assert cid == "fc-" + hashlib.sha1("failure|notfound|order #<id> not found".encode()).hexdigest()[:12]
+
+
+def test_restored_modes_keep_their_ids_and_counts():
+    model = FailureClusterer()
+    first = [run(f"a{i}", T0 + i, agent=("one", "two")[i % 2], message=f"order #{i} not found") for i in range(4)]
+    rows, _, assigned = model.update(first)
+    # the history a restart reads again: the same runs with their stored cluster, and one new run
+    history = [{**r, "failure_cluster_id": assigned[r["run_id"]]} for r in first[2:]]
+    history.append(run("b9", T0 + 9, agent="three", message="order #77 not found"))
+    again = FailureClusterer().restore(rows, model.breakdown())
+    out = again.update_modes(history, emit=False)
+    (row,) = out.rows
+    assert row["cluster_id"] == rows[0]["cluster_id"] and row["size"] == 5
+    assert row["agents"] == ["one", "three", "two"] and row["first_seen"] == T0
+    assert [(r["agent_id"], r["runs"]) for r in out.breakdown] == [("three", 1)]
 
 
 def test_redelivered_run_is_counted_once():
@@ -130,8 +205,30 @@ def test_new_cluster_alert_fires_once_at_min_size():
     alert = alerts[0]
     cid = alert["evidence"]["cluster_id"]
     assert alert["kind"] == "failure_cluster" and alert["status"] == FIRING and alert["evidence"]["size"] == 3
-    assert alert["fingerprint"] == hashlib.sha1(f"failure_cluster|new|{cid}".encode()).hexdigest()[:24]
+    assert alert["evidence"]["condition"] == "new"
+    assert alert["fingerprint"] == hashlib.sha1(f"failure_cluster|{cid}".encode()).hexdigest()[:24]
     assert alert["agent_id"] == "support-bot" and alert["agent_version"] == "v1" and alert["summary"]
+    assert alert["evidence"]["agents"] == ["support-bot"] and alert["evidence"]["versions"] == {"support-bot": {"v1": 3}}
+
+
+def test_one_incident_as_a_mode_spreads_to_more_agents():
+    """The incident fires once for the mode, is sent again (same fingerprint, new id) when a new
+    agent fails in it, not for more runs of agents it lists, and resolves once, when it is quiet."""
+    model = FailureClusterer(min_size=3, new_quiet_ms=30 * MIN)
+    alerts = []
+    agents = ["one"] * 4 + ["two", "two", "one", "three", "two"]
+    for i, agent in enumerate(agents):
+        alerts += model.update([run(f"r{i}", ended_at=T0 + i * MIN, agent=agent, version=f"v{i % 2}")])[1]
+    assert [(a["status"], a["evidence"]["agents"]) for a in alerts] == [
+        (FIRING, ["one"]), (FIRING, ["one", "two"]), (FIRING, ["one", "three", "two"])]
+    assert len({a["fingerprint"] for a in alerts}) == 1 and len({a["alert_id"] for a in alerts}) == 3
+    assert {a["agent_id"] for a in alerts} == {"one"}  # the alert's name stays; the evidence grows
+    assert alerts[1]["evidence"]["spread_to"] == "two" and alerts[2]["evidence"]["versions"]["three"] == {"v1": 1}
+    later = []
+    for i in range(40):
+        later += model.update([run(f"ok{i}", ended_at=T0 + (20 + i) * MIN, outcome="success")])[1]
+    assert [(a["status"], a["fingerprint"]) for a in later] == [(RESOLVED, alerts[0]["fingerprint"])]
+    assert later[0]["evidence"]["agents"] == ["one", "three", "two"]
 
 
 def test_partial_fit_warms_up_silently():
@@ -157,7 +254,8 @@ def test_spike_fires_once_and_resolves_once():
     assert [a["status"] for a in alerts] == [FIRING]
     spike = alerts[0]
     cid = spike["evidence"]["cluster_id"]
-    assert spike["fingerprint"] == hashlib.sha1(f"failure_cluster|spike|{cid}".encode()).hexdigest()[:24]
+    assert spike["fingerprint"] == hashlib.sha1(f"failure_cluster|{cid}".encode()).hexdigest()[:24]
+    assert spike["evidence"]["condition"] == "spike"
     assert spike["evidence"]["count"] >= 5 and spike["evidence"]["p_value"] <= 1e-3
     alerts = _steady(model, 4, 1, start=10, prefix="c")
     assert [a["status"] for a in alerts] == [RESOLVED]
@@ -204,8 +302,8 @@ def test_a_new_cluster_alert_resolves_once_the_cluster_goes_quiet():
 
 
 def test_a_signature_seen_before_keeps_the_vector_it_would_get_now(monkeypatch):
-    """_learn reuses each signature's vector: it is the row _vectorise gives it, however the
-    batches were cut and whichever signatures shared them, and the kept ones stay bounded."""
+    """_learn reuses each template's vector: it is the row _vectorise gives it, however the
+    batches were cut and whichever templates shared them, and the kept ones stay bounded."""
     import numpy as np
 
     from streams.detect import failures
@@ -213,17 +311,17 @@ def test_a_signature_seen_before_keeps_the_vector_it_would_get_now(monkeypatch):
 
     monkeypatch.setattr(failures, "_REMEMBERED_VECTORS", 8)
     messages = ["order #1 not found", "timeout after 30s calling https://x.io/a", "quota exceeded",
-                "No such file: 'a.py'", "", "refund of $3 exceeds limit"]
-    runs = [run(f"r{i}", message=messages[i % 6], tool_path=("a", "b")[: i % 3], loop_detected=i % 7 == 0,
+                "No such file: 'a.py'", "", "refund of $3 exceeds limit", "step budget exhausted"]
+    runs = [run(f"r{i}", message=messages[i % 7], tool_path=("a", "b")[: i % 3], loop_detected=i % 5 == 0,
                 error_type=("not_found", "timeout", "")[i % 3], outcome=("failure", "timeout")[i % 2])
             for i in range(60)]
-    fields = [_fields(r) for r in runs]
-    whole = FailureClusterer()._vectorise(fields)
+    texts = [FailureClusterer._text(*_fields(r)[:2]) for r in runs]
+    whole = FailureClusterer()._vectorise(texts)
     clusterer = FailureClusterer()
     clusterer._ensure_state()
     got = []
     for cut in (0, 1, 9, 10, 33, 60):
-        got += clusterer._vectors(fields[len(got):cut])
+        got += clusterer._vectors(texts[len(got):cut])
         assert len(clusterer.vectors_) <= 8
     assert len(got) == len(runs)
     for i, (features, values) in enumerate(got):
@@ -232,7 +330,7 @@ def test_a_signature_seen_before_keeps_the_vector_it_would_get_now(monkeypatch):
 
 
 def test_a_signature_placed_before_finds_the_same_centroids(monkeypatch):
-    """An agent's centroids look a signature's feature columns up once; clusters, assignments
+    """A mode key's centroids look a template's feature columns up once; clusters, assignments
     and centroid sums are those of looking them up for every run."""
     import numpy as np
 
@@ -246,7 +344,7 @@ def test_a_signature_placed_before_finds_the_same_centroids(monkeypatch):
 
     def learn(clusterer):
         out = [clusterer.update(runs[i:i + 37]) for i in range(0, len(runs), 37)]
-        return out, {agent: space.sums[: space.k].copy() for agent, space in clusterer.centroids_.items()}
+        return out, {key: space.sums[: space.k].copy() for key, space in clusterer.centroids_.items()}
 
     placed = learn(FailureClusterer())
     with monkeypatch.context() as m:

@@ -9,7 +9,7 @@ from streams.contracts.messages import (
     ClosedRuns, Deployments, EventBatch, InvalidMessage, MetricResults, TenantCosts, dead_letter, decode_run_result,
     pack, received_dead_letter,
 )
-from streams.contracts.topics import agent_partition
+from streams.contracts.topics import agent_partition, mode_partition_key
 from streams.detect.policy import Policy
 from streams.ingest.pricing import PriceTable, price_event
 from streams.processors.assembler import AssemblerPartition
@@ -53,8 +53,33 @@ def flow(settings: Settings, events: list[dict], policy: Policy | None = None,
             done = analysts[target].handle(message, 1, 0)
             results.append(done.results)
             alerts += done.alerts
-            pending += list(done.tenant_costs.items())
+            pending += [(target, decode_run_result(m.encode()))
+                        for target, m in [*done.tenant_costs.items(), *done.failed_runs.items()]]
     return closed, results, alerts
+
+
+def test_failed_runs_of_every_agent_meet_in_the_partition_of_their_mode(settings):
+    """A failure mode spans agents of different partitions: each failed run goes to the partition
+    of its mode key, which alone writes that mode's rows and the run's row with its mode."""
+    closed, results, _ = flow(settings, fleet(runs=1200, seed=5))
+    failed = {row["run_id"] for row in closed if row["outcome"] != "success"}
+    enriched = {row["run_id"]: row["failure_cluster_id"] for r in results for row in r.runs}
+    assert failed and set(enriched) == failed and all(enriched.values())
+    owners: dict[str, set[int]] = {}
+    rows: dict[str, dict] = {}
+    for r in results:
+        for row in r.failure_clusters:
+            owners.setdefault(row["cluster_id"], set()).add(r.partition)
+            rows[row["cluster_id"]] = row
+    assert all(len(parts) == 1 for parts in owners.values())
+    assert all(owners[cid] == {agent_partition(mode_partition_key(row["kind"]), PARTITIONS)} for cid, row in rows.items())
+    agents = {row["agent_id"] for row in closed}
+    assert len({agent_partition(a, PARTITIONS) for a in agents}) > 1  # the agents live in different partitions
+    loop = next(row for row in rows.values() if row["kind"] == "loop")
+    assert len(loop["agents"]) > 1 and loop["size"] == sum(1 for run_id in failed if enriched[run_id] == loop["cluster_id"])
+    breakdown = [row for r in results for row in r.failure_cluster_agents if row["cluster_id"] == loop["cluster_id"]]
+    newest = {(row["agent_id"], row["agent_version"]): row["runs"] for row in breakdown}  # rows come newest last
+    assert sum(newest.values()) == loop["size"] and {a for a, _ in newest} == set(loop["agents"])
 
 
 def test_closed_runs_go_to_the_partition_of_their_agent_with_the_watermark(settings):
@@ -179,20 +204,30 @@ def test_a_metrics_partition_rebuilt_a_page_at_a_time_relearns_its_runs(tmp_path
     live = MetricsPartition(0, one, Policy(), MetricsState())
     events = fleet(runs=3000, seed=4)
     stored: dict[str, dict] = {}
+    modes: dict[str, dict] = {}
+    breakdown: dict[tuple, dict] = {}
     sent: set[str] = set()
     for start in range(0, len(events), 500):
         out = assembler.handle(EventBatch(0, [pack(e) for e in events[start:start + 500]]), 1, 0, float(start))
         for message in out.results.values():
             message = decode_run_result(message.encode())
             done = live.handle(message, 1, 0)
+            assert done.failed_runs == {}  # one partition: its failure modes are its own
             stored.update((row["run_id"], row) for row in message.runs + done.results.runs)  # as the sink lands them
+            modes.update((row["cluster_id"], row) for row in done.results.failure_clusters)
+            breakdown.update(((r["cluster_id"], r["agent_id"], r["agent_version"]), r)
+                             for r in done.results.failure_cluster_agents)
             sent |= {alert["alert_id"] for alert in done.alerts}  # what the app sent
     history = sorted(stored.values(), key=lambda row: (row["ended_at"], row["run_id"]))
-    assert any(row["failure_cluster_id"] for row in history)
+    failed = [row for row in history if row["outcome"] != "success"]
+    assert failed and all(row["failure_cluster_id"] for row in failed)
+    assert sum(row["runs"] for row in breakdown.values()) == sum(row["size"] for row in modes.values()) == len(failed)
 
     def rebuild(page: int) -> tuple[MetricsPartition, MetricsOutput]:
         pages = [history[start:start + page] for start in range(0, len(history), page)]
-        state = MetricsState(history=pages, watermark=assembler.assembler.watermark, sent=set(sent))
+        state = MetricsState(history=pages, watermark=assembler.assembler.watermark, sent=set(sent),
+                             modes=list(modes.values()), mode_agents=list(breakdown.values()),
+                             mode_history=[failed[start:start + page] for start in range(0, len(failed), page)])
         partition = MetricsPartition(0, one, Policy(), state)
         return partition, partition.handle(ClosedRuns(0, assembler.assembler.watermark, [], 2), 2, 0)
 
@@ -200,6 +235,7 @@ def test_a_metrics_partition_rebuilt_a_page_at_a_time_relearns_its_runs(tmp_path
         return {(row["agent_id"], row["agent_version"], row["window"]) for row in out.results.drift}
 
     (paged, first), (_, whole) = rebuild(400), rebuild(len(history))
-    assert len(paged.clusters.seen_runs_) == len(history)
+    assert len(paged.clusters.seen_runs_) == len(failed)
+    assert {cid: c.size for cid, c in paged.clusters.clusters_.items()} == {r["cluster_id"]: r["size"] for r in modes.values()}
     assert windows(first) > windows(whole) and len(windows(whole)) > 50
-    assert first.results.runs == []  # every run's cluster as stored: no row sent again
+    assert first.results.runs == []  # every run's mode as stored: no row sent again
