@@ -9,9 +9,10 @@ from typing import Any
 
 # SPEC §6's kinds, and beyond them a canary's loop rate and p95 duration (streams.detect.rollout),
 # a stage of Trackside itself that stopped or fell behind (streams.ops.watch), and spikes of
-# guardrail hits and escalations (streams.detect.governance)
+# guardrail hits and escalations (streams.detect.governance), and a release candidate failed by
+# its evaluation gate (`trackside gate`, streams.ops.gates)
 KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency",
-         "pipeline", "policy", "escalation")
+         "pipeline", "policy", "escalation", "gate")
 SEVERITIES = ("info", "warning", "critical")
 FIRING, RESOLVED = "firing", "resolved"
 
