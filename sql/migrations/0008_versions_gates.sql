@@ -27,7 +27,9 @@ ORDER BY (agent_id, gate_id);
 -- deployment events (roles, config), the canary analyses and the gates, each inserting a partial
 -- row that the engine folds into one per (agent_id, version). Every column is an idempotent
 -- aggregate (min, max, any, distinct union), so a row landing twice changes nothing; read with
--- FINAL. `config` is the first config received; a version is meant to be immutable, so more than
+-- FINAL. A view that fails makes the insert into its source fail (the sink then sends that message
+-- to the dead letters), so each casts defensively: the sink's Arrow blocks may type columns Nullable.
+-- `config` is the first config received; a version is meant to be immutable, so more than
 -- one distinct config in `configs` (`config_changed`) means it changed under the same name.
 CREATE TABLE IF NOT EXISTS {database}.versions {on_cluster}
 (
@@ -59,7 +61,9 @@ GROUP BY agent_id, agent_version;
 CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.versions_deployments_mv {on_cluster} TO {database}.versions
 AS SELECT agent_id, version,
     CAST(ts AS Nullable(DateTime64(3, 'UTC'))) AS first_seen, CAST(ts AS Nullable(DateTime64(3, 'UTC'))) AS last_seen,
-    CAST(nullIf(config, '') AS Nullable(String)) AS config, if(config = '', CAST([] AS Array(String)), [config]) AS configs,
+    -- an inserted block may type `config` Nullable: every use goes through ifNull
+    CAST(nullIf(ifNull(config, ''), '') AS Nullable(String)) AS config,
+    CAST(arrayFilter(c -> c != '', [ifNull(config, '')]) AS Array(String)) AS configs,
     [toString(role)] AS roles,
     (toDateTime64(0, 3, 'UTC'), '') AS canary, (toDateTime64(0, 3, 'UTC'), '') AS gate
 FROM {database}.deployments;
@@ -68,14 +72,14 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.versions_canaries_mv {on_clust
 AS SELECT agent_id, version,
     CAST(NULL AS Nullable(DateTime64(3, 'UTC'))) AS first_seen, CAST(NULL AS Nullable(DateTime64(3, 'UTC'))) AS last_seen,
     CAST(NULL AS Nullable(String)) AS config, CAST([] AS Array(String)) AS configs, CAST([] AS Array(String)) AS roles,
-    (updated_at, toString(decision)) AS canary, (toDateTime64(0, 3, 'UTC'), '') AS gate
+    (assumeNotNull(updated_at), toString(assumeNotNull(decision))) AS canary, (toDateTime64(0, 3, 'UTC'), '') AS gate
 FROM {database}.canaries;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.versions_gates_mv {on_cluster} TO {database}.versions
 AS SELECT agent_id, candidate AS version,
     CAST(NULL AS Nullable(DateTime64(3, 'UTC'))) AS first_seen, CAST(NULL AS Nullable(DateTime64(3, 'UTC'))) AS last_seen,
     CAST(NULL AS Nullable(String)) AS config, CAST([] AS Array(String)) AS configs, CAST([] AS Array(String)) AS roles,
-    (toDateTime64(0, 3, 'UTC'), '') AS canary, (ts, toString(verdict)) AS gate
+    (toDateTime64(0, 3, 'UTC'), '') AS canary, (assumeNotNull(ts), toString(assumeNotNull(verdict))) AS gate
 FROM {database}.gates;
 
 -- what landed before this migration (a row landing beside it is folded in twice: the aggregates do not mind)

@@ -36,8 +36,8 @@ def parse_deployment(value: bytes | None) -> dict:
     if event["traffic_pct"] > 100:
         raise InvalidEvent(f"traffic_pct: must be between 0 and 100, got {event['traffic_pct']}")
     # The version's immutable configuration (model, provider, prompt_sha, tools, params, ...):
-    # any JSON object, kept as canonical JSON (keys sorted) so that equal configs compare equal.
-    event["config"] = ""
+    # any JSON object, kept as canonical JSON (keys sorted) so that equal configs compare equal;
+    # absent when the event has none.
     if raw.get("config") is not None:
         try:
             event["config"] = _check_object(raw["config"])

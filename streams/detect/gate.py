@@ -49,7 +49,8 @@ class GatePolicy:
     alpha: the level of each metric's one-sided test (SPEC §11): a candidate exactly at a metric's
         margin is failed on it with probability <= alpha; exactly at every margin, with at most
         len(gate_on) x alpha. One as good as its baseline is failed far less often, the margins
-        standing between (0.2% of 300 seeds at 50 tasks x 2 trials: jobs/evaluate_gate.py). Not
+        standing between (3 of 300 seeds, 0.26% of 20,000, at 50 tasks x 2 trials:
+        jobs/evaluate_gate.py). Not
         split over the metrics like the canary's: a gate sees a few dozen tasks once, and at
         alpha / 3 it would miss most 15-point drops at 50 tasks x 2 trials.
     min_tasks: fewer paired tasks than this is exit 2, whatever the runs say: the tests are exact,

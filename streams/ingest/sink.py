@@ -541,7 +541,7 @@ class StoreSink:
                 dead.append(self._dead_letter(message, source, str(error), received_at))
                 continue
             deployments.append(event)
-            rows.append({**event, "source": source})
+            rows.append({"config": "", **event, "source": source})
             origins.append(message)
         rejected = self._insert("deployments", rows, origins)
         self._reject(dead)
