@@ -1,4 +1,5 @@
-"""The `trackside` command (SPEC §1, §9): up, forward, publish, sql, import, migrate, demo, stop, pause, resume."""
+"""The `trackside` command (SPEC §1, §9, §11): up, forward, publish, sql, import, migrate, demo, stop, pause, resume,
+gate, versions."""
 from __future__ import annotations
 
 import argparse
@@ -174,6 +175,40 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    """SPEC §11: exit 0 pass, 1 fail, 2 too few paired tasks, 3 error (any error: CI must not
+    read a crash as a verdict)."""
+    from streams.ops.gates import run_gate, summary_line, write_reports
+
+    try:
+        gate = run_gate(_settings(), agent=args.agent, candidate=args.candidate, baseline=args.baseline,
+                        environment=args.environment)
+        write_reports(gate, args.report, args.junit)
+    except TracksideError as error:
+        print(f"trackside gate: error: {error}", file=sys.stderr)
+        return 3
+    except Exception as error:  # noqa: BLE001 (exit 3 whatever failed, with what it was)
+        print(f"trackside gate: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 3
+    print(summary_line(gate))
+    return gate.result.exit_code
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from streams.ops.versions import diff_versions, list_versions
+    from streams.store.clickhouse import query_store
+
+    store = query_store(_settings())
+    try:
+        if args.diff:
+            print(diff_versions(store, args.agent, *args.diff))
+        else:
+            print(list_versions(store, args.agent))
+    finally:
+        store.close()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="trackside", description="Live monitoring of AI agents in production.")
     top.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -228,6 +263,23 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--by", help="who asks (default: the OS user)")
         command.set_defaults(handler=cmd_control, action=action)
 
+    gate = commands.add_parser(
+        "gate", help="compare a release candidate's eval runs with its baseline's on the same tasks (SPEC §11): "
+                     "exit 0 pass, 1 shown worse beyond the policy's margin, 2 too few paired tasks, 3 error")
+    gate.add_argument("--agent", required=True)
+    gate.add_argument("--candidate", required=True, help="the version to release")
+    gate.add_argument("--baseline", help="default: the agent's stable version (newest stable deployment)")
+    gate.add_argument("--environment", default="eval", help="runs of this environment (runs.environment; default eval)")
+    gate.add_argument("--report", metavar="FILE.md", help="write the Markdown report here (e.g. $GITHUB_STEP_SUMMARY)")
+    gate.add_argument("--junit", metavar="FILE.xml", help="write JUnit XML here")
+    gate.set_defaults(handler=cmd_gate)
+
+    versions = commands.add_parser("versions", help="an agent's versions: roles, gate and canary verdicts, rollbacks; "
+                                                    "--diff A B: what changed in configuration and behaviour")
+    versions.add_argument("agent")
+    versions.add_argument("--diff", nargs=2, metavar=("A", "B"), help="compare version A (before) with B (after)")
+    versions.set_defaults(handler=cmd_versions)
+
     demo = commands.add_parser("demo", help="start the stack, play a simulated fleet, print what it found")
     demo.add_argument("--runs", type=int, default=600)
     demo.add_argument("--seed", type=int, default=7)
@@ -240,7 +292,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as usage:
+        # argparse exits 2 on a usage error; to `trackside gate` 2 means too few tasks (SPEC §11)
+        if usage.code == 2 and "gate" in words[:2]:
+            raise SystemExit(3) from None
+        raise
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command in ("up", "forward") else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

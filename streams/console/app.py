@@ -98,6 +98,7 @@ class Console:
             Route("/api/v1/runs/{run_id:path}", self.run),
             Route("/api/v1/alerts", self.alerts),
             Route("/api/v1/canaries", self.canaries),
+            Route("/api/v1/canaries/{agent_id}/{version:path}/gate", self.canary_gate),
             Route("/api/v1/canaries/{agent_id}/{version:path}", self.canary),
         ]
         return Starlette(routes=routes, middleware=[Middleware(_Guard, console=self)])
@@ -153,6 +154,15 @@ class Console:
         if found is None:
             return _error(404, "no canary analysis of this agent version")
         return JSON(found)
+
+    def canary_gate(self, request: Request) -> Response:
+        """The canary verdict as a status code, for deploy tooling that reads only that (a Flagger
+        webhook: 2xx passes): 200 pending or promote, 409 rollback, 404 never analysed; the body
+        is the analysis, as GET /api/v1/canaries/{agent_id}/{version} returns it."""
+        found = reads.canary(self.read, request.path_params["agent_id"], request.path_params["version"])
+        if found is None:
+            return _error(404, "no canary analysis of this agent version")
+        return JSON(found, status_code=409 if found["verdict"] == "rollback" else 200)
 
     async def stop_run(self, request: Request) -> Response:
         body = await request.body()

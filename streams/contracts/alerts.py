@@ -9,10 +9,11 @@ from typing import Any
 
 # SPEC §6's kinds, and beyond them a canary's loop rate, p95 duration, guardrail actions, denied
 # approvals and late escalations (streams.detect.rollout), spikes of guardrail actions (`policy`) and
-# escalations against a version's own baseline (streams.detect.governance), and a stage of Trackside
-# itself that stopped or fell behind (streams.ops.watch)
+# escalations against a version's own baseline (streams.detect.governance), a stage of Trackside
+# itself that stopped or fell behind (streams.ops.watch), and a release candidate failed by its
+# evaluation gate (`trackside gate`, streams.ops.gates)
 KINDS = ("loop", "drift", "cost", "success_rate", "error_rate", "failure_cluster", "budget", "loop_rate", "latency",
-         "guardrail", "denial", "escalation", "policy", "pipeline")
+         "guardrail", "denial", "escalation", "policy", "pipeline", "gate")
 SEVERITIES = ("info", "warning", "critical")
 FIRING, RESOLVED = "firing", "resolved"
 

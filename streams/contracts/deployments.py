@@ -6,9 +6,10 @@ from typing import Any
 
 import orjson
 
-from streams.contracts.events import InvalidEvent, _check_amount, _check_choice, _check_id, parse_ts
+from streams.contracts.events import InvalidEvent, _check_amount, _check_choice, _check_id, _check_object, parse_ts
 
 ROLES = ("stable", "canary")
+MAX_CONFIG_CHARS = 65_536  # a config is a few hundred bytes; a prompt belongs there as its sha
 
 
 def parse_deployment(value: bytes | None) -> dict:
@@ -34,4 +35,14 @@ def parse_deployment(value: bytes | None) -> dict:
             raise InvalidEvent(f"{name}: {error}") from None
     if event["traffic_pct"] > 100:
         raise InvalidEvent(f"traffic_pct: must be between 0 and 100, got {event['traffic_pct']}")
+    # The version's immutable configuration (model, provider, prompt_sha, tools, params, ...):
+    # any JSON object, kept as canonical JSON (keys sorted) so that equal configs compare equal;
+    # absent when the event has none.
+    if raw.get("config") is not None:
+        try:
+            event["config"] = _check_object(raw["config"])
+        except ValueError as error:
+            raise InvalidEvent(f"config: {error}") from None
+        if len(event["config"]) > MAX_CONFIG_CHARS:
+            raise InvalidEvent(f"config: {len(event['config'])} characters of JSON, at most {MAX_CONFIG_CHARS}")
     return event

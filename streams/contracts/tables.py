@@ -123,7 +123,17 @@ CONTROLS = pa.schema(
 DEPLOYMENTS = pa.schema(
     [
         ("agent_id", _TEXT), ("version", _TEXT), ("role", _TEXT), ("traffic_pct", pa.float64()), ("ts", _TS),
-        ("source", _TEXT),
+        ("source", _TEXT), ("config", _TEXT),
+    ]
+)
+
+# One row per run of `trackside gate` (SPEC §11); `versions` has no schema here: only its
+# materialized views write it (sql/migrations/0008_versions_gates.sql).
+GATES = pa.schema(
+    [
+        ("gate_id", _TEXT), ("ts", _TS), ("agent_id", _TEXT), ("candidate", _TEXT), ("baseline", _TEXT),
+        ("environment", _TEXT), ("tasks", pa.uint32()), ("verdict", _TEXT), ("exit_code", pa.uint8()),
+        ("reason", _TEXT), ("evidence", _TEXT),
     ]
 )
 
@@ -142,7 +152,7 @@ BY_TABLE = {
     "events": EVENTS, "runs": RUNS, "agent_metrics": AGENT_METRICS, "dead_letters": DEAD_LETTERS, "alerts": ALERTS,
     "drift": DRIFT, "failure_clusters": FAILURE_CLUSTERS, "failure_cluster_agents": FAILURE_CLUSTER_AGENTS,
     "rollbacks": ROLLBACKS, "deployments": DEPLOYMENTS,
-    "canaries": CANARIES, "stage_progress": STAGE_PROGRESS, "controls": CONTROLS,
+    "canaries": CANARIES, "stage_progress": STAGE_PROGRESS, "controls": CONTROLS, "gates": GATES,
 }
 
 

@@ -42,7 +42,7 @@ DEAD_LETTERS = Topic(
     key="the rejected message's own key")
 ALERTS = Topic(
     "trackside.alerts", False, "alerts (SPEC §6)",
-    writers=("assemble_runs (loop, run budget)",
+    writers=("assemble_runs (loop, run budget)", "trackside gate (a failed gate)",
              "compute_metrics (drift, failure clusters, canary metrics, agent-hour and tenant-day budgets)",
              "the sink (pipeline alerts of the pipeline watch)"),
     readers=("the sink (trackside-store): the alerts table",
@@ -60,6 +60,11 @@ CONTROLS = Topic(
              "the sink: a stop_run for a firing alert that asks for one, a pause_version for a rollback"),
     readers=("agents and deploy tooling", "the sink (trackside-store): the controls table"),
     key="run_id (stop_run), agent_id/agent_version (pause_version, resume_version)")
+GATES = Topic(
+    "trackside.gates", False, "verdicts of evaluation gates (SPEC §11), one `gates` row each",
+    writers=("trackside gate (CI, before a release)",),
+    readers=("the sink (trackside-store): the gates table", "CI and deploy tooling"),
+    key="agent_id")
 
 # One message per polled batch of one agent.events partition (or of the OTLP runs routed to
 # it), sent to the same partition number, so every event of a run reaches the same assembler.
@@ -87,7 +92,7 @@ METRIC_RESULTS = Topic(
     key="none: the partition of the input message")
 
 ALL = (
-    AGENT_EVENTS, AGENT_DEPLOYMENTS, OTLP_SPANS, DEAD_LETTERS, ALERTS, ROLLBACKS, CONTROLS,
+    AGENT_EVENTS, AGENT_DEPLOYMENTS, OTLP_SPANS, DEAD_LETTERS, ALERTS, ROLLBACKS, CONTROLS, GATES,
     EVENT_BATCHES, RUN_RESULTS, METRIC_RESULTS,
 )
 

@@ -1,4 +1,4 @@
-"""Lifecycle policy: canary analysis and budgets, per agent and tenant, from one TOML file.
+"""Lifecycle policy: canary analysis, evaluation gates and budgets, per agent and tenant, from one TOML file.
 The file's layout: streams/detect/README.md, "Policy"; every key: infra/policy.toml."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from streams.detect.canary import CanaryPolicy
+from streams.detect.gate import GatePolicy
 from streams.errors import TracksideError
 
 BUDGET_KEYS = ("run_usd", "agent_hour_usd", "tenant_day_usd")
@@ -22,6 +23,7 @@ class PolicyError(TracksideError):
 @dataclass(frozen=True)
 class Policy:
     canary_defaults: Mapping[str, Any] = field(default_factory=dict)
+    gate_defaults: Mapping[str, Any] = field(default_factory=dict)
     budget_defaults: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_BUDGET))
     agents: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     tenants: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
@@ -39,25 +41,28 @@ class Policy:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = "policy") -> "Policy":
-        unknown = set(data) - {"canary", "budget", "agents", "tenants"}
+        unknown = set(data) - {"canary", "gate", "budget", "agents", "tenants"}
         if unknown:
             raise PolicyError(f"{where}: unknown sections {sorted(unknown)}")
         policy = cls(
             canary_defaults=dict(data.get("canary", {})),
+            gate_defaults=dict(data.get("gate", {})),
             budget_defaults={**DEFAULT_BUDGET, **_budget(data.get("budget", {}), f"{where} [budget]")},
             agents={agent: dict(spec) for agent, spec in data.get("agents", {}).items()},
             tenants={tenant: dict(spec) for tenant, spec in data.get("tenants", {}).items()},
         )
         # Check every part now, so a bad file fails at start, not at the first canary.
         for agent, spec in policy.agents.items():
-            unknown = set(spec) - {"canary", "budget", "pause_on_rollback"}
+            unknown = set(spec) - {"canary", "gate", "budget", "pause_on_rollback"}
             if unknown:
                 raise PolicyError(f"{where} [agents.{agent}]: unknown keys {sorted(unknown)}")
             _budget(spec.get("budget", {}), f"{where} [agents.{agent}.budget]")
             if not isinstance(spec.get("pause_on_rollback", True), bool):
                 raise PolicyError(f"{where} [agents.{agent}]: pause_on_rollback must be true or false")
             policy.canary(agent)
+            policy.gate(agent)
         policy.canary("")
+        policy.gate("")
         for tenant, spec in policy.tenants.items():
             if set(spec) - {"day_usd"} or not _is_amount(spec.get("day_usd", 0.0)):
                 raise PolicyError(f"{where} [tenants.{tenant}]: only day_usd = a non-negative number is allowed")
@@ -74,6 +79,19 @@ class Policy:
             return CanaryPolicy.from_mapping(merged)
         except (ValueError, TypeError) as error:
             raise PolicyError(f"canary policy of {agent_id or 'every agent'}: {error}") from None
+
+    def gate(self, agent_id: str) -> GatePolicy:
+        """The evaluation gate's policy of an agent (`trackside gate`): [gate] merged with
+        [agents.NAME.gate], margins key by key."""
+        spec = self.agents.get(agent_id, {}).get("gate", {})
+        merged = {**self.gate_defaults, **spec}
+        margins = {**self.gate_defaults.get("margins", {}), **spec.get("margins", {})}
+        if margins:
+            merged["margins"] = margins
+        try:
+            return GatePolicy.from_mapping(merged)
+        except (ValueError, TypeError) as error:
+            raise PolicyError(f"gate policy of {agent_id or 'every agent'}: {error}") from None
 
     def pause_on_rollback(self, agent_id: str) -> bool:
         """Whether a rolled-back version of the agent is paused (a pause_version control): yes

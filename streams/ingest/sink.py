@@ -227,6 +227,7 @@ class StoreSink:
             topics.METRIC_RESULTS.name: self._land_metrics,
             topics.ALERTS.name: self._land_alerts,
             topics.CONTROLS.name: self._land_controls,
+            topics.GATES.name: self._land_gates,
         }
 
     def run(self) -> None:
@@ -540,14 +541,16 @@ class StoreSink:
                 dead.append(self._dead_letter(message, source, str(error), received_at))
                 continue
             deployments.append(event)
-            rows.append({**event, "source": source})
+            rows.append({"config": "", **event, "source": source})
             origins.append(message)
         rejected = self._insert("deployments", rows, origins)
         self._reject(dead)
         by_target: dict[int, list[dict]] = defaultdict(list)
         for event, row in zip(deployments, rows):
             if row["source"] not in rejected:
-                by_target[agent_partition(event["agent_id"], self.settings.partitions)].append(event)
+                # the rollout needs no config (the versions table has it, from `deployments`)
+                handed = {name: value for name, value in event.items() if name != "config"}
+                by_target[agent_partition(event["agent_id"], self.settings.partitions)].append(handed)
         for target, events in by_target.items():
             for value in Deployments(events).encode_split(self.settings.handover_max_bytes):
                 self._handovers.produce(topics.RUN_RESULTS.name, value, partition=target)
@@ -718,6 +721,17 @@ class StoreSink:
         def decode(value: bytes) -> dict[str, list[dict]]:
             control = parse_control(value)
             return {"controls": [{**control, "evidence": orjson.dumps(control.get("evidence", {})).decode()}]}
+
+        self._land(messages, decode)
+
+    def _land_gates(self, messages: list[Message]) -> None:
+        # The verdicts of `trackside gate` (streams/ops/gates.py), one `gates` row each; the
+        # command waits until its row is here. Anything else on the topic is a dead letter.
+        def decode(value: bytes) -> dict[str, list[dict]]:
+            row = orjson.loads(value)
+            row = {**row, "evidence": orjson.dumps(row["evidence"]).decode()}
+            tables.to_arrow([row], tables.GATES)
+            return {"gates": [row]}
 
         self._land(messages, decode)
 
