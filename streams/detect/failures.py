@@ -499,8 +499,8 @@ class FailureClusterer(BaseEstimator):
                 if known:
                     assigned[run_id] = known
                 continue
-            if self.started_ is None:
-                self.started_ = ended
+            # the earliest run seen, whatever the order batches of other partitions came in
+            self.started_ = ended if self.started_ is None else min(self.started_, ended)
             if self.clock_ and self.window_of(ended) > self.window_of(self.clock_):
                 # a window closed: judge spikes as of then, before this run opens the next one
                 alerts += self._check_spikes(touched, emit) + self._check_quiet(emit)
@@ -519,7 +519,10 @@ class FailureClusterer(BaseEstimator):
             touched[cluster.cluster_id] = None
             if not cluster.new_done and cluster.size >= self.min_size:
                 cluster.new_done = True
-                if emit and cluster.first_seen - self.started_ >= self.warmup_ms and cluster.incident is None:
+                # (without a warm-up, every mode is new: the earliest run seen so far may come from a
+                # partition whose batch arrived after the mode's first runs)
+                warm = self.warmup_ms <= 0 or cluster.first_seen - self.started_ >= self.warmup_ms
+                if emit and warm and cluster.incident is None:
                     cluster.incident = self._incident(cluster, "new", cluster.cluster_id, {})
                     alerts.append(cluster.incident)
             elif emit and cluster.incident is not None and run["agent_id"] not in cluster.incident["evidence"]["agents"]:

@@ -211,6 +211,17 @@ def test_new_cluster_alert_fires_once_at_min_size():
     assert alert["evidence"]["agents"] == ["support-bot"] and alert["evidence"]["versions"] == {"support-bot": {"v1": 3}}
 
 
+def test_a_new_mode_alerts_whichever_partition_s_batch_came_first():
+    # the mode partition gets failed runs from every metrics partition: a later batch (another
+    # agent, ten minutes on) may arrive before the batch that holds the new mode's first runs
+    model = FailureClusterer(min_size=3)
+    later = [run(f"late{i}", ended_at=T0 + 10 * MIN + i, agent="billing", message="card declined") for i in range(2)]
+    early = [run(f"early{i}", ended_at=T0 + i * 1000) for i in range(3)]
+    alerts = model.update(later)[1] + model.update(early)[1]
+    assert [(a["evidence"]["condition"], a["evidence"]["size"], a["agent_id"]) for a in alerts] == [
+        ("new", 3, "support-bot")]
+
+
 def test_one_incident_as_a_mode_spreads_to_more_agents():
     """The incident fires once for the mode, is sent again (same fingerprint, new id) when a new
     agent fails in it, not for more runs of agents it lists, and resolves once, when it is quiet."""
