@@ -13,7 +13,7 @@ demo: $(STAMP)
 	$(BIN)/trackside demo $(if $(wildcard $(TAU_BENCH)),--tau-bench $(TAU_BENCH))
 
 test: $(DEV_STAMP) browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests/unit

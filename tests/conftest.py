@@ -116,7 +116,8 @@ class RunningStack:
             "TRACKSIDE_DATA_DIR": str(data_dir),
             "TRACKSIDE_EMBEDDED_PORT": str(self.port),
             "TRACKSIDE_METRICS_PORT": str(self.metrics_port),
-            "TRACKSIDE_CONSOLE_PORT": str(self.console_port),
+            # the console follows every hand-over in `up`: on only where a test asks for it
+            "TRACKSIDE_CONSOLE_PORT": "0",
             **(extra_env or {}),
         }
         self.env.pop("TRACKSIDE_BOOTSTRAP", None)
@@ -185,6 +186,11 @@ class RunningStack:
         """Wait until a one-number query gives `expected`, and return it."""
         return wait_until(lambda: self.count(sql, parameters), timeout, f"`{sql}` to give {expected}",
                           done=lambda count: count == expected, interval=0.3)
+
+    def with_console(self) -> RunningStack:
+        """Serve the console (SPEC §10) on `console_port` when started."""
+        self.env["TRACKSIDE_CONSOLE_PORT"] = str(self.console_port)
+        return self
 
     def api(self, path: str, *, method: str = "GET", body: bytes | None = None,
             headers: dict | None = None) -> tuple[int, object]:

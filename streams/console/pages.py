@@ -220,46 +220,52 @@ class Pages:
     # -- live streams (server-sent events from the live view, in memory)
 
     async def live_stream(self, request: Request) -> Response:
+        """The open runs, whole, each time the live view changed."""
         if self.live is None:
             return Response("the live view is off", status_code=503)
-        live, agent_id = self.live, request.query_params.get("agent_id", "")
+        live, agent_id, seen = self.live, request.query_params.get("agent_id", ""), [-1]
 
-        async def events():
-            seen = -1
-            idle = 0.0
-            while not await request.is_disconnected():
-                if live.version != seen:
-                    seen = live.version
-                    idle = 0.0
-                    yield b"data: " + orjson.dumps(live.snapshot(agent_id)) + b"\n\n"
-                elif idle >= STREAM_KEEPALIVE_S:
-                    idle = 0.0
-                    yield b": keep-alive\n\n"
-                await asyncio.sleep(STREAM_POLL_S)
-                idle += STREAM_POLL_S
+        def changed() -> list[bytes]:
+            if live.version == seen[0]:
+                return []
+            seen[0] = live.version
+            return [orjson.dumps(live.snapshot(agent_id))]
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return _event_stream(request, changed)
 
     async def alert_stream(self, request: Request) -> Response:
+        """Each alert the live view saw on the topic after the page opened."""
         if self.live is None:
             return Response("the live view is off", status_code=503)
         live = self.live
+        seen = [live.recent_alerts(0)[1]]
 
-        async def events():
-            _, seen = live.recent_alerts(0)
-            idle = 0.0
-            while not await request.is_disconnected():
-                new, seen = live.recent_alerts(seen)
-                for alert in new:
-                    idle = 0.0
-                    yield b"data: " + orjson.dumps(alert) + b"\n\n"
-                if idle >= STREAM_KEEPALIVE_S:
-                    idle = 0.0
-                    yield b": keep-alive\n\n"
-                await asyncio.sleep(STREAM_POLL_S)
-                idle += STREAM_POLL_S
+        def new() -> list[bytes]:
+            alerts, seen[0] = live.recent_alerts(seen[0])
+            return [orjson.dumps(alert) for alert in alerts]
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return _event_stream(request, new)
+
+
+def _event_stream(request: Request, poll) -> StreamingResponse:  # noqa: ANN001 (() -> list[bytes])
+    """Server-sent events: what `poll()` returns (reading the live view, in memory), a message
+    each, looked for every STREAM_POLL_S; a comment now and then keeps quiet connections open."""
+
+    async def events():
+        idle = 0.0
+        while not await request.is_disconnected():
+            messages = poll()
+            for message in messages:
+                yield b"data: " + message + b"\n\n"
+            if messages:
+                idle = 0.0
+            elif idle >= STREAM_KEEPALIVE_S:
+                idle = 0.0
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(STREAM_POLL_S)
+            idle += STREAM_POLL_S
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
 def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:

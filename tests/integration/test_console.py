@@ -26,7 +26,7 @@ JSON_BODY = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    stack = RunningStack(tmp_path_factory.mktemp("console"))
+    stack = RunningStack(tmp_path_factory.mktemp("console")).with_console()
     stack.start()
     try:
         # the demo's fleet, ending about now as in the demo: the live runs the tests add come right after
@@ -151,7 +151,7 @@ def test_a_run_is_live_while_it_runs_and_can_be_stopped(demo):
 
 
 def test_with_a_token_a_post_needs_it(tmp_path):
-    stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_CONSOLE_TOKEN": "s3cret"})
+    stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_CONSOLE_TOKEN": "s3cret"}).with_console()
     stack.start()
     try:
         assert stack.api("/healthz")[0] == 200  # reads stay open on 127.0.0.1

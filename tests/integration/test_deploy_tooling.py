@@ -12,6 +12,7 @@ import pytest
 
 from jobs.publish import agent_key, publish_lines
 from streams.contracts import topics
+from tests.conftest import RunningStack
 
 pytestmark = pytest.mark.integration
 
@@ -156,6 +157,15 @@ def runs(version: str, n: int, success: float, start: int, seed: int) -> list[di
              "outcome": "success" if rng.random() < success else "failure"},
         ]
     return events
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """This module's stack, with its console: deploy tooling asks the canary endpoint."""
+    running = RunningStack(tmp_path_factory.mktemp("stack")).with_console()
+    running.start()
+    yield running
+    assert running.stop() == 0
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ send it. And a batch chdb itself refuses (TOO_MANY_PARTS: valid events spanning 
 """
 
 import orjson
+import pyarrow as pa
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
@@ -21,7 +22,7 @@ MONTH_MS = 31 * 24 * 3600 * 1000
 
 
 def _metrics_row(agent: str, runs: int) -> dict:
-    row = {field.name: 0 for field in tables.AGENT_METRICS}
+    row = {field.name: {} if pa.types.is_map(field.type) else 0 for field in tables.AGENT_METRICS}
     return {**row, "agent_id": agent, "agent_version": "v1", "window_start": T0, "window_end": T0 + 300_000,
             "runs": runs, "is_final": True, "version": 1, "updated_at": T0}
 
