@@ -10,7 +10,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Collection, Iterable
 
 import numpy as np
 import scipy.sparse as sp
@@ -430,11 +430,15 @@ class FailureClusterer(BaseEstimator):
         stamp = self.clock_ if updated_at is None else updated_at
         return [row for cluster in self.clusters_.values() for row in cluster.breakdown_rows(stamp, changed_only=False)]
 
-    def restore(self, modes: Iterable[dict], breakdown: Iterable[dict] = ()) -> FailureClusterer:
+    def restore(self, modes: Iterable[dict], breakdown: Iterable[dict] = (), sent: Collection[str] = ()
+                ) -> FailureClusterer:
         """Put back modes as stored (`failure_clusters` rows with `kind` and `seed_signature`, and
         their `failure_cluster_agents` rows), oldest first, before the runs of the history are
         learned again: they keep their ids and lifetime counts, and a run of the history that was
-        already in one (its stored `failure_cluster_id`) is not counted twice."""
+        already in one (its stored `failure_cluster_id`) is not counted twice. `sent`: ids of the
+        alerts already out; a mode stored at `min_size` whose "new" incident is not among them (the
+        partition was rebuilt after the mode's row landed, before its incident went out) sends it
+        with the next update."""
         self._ensure_state()
         parts: dict[str, list[dict]] = {}
         for row in breakdown:
@@ -448,6 +452,8 @@ class FailureClusterer(BaseEstimator):
                               size=int(row["size"]), example_run_ids=list(row["example_run_ids"])[: self.max_examples])
             cluster.templates[row["label"]] = 1
             cluster.new_done = cluster.size >= self.min_size
+            if cluster.new_done and self._new_incident_id(cid) not in sent:
+                self.owed_.append(cid)
             for part in parts.get(cid, ()):
                 cluster.slices[(part["agent_id"], part["agent_version"])] = Slice(
                     int(part["runs"]), int(part["first_seen"]), int(part["last_seen"]))
@@ -465,6 +471,7 @@ class FailureClusterer(BaseEstimator):
         self.centroids_: dict[str, _Centroids] = {}  # mode key -> its modes' centroids
         self.rows_: dict[str, list[str]] = {}  # mode key -> cluster id per centroid row
         self.restored_: set[str] = set()  # modes put back by `restore`
+        self.owed_: list[str] = []  # restored modes whose "new" incident never went out
         self.clock_ = 0  # newest ended_at seen
         self.started_ = None  # first ended_at seen, for the warm-up
         self.traffic_: dict[str, dict[int, int]] = {}  # agent -> window start -> closed runs
@@ -528,6 +535,13 @@ class FailureClusterer(BaseEstimator):
             elif emit and cluster.incident is not None and run["agent_id"] not in cluster.incident["evidence"]["agents"]:
                 alerts.append(self._spread(cluster, run))
         alerts += self._check_spikes(touched, emit)
+        if emit:
+            for cid in self.owed_:
+                cluster = self.clusters_[cid]
+                if cluster.incident is None:
+                    cluster.incident = self._incident(cluster, "new", cid, {})
+                    alerts.append(cluster.incident)
+            self.owed_ = []
         return list(touched), alerts, assigned
 
     def _place(self, run: dict, run_fields: tuple, text: str, features: np.ndarray, values: np.ndarray) -> Cluster:
@@ -687,6 +701,12 @@ class FailureClusterer(BaseEstimator):
     def _who(evidence: dict) -> str:
         agents = evidence["agents"]
         return agents[0] if len(agents) == 1 else f"{len(agents)} agents ({', '.join(agents)})"
+
+    @staticmethod
+    def _new_incident_id(cluster_id: str) -> str:
+        """The alert id of a mode's "new" incident (its episode is the mode)."""
+        return make_alert(kind=KIND, severity="warning", status=FIRING, fingerprint=fingerprint(KIND, cluster_id),
+                          ts=0, agent_id="", summary="", evidence={}, episode=cluster_id)["alert_id"]
 
     def _incident(self, cluster: Cluster, condition: str, episode: str, numbers: dict) -> dict:
         """The firing incident of a mode: the agent that failed first in it and its version name the

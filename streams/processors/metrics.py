@@ -91,7 +91,7 @@ class MetricsPartition:
         # clusterer holds every mode of that key; the runs of this partition's agents are counted
         # here per window (`traffic`) and the counts go along, for the spike tests.
         self.clusters = FailureClusterer(window_ms=window_ms)
-        self.clusters.restore(state.modes, state.mode_agents)
+        self.clusters.restore(state.modes, state.mode_agents, sent=state.sent)
         self.clusters.count_traffic(state.mode_traffic)
         self._found = _Found()
         for failed in state.mode_history:

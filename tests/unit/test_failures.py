@@ -185,6 +185,20 @@ def test_restored_modes_keep_their_ids_and_counts():
     assert [(r["agent_id"], r["runs"]) for r in out.breakdown] == [("three", 1)]
 
 
+def test_a_new_incident_lost_in_a_rebuild_goes_out_with_the_next_update():
+    # the mode's row landed (size 3) but the partition was rebuilt before its incident went out
+    model = FailureClusterer(min_size=3)
+    rows, alerts, _ = model.update([run(f"a{i}", T0 + i) for i in range(3)])
+    (incident,) = alerts
+    lost = FailureClusterer(min_size=3).restore(rows, model.breakdown(), sent=set())
+    assert lost.update_modes([], emit=False).alerts == []  # the history replayed: silent
+    (again,) = lost.update_modes([run("b1", T0 + 10, agent="other", message="card declined")]).alerts
+    assert (again["alert_id"], again["evidence"]["condition"]) == (incident["alert_id"], "new")
+    # sent before the rebuild: not again
+    kept = FailureClusterer(min_size=3).restore(rows, model.breakdown(), sent={incident["alert_id"]})
+    assert kept.update_modes([run("b1", T0 + 10, agent="other", message="card declined")]).alerts == []
+
+
 def test_redelivered_run_is_counted_once():
     model = FailureClusterer()
     model.update([run("r1")])
