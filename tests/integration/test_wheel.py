@@ -54,7 +54,7 @@ def installed(tmp_path_factory) -> Path:
 def wheel_stack(installed, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
     running = RunningStack(outside / "data", {"PYTHONPATH": str(installed)}, trackside=installed / "bin" / "trackside",
-                           cwd=outside)
+                           cwd=outside).with_console()
     running.start()
     yield running
     assert running.stop() == 0
@@ -86,3 +86,14 @@ def test_up_from_the_wheel_lands_every_run_of_a_fleet(wheel_stack, tmp_path):
 def test_saved_queries_run_from_the_wheel(wheel_stack):
     result = wheel_stack.cli("sql", "--file", "alerts_firing", "--format", "JSONEachRow", check=False)
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_the_console_serves_its_pages_and_scripts_from_the_wheel(wheel_stack):
+    # the templates and the shipped chart library are package data: a page and a script load
+    import urllib.request
+
+    status, health = wheel_stack.api("/healthz")
+    assert status == 200 and health["ok"] is True
+    for path, marker in (("/", b"<h1>Fleet"), ("/static/uPlot.iife.min.js", b"uPlot")):
+        with urllib.request.urlopen(f"http://127.0.0.1:{wheel_stack.console_port}{path}", timeout=30) as response:
+            assert response.status == 200 and marker in response.read()
