@@ -80,15 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _shoot(base: str, shots: dict[str, str], out: Path) -> None:
+def chromium(width: int = 1400, height: int = 900, *, browser_log: bool = False):  # noqa: ANN201 (a WebDriver)
+    """Debian's chromium, headless, through its chromedriver (Selenium: the dev extra); with
+    `browser_log` its console messages can be read (`get_log("browser")`)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
         options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    if browser_log:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+
+def _shoot(base: str, shots: dict[str, str], out: Path) -> None:
+    driver = chromium()
     try:
         for name, path in shots.items():
             driver.get(base + path)

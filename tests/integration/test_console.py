@@ -193,15 +193,9 @@ SCRIPT = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from jobs.screenshots import chromium
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    driver = chromium(1400, 1000, browser_log=True)
     shots = tmp_path_factory.mktemp("screenshots")
     print(f"\nconsole screenshots in {shots}")
     driver.shots = shots
