@@ -1,6 +1,6 @@
 """Benchmark: events/s through the whole path, against a raw confluent-kafka consumer on the same broker.
 
-    python -m jobs.bench [--events 200000] [--workers 1] [--partitions 4]
+    python -m jobs.bench [--events 200000] [--workers 1] [--partitions 4] [--profile DIR]
 
 1. Starts `trackside up` (a subprocess, as a user runs it) on a fresh data dir and port.
 2. Raw baseline: produces the same events to a scratch topic and reads them back with a
@@ -11,6 +11,10 @@
    at a time; for each, the time from publish until its event, and then its run, can be
    queried through `trackside sql`'s query service (polled every 10 ms); and a looping
    probe run, timed from its third identical tool call to its `loop` alert on the topic.
+
+With `--profile DIR` (py-spy installed), every process of the stack is sampled by py-spy during
+the pipeline phase: DIR gets one collapsed-stack file per process (for flame graphs) and the
+bench prints where each one spends its time, by function and by stage.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,6 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -146,10 +152,12 @@ class Probe:
         del self.producer
 
     def _until(self, sql: str, sent: float, timeout: float = 60) -> float:
-        while time.perf_counter() - sent < timeout:
+        # polled every 10 ms, or every 2% of the wait so far (at most 100 ms): under load a
+        # probe waits seconds, and polling it at 100 Hz took ~15% of `up`'s CPU (py-spy)
+        while (waited := time.perf_counter() - sent) < timeout:
             if self.store.query_raw(sql, "TSV").strip() != b"0":
                 return (time.perf_counter() - sent) * 1000
-            time.sleep(0.01)
+            time.sleep(min(0.1, max(0.01, waited / 50)))
         return float("nan")
 
 
@@ -230,12 +238,86 @@ def _cpu_by_process(pid: int) -> dict[str, float]:
     return cpu
 
 
+def start_profilers(pid: int, folder: Path) -> list[tuple[str, Path, subprocess.Popen]]:
+    """py-spy sampling `trackside up` and its Python children (not the broker), each into a
+    collapsed-stack file of `folder`."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    folder.mkdir(parents=True, exist_ok=True)
+    profilers = []
+    for current in [pid] + _children(pid):
+        role = "up" if current == pid else _role(current)
+        if role in ("broker", "gone"):
+            continue
+        path = folder / f"{role.replace(' ', '-')}-{current}.txt"
+        command = [spy, "record", "--pid", str(current), "--rate", "250", "--nonblocking", "--full-filenames", "--format", "raw",
+                   "--output", str(path)]
+        profilers.append((role, path, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    return profilers
+
+
+def stop_profilers(profilers: list[tuple[str, Path, subprocess.Popen]]) -> list[tuple[str, Path]]:
+    """Stop the samplers (py-spy writes its file on SIGINT); the files they wrote."""
+    for _, _, spy in profilers:
+        spy.send_signal(signal.SIGINT)
+    for _, _, spy in profilers:
+        spy.wait(60)
+    return [(role, path) for role, path, _ in profilers if path.exists()]
+
+
+def _frame_name(frame: str) -> tuple[str, str]:
+    """("function (file)", "package module") of a py-spy frame "function (path:line)"."""
+    function, _, where = frame.rpartition(" (")
+    path = where.rsplit(":", 1)[0]
+    if "/streams/" in path or path.startswith("streams/"):
+        module = "streams/" + path.rsplit("streams/", 1)[1]
+    elif "site-packages/" in path:
+        module = path.rsplit("site-packages/", 1)[1].split("/", 1)[0]
+    else:
+        module = path.rsplit("/", 1)[-1]
+    return f"{function} ({module})", module
+
+
+def profile_table(role: str, path: Path, top: int = 12) -> Table:
+    """Where one process spent its samples: by function (self) and by module of the stack
+    (inclusive, each module once per sample)."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = [_frame_name(frame) for frame in stack.split(";") if " (" in frame]
+        if frames:
+            own[frames[-1][0]] += samples
+        for module in {module for _, module in frames if module.startswith("streams/")}:
+            inclusive[module] += samples
+    table = Table(title=f"profile of {role}: {total:,} samples while busy ({path})")
+    table.add_column("function (self)")
+    table.add_column("share", justify="right")
+    table.add_column("module (inclusive)")
+    table.add_column("share", justify="right")
+    rows_own = own.most_common(top)
+    rows_inclusive = inclusive.most_common(top)
+    for i in range(max(len(rows_own), len(rows_inclusive))):
+        name, samples = rows_own[i] if i < len(rows_own) else ("", 0)
+        module, module_samples = rows_inclusive[i] if i < len(rows_inclusive) else ("", 0)
+        table.add_row(name, f"{100 * samples / max(total, 1):.1f}%" if name else "",
+                      module, f"{100 * module_samples / max(total, 1):.1f}%" if module else "")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--probes", type=int, default=40)
+    parser.add_argument("--profile", type=Path, help="sample each process with py-spy into this folder")
     parser.add_argument(
         "--hours", type=float, default=1.0,
         help="event time the fleet spans: a replay compresses it, and each (version, window) costs a drift test",
@@ -272,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         with console.status(f"pipeline: {len(lines)} events of {len(run_ids)} runs"):
             # Publish in a thread, so the clock starts at the first publish and runs to the last run landed.
             cpu_before = _cpu_by_process(up.pid)
+            profilers = start_profilers(up.pid, args.profile) if args.profile else []
             started = time.perf_counter()
             publisher = threading.Thread(target=_produce, args=(bootstrap, "agent.events", lines, keys, published))
             publisher.start()
@@ -285,13 +368,14 @@ def main(argv: list[str] | None = None) -> int:
                     probe.once()
                     probe.loop_once()
                     loaded_probes += 1
-                else:
-                    time.sleep(0.05)
+                else:  # each poll costs `up` a query: often only near the end, which it times
+                    time.sleep(0.2 if landed < 0.95 * len(run_ids) else 0.02)
                 if time.perf_counter() - started > 300:
                     raise RuntimeError(f"only {landed} of {len(run_ids)} runs landed in 5 minutes")
             elapsed = time.perf_counter() - started
             cpu_after = _cpu_by_process(up.pid)
             publisher.join()
+            profiles = stop_profilers(profilers)
         rss = _rss_mb(up.pid)
         loaded = (list(probe.event_ms), list(probe.run_ms), list(probe.loop_ms))
         probe.event_ms.clear()
@@ -331,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{spent * 1e6 / len(lines):.1f} µs ({100 * spent / elapsed:.0f}%)")
     table.add_row("memory of trackside up and children at the end", f"{rss:,.0f} MB")
     console.print(table)
+    if args.profile:
+        for role, path in profiles:
+            console.print(profile_table(role, path))
     return 0
 
 

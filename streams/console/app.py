@@ -238,10 +238,12 @@ def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
 class ConsoleServer:
     """The console in a thread of its own (uvicorn), with its live view; `stop` ends both."""
 
-    def __init__(self, settings: Settings, read: reads.Read, *, live: bool = True) -> None:
+    def __init__(self, settings: Settings, read: reads.Read, *, live: bool | str = True) -> None:
+        """`live`: True follows the topics, "fed" is fed by a sink in this process (`trackside
+        up`), False has no live view."""
         self.settings = settings
         self.live = LiveRuns(settings.kafka_config, settings.run_idle_timeout_seconds * 1000, read,
-                             session_timeout_ms=settings.session_timeout_ms) if live else None
+                             session_timeout_ms=settings.session_timeout_ms, fed=live == "fed") if live else None
         self.console = Console(settings, read, self.live)
         self._server = None
         self._thread: threading.Thread | None = None

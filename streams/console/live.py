@@ -1,7 +1,8 @@
-"""Runs open now, for the console (SPEC §10 `GET /api/v1/runs/live`), followed on the topics, not
-polled from the store: the sink's hand-over `trackside.event-batches` (events already validated
-and priced, a batch a message), the closed runs on `trackside.run-results`, loop alerts on
-`trackside.alerts`. At start the runs open in the store are read once."""
+"""Runs open now, for the console (SPEC §10 `GET /api/v1/runs/live`), from the pipeline, not polled
+from the store: the sink's hand-over `trackside.event-batches` (events already validated and
+priced), the closed runs on `trackside.run-results`, the alerts on `trackside.alerts`. Inside
+`trackside up` the sink hands them over in process (`fed`); a console of its own follows the
+topics. At start the runs open in the store are read once."""
 
 from __future__ import annotations
 
@@ -66,12 +67,14 @@ class OpenRun:
 
 class LiveRuns:
     """The open runs, kept current by a background consumer (its own group, from the topics' end,
-    nothing committed). A run leaves when its closed row comes from the assembler, or when it has
-    been quiet for an idle timeout of event time (the assembler closes it then too)."""
+    nothing committed), or, `fed`, by the sink of the same process (`events`, `runs_closed`,
+    `alerted`: what it hands over, lands and sees, without decoding it again). A run leaves when
+    its closed row comes from the assembler, or when it has been quiet for an idle timeout of
+    event time (the assembler closes it then too)."""
 
     def __init__(self, kafka_config: dict, idle_timeout_ms: int,
                  read: Callable[[str, dict], list[dict]] | None = None, max_runs: int = 200_000,
-                 session_timeout_ms: int = 6_000) -> None:
+                 session_timeout_ms: int = 6_000, *, fed: bool = False) -> None:
         self.idle_timeout_ms = idle_timeout_ms
         self.max_runs = max_runs
         self.runs: dict[str, OpenRun] = {}
@@ -84,7 +87,8 @@ class LiveRuns:
         self._stop = threading.Event()
         # a group of its own (the topics' partitions, rebalanced if they change), joined quickly: a
         # join waits half the session timeout. From the end: what was before is read from the store.
-        self._consumer = Consumer({**kafka_config, "group.id": f"trackside-console-{uuid.uuid4().hex}",
+        self.fed = fed
+        self._consumer = None if fed else Consumer({**kafka_config, "group.id": f"trackside-console-{uuid.uuid4().hex}",
                                    "enable.auto.commit": False, "auto.offset.reset": "latest",
                                    "session.timeout.ms": session_timeout_ms,
                                    "heartbeat.interval.ms": max(500, session_timeout_ms // 6),
@@ -101,6 +105,9 @@ class LiveRuns:
                 self._seed(self._read(OPEN_IN_STORE, {"idle_seconds": self.idle_timeout_ms // 1000}))
             except Exception as error:  # noqa: BLE001 (the live view starts empty rather than not at all)
                 log.warning("the console could not read the open runs from the store: %s", error)
+        if self._consumer is None:
+            self.listening.set()  # the sink hands over what it sees from now on
+            return
         self._consumer.subscribe([topics.EVENT_BATCHES.name, topics.RUN_RESULTS.name, topics.ALERTS.name],
                                  on_assign=self._at_the_end)
         self._thread.start()
@@ -109,7 +116,8 @@ class LiveRuns:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(10)
-        self._consumer.close()
+        if self._consumer is not None:
+            self._consumer.close()
 
     def snapshot(self, agent_id: str = "") -> list[dict]:
         """The open runs, newest first."""
@@ -147,12 +155,35 @@ class LiveRuns:
                 except (InvalidMessage, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                     log.warning("the console's live view skipped a message of %s: %s", message.topic(), error)
             if changed:
-                if time.monotonic() - self._expired_at >= EXPIRE_EVERY_S:
-                    self._expire()
-                    self._expired_at = time.monotonic()
-                with self.changed:
-                    self.version += 1
-                    self.changed.notify_all()
+                self._changed()
+
+    def _changed(self) -> None:
+        """Wake the pages' live streams (and now and then forget the runs gone quiet)."""
+        if time.monotonic() - self._expired_at >= EXPIRE_EVERY_S:
+            self._expire()
+            self._expired_at = time.monotonic()
+        with self.changed:
+            self.version += 1
+            self.changed.notify_all()
+
+    # -- fed by the sink of the same process (streams.ingest.sink.SinkObserver)
+
+    def events(self, packed: list) -> None:
+        """Events handed over to the assemblers (`EventBatch.events` rows)."""
+        if packed:
+            self.apply(packed)
+            self._changed()
+
+    def runs_closed(self, run_ids: list[str]) -> None:
+        if run_ids:
+            self.close(run_ids)
+            self._changed()
+
+    def alerted(self, alerts: list[dict]) -> None:
+        if alerts:
+            for alert in alerts:
+                self._alert(alert)
+            self._changed()
 
     def _at_the_end(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Start each assigned partition at its end, resolved here and now: with "latest" left to
@@ -180,6 +211,10 @@ class LiveRuns:
         alert = orjson.loads(value)
         if not isinstance(alert, dict) or "alert_id" not in alert:
             return False  # not an alert: the sink dead-letters it
+        self._alert(alert)
+        return True
+
+    def _alert(self, alert: dict) -> None:
         with self._lock:
             self.alerts.append(alert)
             self.alerts_seen += 1
@@ -188,8 +223,6 @@ class LiveRuns:
                 run = self.runs.get(alert.get("run_id", ""))
                 if run is not None:
                     run.loop_suspected = True
-                    return True
-        return True
 
     def recent_alerts(self, after: int) -> tuple[list[dict], int]:
         """The alerts seen since the count `after` (as many as are kept), and the count now."""

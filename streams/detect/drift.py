@@ -68,7 +68,7 @@ def _ks_emd(reference: np.ndarray, current: np.ndarray, side: str | None) -> tup
     d = min_s if alternative == "less" or (alternative == "two-sided" and min_s > max_s) else max_s
     exact = False
     if max(n1, n2) <= 10_000:  # scipy's MAX_AUTO_N
-        exact, d, p = _exact_2samp(n1, n2, math.gcd(n1, n2), d, alternative)
+        exact, d, p = _exact_ks(n1, n2, math.gcd(n1, n2), d, alternative)
     if not exact:  # asymptotic, as scipy falls back to it
         m, n = sorted([float(n1), float(n2)], reverse=True)
         en = m * n / (m + n)
@@ -78,6 +78,55 @@ def _ks_emd(reference: np.ndarray, current: np.ndarray, side: str | None) -> tup
             z = np.sqrt(en) * d
             p = np.exp(-2 * z ** 2 - 2 * z * (m + 2 * n) / np.sqrt(m * n * (m + n)) / 3.0)
     return float(d), float(np.clip(p, 0, 1)), emd
+
+
+def _exact_ks(n1: int, n2: int, g: int, d: float, alternative: str) -> tuple[bool, float, float]:
+    """scipy's `_attempt_exact_2kssamp`, the same (exact, d, p) bit for bit, faster one-sided
+    for samples of unequal sizes (where scipy counts lattice paths in a Python double loop,
+    5-35 ms a test at a few hundred runs): the loop in numpy (`_count_paths_outside`), and no
+    count at all where scipy would throw it away because C(n1 + n2, n1) overflows."""
+    if alternative == "two-sided" or n1 == n2:
+        return _exact_2samp(n1, n2, g, d, alternative)
+    lcm = (n1 // g) * n2
+    h = int(np.round(d * lcm))
+    d = h * 1.0 / lcm
+    if h == 0:
+        return True, d, 1.0
+    paths = special.binom(n1 + n2, n1)
+    if np.isinf(paths):
+        return False, d, np.nan
+    try:
+        with np.errstate(invalid="raise", over="raise"):
+            outside = _count_paths_outside(n1, n2, g, h)
+            if outside > paths:
+                return False, d, np.nan
+            p = outside / paths
+    except (FloatingPointError, OverflowError):
+        return False, d, np.nan
+    return (True, d, p) if 0 <= p <= 1 else (False, d, p)
+
+
+def _count_paths_outside(m: int, n: int, g: int, h: int) -> float:
+    """scipy's `_count_paths_outside_method` (Hodges 1958): its inner loop in numpy, every
+    floating point operation in the same order, so the same number."""
+    if m < n:
+        m, n = n, m
+    mg, ng = m // g, n // g
+    lxj = n + (mg - h) // mg
+    if lxj == 0:
+        return special.binom(m + n, n)
+    xj = np.array([(h + mg * j + ng - 1) // ng for j in range(lxj)], dtype=np.int64)
+    B = np.zeros(lxj)
+    B[0] = 1
+    row = np.empty(lxj)
+    for j in range(1, lxj):
+        back = j - np.arange(j)
+        row[0] = special.binom(xj[j] + j, j)
+        np.multiply(special.binom(xj[j] - xj[:j] + back, back), B[:j], out=row[1:j + 1])
+        B[j] = np.subtract.reduce(row[:j + 1])  # ((row0 - row1) - row2) - ...: scipy's order
+    js = np.arange(lxj)
+    terms = B * special.binom((m - xj) + (n - js), n - js)
+    return np.subtract.reduce(np.concatenate(([0.0], -terms)))  # 0 + term0 + term1 + ...: scipy's order
 
 
 def fisher_success(reference: Mapping[str, int], current: Mapping[str, int], fell: bool) -> tuple[float, float]:

@@ -10,7 +10,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import orjson
 import pyarrow as pa
@@ -187,6 +187,17 @@ class Handovers:
                 self.produce(topic, value, **options)
 
 
+class SinkObserver(Protocol):
+    """Told by the sink, in its thread, what it hands over and lands (the console's live view in
+    `trackside up`: it follows the pipeline without reading the topics again)."""
+
+    def events(self, packed: list) -> None: ...  # events handed to the assemblers (EventBatch rows)
+
+    def runs_closed(self, run_ids: list[str]) -> None: ...  # closed runs landed
+
+    def alerted(self, alerts: list[dict]) -> None: ...  # alerts landed
+
+
 class StoreSink:
     """Runs the ingest and sink loop until `stop` is set; see streams/ingest/README.md.
 
@@ -197,9 +208,12 @@ class StoreSink:
     is down) the store refuses everything, and the rest is retried with backoff, never skipped.
     """
 
-    def __init__(self, settings: Settings, store: Store, *, broker_pid: int | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store, *, broker_pid: int | None = None,
+                 observers: list[SinkObserver] | None = None) -> None:
         self.settings = settings
         self.store = store
+        # may be added to while running (the console starts after the pipeline); see `_tell`
+        self.observers: list[SinkObserver] = observers if observers is not None else []
         self.broker_pid = broker_pid  # the embedded broker's, whose memory the pipeline watch reports
         self.prices = PriceTable()
         self.stats: Counter[str] = Counter()
@@ -472,6 +486,7 @@ class StoreSink:
         for partition, packed in by_partition.items():
             for value in EventBatch(partition, packed).encode_split(self.settings.handover_max_bytes):
                 self._hand_over(partition, value)
+            self._tell("events", packed)
         landed = sum(map(len, by_partition.values()))
         self.stats["events"] += landed
         telemetry.EVENTS_INGESTED.inc(landed)
@@ -610,10 +625,19 @@ class StoreSink:
             self._insert(table, table_rows, origins[table])
         self._reject(dead)
 
+    def _tell(self, what: str, items: list) -> None:
+        """Tell the observers; one that fails is logged, and the sink goes on."""
+        for observer in self.observers:
+            try:
+                getattr(observer, what)(items)
+            except Exception:  # noqa: BLE001 (a view of the pipeline must not stop it)
+                log.exception("the sink's observer %r failed on %s", observer, what)
+
     def _land_runs(self, messages: list[Message]) -> None:
         # The assembler's closed runs, with its progress; the topic also carries deployments
         # and tenant costs to the metrics stage, which hold no rows.
         progress: dict[int, dict] = {}
+        closed: list[str] = []
         for message in messages:
             self.watch.handed("compute_metrics", message.partition(), message.timestamp()[1])
 
@@ -625,10 +649,12 @@ class StoreSink:
             if result.watermark > progress.get(result.partition, {}).get("watermark", -1):
                 progress[result.partition] = {"stage": "assemble_runs", "partition": result.partition,
                                               "watermark": result.watermark, "updated_at": now_ms()}
+            closed.extend(row["run_id"] for row in result.runs)
             return {"runs": result.runs}
 
         self._land(messages, decode)
         self._insert("stage_progress", list(progress.values()))
+        self._tell("runs_closed", closed)
 
     def _land_metrics(self, messages: list[Message]) -> None:
         # One message of the metrics stage carries rows for several tables, and the
@@ -649,6 +675,8 @@ class StoreSink:
     def _land_alerts(self, messages: list[Message]) -> None:
         # The table mirrors the topic: every alert as sent, evidence as JSON text. A firing alert
         # that asks to stop its run (a loop, a run over its budget) is also a stop_run control.
+        seen: list[dict] = []
+
         def decode(value: bytes) -> dict[str, list[dict]]:
             alert = orjson.loads(value)
             row = {**alert, "evidence": orjson.dumps(alert["evidence"]).decode(), "action": alert.get("action", "")}
@@ -659,9 +687,11 @@ class StoreSink:
                     agent_version=alert.get("agent_version", ""), reason=alert["summary"][:MAX_REASON_CHARS],
                     issued_by=TRACKSIDE, ts=now_ms(), alert_id=alert["alert_id"],
                     evidence={"alert_kind": alert["kind"], "alert_ts": alert["ts"]}, episode=alert["alert_id"]))
+            seen.append(alert)
             return {"alerts": [row]}
 
         self._land(messages, decode)
+        self._tell("alerted", seen)
 
     def _issue(self, control: dict) -> None:
         """An automatic control to `trackside.controls` (acknowledged before the offsets of what

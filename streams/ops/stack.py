@@ -49,6 +49,7 @@ class Stack:
         self._targets: list = []
         self._started = False
         self.console = None  # streams.console.app.ConsoleServer, when it listens
+        self._observers: list = []  # of every sink this stack starts: the console's live view
 
     # Start.
 
@@ -97,8 +98,11 @@ class Stack:
         from streams.console.app import ConsoleServer
 
         store = self.store
-        console = ConsoleServer(self.settings, lambda sql, params: store.query_json(sql, params, person=False))
+        # its live view fed by the sink in this process, which has every event at hand already
+        console = ConsoleServer(self.settings, lambda sql, params: store.query_json(sql, params, person=False),
+                                live="fed")
         if console.start():
+            self._observers.append(console.live)
             self.console = console
             log.info("console on %s", console.url)
 
@@ -114,7 +118,7 @@ class Stack:
 
     def _start_pipeline(self, ready_timeout: float) -> None:
         """The store sink, the alert forwarder and the workers, on a broker and a store that are up."""
-        self.sink = StoreSink(self.settings, self.store,
+        self.sink = StoreSink(self.settings, self.store, observers=self._observers,
                               broker_pid=self.broker.process.pid if self.broker is not None else None)
         self._sink_thread = threading.Thread(target=self._run_sink, name="store-sink", daemon=True)
         self._sink_thread.start()
@@ -297,6 +301,7 @@ class Stack:
             # agents keep what they send and retry; the broker runs dry and the drain ends
             self.front_door.shut_out_agents()
         if self.console is not None:
+            self._observers.remove(self.console.live)
             self.console.stop()
             self.console = None
             step("console")

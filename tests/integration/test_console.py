@@ -177,10 +177,30 @@ def test_trackside_console_serves_the_same_api_beside_up(demo):
     port = free_port()
     console = subprocess.Popen([str(stack.trackside), "console"], env={**stack.env, "TRACKSIDE_CONSOLE_PORT": str(port)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def get(path: str) -> object:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+            return orjson.loads(response.read())
+
     try:
         assert console.stdout.readline().strip() == f"trackside console http://127.0.0.1:{port}/"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/fleet?hours=1000", timeout=30) as response:
-            assert orjson.loads(response.read()) == stack.api("/api/v1/fleet?hours=1000")[1]
+        assert get("/api/v1/fleet?hours=1000") == stack.api("/api/v1/fleet?hours=1000")[1]
+        # its live view follows the topics (up's is fed by its sink): a run opens, then closes
+        wait_until(lambda: get("/healthz"), 30, "the console to follow the topics", done=lambda health: health["live"])
+        now = time.time_ns() // 1_000_000
+        producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.port}"})
+        for n, kind in enumerate(("run_start", "tool_call", "run_end")):
+            event = {"event_id": f"apart-{n}", "ts": now + n, "type": kind, "run_id": "apart-run", "agent_id": "apart-bot",
+                     "agent_version": "v1", **({"tool": "lookup"} if kind == "tool_call" else {"outcome": "success"}
+                                               if kind == "run_end" else {})}
+            producer.produce("agent.events", value=orjson.dumps(event), key=b"apart-run")
+            assert producer.flush(10) == 0
+            if kind == "tool_call":
+                runs = wait_until(lambda: get("/api/v1/runs/live"), 30, "the open run in the console's live view",
+                                  done=lambda runs: any(r["run_id"] == "apart-run" for r in runs))
+                assert [(r["steps"], r["last_tool"]) for r in runs if r["run_id"] == "apart-run"] == [(1, "lookup")]
+        wait_until(lambda: get("/api/v1/runs/live"), 30, "the closed run to leave the console's live view",
+                   done=lambda runs: all(r["run_id"] != "apart-run" for r in runs))
     finally:
         console.send_signal(signal.SIGINT)
         assert console.wait(30) == 0

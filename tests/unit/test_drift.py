@@ -241,6 +241,28 @@ def _samples(rng, n1: int, n2: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.lognormal(0, 1, n1), rng.lognormal(rng.normal(0, 0.4), rng.uniform(0.5, 1.5), n2)
 
 
+def test_the_exact_ks_attempt_is_scipys_bit_for_bit():
+    """Same (exact, d, p) as scipy's, the one-sided path counts included (done in numpy there),
+    where it overflows and falls back, and where C(n1 + n2, n1) is too large to try."""
+    import math
+
+    from scipy.stats._stats_py import _attempt_exact_2kssamp
+
+    from streams.detect.drift import _exact_ks
+
+    rng = np.random.default_rng(11)
+    for _ in range(150):
+        n1, n2 = (int(n) for n in rng.integers(1, 320, 2))
+        side = ("greater", "less", "two-sided")[int(rng.integers(0, 3))]
+        d = float(rng.uniform(0, 0.6))
+        want = _attempt_exact_2kssamp(n1, n2, math.gcd(n1, n2), d, side)
+        got = _exact_ks(n1, n2, math.gcd(n1, n2), d, side)
+        assert got[:2] == want[:2] and (got[2] == want[2] or np.isnan(got[2]) and np.isnan(want[2])), (n1, n2, d, side)
+    # too many paths to count: scipy counts, then falls back; here it falls back at once
+    want = _attempt_exact_2kssamp(3000, 310, 10, 0.1, "less")
+    assert want[0] is False and _exact_ks(3000, 310, 10, 0.1, "less")[:2] == (False, want[1])
+
+
 def test_ks_equals_scipys_ks_2samp():
     """Exact p-values where scipy's "auto" is exact (either sample up to 10,000; equal sizes
     too), its asymptotic ones above that and where the exact computation fails, both sides."""
