@@ -446,81 +446,6 @@ def test_budget_burn(filled: Filled):
     assert all(r["limit_usd"] == 100.0 for r in given)
 
 
-# --- the notebooks -----------------------------------------------------------------------------------
-
-
-def notebook_paths() -> list[Path]:
-    return sorted(NOTEBOOKS.glob("*.ipynb"))
-
-
-@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
-def test_notebook_runs_on_the_filled_store(filled: Filled, path: Path):
-    """Each notebook runs top to bottom in a python3 kernel of this interpreter and draws its plots,
-    here through the running stack's query service (on a stopped data dir the same queries open
-    the store directly: test_queries_on_the_stopped_data_dir)."""
-    import nbclient
-    import nbformat
-
-    # the kernel (this interpreter's, as jupyter_client runs a "python" kernelspec) gets the stack's
-    # environment: TRACKSIDE_DATA_DIR of the filled store, PYTHONPATH as given to pytest
-    env = {**filled.stack.env, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    nb = nbformat.read(path, as_version=4)
-    started = time.monotonic()
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=120, record_timing=False,
-                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.execute(env=env)
-    elapsed = time.monotonic() - started
-    code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert code and all(cell.get("execution_count") for cell in code)
-    errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
-    assert not errors, errors
-    images = [o for cell in code for o in cell.outputs if "image/png" in o.get("data", {})]
-    plots = sum(cell.source.count("plt.subplots(") + cell.source.count("plt.figure(") for cell in code)
-    assert plots and len(images) >= plots, f"{path.name}: {len(images)} images for {plots} figures"
-    text = json.dumps([cell.outputs for cell in code])
-    assert str(filled.stack.data_dir) not in text and str(ROOT) not in text, "no absolute paths in the outputs"
-    print(f"{path.name}: {elapsed:.1f} s, {len(images)} plots")
-    if os.environ.get("TRACKSIDE_SAVE_NOTEBOOKS") == "1":
-        nbformat.write(nb, path)
-
-
-# --- the stopped data dir ------------------------------------------------------------------------------
-
-STOPPED = """
-import json, sys
-from streams.settings import Settings
-from streams.store.clickhouse import query_store
-requests = json.load(sys.stdin)
-store = query_store(Settings())
-print(json.dumps([store.query_json(sql, params) for sql, params in requests], default=str))
-"""
-
-
-def test_queries_on_the_stopped_data_dir(filled: Filled):
-    """After `up` stops (and merged its duplicates away), the store opened directly answers alike."""
-    names = query_names()
-    running = {name: filled.running_results.get(name) or filled.run(name) for name in names}
-    assert filled.stack.stop() == 0
-    requests = [load_query(name) for name in names]
-    result = subprocess.run([sys.executable, "-c", STOPPED], input=json.dumps(requests).encode(),
-                            env=filled.stack.env, capture_output=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    stopped = dict(zip(names, json.loads(result.stdout)))
-    for name in names:
-        assert len(stopped[name]) == len(running[name]), name
-        assert stopped[name] == running[name], name
-
-
-def test_trackside_sql_runs_a_saved_query_with_parameters(filled):
-    stack = filled.stack
-    result = stack.cli("sql", "--file", "cost_per_success_by_version", "--param", "agent_id=support-bot",
-                       "--format", "JSONEachRow")
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert rows and {row["agent_id"] for row in rows} == {"support-bot"}
-    bad = stack.cli("sql", "--file", "cost_per_success_by_version", "--param", "bucket_seconds=hourly", check=False)
-    assert bad.returncode == 2 and b"is not an integer" in bad.stderr
-
-
 # --- the Grafana dashboards (infra/grafana): every panel's query as the ClickHouse data source sends it --
 
 TIME = ["time"]
@@ -621,3 +546,79 @@ def test_a_dashboard_panel_agrees_with_the_store(filled: Filled):
     assert sum(int(r["runs_ended"]) for r in series) == int(windows) > 0
     (total,) = filled.stack.query(grafana.query(by_title["Runs"], start_ms, end_ms, {"agent": ["coder"]}))
     assert int(total["runs_ended"]) == sum(int(r["n"]) for key, r in stored.items() if key[0] == "coder")
+
+
+# --- the notebooks -----------------------------------------------------------------------------------
+
+
+def notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
+def test_notebook_runs_on_the_filled_store(filled: Filled, path: Path):
+    """Each notebook runs top to bottom in a python3 kernel of this interpreter and draws its plots,
+    here through the running stack's query service (on a stopped data dir the same queries open
+    the store directly: test_queries_on_the_stopped_data_dir)."""
+    import nbclient
+    import nbformat
+
+    # the kernel (this interpreter's, as jupyter_client runs a "python" kernelspec) gets the stack's
+    # environment: TRACKSIDE_DATA_DIR of the filled store, PYTHONPATH as given to pytest
+    env = {**filled.stack.env, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    nb = nbformat.read(path, as_version=4)
+    started = time.monotonic()
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=120, record_timing=False,
+                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute(env=env)
+    elapsed = time.monotonic() - started
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code and all(cell.get("execution_count") for cell in code)
+    errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
+    assert not errors, errors
+    images = [o for cell in code for o in cell.outputs if "image/png" in o.get("data", {})]
+    plots = sum(cell.source.count("plt.subplots(") + cell.source.count("plt.figure(") for cell in code)
+    assert plots and len(images) >= plots, f"{path.name}: {len(images)} images for {plots} figures"
+    text = json.dumps([cell.outputs for cell in code])
+    assert str(filled.stack.data_dir) not in text and str(ROOT) not in text, "no absolute paths in the outputs"
+    print(f"{path.name}: {elapsed:.1f} s, {len(images)} plots")
+    if os.environ.get("TRACKSIDE_SAVE_NOTEBOOKS") == "1":
+        nbformat.write(nb, path)
+
+
+# --- the stopped data dir ------------------------------------------------------------------------------
+
+STOPPED = """
+import json, sys
+from streams.settings import Settings
+from streams.store.clickhouse import query_store
+requests = json.load(sys.stdin)
+store = query_store(Settings())
+print(json.dumps([store.query_json(sql, params) for sql, params in requests], default=str))
+"""
+
+
+def test_queries_on_the_stopped_data_dir(filled: Filled):
+    """After `up` stops (and merged its duplicates away), the store opened directly answers alike."""
+    names = query_names()
+    running = {name: filled.running_results.get(name) or filled.run(name) for name in names}
+    assert filled.stack.stop() == 0
+    requests = [load_query(name) for name in names]
+    result = subprocess.run([sys.executable, "-c", STOPPED], input=json.dumps(requests).encode(),
+                            env=filled.stack.env, capture_output=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    stopped = dict(zip(names, json.loads(result.stdout)))
+    for name in names:
+        assert len(stopped[name]) == len(running[name]), name
+        assert stopped[name] == running[name], name
+
+
+def test_trackside_sql_runs_a_saved_query_with_parameters(filled):
+    stack = filled.stack
+    result = stack.cli("sql", "--file", "cost_per_success_by_version", "--param", "agent_id=support-bot",
+                       "--format", "JSONEachRow")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows and {row["agent_id"] for row in rows} == {"support-bot"}
+    bad = stack.cli("sql", "--file", "cost_per_success_by_version", "--param", "bucket_seconds=hourly", check=False)
+    assert bad.returncode == 2 and b"is not an integer" in bad.stderr
+
