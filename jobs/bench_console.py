@@ -149,7 +149,7 @@ def store_phase(events: int, repeat: int, console: Console) -> list[tuple[str, l
         paths = ["/api/v1/fleet", "/api/v1/alerts", "/api/v1/alerts?status=firing", "/api/v1/canaries",
                  f"/api/v1/canaries/support-bot/{DEFAULT_CANARY.version}", f"/api/v1/runs/{run_id}", "/healthz",
                  "/", f"/runs/{run_id}", "/alerts", "/canaries", f"/canaries/support-bot/{DEFAULT_CANARY.version}",
-                 "/drift", "/tools", "/dead-letters"]
+                 "/drift", "/failure-modes", "/tools", "/dead-letters"]
         results = []
         for path in paths:
             results.append((path, _time(base + path, repeat)))

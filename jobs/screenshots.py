@@ -1,5 +1,5 @@
 """The README's pictures of the console, made from the demo: `trackside demo --serve` in a child
-process, a live agent with runs still going, then the Fleet, Live runs, Run and Canary pages in
+process, a live agent with runs still going, then the Fleet, Live runs, Run, Canary and Failure modes pages in
 Debian's headless chromium (Selenium: the dev extra).
 
     python -m jobs.screenshots [--out streams/console/screenshots]
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         loop = next(a for a in _get(f"{base}/api/v1/alerts?kind=loop&limit=50") if a["status"] == "firing")
         canary = next(c for c in _get(f"{base}/api/v1/canaries") if c["verdict"] == "rollback")
         shots = {"fleet": "/?hours=6", "live": "/live", "run": f"/runs/{loop['run_id']}",
-                 "canary": f"/canaries/{canary['agent_id']}/{canary['version']}"}
+                 "canary": f"/canaries/{canary['agent_id']}/{canary['version']}",
+                 "failure-modes": "/failure-modes?hours=6"}
         _shoot(base, shots, out)
         print(f"screenshots in {out}: {', '.join(f'{name}.png' for name in shots)}")
     finally:

@@ -85,6 +85,7 @@ class Console:
             Route("/drift", pages.drift),
             Route("/drift/{agent_id}/{version:path}", pages.drift_cell),
             Route("/tools", pages.tools),
+            Route("/failure-modes", pages.failure_modes),
             Route("/dead-letters", pages.dead_letters),
             Route("/pipeline", pages.pipeline),
             Route("/api/v1/pipeline", pages.pipeline_json),

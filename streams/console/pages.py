@@ -154,6 +154,10 @@ class Pages:
                          and r["from_version"] == version), None)
         return self.render(request, "canary.html", row=row, trajectory=trajectory, rollback=rollback)
 
+    def failure_modes(self, request: Request) -> Response:
+        hours, agent_id = _filters(request)
+        return self.render(request, "failure_modes.html", rows=reads.failure_modes(self.read, hours, agent_id))
+
     def dead_letters(self, request: Request) -> Response:
         hours, _ = _filters(request)
         return self.render(request, "dead_letters.html", rows=reads.dead_letters(self.read, hours))

@@ -433,3 +433,80 @@ def drift_sample(read: Read, agent_id: str, agent_version: str, feature: str, wi
             {"category": c, "current": share.get((True, c), 0.0), "reference": share.get((False, c), 0.0)} for c in categories],
             "n_current": totals[True], "n_reference": totals[False]}
     return None
+
+
+FAILURE_MODES = """
+WITH (SELECT max(ended_at) FROM runs FINAL) AS newest
+SELECT c.cluster_id AS cluster_id, c.kind AS kind, c.label AS label, r.n AS runs, c.size AS size,
+       toUnixTimestamp64Milli(c.first_seen) AS first_seen, toUnixTimestamp64Milli(c.last_seen) AS last_seen,
+       c.example_run_ids AS example_run_ids, r.recent AS recent_run_ids
+FROM
+(
+    SELECT failure_cluster_id, count() AS n,
+           arrayMap(x -> x.2, arraySlice(arrayReverseSort(groupArray((ended_at, run_id))), 1, 3)) AS recent
+    FROM runs FINAL
+    WHERE failure_cluster_id != '' AND ended_at > newest - toIntervalHour({hours:UInt32})
+      AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+    GROUP BY failure_cluster_id
+) AS r
+INNER JOIN failure_clusters AS c FINAL ON c.cluster_id = r.failure_cluster_id
+ORDER BY runs DESC, cluster_id
+LIMIT {limit:UInt32}
+"""
+FAILURE_MODE_AGENTS = """
+SELECT cluster_id, agent_id, agent_version, runs
+FROM failure_cluster_agents FINAL
+WHERE cluster_id IN {ids:Array(String)}
+ORDER BY cluster_id, runs DESC, agent_id, agent_version
+"""
+# The buckets are counted back from the newest run's, so every mode's trend shares one time axis.
+FAILURE_MODE_SERIES = """
+WITH (SELECT max(ended_at) FROM runs FINAL) AS newest
+SELECT failure_cluster_id AS cluster_id,
+       toUnixTimestamp(toStartOfInterval(ended_at, toIntervalSecond({bucket:UInt32}))) * 1000 AS bucket,
+       count() AS runs
+FROM runs FINAL
+WHERE failure_cluster_id IN {ids:Array(String)} AND ended_at > newest - toIntervalHour({hours:UInt32})
+  AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+GROUP BY cluster_id, bucket
+ORDER BY bucket
+"""
+NEWEST_BUCKET = """
+SELECT toUnixTimestamp(toStartOfInterval(max(ended_at), toIntervalSecond({bucket:UInt32}))) * 1000 AS bucket
+FROM runs FINAL
+"""
+
+
+def failure_modes(read: Read, hours: int, agent_id: str = "", limit: int = 100) -> list[dict]:
+    """The failure modes of the runs that ended in the `hours` that end with the newest run (of one
+    agent's runs, with `agent_id`), most runs first: each mode's masked label and kind, its runs in
+    the range and its lifetime size, first and last seen, the agents and versions it has failed
+    (lifetime runs each, `failure_cluster_agents`), example runs (the newest in the range, then the
+    first it saw), and its trend: runs per bucket over the range, POINTS buckets ending with the
+    newest run's, 0 where none failed so."""
+    rows = read(FAILURE_MODES, {"hours": hours, "agent_id": agent_id, "limit": limit})
+    if not rows:
+        return []
+    ids = [row["cluster_id"] for row in rows]
+    agents: dict[str, dict[str, dict]] = {}
+    for part in read(FAILURE_MODE_AGENTS, {"ids": ids}):
+        agent = agents.setdefault(part["cluster_id"], {}).setdefault(
+            part["agent_id"], {"agent_id": part["agent_id"], "runs": 0, "versions": []})
+        agent["runs"] += int(part["runs"])
+        agent["versions"].append({"agent_version": part["agent_version"], "runs": int(part["runs"])})
+    bucket_s = max(hours * 3600 // POINTS, 300)
+    (newest,) = read(NEWEST_BUCKET, {"bucket": bucket_s})
+    first = int(newest["bucket"]) - (POINTS - 1) * bucket_s * 1000
+    trends = {cid: [0] * POINTS for cid in ids}
+    for point in read(FAILURE_MODE_SERIES, {"ids": ids, "hours": hours, "bucket": bucket_s, "agent_id": agent_id}):
+        index = (int(point["bucket"]) - first) // (bucket_s * 1000)
+        if 0 <= index < POINTS:
+            trends[point["cluster_id"]][index] += int(point["runs"])
+    out = []
+    for row in rows:
+        cid = row["cluster_id"]
+        examples = list(dict.fromkeys(list(row.pop("recent_run_ids")) + list(row.pop("example_run_ids"))))[:5]
+        out.append({**row, "runs": int(row["runs"]), "size": int(row["size"]), "example_run_ids": examples,
+                    "agents": sorted(agents.get(cid, {}).values(), key=lambda a: (-a["runs"], a["agent_id"])),
+                    "trend": {"bucket_ms": [first + i * bucket_s * 1000 for i in range(POINTS)], "runs": trends[cid]}})
+    return out

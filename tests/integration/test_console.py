@@ -259,10 +259,53 @@ def test_every_page_renders_with_data_and_no_error(demo, browser):
     _page(browser, stack, "/tools", "tools", "#tools tbody tr")
     assert {row.text.split()[0] for row in browser.find_elements(By.CSS_SELECTOR, "#tools tbody tr")} >= {
         "lookup_order", "send_email"}
+    _failure_modes_page(browser, stack)
     _page(browser, stack, "/dead-letters", "dead-letters", "#dead-letters tbody tr")
     assert "agent.events" in browser.find_element(By.ID, "dead-letters").text
     _page(browser, stack, "/pipeline", "pipeline", "#pipeline[data-refreshed] #pipeline-totals")
     assert "events ingested" in browser.find_element(By.ID, "pipeline").text
+
+
+MODES_IN_RANGE = """
+WITH (SELECT max(ended_at) FROM runs FINAL) AS newest
+SELECT failure_cluster_id AS cid, count() AS n FROM runs FINAL
+WHERE failure_cluster_id != '' AND ended_at > newest - toIntervalHour(6)
+  AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+GROUP BY cid
+"""
+
+
+def _failure_modes_page(browser, stack) -> None:
+    """Every mode of the range with its runs in it, a trend drawn by uPlot, the agents it failed,
+    example runs that open on the Run page; the agent filter keeps that agent's runs only."""
+    from selenium.webdriver.common.by import By
+
+    stack.wait_until_processed()  # the modes of the runs the other tests ended, landed before the page is read
+    _page(browser, stack, "/failure-modes?hours=6", "failure-modes", "#failure-modes div.trend[data-drawn] canvas")
+    stored = {r["cid"]: int(r["n"]) for r in stack.query(MODES_IN_RANGE, {"agent_id": ""})}
+    rows = browser.find_elements(By.CSS_SELECTOR, "#failure-modes tbody tr[data-mode]")
+    shown = {row.get_attribute("data-mode"): int(row.find_elements(By.TAG_NAME, "td")[1].text) for row in rows}
+    assert len(stored) >= 8 and shown == stored
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#failure-modes div.trend canvas")) == len(rows)
+    loops = [row for row in rows if row.find_element(By.CSS_SELECTOR, "td.mode .badge").text == "loop"]
+    assert len(loops) == 1 and {"support-bot", "research-agent", "coder"} <= {
+        b.text for b in loops[0].find_elements(By.CSS_SELECTOR, "td.agents b")}, "every agent's loops: one mode"
+    first = rows[0]
+    mode, label = first.get_attribute("data-mode"), first.find_element(By.CSS_SELECTOR, "td.mode .label").text
+    example = first.find_element(By.CSS_SELECTOR, "td.examples a").get_attribute("href")
+    run_id = example.rsplit("/runs/", 1)[1]
+    assert stack.query("SELECT failure_cluster_id FROM runs FINAL WHERE run_id = {r:String}", {"r": run_id}) == [
+        {"failure_cluster_id": mode}]
+    _page(browser, stack, example.removeprefix(f"http://127.0.0.1:{stack.console_port}"), "failure-mode-run",
+          "#events tbody tr")
+    assert label in browser.find_element(By.CSS_SELECTOR, "dl.facts").text
+    # one agent: its runs only
+    _page(browser, stack, "/failure-modes?hours=6&agent_id=research-agent", "failure-modes-agent",
+          "#failure-modes tbody tr[data-mode]")
+    mine = {r["cid"]: int(r["n"]) for r in stack.query(MODES_IN_RANGE, {"agent_id": "research-agent"})}
+    rows = browser.find_elements(By.CSS_SELECTOR, "#failure-modes tbody tr[data-mode]")
+    assert {row.get_attribute("data-mode"): int(row.find_elements(By.TAG_NAME, "td")[1].text) for row in rows} == mine
+    assert mine and set(mine) < set(stored)
 
 
 def test_live_runs_and_alerts_appear_without_a_reload_and_stop_sends_a_control(demo, browser):
@@ -334,3 +377,13 @@ def test_strings_from_agents_show_as_text(demo, browser):
     assert SCRIPT in browser.find_element(By.CSS_SELECTOR, "#events tbody tr.tool_call").text
     assert browser.execute_script("return window.__pwned === undefined")
     assert not browser.find_elements(By.CSS_SELECTOR, "#events b, #events img")
+    # the run's failure mode: its label is the masked message, markup and all, shown as text
+    assert stack.wait_for_count("SELECT count() FROM runs FINAL WHERE run_id = 'xss-run' AND failure_cluster_id != ''",
+                                1) == 1
+    _page(browser, stack, "/failure-modes?agent_id=xss-bot", "untrusted-mode", "#failure-modes tbody tr[data-mode]")
+    label = browser.find_element(By.CSS_SELECTOR, "#failure-modes tbody tr[data-mode] td.mode .label").text
+    assert "<script>" in label and "</script>" in label
+    assert browser.find_element(By.CSS_SELECTOR, "#failure-modes td.agents").text.startswith("xss-bot")
+    assert browser.execute_script("return window.__pwned === undefined")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#failure-modes td.mode b, #failure-modes img, "
+                                                      "#failure-modes script")

@@ -1,11 +1,12 @@
-"""The saved queries (`sql/queries/*.sql`) and the notebooks (`notebooks/*.ipynb`) against one
-store filled once: a real `trackside up`, a simulated fleet (the demo's: three agents, a bad
+"""The saved queries (`sql/queries/*.sql`), the notebooks (`notebooks/*.ipynb`) and the Grafana
+dashboards' queries (`infra/grafana/*.json`) against one store filled once: a real `trackside up`, a simulated fleet (the demo's: three agents, a bad
 canary of support-bot with its deployment events, loops, failures, timeouts, malformed lines,
 redelivered duplicates) and a budget policy that some of it goes over.
 
 The queries run through the running stack's query service, then again on the stopped data dir
 (opened directly, in another process, as `trackside sql` does without `up`); the notebooks run
-on the stopped data dir. `TRACKSIDE_SAVE_NOTEBOOKS=1` writes the executed notebooks back with
+on the stopped data dir; every dashboard panel's query runs as Grafana's ClickHouse data source
+sends it (tests/grafana.py). `TRACKSIDE_SAVE_NOTEBOOKS=1` writes the executed notebooks back with
 their outputs (how the committed ones were made).
 """
 
@@ -445,6 +446,108 @@ def test_budget_burn(filled: Filled):
     assert all(r["limit_usd"] == 100.0 for r in given)
 
 
+# --- the Grafana dashboards (infra/grafana): every panel's query as the ClickHouse data source sends it --
+
+TIME = ["time"]
+GRAFANA_ALL = ["$__all"]  # the agent picker on All
+GRAFANA_COLUMNS = {
+    "trackside-fleet.json": {
+        "Runs": ["runs_ended"], "Success rate": ["success_rate"], "Cost per successful task": ["cost_per_success"],
+        "Spend": ["spend_usd"],
+        "Runs per agent version": TIME + ["version", "runs_ended"],
+        "Success rate per agent version": TIME + ["version", "success_rate"],
+        "Cost per successful task per agent version": TIME + ["version", "cost_per_success"],
+        "p95 run duration per agent version": TIME + ["version", "p95_duration_ms"],
+        "Loop rate per agent version": TIME + ["version", "loop_share"],
+        "Tool error rate per agent version": TIME + ["version", "tool_error_rate"],
+        "Agent versions in the range": ["agent_id", "agent_version", "runs_ended", "success_rate", "cost_per_success",
+                                        "p95_duration_ms", "loop_rate", "tool_error_rate", "spend_usd"],
+    },
+    "trackside-alerts.json": {
+        "Alerts fired, by kind": TIME + ["kind", "fired"],
+        "Firing now": ["ts", "kind", "severity", "agent_id", "agent_version", "run_id", "summary"],
+        "Alerts in the range": ["ts", "kind", "severity", "status", "agent_id", "agent_version", "run_id", "summary"],
+        "Canary analyses": ["agent_id", "canary", "stable", "verdict", "canary_runs", "stable_runs", "since",
+                            "decided_at", "reason"],
+        "Canaries against their stable versions: success rate": TIME + ["version", "success_rate"],
+        "Canaries against their stable versions: cost per successful task": TIME + ["version", "cost_per_success"],
+        "Rollbacks": ["ts", "agent_id", "from_version", "to_version", "reason", "alerts_behind"],
+        "Deployments": ["ts", "agent_id", "version", "role", "traffic_pct"],
+        "Controls issued": ["ts", "action", "agent_id", "agent_version", "run_id", "issued_by", "reason"],
+    },
+    "trackside-pipeline.json": {
+        "Events landed per second, by type": TIME + ["type", "events_per_s"],
+        "Event time to landing": TIME + ["p50_delay_s", "p95_delay_s"],
+        "Dead letters, by topic": TIME + ["topic", "messages"],
+        "Dead-letter rate": TIME + ["dead_letter_rate"],
+        "Dead letters by reason": ["topic", "reason", "messages", "bytes", "last_received", "example_source",
+                                   "example_payload"],
+        "Runs closed, by how": TIME + ["closed_by", "runs_closed"],
+        "Stage watermarks": ["stage", "partition", "newest_watermark", "recorded_at", "behind_s"],
+    },
+}
+
+
+def test_every_dashboard_panel_is_expected():
+    from tests import grafana
+
+    found = {name: {panel["title"] for panel in grafana.panels(board)} for name, board in grafana.dashboards().items()}
+    assert found == {name: set(columns) for name, columns in GRAFANA_COLUMNS.items()}
+
+
+def _grafana_range(filled: Filled) -> tuple[int, int]:
+    """From the fleet's first run to now: the panels on event time (runs, alerts, windows) and those
+    on the wall clock (when events and dead letters landed) both fall in it."""
+    (first,) = filled.stack.query("SELECT toUnixTimestamp64Milli(min(started_at)) AS ms FROM runs FINAL")
+    return int(first["ms"]) - 3_600_000, time.time_ns() // 1_000_000 + 300_000
+
+
+@pytest.mark.parametrize("agents", [GRAFANA_ALL, ["support-bot"], ["support-bot", "coder"]],
+                         ids=["all agents", "one agent", "two agents"])
+def test_every_dashboard_panel_returns_rows(filled: Filled, agents: list[str]):
+    from tests import grafana
+
+    start_ms, end_ms = _grafana_range(filled)
+    for name, board in grafana.dashboards().items():
+        for variable in grafana.variables(board):
+            if variable["type"] == "query":  # the agent picker's own query
+                options = filled.stack.query(grafana.query(variable["query"], start_ms, end_ms, {}))
+                assert {row["agent_id"] for row in options} == {a.agent_id for a in default_agents()}, name
+        for panel in grafana.panels(board):
+            expected = GRAFANA_COLUMNS[name][panel["title"]]
+            for target in panel["targets"]:
+                sql = grafana.query(target["rawSql"], start_ms, end_ms, {"agent": agents})
+                assert "$" not in sql, (name, panel["title"], sql)
+                rows = filled.stack.query(sql)
+                assert rows, f"{name}: {panel['title']!r} returned nothing ({agents})\n{sql}"
+                assert list(rows[0]) == expected, (name, panel["title"])
+                if agents != GRAFANA_ALL and "agent_id" in expected:
+                    assert {row["agent_id"] for row in rows} <= set(agents), (name, panel["title"])
+                if panel["type"] == "stat":
+                    assert len(rows) == 1 and rows[0][expected[0]] is not None, (name, panel["title"])
+
+
+def test_a_dashboard_panel_agrees_with_the_store(filled: Filled):
+    """The fleet dashboard's table over the whole span: each version's runs as stored, and its
+    Runs series adds up to the same over the intervals."""
+    from tests import grafana
+
+    start_ms, end_ms = _grafana_range(filled)
+    board = grafana.dashboards()["trackside-fleet.json"]
+    by_title = {panel["title"]: panel["targets"][0]["rawSql"] for panel in grafana.panels(board)}
+    table = filled.stack.query(grafana.query(by_title["Agent versions in the range"], start_ms, end_ms,
+                                             {"agent": GRAFANA_ALL}))
+    stored = _stored_runs(filled)
+    assert {(r["agent_id"], r["agent_version"]): int(r["runs_ended"]) for r in table} == {
+        key: int(r["n"]) for key, r in stored.items()}
+    series = filled.stack.query(grafana.query(by_title["Runs per agent version"], start_ms, end_ms,
+                                              {"agent": GRAFANA_ALL}))
+    windows = filled.stack.query("SELECT sum(runs) AS n FROM agent_metrics FINAL")[0]["n"]
+    assert sum(int(r["runs_ended"]) for r in series) == int(windows) > 0
+    (total,) = filled.stack.query(grafana.query(by_title["Runs"], start_ms, end_ms, {"agent": ["coder"]}))
+    assert int(total["runs_ended"]) == sum(int(r["n"]) for key, r in stored.items() if key[0] == "coder")
+
+
 # --- the notebooks -----------------------------------------------------------------------------------
 
 
@@ -518,3 +621,4 @@ def test_trackside_sql_runs_a_saved_query_with_parameters(filled):
     assert rows and {row["agent_id"] for row in rows} == {"support-bot"}
     bad = stack.cli("sql", "--file", "cost_per_success_by_version", "--param", "bucket_seconds=hourly", check=False)
     assert bad.returncode == 2 and b"is not an integer" in bad.stderr
+

@@ -137,6 +137,22 @@ const Trackside = (() => {
     new uPlot(opts, data, box);
   }
 
+  function failureTrends() {
+    // one small uPlot per mode: its failed runs per bucket, on the time axis every mode shares
+    for (const box of document.querySelectorAll("div.trend[data-trend]")) {
+      const t = JSON.parse(box.dataset.trend);
+      const top = Math.max(1, ...t.runs);
+      const opts = {
+        width: 160, height: 34, legend: {show: false}, cursor: {show: false}, select: {show: false},
+        axes: [{show: false}, {show: false}],
+        scales: {x: {time: true}, y: {range: [-0.06 * top, 1.06 * top]}},  // a little below 0: the zero line shows
+        series: [{}, {stroke: "#d1495b", fill: "rgba(209, 73, 91, 0.15)", width: 1.5, points: {show: false}}],
+      };
+      new uPlot(opts, [t.bucket_ms.map((ms) => ms / 1000), t.runs], box);
+      box.dataset.drawn = "1";
+    }
+  }
+
   function pipeline() {
     const box = document.getElementById("pipeline");
     const refresh = async () => {
@@ -169,5 +185,5 @@ const Trackside = (() => {
     setInterval(refresh, 2000);
   }
 
-  return {liveRuns, liveAlerts, canaryChart, pipeline, stop, params};
+  return {liveRuns, liveAlerts, canaryChart, failureTrends, pipeline, stop, params};
 })();
