@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import time
 
@@ -16,6 +17,8 @@ from streams.contracts import topics
 from jobs.simulate import (DEFAULT_CANARY, DEFAULT_START_MS, HOUR_MS, FleetConfig, genai_prices_fn, run_labels,
                            simulate)
 from streams.ops.broker import port_free
+from streams.ops.gates import Gate, run_gate
+from streams.detect.gate import margin_in_words, show, worse_in_words
 from streams.settings import Settings
 from streams.ops.stack import Stack
 
@@ -30,12 +33,13 @@ MALFORMED = (
     b'["an", "array"]',
 )
 
+# the fleet's traffic: the evaluation runs of the gate act are told apart (environment `eval`)
 SUMMARY = """
 SELECT agent_id, agent_version, count() AS runs, countIf(outcome = 'success') AS successes,
        sum(cost_usd) AS cost, sum(cost_usd) / nullIf(countIf(outcome = 'success'), 0) AS cost_per_success,
        quantile(0.95)(duration_ms) AS p95_duration_ms, countIf(outcome = 'timeout') AS timeouts,
        countIf(loop_detected) AS loops
-FROM runs GROUP BY agent_id, agent_version ORDER BY agent_id, agent_version
+FROM runs WHERE environment != 'eval' GROUP BY agent_id, agent_version ORDER BY agent_id, agent_version
 """
 ALERTS = """
 SELECT kind, countIf(status = 'firing') AS firing, countIf(status = 'resolved') AS resolved,
@@ -63,6 +67,64 @@ SELECT JSONExtractString(toString(payload), 'agent_id') AS agent_id,
        JSONExtractString(toString(payload), 'agent_version') AS agent_version, count()
 FROM dead_letters GROUP BY agent_id, agent_version
 """
+
+
+# The gate act: before its canary, each release candidate of support-bot runs the same eval suite as
+# the stable version (EVAL_TASKS tasks x EVAL_TRIALS trials, environment `eval`), and `trackside
+# gate` judges it. Per candidate: the share of each task's success it keeps on the suite, and why.
+EVAL_TASKS, EVAL_TRIALS = 30, 2
+EVAL_BASELINE = "v1.4.2"
+EVAL_CANDIDATES = (
+    ("v1.6.0-rc0", 0.55, "a tool-schema change broke its order lookups"),
+    # the demo's canary: as good as stable on the suite; its regression shows on real traffic only
+    (DEFAULT_CANARY.version, 1.0, "the fix of rc0; its new prompt is what real traffic will try"),
+)
+EVAL_SPACING_MS = 4_000  # one eval run starts every 4 s (12 minutes of event time in all)
+# The suite ran this long before the fleet's two hours (CI, that morning). More than the drift
+# tests' reference age (3 h, streams/detect/drift.py): the metrics stage does not tell eval runs
+# from traffic, and the stable version's eval runs, shorter than its real ones, would otherwise be
+# part of its drift reference.
+EVAL_BEFORE_MS = 4 * HOUR_MS
+
+
+def eval_events(start_ms: int, seed: int = 8) -> list[dict]:
+    """support-bot's runs of the eval suite, by the stable version and each candidate, in event
+    time from `start_ms`. A task has its own chance of success (mostly solved, a few hard ones,
+    as on a support suite), its own length (order lookups) and prompt; a run succeeds with the
+    task's chance times what its version keeps; a failed run's lookup finds no order. With the
+    default seed, rc1 succeeds exactly as often as the stable version on the suite (the draws are
+    independent per version: another seed gives rc1 anywhere from -15 to +10 points)."""
+    rng = random.Random(seed)
+    tasks = [(rng.betavariate(4.0, 1.0), rng.randint(1, 3), rng.randint(1100, 1800)) for _ in range(EVAL_TASKS)]
+    versions = ((EVAL_BASELINE, 1.0),) + tuple((version, keep) for version, keep, _ in EVAL_CANDIDATES)
+    events, t = [], start_ms
+    for trial in range(EVAL_TRIALS):
+        for task, (chance, lookups, prompt) in enumerate(tasks):
+            for version, keep in versions:
+                run_id = f"eval-{version}-{task:02d}-{trial}"
+                ok = rng.random() < chance * keep
+                common = {"run_id": run_id, "agent_id": "support-bot", "agent_version": version,
+                          "task_id": f"EVAL-{task:03d}", "environment": "eval"}
+                order = 70_000 + 37 * task
+                steps = [{"type": "llm_call", "model": "gpt-4o-mini", "provider": "openai",
+                          "input_tokens": prompt + rng.randint(0, 200), "output_tokens": rng.randint(60, 120),
+                          "status": "ok"}]
+                for k in range(lookups):
+                    found = ok or k < lookups - 1
+                    steps.append({"type": "tool_call", "tool": "lookup_order", "args": {"order_id": str(order + k)},
+                                  "status": "ok" if found else "error",
+                                  **({} if found else {"error_type": "not_found",
+                                                       "error_message": f"order #{order + k} not found"})})
+                steps.append({"type": "llm_call", "model": "gpt-4o-mini", "provider": "openai",
+                              "input_tokens": prompt + 400 + rng.randint(0, 200),
+                              "output_tokens": rng.randint(150, 210), "status": "ok"})
+                end = {"type": "run_end", "outcome": "success" if ok else "failure"}
+                if not ok:
+                    end.update(error_type="not_found", error_message=f"order #{order + lookups - 1} not found")
+                for n, event in enumerate([{"type": "run_start"}, *steps, end]):
+                    events.append({**common, **event, "event_id": f"{run_id}:{n}", "ts": t + 500 * n})
+                t += EVAL_SPACING_MS
+    return events
 
 
 def demo_deployments(config: FleetConfig) -> list[dict]:
@@ -114,6 +176,12 @@ def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: s
         recorded = f" (with {real_runs} recorded tau-bench runs)"
     events = [orjson.dumps(event) for event in fleet]
     deployments = demo_deployments(config)
+    # the canary is deployed only once its candidate has passed the gate; the eval suite ran before
+    # the fleet's two hours (published first: nothing later in event time is on the topic yet)
+    stables = [d for d in deployments if d["role"] == "stable"]
+    canaries = [d for d in deployments if d["role"] != "stable"]
+    evaluation = eval_events(start_ms - EVAL_BEFORE_MS)
+    eval_runs = len({event["run_id"] for event in evaluation})
     lines = events[: len(events) // 2] + list(MALFORMED) + events[len(events) // 2:] + events[:50]
 
     started = time.monotonic()
@@ -122,12 +190,24 @@ def run_demo(settings: Settings, *, runs: int = 600, seed: int = 7, tau_bench: s
         stack.start()
     try:
         console.print(stack.ready_line)
-        publish_lines(settings, [orjson.dumps(d) for d in deployments], topic=topics.AGENT_DEPLOYMENTS.name,
+        publish_lines(settings, [orjson.dumps(d) for d in stables], topic=topics.AGENT_DEPLOYMENTS.name,
+                      key=agent_key)
+        with console.status("the gate: the release candidates' eval runs, then `trackside gate` on each"):
+            publish_lines(settings, [orjson.dumps(event) for event in evaluation])
+            _wait_for_runs(stack, eval_runs, timeout=60, environment="eval")
+            _wait_for(stack, "SELECT count() FROM deployments", len(stables), timeout=30)  # the gate's baseline
+            gates = [run_gate(settings, agent="support-bot", candidate=version, environment="eval")
+                     for version, _, _ in EVAL_CANDIDATES]
+        passed = {gate.row["candidate"] for gate in gates if gate.result.verdict == "pass"}
+        rolled_out = [d for d in canaries if d["version"] in passed]
+        _print_gates(console, gates, rolled_out)
+        publish_lines(settings, [orjson.dumps(d) for d in rolled_out], topic=topics.AGENT_DEPLOYMENTS.name,
                       key=agent_key)
         report = publish_lines(settings, lines)
         console.print(
             f"published {report.produced} messages: {len(events)} events of {expected_runs} runs{recorded}, "
-            f"{len(MALFORMED)} malformed, 50 redelivered duplicates; {len(deployments)} deployment events"
+            f"{len(MALFORMED)} malformed, 50 redelivered duplicates; {len(stables) + len(rolled_out)} deployment "
+            f"events (and {len(evaluation)} events of {eval_runs} eval runs before)"
         )
         with console.status("waiting for every run to land in ClickHouse"):
             landed = _wait_for_runs(stack, expected_runs, timeout=120)
@@ -162,21 +242,30 @@ def _serve(seconds: float) -> None:
     stop.wait(seconds)
 
 
-def _wait_for_runs(stack: Stack, expected: int, timeout: float) -> int:
+def _wait_for_runs(stack: Stack, expected: int, timeout: float, *, environment: str = "") -> int:
+    """Runs landed, the eval suite's (`environment="eval"`) or the fleet's (every other), once
+    `expected` have or the time is up."""
     deadline = time.monotonic() + timeout
     landed = 0
+    sql = "SELECT count() FROM runs WHERE (environment = 'eval') = {eval:Bool}"
     while time.monotonic() < deadline:
-        landed = stack.store.query_rows("SELECT count() FROM runs")[0][0]
+        landed = stack.store.query_rows(sql, {"eval": environment == "eval"})[0][0]
         if landed >= expected:
             break
         time.sleep(0.5)
     return landed
 
 
+def _wait_for(stack: Stack, sql: str, expected: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and stack.store.query_rows(sql)[0][0] < expected:
+        time.sleep(0.1)
+
+
 SETTLED = """
 SELECT (SELECT count() FROM alerts), (SELECT count() FROM rollbacks), (SELECT count() FROM canaries),
        (SELECT count() FROM drift), (SELECT count() FROM agent_metrics),
-       (SELECT count() FROM canaries FINAL WHERE decision = 'rollback')
+       (SELECT count() FROM canaries FINAL WHERE decision = 'rollback' AND role != 'shadow')
          > (SELECT uniqExact(agent_id, from_version) FROM rollbacks) AS rollback_in_flight
 """
 
@@ -193,6 +282,36 @@ def _settle(stack: Stack, quiet: float = 3.0, timeout: float = 60.0) -> None:
         elif time.monotonic() - since >= quiet and not now[-1]:  # a decided rollback is on its way
             return
         time.sleep(0.25)
+
+
+def _print_gates(console: Console, gates: list[Gate], rolled_out: list[dict]) -> None:
+    """Each candidate's gate: its verdict and what follows, and the tests behind them."""
+    tasks = gates[0].result.tasks if gates else 0
+    console.print(f"[bold]Evaluation gate[/bold] (trackside gate: each release candidate against the stable "
+                  f"version on the same {tasks} eval tasks x {EVAL_TRIALS} trials, before any traffic)")
+    why = {version: said for version, _, said in EVAL_CANDIDATES}
+    deployed = {d["version"]: d for d in rolled_out}
+    table = Table(title="the gates (rows of `gates`; paired by task, one-sided tests at the policy's alpha)")
+    for column in ("candidate", "metric", "baseline", "candidate ", "change", "margin", "p-value",
+                   "could be worse by up to", "result"):
+        table.add_column(column, justify="left" if column in ("candidate", "metric", "result") else "right")
+    for gate in gates:
+        row, result = gate.row, gate.result
+        head = f"  {row['agent_id']} {row['candidate']} vs {row['baseline']} ({why.get(row['candidate'], '')}): "
+        if result.verdict == "pass" and row["candidate"] in deployed:
+            d = deployed[row["candidate"]]
+            console.print(head + f"[bold green]PASSED[/bold green] (exit 0): rolled out as a {d['traffic_pct']:g}% "
+                                 f"{d['role']}, judged on real traffic below. {result.reason}")
+        elif result.verdict == "fail":
+            console.print(head + f"[bold red]STOPPED AT THE GATE[/bold red] (exit 1): never deployed. {result.reason}")
+        else:
+            console.print(head + f"{result.verdict} (exit {result.exit_code}): {result.reason}")
+        for m in result.metrics:
+            change = (f"{m.difference * 100:+.1f} pt" if m.metric == "success_rate" else f"{m.difference:+.0%}")
+            table.add_row(row["candidate"], m.metric, show(m.metric, m.baseline), show(m.metric, m.candidate), change,
+                          margin_in_words(m), f"{m.p_value:.2g}", worse_in_words(m),
+                          "WORSE" if m.worse and m.gating else "ok" if m.gating else "reported")
+    console.print(table)
 
 
 def _print_summary(console: Console, stack: Stack) -> None:

@@ -71,7 +71,7 @@ ORDER BY ts DESC, alert_id
 
 CANARY_COLUMNS = ("agent_id, version, stable_version, toUnixTimestamp64Milli(since) AS since, inferred, "
                   "decision AS verdict, toUnixTimestamp64Milli(decided_at) AS decided_at, canary_runs, stable_runs, "
-                  "reason, evidence, toUnixTimestamp64Milli(updated_at) AS updated_at")
+                  "reason, evidence, toUnixTimestamp64Milli(updated_at) AS updated_at, role")
 CANARIES = f"SELECT {CANARY_COLUMNS} FROM canaries FINAL ORDER BY updated_at DESC, agent_id, version"
 CANARY = (f"SELECT {CANARY_COLUMNS} FROM canaries FINAL WHERE agent_id = {{agent_id:String}} "
           "AND version = {version:String} ORDER BY since DESC LIMIT 1")
@@ -102,7 +102,8 @@ def fleet(read: Read, hours: int = 24) -> list[dict]:
     one (roles inferred from traffic), else `stable`. state, first that holds: `rolled_back` (a
     rollback decision was sent for it; such a version is usually also paused, automatically),
     `paused` (its newest version control is a pause), `drifting` (a drift alert fires for it),
-    `canary` (under analysis), `healthy`."""
+    `canary` (under analysis: a canary, or a shadow, which is analysed like one but never rolled
+    back), `healthy`."""
     rows = read(FLEET, {"hours": hours})
     roles = {(r["agent_id"], r["agent_version"]): r["role"] for r in read(ROLES, {})}
     canaries = _keyed(read(CANARY_VERSIONS, {}))
@@ -112,7 +113,7 @@ def fleet(read: Read, hours: int = 24) -> list[dict]:
         key = (row["agent_id"], row["agent_version"])
         role = roles.get(key) or ("canary" if key in canaries else "stable")
         state = ("rolled_back" if key in rolled_back else "paused" if key in paused
-                 else "drifting" if key in drifting else "canary" if role == "canary" else "healthy")
+                 else "drifting" if key in drifting else "canary" if role in ("canary", "shadow") else "healthy")
         out.append({"agent_id": key[0], "agent_version": key[1], "role": role, "runs": row["runs"],
                     "success_rate": row["success_rate"], "cost_per_success": row["cost_per_success"],
                     "p95_duration_ms": row["p95_duration_ms"], "loop_rate": row["loop_rate"],

@@ -8,7 +8,10 @@ import orjson
 
 from streams.contracts.events import InvalidEvent, _check_amount, _check_choice, _check_id, _check_object, parse_ts
 
-ROLES = ("stable", "canary")
+ROLES = ("stable", "canary", "shadow")
+# A deployment without a traffic share: a stable version takes the rest, a shadow gets copies of
+# all of it (what a traffic mirror does by default), a canary none until it says so.
+DEFAULT_TRAFFIC_PCT = {"stable": 100.0, "shadow": 100.0}
 MAX_CONFIG_CHARS = 65_536  # a config is a few hundred bytes; a prompt belongs there as its sha
 
 
@@ -25,8 +28,8 @@ def parse_deployment(value: bytes | None) -> dict:
     event: dict[str, Any] = {}
     for name, check in checks.items():
         if name not in raw:
-            if name == "traffic_pct":  # a stable deployment without a share takes the rest
-                event[name] = 100.0 if raw.get("role") == "stable" else 0.0
+            if name == "traffic_pct":
+                event[name] = DEFAULT_TRAFFIC_PCT.get(raw.get("role"), 0.0)
                 continue
             raise InvalidEvent(f"{name}: required")
         try:

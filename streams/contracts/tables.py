@@ -141,7 +141,7 @@ CANARIES = pa.schema(
     [
         ("agent_id", _TEXT), ("version", _TEXT), ("stable_version", _TEXT), ("since", _TS), ("inferred", pa.bool_()),
         ("decision", _TEXT), ("decided_at", _TS), ("canary_runs", pa.uint64()), ("stable_runs", pa.uint64()),
-        ("reason", _TEXT), ("evidence", _TEXT), ("updated_at", _TS),
+        ("reason", _TEXT), ("evidence", _TEXT), ("updated_at", _TS), ("role", _TEXT),
     ]
 )
 

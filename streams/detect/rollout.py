@@ -25,6 +25,11 @@ SETTLED_POOL = 3
 # and at least TAKEOVER_MIN_RUNS of them.
 STICKY = 2.0
 TAKEOVER_MIN_RUNS = 10
+# The roles whose runs are analysed against the stable version. A shadow gets copies of real
+# traffic (SPEC §5): its verdict is recorded and a worse one alerts, but it is never rolled back,
+# so it is never paused either (the pause follows a rollback decision).
+CANARY, SHADOW = "canary", "shadow"
+ANALYSED = (CANARY, SHADOW)
 # The alert kind of each canary metric; SPEC §6 names the first three. One kind per metric: a
 # canary alert's fingerprint is (kind, canary, agent, version), so two metrics of one kind would
 # make one alert.
@@ -113,19 +118,25 @@ class Rollouts:
             agent.inferred = leader
         return agent.inferred
 
+    def role(self, agent_id: str, version: str) -> str:
+        """`shadow` for a version deployed as one, else `canary` (inferred roles know no shadows)."""
+        d = self.agents[agent_id].deployed.get(version)
+        return SHADOW if d is not None and d["role"] == SHADOW else CANARY
+
     def canary_baseline(self, agent_id: str, version: str) -> str | None:
         """The version a canary is compared with (its stable one); None for any other version."""
         return self.stable(agent_id) if self.canary_since(agent_id, version) is not None else None
 
     def canary_since(self, agent_id: str, version: str) -> int | None:
-        """When `version` became a canary (event time), or None if it is not one now."""
+        """When `version` became a canary or a shadow (event time), or None if it is neither now.
+        A shadow is analysed like a canary (SPEC §5); `role` tells them apart."""
         agent = self.agents[agent_id]
         stable = self.stable(agent_id)
         if stable is None or version == stable:
             return None
         if agent.deployed:
             d = agent.deployed.get(version)
-            return d["ts"] if d is not None and d["role"] == "canary" and d["traffic_pct"] > 0 else None
+            return d["ts"] if d is not None and d["role"] in ANALYSED and d["traffic_pct"] > 0 else None
         first, stable_first = agent.first_seen.get(version), agent.first_seen.get(stable)
         return first if first is not None and stable_first is not None and first > stable_first else None
 
@@ -142,7 +153,8 @@ class _Canary:
     changed: bool = True
     verdict: Verdict | None = None
     decided_at: int | None = None
-    alerts: list[dict] = field(default_factory=list)  # the firing alerts of a rollback
+    alerts: list[dict] = field(default_factory=list)  # the firing alerts of a rollback (a shadow's: of its verdict)
+    role: str = CANARY  # or SHADOW
 
 
 class RolloutController:
@@ -167,7 +179,7 @@ class RolloutController:
         for row in sorted(canaries, key=lambda r: r["updated_at"]):
             canary = self.canaries[(row["agent_id"], row["version"], row["stable_version"])] = _Canary(
                 row["agent_id"], row["version"], row["stable_version"], int(row["since"]), bool(row["inferred"]),
-                CanaryAnalysis(self.policy.canary(row["agent_id"])), changed=False)
+                CanaryAnalysis(self.policy.canary(row["agent_id"])), changed=False, role=row.get("role") or CANARY)
             if row["decision"] != "pending":
                 canary.decided_at = int(row["decided_at"])
             if row["inferred"]:
@@ -208,7 +220,9 @@ class RolloutController:
                 canary.verdict = verdict
                 if verdict.decision != "pending":
                     canary.decided_at = canary.newest
-                    if verdict.decision == "rollback":
+                    if verdict.decision == "rollback" and canary.role == SHADOW:
+                        alerts += self._alerts(canary, verdict)  # judged worse, never rolled back
+                    elif verdict.decision == "rollback":
                         decision, fired = self._rollback(canary, verdict)
                         alerts += fired
                         rollbacks.append(decision)
@@ -224,10 +238,13 @@ class RolloutController:
         if since is not None and ended >= since:
             key = (agent_id, version, stable)
             canary = self.canaries.get(key)
-            if canary is None:
+            role = self.rollouts.role(agent_id, version)
+            # A shadow deployed as a canary next starts an analysis of its own: its verdict as a
+            # shadow (never acted on) must not decide the canary's (it replaces the shadow's row).
+            if canary is None or canary.role != role:
                 canary = self.canaries[key] = _Canary(
                     agent_id, version, stable, since, not self.rollouts.declared(agent_id),
-                    CanaryAnalysis(self.policy.canary(agent_id)))
+                    CanaryAnalysis(self.policy.canary(agent_id)), role=role)
                 for arm, arm_version in (("stable", stable), ("canary", version)):
                     backlog = [r for r in self.recent_runs[agent_id] if r["agent_version"] == arm_version
                                and r["ended_at"] >= since]
@@ -248,22 +265,33 @@ class RolloutController:
         canary.newest = max(canary.newest, int(run["ended_at"]))
         canary.changed = True
 
-    def _rollback(self, canary: _Canary, verdict: Verdict) -> tuple[dict, list[dict]]:
-        episode = str(canary.since)
+    @staticmethod
+    def _alerts(canary: _Canary, verdict: Verdict) -> list[dict]:
+        """One firing alert per metric shown worse: critical, asking for the rollback, for a
+        canary; a warning that asks for nothing, for a shadow (its own fingerprints, so that the
+        same version as a canary later has alerts of its own)."""
+        shadow = canary.role == SHADOW
         alerts = []
         for metric in verdict.metrics:
             if not metric.worse:
                 continue
             kind = METRIC_KINDS.get(metric.metric, metric.metric)
             alerts.append(make_alert(
-                kind=kind, severity="critical", status=FIRING,
-                fingerprint=fingerprint(kind, "canary", canary.agent_id, canary.version),
+                kind=kind, severity="warning" if shadow else "critical", status=FIRING,
+                fingerprint=fingerprint(kind, canary.role, canary.agent_id, canary.version),
                 ts=canary.decided_at, agent_id=canary.agent_id, agent_version=canary.version,
-                summary=f"canary {canary.agent_id} {canary.version} worse than {canary.stable}: "
-                        f"{_describe(metric)} after {verdict.canary_runs} canary runs",
-                evidence={**metric.as_dict(), "stable_version": canary.stable, "since": canary.since},
-                action="rollback", episode=episode))
+                summary=f"{canary.role} {canary.agent_id} {canary.version} worse than {canary.stable}: "
+                        f"{_describe(metric)} after {verdict.canary_runs} {canary.role} runs"
+                        + (" (a shadow: not rolled back)" if shadow else ""),
+                evidence={**metric.as_dict(), "stable_version": canary.stable, "since": canary.since,
+                          "role": canary.role},
+                action="" if shadow else "rollback", episode=str(canary.since)))
         canary.alerts = alerts
+        return alerts
+
+    def _rollback(self, canary: _Canary, verdict: Verdict) -> tuple[dict, list[dict]]:
+        episode = str(canary.since)
+        alerts = self._alerts(canary, verdict)
         decision = {
             "rollback_id": hashlib.sha1(f"{canary.agent_id}|{canary.version}|{episode}".encode()).hexdigest()[:32],
             "ts": canary.decided_at, "agent_id": canary.agent_id, "from_version": canary.version,
@@ -276,7 +304,7 @@ class RolloutController:
         verdict = canary.verdict
         return {
             "agent_id": canary.agent_id, "version": canary.version, "stable_version": canary.stable,
-            "since": canary.since, "inferred": canary.inferred,
+            "since": canary.since, "inferred": canary.inferred, "role": canary.role,
             "decision": verdict.decision if verdict else "pending", "decided_at": canary.decided_at,
             "canary_runs": verdict.canary_runs if verdict else 0, "stable_runs": verdict.stable_runs if verdict else 0,
             "reason": verdict.reason if verdict else "",

@@ -12,6 +12,9 @@ VERSIONS_SQL = (
     "FROM versions FINAL WHERE agent_id = {agent:String} ORDER BY first_seen DESC NULLS LAST, version")
 ROLLBACKS_SQL = ("SELECT from_version AS version, count() AS rollbacks, max(ts) AS last FROM rollbacks FINAL "
                  "WHERE agent_id = {agent:String} GROUP BY from_version")
+# the role of each version's latest analysis: a shadow's verdict is told apart (never acted on)
+ANALYSED_AS_SQL = ("SELECT version, argMax(role, updated_at) AS role FROM canaries FINAL "
+                   "WHERE agent_id = {agent:String} GROUP BY version")
 BEHAVIOUR_SQL = (
     "SELECT agent_version AS version, count() AS runs, countIf(outcome = 'success') AS successes, "
     "toFloat64(sum(cost_usd)) AS cost, quantileExact(0.95)(duration_ms) AS p95_duration_ms, "
@@ -42,6 +45,7 @@ def list_versions(store: Any, agent: str) -> str:
     if not versions:
         return f"no version of {agent} is known"
     rollbacks = {row["version"]: row for row in _rows(store, ROLLBACKS_SQL, {"agent": agent})}
+    shadows = {row["version"] for row in _rows(store, ANALYSED_AS_SQL, {"agent": agent}) if row["role"] == "shadow"}
     rows = []
     for v in versions:
         config = orjson.loads(v["config"]) if v["config"] else {}
@@ -50,7 +54,8 @@ def list_versions(store: Any, agent: str) -> str:
             said += f"  CHANGED under the same name ({len(v['configs'])} configs)"
         back = rollbacks.get(v["version"])
         rows.append([v["version"], (v["first_seen"] or "-")[:19], (v["last_seen"] or "-")[:19],
-                     ",".join(sorted(v["roles"])) or "-", v["gate_verdict"] or "-", v["canary_verdict"] or "-",
+                     ",".join(sorted(v["roles"])) or "-", v["gate_verdict"] or "-",
+                     (v["canary_verdict"] or "-") + (" (shadow)" if v["version"] in shadows else ""),
                      str(int(back["rollbacks"])) if back else "0", said])
     return _table(["version", "first_seen", "last_seen", "roles", "gate", "canary", "rollbacks", "config"], rows)
 

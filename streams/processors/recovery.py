@@ -129,7 +129,7 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
             {"agents": agents})
         state.canaries = store.query_json(
             "SELECT agent_id, version, stable_version, toUnixTimestamp64Milli(since) AS since, inferred, decision, "
-            "toUnixTimestamp64Milli(decided_at) AS decided_at, toUnixTimestamp64Milli(updated_at) AS updated_at "
+            "toUnixTimestamp64Milli(decided_at) AS decided_at, toUnixTimestamp64Milli(updated_at) AS updated_at, role "
             "FROM canaries WHERE agent_id IN {agents:Array(String)}", {"agents": agents})
         # every alert about these agents: drift, failure clusters, canary metrics, hourly budgets
         state.sent = {row["alert_id"] for row in store.query_json(

@@ -125,6 +125,97 @@ def test_canary_as_good_as_stable_is_promoted_not_rolled_back():
     assert rows[-1]["decision"] == "promote"
 
 
+def _deployed(*roles: tuple[str, str, float, int]) -> list[dict]:
+    return [{"agent_id": "bot", "version": v, "role": role, "traffic_pct": pct, "ts": ts} for v, role, pct, ts in roles]
+
+
+def _play(controller: RolloutController, runs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    rollbacks, alerts, rows = [], [], []
+    for i in range(0, len(runs), 30):  # one batch per 5 minutes
+        rb, al, rw = controller.update(runs[i:i + 30])
+        rollbacks, alerts, rows = rollbacks + rb, alerts + al, rows + rw
+    return rollbacks, alerts, rows
+
+
+def test_a_shadow_deployment_gets_copies_of_all_traffic_unless_it_says():
+    shadow = parse_deployment(orjson.dumps({"agent_id": "bot", "version": "v2", "role": "shadow", "ts": T0}))
+    assert shadow == {"agent_id": "bot", "version": "v2", "role": "shadow", "traffic_pct": 100.0, "ts": T0}
+    assert parse_deployment(orjson.dumps({"agent_id": "bot", "version": "v2", "role": "canary", "ts": T0}))[
+        "traffic_pct"] == 0.0
+    rollouts = Rollouts(WINDOW)
+    for event in _deployed(("v1", "stable", 100, T0 - DAY_MS), ("v2", "shadow", 100, T0)):
+        rollouts.deploy(event)
+    assert rollouts.canary_since("bot", "v2") == T0 and rollouts.canary_baseline("bot", "v2") == "v1"
+    assert rollouts.role("bot", "v2") == "shadow" and rollouts.role("bot", "v1") == "canary"
+    rollouts.deploy(_deployed(("v2", "shadow", 0, T0 + HOUR_MS))[0])  # the mirror is turned off
+    assert rollouts.canary_since("bot", "v2") is None
+
+
+def test_a_bad_shadow_is_judged_like_a_canary_but_never_rolled_back():
+    runs = fleet(1500, T0, canary_success=0.5)
+    canary = RolloutController(Policy(), WINDOW)
+    canary.deploy(_deployed(("v1", "stable", 100, T0 - DAY_MS), ("v2", "canary", 30, T0)))
+    canary_rollbacks, canary_alerts, canary_rows = _play(canary, runs)
+    shadow = RolloutController(Policy(), WINDOW)
+    shadow.deploy(_deployed(("v1", "stable", 100, T0 - DAY_MS), ("v2", "shadow", 30, T0)))
+    rollbacks, alerts, rows = _play(shadow, runs)
+
+    assert len(canary_rollbacks) == 1 and rollbacks == [], "a shadow is never rolled back (so never paused)"
+    # the same analysis, to the run: the verdict lands in `canaries`, marked as a shadow's
+    assert rows[-1]["role"] == "shadow" and canary_rows[-1]["role"] == "canary"
+    same = ("decision", "decided_at", "canary_runs", "stable_runs", "reason", "evidence", "since", "stable_version")
+    assert rows[-1]["decision"] == "rollback"
+    assert {k: rows[-1][k] for k in same} == {k: canary_rows[-1][k] for k in same}
+    # what was worse is told, as a warning that asks for nothing, under fingerprints of its own
+    assert alerts and {a["kind"] for a in alerts} == {a["kind"] for a in canary_alerts}
+    assert {(a["severity"], a["status"], a.get("action", "")) for a in alerts} == {("warning", "firing", "")}
+    assert {a["action"] for a in canary_alerts} == {"rollback"}
+    assert not {a["fingerprint"] for a in alerts} & {a["fingerprint"] for a in canary_alerts}
+    assert all(a["summary"].startswith("shadow bot v2 worse than v1") for a in alerts)
+    # the mirror turned off: the condition is gone, its alerts resolve once
+    resolved = shadow.deploy(_deployed(("v2", "shadow", 0, T0 + DAY_MS)))
+    assert sorted(a["fingerprint"] for a in resolved) == sorted(a["fingerprint"] for a in alerts)
+    assert {a["status"] for a in resolved} == {"resolved"}
+
+
+def test_a_shadow_then_canary_gets_an_analysis_of_its_own():
+    """A shadow found worse, then deployed as a canary anyway: the canary is judged afresh from
+    its deployment, and rolled back on its own runs (the shadow's verdict decided nothing)."""
+    controller = RolloutController(Policy(), WINDOW)
+    controller.deploy(_deployed(("v1", "stable", 100, T0 - DAY_MS), ("v2", "shadow", 30, T0)))
+    first = fleet(600, T0, canary_success=0.5)
+    rollbacks, _, rows = _play(controller, first)
+    assert rollbacks == [] and rows[-1]["decision"] == "rollback" and rows[-1]["role"] == "shadow"
+    later = T0 + 2 * HOUR_MS
+    controller.deploy(_deployed(("v2", "canary", 30, later)))
+    second = [{**r, "run_id": r["run_id"] + "-live"} for r in fleet(1500, later, canary_success=0.5)]
+    rollbacks, _, rows = _play(controller, second)
+    assert len(rollbacks) == 1 and rollbacks[0]["from_version"] == "v2"
+    assert rollbacks[0]["evidence"]["since"] == later and rows[-1]["role"] == "canary"
+    # its canary runs only: none of the shadow's
+    assert rollbacks[0]["evidence"]["canary_runs"] < 200
+    (key,) = controller.canaries
+    assert controller.canaries[key].since == later and controller.canaries[key].role == "canary"
+
+
+def test_a_restart_keeps_a_shadow_a_shadow():
+    runs = fleet(1500, T0, canary_success=0.5)
+    deployments = _deployed(("v1", "stable", 100, T0 - DAY_MS), ("v2", "shadow", 30, T0))
+    before = RolloutController(Policy(), WINDOW)
+    before.deploy(deployments)
+    landed: dict = {}
+    for n in range(0, 60, 30):  # 18 shadow runs: pending
+        _landed(landed, before.update(runs[n:n + 30])[2], n)
+    assert [row["decision"] for row in landed.values()] == ["pending"]
+    after = RolloutController(Policy(), WINDOW)
+    after.deploy(deployments)
+    after.restore([], landed.values())
+    assert {c.role for c in after.canaries.values()} == {"shadow"}
+    rollbacks, alerts, rows = _play(after, runs)  # the history replayed, then what follows
+    assert rollbacks == [] and rows[-1]["decision"] == "rollback" and rows[-1]["role"] == "shadow"
+    assert alerts and {a["severity"] for a in alerts} == {"warning"}
+
+
 def test_budgets_per_agent_hour_and_per_tenant_day():
     policy = Policy.from_mapping({"budget": {"agent_hour_usd": 1.0}, "tenants": {"acme": {"day_usd": 2.5}}})
     budgets = PeriodBudgets(policy)
