@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -238,6 +239,21 @@ def _cpu_by_process(pid: int) -> dict[str, float]:
     return cpu
 
 
+def thread_cpu(pid: int) -> Counter[str]:
+    """CPU seconds so far of each thread name of a process (Python's threads and native ones, such
+    as chdb's merges, which py-spy does not see)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu: Counter[str] = Counter()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu[re.sub(r"[0-9]+$", "", name) or name] += (int(fields[11]) + int(fields[12])) / tick
+    return cpu
+
+
 def start_profilers(pid: int, folder: Path) -> list[tuple[str, Path, subprocess.Popen]]:
     """py-spy sampling `trackside up` and its Python children (not the broker), each into a
     collapsed-stack file of `folder`."""
@@ -355,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             # Publish in a thread, so the clock starts at the first publish and runs to the last run landed.
             cpu_before = _cpu_by_process(up.pid)
             profilers = start_profilers(up.pid, args.profile) if args.profile else []
+            threads_before = thread_cpu(up.pid)
             started = time.perf_counter()
             publisher = threading.Thread(target=_produce, args=(bootstrap, "agent.events", lines, keys, published))
             publisher.start()
@@ -376,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu_after = _cpu_by_process(up.pid)
             publisher.join()
             profiles = stop_profilers(profilers)
+            threads = thread_cpu(up.pid)
+            threads.subtract(threads_before)
         rss = _rss_mb(up.pid)
         loaded = (list(probe.event_ms), list(probe.run_ms), list(probe.loop_ms))
         probe.event_ms.clear()
@@ -418,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         for role, path in profiles:
             console.print(profile_table(role, path))
+        busy = Table(title="CPU of up's threads during the pipeline, by thread name")
+        busy.add_column("thread")
+        busy.add_column("µs per event", justify="right")
+        for name, seconds in threads.most_common(12):
+            busy.add_row(name, f"{seconds * 1e6 / len(lines):.1f}")
+        console.print(busy)
     return 0
 
 

@@ -35,6 +35,7 @@ def _event(run: int, n: int, ts: int, kind: str = "llm_call") -> dict:
         "model": "gpt-4o-mini", "provider": "openai", "input_tokens": 800, "output_tokens": 120,
         "cache_read_input_tokens": 0, "status": "ok", "error_type": "", "error_message": "", "cost_usd": 0.0005,
         "cost_source": "price_table", "latency_ms": 900, "outcome": "success", "score": None,
+        "tool": "", "args_hash": "", "policy": "", "decision": "", "wait_ms": None,  # normalised: every field
     }
     return event
 

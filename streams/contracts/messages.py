@@ -25,10 +25,6 @@ pack = operator.itemgetter(*EVENT_FIELDS)  # of a normalised event (a dict)
 pack_row = operator.itemgetter(*(EVENTS.names.index(name) for name in EVENT_FIELDS))  # of an `events` row
 
 
-def unpack(rows: list[list]) -> list[dict]:
-    return [dict(zip(EVENT_FIELDS, row)) for row in rows]
-
-
 class InvalidMessage(ValueError):
     """An internal message that does not have the shape of its topic."""
 

@@ -11,10 +11,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert
+from streams.contracts.messages import EVENT_FIELDS, pack
 from streams.ingest.pricing import UNKNOWN
 from streams.detect.budgets import run_envelope_cleared, run_over_envelope
 from streams.detect.loops import COUNT, LoopFinding, LoopPolicy, find_loop
 from streams.detect.recent import RunMemory
+
+# An event as the assembler folds it: a packed row (`contracts.messages.pack`, the hand-over's
+# form), its fields by position: no dict is made per event.
+AGENT_ID, AGENT_VERSION, ARGS_HASH, CACHE_READ_INPUT_TOKENS, COST_SOURCE, COST_USD, DECISION, ENVIRONMENT, ERROR_MESSAGE, ERROR_TYPE, EVENT_ID, INPUT_TOKENS, OUTCOME, OUTPUT_TOKENS, POLICY, RUN_ID, SCORE, SESSION_ID, STATUS, TASK_ID, TENANT, TOOL, TS, TYPE, WAIT_MS = (EVENT_FIELDS.index(name) for name in ("agent_id", "agent_version", "args_hash", "cache_read_input_tokens", "cost_source", "cost_usd", "decision", "environment", "error_message", "error_type", "event_id", "input_tokens", "outcome", "output_tokens", "policy", "run_id", "score", "session_id", "status", "task_id", "tenant", "tool", "ts", "type", "wait_ms"))
 
 
 def row_version(event_count: int, enriched: bool = False) -> int:
@@ -38,19 +43,19 @@ class Governance:
     feedback_count: int = 0
     feedback_sum: float = 0.0
 
-    def apply(self, kind: str, event: dict) -> None:
+    def apply(self, kind: str, event: tuple) -> None:
         if kind == "policy_hit":
-            key = f"{event['policy']}:{event['decision']}"
+            key = f"{event[POLICY]}:{event[DECISION]}"
             self.policy_hits[key] = self.policy_hits.get(key, 0) + 1
         elif kind == "approval":
-            status = event["status"]
+            status = event[STATUS]
             if status in APPROVAL_STATUSES:  # an approval that says no status is stored, not counted
                 self.approvals[APPROVAL_STATUSES.index(status)] += 1
-                if status != "requested" and event["wait_ms"] is not None:
-                    self.waits.append(float(event["wait_ms"]))
-        elif event["score"] is not None:  # feedback: its score is what it says
+                if status != "requested" and event[WAIT_MS] is not None:
+                    self.waits.append(float(event[WAIT_MS]))
+        elif event[SCORE] is not None:  # feedback: its score is what it says
             self.feedback_count += 1
-            self.feedback_sum += event["score"]
+            self.feedback_sum += event[SCORE]
 
     def columns(self) -> dict:
         requested, granted, denied, expired = self.approvals
@@ -110,62 +115,62 @@ class RunState:
     budget_alert: dict | None = None  # the firing alert when the run went over its cost envelope
     governance: Governance | None = None  # its approvals, guardrail hits and feedback, if any
 
-    def apply(self, event: dict, policy: LoopPolicy | None = None) -> bool:
-        """Fold one event in; False if this event_id was already applied."""
-        event_id = hash(event["event_id"])
+    def apply(self, event: tuple, policy: LoopPolicy | None = None) -> bool:
+        """Fold one event (a packed row) in; False if this event_id was already applied."""
+        event_id = hash(event[EVENT_ID])
         if event_id in self.event_ids:
             return False
         self.event_ids.add(event_id)
-        ts = event["ts"]
+        ts = event[TS]
         if not self.started_at or ts < self.started_at:
             self.started_at = ts
         if ts > self.last_ts:
             self.last_ts = ts
         # the first event that names them (spelled out: getattr/setattr cost more per event)
-        if not self.task_id and event["task_id"]:
-            self.task_id = event["task_id"]
-        if not self.session_id and event["session_id"]:
-            self.session_id = event["session_id"]
-        if not self.tenant and event["tenant"]:
-            self.tenant = event["tenant"]
-        if not self.environment and event["environment"]:
-            self.environment = event["environment"]
-        kind = event["type"]
+        if not self.task_id and event[TASK_ID]:
+            self.task_id = event[TASK_ID]
+        if not self.session_id and event[SESSION_ID]:
+            self.session_id = event[SESSION_ID]
+        if not self.tenant and event[TENANT]:
+            self.tenant = event[TENANT]
+        if not self.environment and event[ENVIRONMENT]:
+            self.environment = event[ENVIRONMENT]
+        kind = event[TYPE]
         if kind in _STEPS and ts > self.last_step_ts:
             self.last_step_ts = ts
         if kind == "run_start":
             # The run's own start names its agent; events that came first (OTLP child spans
             # travel before their invoke_agent span) may have carried a fallback identity.
-            self.agent_id, self.agent_version = event["agent_id"], event["agent_version"]
+            self.agent_id, self.agent_version = event[AGENT_ID], event[AGENT_VERSION]
         if kind == "llm_call":
             self.llm_calls += 1
-            self.llm_errors += event["status"] == "error"
-            self.input_tokens += event["input_tokens"]
-            self.output_tokens += event["output_tokens"]
-            self.cache_read_input_tokens += event["cache_read_input_tokens"]
-            if event["status"] == "ok" and (self.decision is None or ts >= self.decision[0]):
-                self.decision = (ts, event["input_tokens"], event["output_tokens"])
+            self.llm_errors += event[STATUS] == "error"
+            self.input_tokens += event[INPUT_TOKENS]
+            self.output_tokens += event[OUTPUT_TOKENS]
+            self.cache_read_input_tokens += event[CACHE_READ_INPUT_TOKENS]
+            if event[STATUS] == "ok" and (self.decision is None or ts >= self.decision[0]):
+                self.decision = (ts, event[INPUT_TOKENS], event[OUTPUT_TOKENS])
             self._add_cost(event)
             self._look_for_loop(policy, tools_changed=False)
         elif kind == "tool_call":
             self.tool_calls += 1
-            self.tool_errors += event["status"] in ("error", "timeout")
+            self.tool_errors += event[STATUS] in ("error", "timeout")
             # Kept in event-time order as calls arrive: loops are found on the tail.
-            args = event["args_hash"]
+            args = event[ARGS_HASH]
             decision = self.decision  # of a call whose arguments are unknown, if its model call reported usage
             if args or decision is None or decision[0] > ts or not decision[2]:
                 decision = None
-            bisect.insort(self.tool_steps, (ts, len(self.event_ids), event["tool"], args, event["status"], decision))
+            bisect.insort(self.tool_steps, (ts, len(self.event_ids), event[TOOL], args, event[STATUS], decision))
             self._add_cost(event)
             self._look_for_loop(policy, tools_changed=True)
         elif kind == "run_end":
             # The first run_end (in event time) decides; a second one is a client bug.
             if self.end_ts is None or ts < self.end_ts:
                 self.end_ts = ts
-                self.outcome = event["outcome"]
-                self.score = event["score"]
-                self.error_type = event["error_type"]
-                self.error_message = event["error_message"]
+                self.outcome = event[OUTCOME]
+                self.score = event[SCORE]
+                self.error_type = event[ERROR_TYPE]
+                self.error_message = event[ERROR_MESSAGE]
         elif kind != "run_start":  # approval, policy_hit, feedback
             if self.governance is None:
                 self.governance = Governance()
@@ -234,12 +239,12 @@ class RunState:
             evidence=evidence, action="stop_run" if stop else "",
         )
 
-    def _add_cost(self, event: dict) -> None:
-        source = event["cost_source"]
+    def _add_cost(self, event: tuple) -> None:
+        source = event[COST_SOURCE]
         if source == UNKNOWN:
             self.unpriced_calls += 1
-        if event["cost_usd"] is not None:
-            self.cost_usd += event["cost_usd"]
+        if event[COST_USD] is not None:
+            self.cost_usd += event[COST_USD]
         if source:
             self.cost_sources.add(source)
 
@@ -353,38 +358,43 @@ class RunAssembler:
         return self.max_ts - self.allowed_lateness_ms if self.max_ts else 0
 
     def apply(self, events: list[dict], now_ms: int, *, replay: bool = False) -> list[dict]:
-        """Fold a batch in; returns the rows of runs that closed or changed after closing.
+        """Fold a batch of normalised events (dicts with every field of `EVENT_FIELDS`) in;
+        returns the rows of runs that closed or changed after closing.
 
         `replay`: stored events that rebuild the state after a restart. They do not move the
         watermark, which follows the stream: the store may hold events newer than the stream's
         position, and older events still to come from the stream must not count as late.
         """
+        return self.apply_packed([pack(event) for event in events], now_ms, replay=replay)
+
+    def apply_packed(self, events: list, now_ms: int, *, replay: bool = False) -> list[dict]:
+        """`apply` of packed rows (`EventBatch.events`), as the hand-over carries them."""
         touched: dict[str, RunState] = {}
         for event in events:
-            run_id = event["run_id"]
+            run_id = event[RUN_ID]
             run = self.open.get(run_id) or self.closed.get(run_id)
             if run is None:
-                if event["ts"] + self.idle_timeout_ms <= self.watermark or run_id in self.tombstones:
+                if event[TS] + self.idle_timeout_ms <= self.watermark or run_id in self.tombstones:
                     # Too late to start a run: it would be idle at once. It is a redelivery of
                     # a run closed and forgotten, or a straggler past the lateness; it is in
                     # `events`, but a run made of it alone would be a phantom in the metrics.
                     self.late_events += 1
                     continue
-                run = self.open[run_id] = RunState(run_id, event["agent_id"], event["agent_version"])
-                self._arm(run, event["ts"] + self.closed_kept_ms)
+                run = self.open[run_id] = RunState(run_id, event[AGENT_ID], event[AGENT_VERSION])
+                self._arm(run, event[TS] + self.closed_kept_ms)
             elif run.frozen:
                 run.thaw()
-            if event["ts"] > self.max_ts and not replay:
-                self.max_ts = event["ts"]  # a duplicate too: the stream has come this far
+            if event[TS] > self.max_ts and not replay:
+                self.max_ts = event[TS]  # a duplicate too: the stream has come this far
             if not run.apply(event, self.loop_policy):
                 self.duplicates += 1
                 continue
             if run.loop is not None and not run.loop_alerted:
                 # At once, while the run goes on: the alert says stop it.
                 run.loop_alerted = True
-                self.alerts.append(run.loop_alert(FIRING, event["ts"], now_ms, self.loop_policy.stop_on_count))
+                self.alerts.append(run.loop_alert(FIRING, event[TS], now_ms, self.loop_policy.stop_on_count))
             if run.budget_alert is None and self.run_budget is not None and run.cost_usd > 0:
-                self._check_budget(run, event["ts"])
+                self._check_budget(run, event[TS])
             touched[run_id] = run
         rows = []
         for run in touched.values():

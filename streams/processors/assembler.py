@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from streams.contracts.messages import ClosedRuns, EventBatch, unpack
+from streams.contracts.messages import ClosedRuns, EventBatch
 from streams.contracts.topics import agent_partition
 from streams.detect.policy import Policy
 from streams.detect.runs import RunAssembler
@@ -43,7 +43,7 @@ class AssemblerPartition:
 
     def handle(self, batch: EventBatch, processed_ts: int, now_ms: int, wall_s: float) -> AssemblerOutput:
         """Fold one batch in. `processed_ts`: the batch message's Kafka timestamp (ms)."""
-        closed, self._recovered = self._recovered + self.assembler.apply(unpack(batch.events), now_ms), []
+        closed, self._recovered = self._recovered + self.assembler.apply_packed(batch.events, now_ms), []
         alerts = [alert for alert in self.assembler.take_alerts() if alert["alert_id"] not in self.sent]
         by_target: dict[int, list[dict]] = defaultdict(list)
         for row in closed:

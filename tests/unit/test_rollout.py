@@ -240,7 +240,8 @@ def test_run_cost_envelope_alerts_while_the_run_goes_on():
     base = {"run_id": "r1", "agent_id": "bot", "agent_version": "v1", "task_id": "", "session_id": "",
             "tenant": "", "environment": "", "type": "llm_call", "model": "m", "provider": "p", "input_tokens": 1,
             "output_tokens": 1, "cache_read_input_tokens": 0, "status": "ok", "error_type": "", "cost_usd": 0.03,
-            "cost_source": "reported", "latency_ms": 1}
+            "cost_source": "reported", "latency_ms": 1, "error_message": "", "tool": "", "args_hash": "", "outcome": "",
+            "score": None, "policy": "", "decision": "", "wait_ms": None}  # a normalised event: every field
     assembler.apply([{**base, "event_id": "e1", "ts": T0}], 0)
     assert assembler.take_alerts() == []
     assembler.apply([{**base, "event_id": "e2", "ts": T0 + 1000}], 0)
