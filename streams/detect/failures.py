@@ -375,6 +375,13 @@ class FailureClusterer(BaseEstimator):
         if traffic:
             self.count_traffic(traffic)
         touched, alerts, assigned = self._learn(list(runs), emit=emit, count=traffic is None)
+        if traffic:
+            # Runs closed anywhere in the fleet move event time on, as the successes given without
+            # traffic do: a mode that no run fails any more is then quiet, and its incident
+            # resolves, even when no failed run comes to this partition again.
+            newest = max((int(w) for windows in traffic.values() for w, n in windows.items() if n), default=0)
+            if newest:
+                alerts += self._tick(newest, {}, emit)
         updated_at = self.clock_ if now_ms is None else now_ms
         rows, breakdown = [], []
         for cid in touched:
@@ -464,6 +471,48 @@ class FailureClusterer(BaseEstimator):
             self.restored_.add(cid)
         return self
 
+    def restore_incidents(self, alerts: Iterable[dict]) -> FailureClusterer:
+        """Put back the incidents still open after a restart, from the `failure_cluster` alerts as
+        sent (`alerts` rows, evidence as a dict), once the modes are restored and their history
+        learnt again. An incident is an episode of a mode's fingerprint (`evidence.episode`: its
+        firing, the updates sent as it spread or escalated, and its `resolved` share it); it is open
+        when no `resolved` of that episode was sent. The last of its alerts sent (escalated after
+        new, more agents after fewer, then later) becomes the mode's firing incident as it was, so
+        that a new agent updates it with the same fingerprint, a quiet mode resolves it, and no new
+        one is opened. Alerts of modes not held here are ignored."""
+        self._ensure_state()
+        modes = {fingerprint(KIND, cid): cluster for cid, cluster in self.clusters_.items()}
+        episodes: dict[tuple[str, str], list[dict]] = {}
+        for alert in alerts:
+            episode = (alert.get("evidence") or {}).get("episode")
+            if alert.get("kind", KIND) == KIND and alert["fingerprint"] in modes and episode is not None:
+                episodes.setdefault((alert["fingerprint"], episode), []).append(alert)
+
+        def sent_after(alert: dict) -> tuple:
+            evidence = alert["evidence"]
+            return evidence.get("condition") == "spike", len(evidence.get("agents") or ()), int(alert["ts"]), alert["alert_id"]
+
+        last: dict[str, dict] = {}
+        for (print_, _), sent in episodes.items():
+            if any(alert["status"] == RESOLVED for alert in sent):
+                continue
+            newest = max(sent, key=sent_after)
+            if print_ not in last or sent_after(newest) > sent_after(last[print_]):
+                last[print_] = newest
+        for print_, alert in last.items():
+            cluster = modes[print_]
+            cluster.incident = {**alert, "ts": int(alert["ts"])}
+            cluster.new_done = True
+            if {agent for agent, _ in cluster.slices} - set(alert["evidence"].get("agents") or ()):
+                # agents that joined it after its last update went out (their runs were in the
+                # history, landed before the restart or read back while the partition was rebuilt)
+                self.spread_owed_.append(cluster.cluster_id)
+            if alert["evidence"].get("condition") == "spike" and cluster.spike_since is None:
+                # tested again with the next update: resolved at once if its window is over and quiet
+                cluster.spike_since = int(alert["evidence"].get("window_start", self.window_of(int(alert["ts"]))))
+            self.recheck_ = True
+        return self
+
     def _ensure_state(self) -> None:
         if hasattr(self, "clusters_"):
             return
@@ -472,6 +521,8 @@ class FailureClusterer(BaseEstimator):
         self.rows_: dict[str, list[str]] = {}  # mode key -> cluster id per centroid row
         self.restored_: set[str] = set()  # modes put back by `restore`
         self.owed_: list[str] = []  # restored modes whose "new" incident never went out
+        self.recheck_ = False  # restored incidents: test whether they are quiet with the next update
+        self.spread_owed_: list[str] = []  # restored incidents whose mode has agents they do not list
         self.clock_ = 0  # newest ended_at seen
         self.started_ = None  # first ended_at seen, for the warm-up
         self.traffic_: dict[str, dict[int, int]] = {}  # agent -> window start -> closed runs
@@ -508,10 +559,7 @@ class FailureClusterer(BaseEstimator):
                 continue
             # the earliest run seen, whatever the order batches of other partitions came in
             self.started_ = ended if self.started_ is None else min(self.started_, ended)
-            if self.clock_ and self.window_of(ended) > self.window_of(self.clock_):
-                # a window closed: judge spikes as of then, before this run opens the next one
-                alerts += self._check_spikes(touched, emit) + self._check_quiet(emit)
-            self.clock_ = max(self.clock_, ended)
+            alerts += self._tick(ended, touched, emit)
             if count:
                 traffic = self.traffic_.setdefault(run["agent_id"], {})
                 traffic[self.window_of(ended)] = traffic.get(self.window_of(ended), 0) + 1
@@ -533,8 +581,22 @@ class FailureClusterer(BaseEstimator):
                     cluster.incident = self._incident(cluster, "new", cluster.cluster_id, {})
                     alerts.append(cluster.incident)
             elif emit and cluster.incident is not None and run["agent_id"] not in cluster.incident["evidence"]["agents"]:
-                alerts.append(self._spread(cluster, run))
+                alerts.append(self._spread(cluster, run["agent_id"], run["ended_at"], run["run_id"]))
         alerts += self._check_spikes(touched, emit)
+        if emit and self.spread_owed_:  # restored incidents updated with the agents they do not list
+            for cid in self.spread_owed_:
+                cluster = self.clusters_[cid]
+                if cluster.incident is None:
+                    continue
+                listed = set(cluster.incident["evidence"]["agents"])
+                joined = sorted((part.first_seen, agent) for (agent, _), part in cluster.slices.items()
+                                if agent not in listed)
+                if joined:
+                    alerts.append(self._spread(cluster, joined[0][1], joined[0][0], cluster.incident["run_id"]))
+            self.spread_owed_ = []
+        if emit and self.recheck_:  # incidents restored after a restart: quiet ones resolve now
+            alerts += self._check_quiet(emit)
+            self.recheck_ = False
         if emit:
             for cid in self.owed_:
                 cluster = self.clusters_[cid]
@@ -543,6 +605,15 @@ class FailureClusterer(BaseEstimator):
                     alerts.append(cluster.incident)
             self.owed_ = []
         return list(touched), alerts, assigned
+
+    def _tick(self, ts: int, touched: dict[str, None], emit: bool) -> list[dict]:
+        """Move the event-time clock to `ts`; when that closes a window, judge spikes and quiet
+        modes as of then, before `ts` opens the next one."""
+        alerts = []
+        if self.clock_ and self.window_of(ts) > self.window_of(self.clock_):
+            alerts = self._check_spikes(touched, emit) + self._check_quiet(emit)
+        self.clock_ = max(self.clock_, ts)
+        return alerts
 
     def _place(self, run: dict, run_fields: tuple, text: str, features: np.ndarray, values: np.ndarray) -> Cluster:
         key, template, outcome, error_type, _ = run_fields
@@ -731,18 +802,18 @@ class FailureClusterer(BaseEstimator):
             agent_id=agent, agent_version=version, run_id=cluster.example_run_ids[-1], summary=summary,
             evidence=evidence, episode=episode)
 
-    def _spread(self, cluster: Cluster, run: dict) -> dict:
-        """The incident again, same fingerprint, when a new agent fails in the mode while it fires:
-        a new alert id (the episode and the number of agents), the evidence with every agent."""
+    def _spread(self, cluster: Cluster, agent: str, at: int, run_id: str) -> dict:
+        """The incident again, same fingerprint, when a new agent fails in the mode while it fires
+        (`agent`'s run `run_id` ended `at`): a new alert id (the episode and the number of agents),
+        the evidence with every agent."""
         firing = cluster.incident
-        evidence = {**firing["evidence"], **self._evidence(cluster), "spread_to": run["agent_id"],
-                    "spread_at": run["ended_at"]}
+        evidence = {**firing["evidence"], **self._evidence(cluster), "spread_to": agent, "spread_at": at}
         episode = f"{evidence['episode']}+{len(evidence['agents'])}"
-        summary = (f"failure mode \"{cluster.label}\" spread to {run['agent_id']}: "
+        summary = (f"failure mode \"{cluster.label}\" spread to {agent}: "
                    f"{cluster.size} runs in {self._who(evidence)}")
         cluster.incident = make_alert(
-            kind=KIND, severity=firing["severity"], status=FIRING, fingerprint=firing["fingerprint"], ts=run["ended_at"],
-            agent_id=firing["agent_id"], agent_version=firing["agent_version"], run_id=run["run_id"], summary=summary,
+            kind=KIND, severity=firing["severity"], status=FIRING, fingerprint=firing["fingerprint"], ts=at,
+            agent_id=firing["agent_id"], agent_version=firing["agent_version"], run_id=run_id, summary=summary,
             evidence=evidence, episode=episode)
         return cluster.incident
 
