@@ -79,18 +79,24 @@ _CLASS_HEAD = re.compile(r"\s*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)\s*:")
 _CLASS_SUFFIX = re.compile(r"(?:error|exception)$")
 
 LOOP, TIMEOUT = "loop", "timeout"
+# The error class of every exception that says a wait ran out (TimeoutError, ToolTimeout,
+# ReadTimeout, asyncio.TimeoutError, tool_timeout, TimedOut): one class, whatever the framework
+# calls it; which service timed out is its template's to tell.
+TIMEOUT_CLASS = "timeout"
 
 
 def error_class(error_type: str, message: str) -> str:
     """The error's class, normalised so that spellings of one class meet: the run's error_type,
     else the exception class that heads its message; lower case without separators or a trailing
-    "error"/"exception" (RateLimitError, rate_limit and rate_limit_error are all "ratelimit")."""
+    "error"/"exception" (RateLimitError, rate_limit and rate_limit_error are all "ratelimit"); a
+    class that names a timeout is "timeout" (TimeoutError, ToolTimeout, httpx.ReadTimeout)."""
     name = (error_type or "").strip()
     if not name:
         match = _CLASS_HEAD.match(message or "")
         name = match.group(1) if match else ""
     name = name.rsplit(".", 1)[-1].lower().replace("_", "").replace("-", "").replace(" ", "")
-    return _CLASS_SUFFIX.sub("", name) or name
+    name = _CLASS_SUFFIX.sub("", name) or name
+    return TIMEOUT_CLASS if name.endswith(("timeout", "timedout")) else name
 
 
 @functools.lru_cache(maxsize=4_096)  # failing runs repeat their errors; each is keyed where it closes and where it is clustered
@@ -100,14 +106,25 @@ def mode_key(outcome: str, error_type: str, message: str, loop: bool) -> str:
     error says a step budget or iteration limit stopped it), "timeout" for a run that never sent
     run_end, else its outcome and error class ("failure|validation", "escalated|", ...). Runs of
     one key are then clustered by their message's template. The agent, its version and the last
-    tool are not in it: they are the evidence of a mode, not its identity."""
-    if _LOOPISH.search(error_type or "") or _LOOPISH.search((message or "")[:200]):
+    tool are not in it: they are the evidence of a mode, not its identity.
+
+    Loops, timeouts, escalations and errors never share a key unless their signatures do. The key
+    is read from how the run itself ended, never from its tool calls: a tool call's `timeout`
+    status is evidence (`tool_errors`), like the last tool. A run that never sent run_end is
+    "timeout"; an error it reports whose class names a timeout (TimeoutError, ToolTimeout,
+    asyncio.TimeoutError, ReadTimeout, "timeout") is "failure|timeout" (with its outcome: an
+    escalation after a timeout is "escalated|timeout"), so the two never meet; and a timeout
+    error is never a loop for words in its message ("timed out in the polling loop"): its class
+    says what stopped it. A loop flag on a run that has an error of its own (a retried timeout
+    the loop detector caught) does not make it a loop either."""
+    cls = error_class(error_type, message)
+    if _LOOPISH.search(error_type or "") or (cls != TIMEOUT_CLASS and _LOOPISH.search((message or "")[:200])):
         return LOOP
     if loop and not error_type and not message:
         return LOOP
     if outcome == "timeout" and not error_type and not message:
         return TIMEOUT
-    return f"{outcome}|{error_class(error_type, message)}"
+    return f"{outcome}|{cls}"
 
 
 def _fields(run: dict) -> tuple[str, str, str, str, str]:

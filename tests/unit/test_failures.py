@@ -59,7 +59,7 @@ def test_signature_is_the_mode_key_and_template_never_the_tool_or_agent():
     ("failure", "RateLimitError", "429", False, "failure|ratelimit"),
     ("failure", "rate_limit", "429", False, "failure|ratelimit"),
     ("failure", "", "openai.RateLimitError: Error code: 429", False, "failure|ratelimit"),
-    ("failure", "ToolTimeout", "inventory-service did not answer", True, "failure|tooltimeout"),  # a retried timeout
+    ("failure", "ToolTimeout", "inventory-service did not answer", True, "failure|timeout"),  # a retried timeout
     ("aborted", "", "step budget exhausted", True, "loop"),
     ("aborted", "", "step budget exhausted", False, "loop"),  # a loop the detector missed
     ("failure", "max_steps", "stopped after 62 messages", False, "loop"),
@@ -74,6 +74,51 @@ def test_signature_is_the_mode_key_and_template_never_the_tool_or_agent():
 ])
 def test_mode_key(outcome, error_type, message, loop, key):
     assert mode_key(outcome, error_type, message, loop) == key
+
+
+@pytest.mark.parametrize("outcome, error_type, message, loop, key", [
+    # a class that names a timeout is one class, however the framework spells it
+    ("failure", "TimeoutError", "inventory-service did not answer", False, "failure|timeout"),
+    ("failure", "ToolTimeout", "inventory-service did not answer", False, "failure|timeout"),
+    ("failure", "tool_timeout", "inventory-service did not answer", False, "failure|timeout"),
+    ("failure", "", "asyncio.TimeoutError: inventory-service did not answer", False, "failure|timeout"),
+    ("failure", "httpx.ReadTimeout", "The read operation timed out", False, "failure|timeout"),
+    ("failure", "Timeout", "", False, "failure|timeout"),
+    ("escalated", "TimeoutError", "handed to a human after the tool timed out", False, "escalated|timeout"),
+    # a run that never ended is not an error, even when its last tool call timed out
+    ("timeout", "", "", False, "timeout"),
+    # a timeout is never a loop for its message's words, nor for the loop detector's flag
+    ("failure", "TimeoutError", "timed out waiting in the polling loop after 30 s", False, "failure|timeout"),
+    ("failure", "", "TimeoutError: max iterations of the retry loop took longer than 30 s", True, "failure|timeout"),
+    ("aborted", "", "step budget exhausted", True, "loop"),
+    # a class that only contains the word is not a timeout
+    ("failure", "TimeoutConfigError", "timeout must be positive", False, "failure|timeoutconfig"),
+])
+def test_timeouts_loops_escalations_and_errors_are_keyed_apart(outcome, error_type, message, loop, key):
+    assert mode_key(outcome, error_type, message, loop) == key
+
+
+def test_a_tool_s_timeout_status_is_evidence_and_timeout_errors_are_one_mode_per_service():
+    """Runs that never ended (their last tool call timed out), a tool's timeout reported as ToolTimeout
+    by one agent and as TimeoutError by another, another service's timeouts, a loop, and an
+    escalation after a timeout: five modes, each only with its own."""
+    inventory = "inventory-service did not answer within {n}000 ms (request req_{n}a1b)"
+    runs = [
+        run("never1", error_type="", message="", outcome="timeout", tool_path=["check_inventory"], tool_errors=1),
+        run("never2", T0 + 1, error_type="", message="", outcome="timeout", tool_path=["search"], tool_errors=1),
+        run("tool1", T0 + 2, agent="one", error_type="ToolTimeout", message=inventory.format(n=30)),
+        run("tool2", T0 + 3, agent="two", error_type="TimeoutError", message=inventory.format(n=10)),
+        run("tool3", T0 + 4, agent="three", error_type="", message="asyncio.TimeoutError: " + inventory.format(n=20),
+            loop_detected=True),
+        run("llm1", T0 + 5, error_type="openai.APITimeoutError", message="Request timed out."),
+        run("llm2", T0 + 6, agent="two", error_type="APITimeoutError", message="Request timed out."),
+        run("loop1", T0 + 7, error_type="", message="step budget exhausted", outcome="aborted", loop_detected=True),
+        run("esc1", T0 + 8, error_type="TimeoutError", message=inventory.format(n=30), outcome="escalated"),
+    ]
+    _, _, assigned = FailureClusterer().update(runs)
+    modes = [{run_id for run_id, cid in assigned.items() if cid == mode} for mode in dict.fromkeys(assigned.values())]
+    assert sorted(map(sorted, modes)) == [["esc1"], ["llm1", "llm2"], ["loop1"], ["never1", "never2"],
+                                          ["tool1", "tool2", "tool3"]]
 
 
 # --- clustering -------------------------------------------------------------------------------------------
