@@ -142,6 +142,52 @@ def signature(run: dict) -> str:
     return f"{key} | {template or '-'}"
 
 
+ID_WORDS = 6  # words of a template a mode's id is made of, at most
+_ID_CLAUSE_WORDS = 3  # after this many, the end of a clause ends them (what follows is detail or free text)
+_ID_TOKEN = re.compile(r"(?P<stop>[.:;!?](?=\s|$)|\s[-\u2013\u2014]\s)|(?P<word><\w+>|[^\s\[\](){}<>,;:=.!?'\"]+)")
+# pydantic's location of an error, in a template: the name after "validation error(s) for Model" or
+# after an error's "[type=...]", before its capitalised message ("email Field required")
+_PYDANTIC_FIELD = re.compile(r"(validation errors? for \S+|\]) [\w.\[\]-]+ (?=[A-Z][a-z])")
+_NOT_A_WORD = re.compile(r"[\d_/\\@#$%&*+|~^`]|[a-z][A-Z]")
+
+
+def id_words(text: str) -> str:
+    """What a mode's id is made of besides its key: the first `ID_WORDS` words of a run's text
+    (its template without the class at its head, `FailureClusterer._text`), up to the end of its
+    first clause once there are three; lower case, leaving out placeholders, single letters and
+    what reads as a name or code rather than a word (digits, underscores, inner capitals, all
+    capitals: `customer_id`, `CreateOrder`, `gpt-4o`, `BAAEEC`, `HTTP`, paths). Runs of one cause differ in ids, numbers, names, the spelling
+    of their class and text appended after the message, so they share these words, and a mode's id
+    does not depend on which of its runs came first. A name that is a plain word within the first
+    words (other than a pydantic error's field) still gives another id (counted by
+    jobs.evaluate_modes)."""
+    words: list[str] = []
+    for token in _ID_TOKEN.finditer(_PYDANTIC_FIELD.sub(r"\1 <field> ", text)):
+        word = token.group("word")
+        if word is None:
+            if len(words) >= _ID_CLAUSE_WORDS:
+                break
+        elif (word[0] != "<" and len(word) > 1 and not word.isupper() and not _NOT_A_WORD.search(word)
+              and any(c.isalpha() for c in word)):
+            words.append(word.lower())
+            if len(words) == ID_WORDS:
+                break
+    return " ".join(words) or text
+
+
+def mode_id(key: str, text: str) -> str:
+    """The id of a mode its run of this key and text opens: `fc-` + a hash of the key and
+    `id_words(text)`, what every run of a cause shares, so the id does not depend on which of them
+    came first (a second mode of the key with the same words gets `-2`)."""
+    return "fc-" + hashlib.sha1(f"{key}|{id_words(text)}".encode()).hexdigest()[:12]
+
+
+def first_mode_id(run: dict) -> str:
+    """The id a failed run would give the mode it opens (`mode_id` of its key and text)."""
+    key, template, *_ = _fields(run)
+    return mode_id(key, FailureClusterer._text(key, template))
+
+
 def _label(key: str, template: str, outcome: str, error_type: str) -> str:
     """What a reader sees: the error type and masked template, and the outcome."""
     head = f"{error_type}: {template}" if error_type and not template.startswith(error_type) else template
@@ -175,7 +221,7 @@ class Cluster:
 
     cluster_id: str
     key: str  # mode_key of its runs
-    seed: str  # the template of its first run: with the key, what its id is made of
+    seed: str  # the template of its first run, its centroid after a restart (its id: `id_words`)
     row: int  # of its key's centroid matrix
     first_seen: int
     last_seen: int
@@ -641,7 +687,7 @@ class FailureClusterer(BaseEstimator):
         if best >= 0 and sims[best] >= self.threshold:
             cluster = self.clusters_[self.rows_[key][best]]
         else:
-            cluster = Cluster(self._new_id(key, template), key, template, space.k, ended, ended)
+            cluster = Cluster(self._new_id(key, text), key, template, space.k, ended, ended)
             self.clusters_[cluster.cluster_id] = cluster
             self.rows_[key].append(cluster.cluster_id)
         space.add(cluster.row, features, values, text)
@@ -676,8 +722,8 @@ class FailureClusterer(BaseEstimator):
             for start in [w for w in windows if w < oldest]:
                 del windows[start]
 
-    def _new_id(self, key: str, template: str) -> str:
-        base = "fc-" + hashlib.sha1(f"{key}|{template}".encode()).hexdigest()[:12]
+    def _new_id(self, key: str, text: str) -> str:
+        base = mode_id(key, text)
         cid, n = base, 1
         while cid in self.clusters_:  # the same first template twice in one key: keep both ids distinct
             n += 1

@@ -212,7 +212,45 @@ def test_ids_stable_as_modes_grow_and_deterministic():
     second.update([r for batch in batches for r in batch])
     assert set(second.clusters_) == ids[0]
     cid = next(iter(ids[0]))
-    assert cid == "fc-" + hashlib.sha1("failure|notfound|order #<id> not found".encode()).hexdigest()[:12]
+    assert cid == "fc-" + hashlib.sha1("failure|notfound|order not found".encode()).hexdigest()[:12]
+
+
+def test_a_mode_s_id_does_not_depend_on_which_of_its_runs_came_first():
+    """One cause whose runs differ in ids, numbers, hosts, field and model names, the spelling of
+    their class and text appended at the end: the same id whichever run arrives first, in one batch
+    or one run at a time; its near miss (same class, another cause) another id; and the loop mode's
+    id the same whichever loop message came first."""
+    import random
+
+    missing = ("1 validation error for {model}\n{field}\n  Field required [type=missing, "
+               "input_value={{'id': {n}}}, input_type=dict]{noise}")
+    family = [run(f"m{i}", T0 + i * 1000, agent=("one", "two", "three")[i % 3],
+                  error_type=("ValidationError", "validation_error", "")[i % 3],
+                  message=("" if i % 3 < 2 else "pydantic_core._pydantic_core.ValidationError: ") + missing.format(
+                      model=("CreateOrder", "UpdateBooking", "RefundRequest")[i % 3],
+                      field=("customer_id", "booking_ref", "payment_method", "shipping_address")[i % 4],
+                      n=i * 7919, noise=" - the customer asked about their trip to denver" if i % 4 == 3 else ""))
+              for i in range(12)]
+    near_miss = [run(f"r{i}", T0 + 20_000 + i, error_type="ValidationError",
+                     message="1 validation error for CreateOrder\nline_items\n  Input should be less than or equal to "
+                             f"10 [type=less_than_equal, input_value={40 + i}, input_type=int]") for i in range(3)]
+    loops = [run(f"l{i}", T0 + 30_000 + i, error_type="", outcome="aborted", loop_detected=i % 3 == 2 or i % 2 == 0,
+                 message=("step budget exhausted", f"step budget exhausted after {20 + i} steps", "")[i % 3])
+             for i in range(6)]
+    ids = set()
+    for seed in range(8):
+        order = family + near_miss + loops
+        random.Random(seed).shuffle(order)
+        model = FailureClusterer()
+        assigned = {}
+        for r in order:  # one at a time: the arrival order, whatever event time says
+            assigned.update(model.update([r])[2])
+        assert len({assigned[r["run_id"]] for r in family}) == 1
+        assert len({assigned[r["run_id"]] for r in loops}) == 1
+        ids.add((assigned["m0"], assigned["r0"], assigned["l0"]))
+    assert len(ids) == 1
+    (modes,) = ids
+    assert len(set(modes)) == 3
 
 
 def test_restored_modes_keep_their_ids_and_counts():
