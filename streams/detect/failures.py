@@ -79,18 +79,24 @@ _CLASS_HEAD = re.compile(r"\s*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*)\s*:")
 _CLASS_SUFFIX = re.compile(r"(?:error|exception)$")
 
 LOOP, TIMEOUT = "loop", "timeout"
+# The error class of every exception that says a wait ran out (TimeoutError, ToolTimeout,
+# ReadTimeout, asyncio.TimeoutError, tool_timeout, TimedOut): one class, whatever the framework
+# calls it; which service timed out is its template's to tell.
+TIMEOUT_CLASS = "timeout"
 
 
 def error_class(error_type: str, message: str) -> str:
     """The error's class, normalised so that spellings of one class meet: the run's error_type,
     else the exception class that heads its message; lower case without separators or a trailing
-    "error"/"exception" (RateLimitError, rate_limit and rate_limit_error are all "ratelimit")."""
+    "error"/"exception" (RateLimitError, rate_limit and rate_limit_error are all "ratelimit"); a
+    class that names a timeout is "timeout" (TimeoutError, ToolTimeout, httpx.ReadTimeout)."""
     name = (error_type or "").strip()
     if not name:
         match = _CLASS_HEAD.match(message or "")
         name = match.group(1) if match else ""
     name = name.rsplit(".", 1)[-1].lower().replace("_", "").replace("-", "").replace(" ", "")
-    return _CLASS_SUFFIX.sub("", name) or name
+    name = _CLASS_SUFFIX.sub("", name) or name
+    return TIMEOUT_CLASS if name.endswith(("timeout", "timedout")) else name
 
 
 @functools.lru_cache(maxsize=4_096)  # failing runs repeat their errors; each is keyed where it closes and where it is clustered
@@ -100,14 +106,25 @@ def mode_key(outcome: str, error_type: str, message: str, loop: bool) -> str:
     error says a step budget or iteration limit stopped it), "timeout" for a run that never sent
     run_end, else its outcome and error class ("failure|validation", "escalated|", ...). Runs of
     one key are then clustered by their message's template. The agent, its version and the last
-    tool are not in it: they are the evidence of a mode, not its identity."""
-    if _LOOPISH.search(error_type or "") or _LOOPISH.search((message or "")[:200]):
+    tool are not in it: they are the evidence of a mode, not its identity.
+
+    Loops, timeouts, escalations and errors never share a key unless their signatures do. The key
+    is read from how the run itself ended, never from its tool calls: a tool call's `timeout`
+    status is evidence (`tool_errors`), like the last tool. A run that never sent run_end is
+    "timeout"; an error it reports whose class names a timeout (TimeoutError, ToolTimeout,
+    asyncio.TimeoutError, ReadTimeout, "timeout") is "failure|timeout" (with its outcome: an
+    escalation after a timeout is "escalated|timeout"), so the two never meet; and a timeout
+    error is never a loop for words in its message ("timed out in the polling loop"): its class
+    says what stopped it. A loop flag on a run that has an error of its own (a retried timeout
+    the loop detector caught) does not make it a loop either."""
+    cls = error_class(error_type, message)
+    if _LOOPISH.search(error_type or "") or (cls != TIMEOUT_CLASS and _LOOPISH.search((message or "")[:200])):
         return LOOP
     if loop and not error_type and not message:
         return LOOP
     if outcome == "timeout" and not error_type and not message:
         return TIMEOUT
-    return f"{outcome}|{error_class(error_type, message)}"
+    return f"{outcome}|{cls}"
 
 
 def _fields(run: dict) -> tuple[str, str, str, str, str]:
@@ -123,6 +140,52 @@ def signature(run: dict) -> str:
     """A failed run's signature as one line: its mode key and the template of its error message."""
     key, template, *_ = _fields(run)
     return f"{key} | {template or '-'}"
+
+
+ID_WORDS = 6  # words of a template a mode's id is made of, at most
+_ID_CLAUSE_WORDS = 3  # after this many, the end of a clause ends them (what follows is detail or free text)
+_ID_TOKEN = re.compile(r"(?P<stop>[.:;!?](?=\s|$)|\s[-\u2013\u2014]\s)|(?P<word><\w+>|[^\s\[\](){}<>,;:=.!?'\"]+)")
+# pydantic's location of an error, in a template: the name after "validation error(s) for Model" or
+# after an error's "[type=...]", before its capitalised message ("email Field required")
+_PYDANTIC_FIELD = re.compile(r"(validation errors? for \S+|\]) [\w.\[\]-]+ (?=[A-Z][a-z])")
+_NOT_A_WORD = re.compile(r"[\d_/\\@#$%&*+|~^`]|[a-z][A-Z]")
+
+
+def id_words(text: str) -> str:
+    """What a mode's id is made of besides its key: the first `ID_WORDS` words of a run's text
+    (its template without the class at its head, `FailureClusterer._text`), up to the end of its
+    first clause once there are three; lower case, leaving out placeholders, single letters and
+    what reads as a name or code rather than a word (digits, underscores, inner capitals, all
+    capitals: `customer_id`, `CreateOrder`, `gpt-4o`, `BAAEEC`, `HTTP`, paths). Runs of one cause differ in ids, numbers, names, the spelling
+    of their class and text appended after the message, so they share these words, and a mode's id
+    does not depend on which of its runs came first. A name that is a plain word within the first
+    words (other than a pydantic error's field) still gives another id (counted by
+    jobs.evaluate_modes)."""
+    words: list[str] = []
+    for token in _ID_TOKEN.finditer(_PYDANTIC_FIELD.sub(r"\1 <field> ", text)):
+        word = token.group("word")
+        if word is None:
+            if len(words) >= _ID_CLAUSE_WORDS:
+                break
+        elif (word[0] != "<" and len(word) > 1 and not word.isupper() and not _NOT_A_WORD.search(word)
+              and any(c.isalpha() for c in word)):
+            words.append(word.lower())
+            if len(words) == ID_WORDS:
+                break
+    return " ".join(words) or text
+
+
+def mode_id(key: str, text: str) -> str:
+    """The id of a mode its run of this key and text opens: `fc-` + a hash of the key and
+    `id_words(text)`, what every run of a cause shares, so the id does not depend on which of them
+    came first (a second mode of the key with the same words gets `-2`)."""
+    return "fc-" + hashlib.sha1(f"{key}|{id_words(text)}".encode()).hexdigest()[:12]
+
+
+def first_mode_id(run: dict) -> str:
+    """The id a failed run would give the mode it opens (`mode_id` of its key and text)."""
+    key, template, *_ = _fields(run)
+    return mode_id(key, FailureClusterer._text(key, template))
 
 
 def _label(key: str, template: str, outcome: str, error_type: str) -> str:
@@ -158,7 +221,7 @@ class Cluster:
 
     cluster_id: str
     key: str  # mode_key of its runs
-    seed: str  # the template of its first run: with the key, what its id is made of
+    seed: str  # the template of its first run, its centroid after a restart (its id: `id_words`)
     row: int  # of its key's centroid matrix
     first_seen: int
     last_seen: int
@@ -375,6 +438,13 @@ class FailureClusterer(BaseEstimator):
         if traffic:
             self.count_traffic(traffic)
         touched, alerts, assigned = self._learn(list(runs), emit=emit, count=traffic is None)
+        if traffic:
+            # Runs closed anywhere in the fleet move event time on, as the successes given without
+            # traffic do: a mode that no run fails any more is then quiet, and its incident
+            # resolves, even when no failed run comes to this partition again.
+            newest = max((int(w) for windows in traffic.values() for w, n in windows.items() if n), default=0)
+            if newest:
+                alerts += self._tick(newest, {}, emit)
         updated_at = self.clock_ if now_ms is None else now_ms
         rows, breakdown = [], []
         for cid in touched:
@@ -464,6 +534,48 @@ class FailureClusterer(BaseEstimator):
             self.restored_.add(cid)
         return self
 
+    def restore_incidents(self, alerts: Iterable[dict]) -> FailureClusterer:
+        """Put back the incidents still open after a restart, from the `failure_cluster` alerts as
+        sent (`alerts` rows, evidence as a dict), once the modes are restored and their history
+        learnt again. An incident is an episode of a mode's fingerprint (`evidence.episode`: its
+        firing, the updates sent as it spread or escalated, and its `resolved` share it); it is open
+        when no `resolved` of that episode was sent. The last of its alerts sent (escalated after
+        new, more agents after fewer, then later) becomes the mode's firing incident as it was, so
+        that a new agent updates it with the same fingerprint, a quiet mode resolves it, and no new
+        one is opened. Alerts of modes not held here are ignored."""
+        self._ensure_state()
+        modes = {fingerprint(KIND, cid): cluster for cid, cluster in self.clusters_.items()}
+        episodes: dict[tuple[str, str], list[dict]] = {}
+        for alert in alerts:
+            episode = (alert.get("evidence") or {}).get("episode")
+            if alert.get("kind", KIND) == KIND and alert["fingerprint"] in modes and episode is not None:
+                episodes.setdefault((alert["fingerprint"], episode), []).append(alert)
+
+        def sent_after(alert: dict) -> tuple:
+            evidence = alert["evidence"]
+            return evidence.get("condition") == "spike", len(evidence.get("agents") or ()), int(alert["ts"]), alert["alert_id"]
+
+        last: dict[str, dict] = {}
+        for (print_, _), sent in episodes.items():
+            if any(alert["status"] == RESOLVED for alert in sent):
+                continue
+            newest = max(sent, key=sent_after)
+            if print_ not in last or sent_after(newest) > sent_after(last[print_]):
+                last[print_] = newest
+        for print_, alert in last.items():
+            cluster = modes[print_]
+            cluster.incident = {**alert, "ts": int(alert["ts"])}
+            cluster.new_done = True
+            if {agent for agent, _ in cluster.slices} - set(alert["evidence"].get("agents") or ()):
+                # agents that joined it after its last update went out (their runs were in the
+                # history, landed before the restart or read back while the partition was rebuilt)
+                self.spread_owed_.append(cluster.cluster_id)
+            if alert["evidence"].get("condition") == "spike" and cluster.spike_since is None:
+                # tested again with the next update: resolved at once if its window is over and quiet
+                cluster.spike_since = int(alert["evidence"].get("window_start", self.window_of(int(alert["ts"]))))
+            self.recheck_ = True
+        return self
+
     def _ensure_state(self) -> None:
         if hasattr(self, "clusters_"):
             return
@@ -472,6 +584,8 @@ class FailureClusterer(BaseEstimator):
         self.rows_: dict[str, list[str]] = {}  # mode key -> cluster id per centroid row
         self.restored_: set[str] = set()  # modes put back by `restore`
         self.owed_: list[str] = []  # restored modes whose "new" incident never went out
+        self.recheck_ = False  # restored incidents: test whether they are quiet with the next update
+        self.spread_owed_: list[str] = []  # restored incidents whose mode has agents they do not list
         self.clock_ = 0  # newest ended_at seen
         self.started_ = None  # first ended_at seen, for the warm-up
         self.traffic_: dict[str, dict[int, int]] = {}  # agent -> window start -> closed runs
@@ -508,10 +622,7 @@ class FailureClusterer(BaseEstimator):
                 continue
             # the earliest run seen, whatever the order batches of other partitions came in
             self.started_ = ended if self.started_ is None else min(self.started_, ended)
-            if self.clock_ and self.window_of(ended) > self.window_of(self.clock_):
-                # a window closed: judge spikes as of then, before this run opens the next one
-                alerts += self._check_spikes(touched, emit) + self._check_quiet(emit)
-            self.clock_ = max(self.clock_, ended)
+            alerts += self._tick(ended, touched, emit)
             if count:
                 traffic = self.traffic_.setdefault(run["agent_id"], {})
                 traffic[self.window_of(ended)] = traffic.get(self.window_of(ended), 0) + 1
@@ -533,8 +644,22 @@ class FailureClusterer(BaseEstimator):
                     cluster.incident = self._incident(cluster, "new", cluster.cluster_id, {})
                     alerts.append(cluster.incident)
             elif emit and cluster.incident is not None and run["agent_id"] not in cluster.incident["evidence"]["agents"]:
-                alerts.append(self._spread(cluster, run))
+                alerts.append(self._spread(cluster, run["agent_id"], run["ended_at"], run["run_id"]))
         alerts += self._check_spikes(touched, emit)
+        if emit and self.spread_owed_:  # restored incidents updated with the agents they do not list
+            for cid in self.spread_owed_:
+                cluster = self.clusters_[cid]
+                if cluster.incident is None:
+                    continue
+                listed = set(cluster.incident["evidence"]["agents"])
+                joined = sorted((part.first_seen, agent) for (agent, _), part in cluster.slices.items()
+                                if agent not in listed)
+                if joined:
+                    alerts.append(self._spread(cluster, joined[0][1], joined[0][0], cluster.incident["run_id"]))
+            self.spread_owed_ = []
+        if emit and self.recheck_:  # incidents restored after a restart: quiet ones resolve now
+            alerts += self._check_quiet(emit)
+            self.recheck_ = False
         if emit:
             for cid in self.owed_:
                 cluster = self.clusters_[cid]
@@ -543,6 +668,15 @@ class FailureClusterer(BaseEstimator):
                     alerts.append(cluster.incident)
             self.owed_ = []
         return list(touched), alerts, assigned
+
+    def _tick(self, ts: int, touched: dict[str, None], emit: bool) -> list[dict]:
+        """Move the event-time clock to `ts`; when that closes a window, judge spikes and quiet
+        modes as of then, before `ts` opens the next one."""
+        alerts = []
+        if self.clock_ and self.window_of(ts) > self.window_of(self.clock_):
+            alerts = self._check_spikes(touched, emit) + self._check_quiet(emit)
+        self.clock_ = max(self.clock_, ts)
+        return alerts
 
     def _place(self, run: dict, run_fields: tuple, text: str, features: np.ndarray, values: np.ndarray) -> Cluster:
         key, template, outcome, error_type, _ = run_fields
@@ -553,7 +687,7 @@ class FailureClusterer(BaseEstimator):
         if best >= 0 and sims[best] >= self.threshold:
             cluster = self.clusters_[self.rows_[key][best]]
         else:
-            cluster = Cluster(self._new_id(key, template), key, template, space.k, ended, ended)
+            cluster = Cluster(self._new_id(key, text), key, template, space.k, ended, ended)
             self.clusters_[cluster.cluster_id] = cluster
             self.rows_[key].append(cluster.cluster_id)
         space.add(cluster.row, features, values, text)
@@ -588,8 +722,8 @@ class FailureClusterer(BaseEstimator):
             for start in [w for w in windows if w < oldest]:
                 del windows[start]
 
-    def _new_id(self, key: str, template: str) -> str:
-        base = "fc-" + hashlib.sha1(f"{key}|{template}".encode()).hexdigest()[:12]
+    def _new_id(self, key: str, text: str) -> str:
+        base = mode_id(key, text)
         cid, n = base, 1
         while cid in self.clusters_:  # the same first template twice in one key: keep both ids distinct
             n += 1
@@ -731,18 +865,18 @@ class FailureClusterer(BaseEstimator):
             agent_id=agent, agent_version=version, run_id=cluster.example_run_ids[-1], summary=summary,
             evidence=evidence, episode=episode)
 
-    def _spread(self, cluster: Cluster, run: dict) -> dict:
-        """The incident again, same fingerprint, when a new agent fails in the mode while it fires:
-        a new alert id (the episode and the number of agents), the evidence with every agent."""
+    def _spread(self, cluster: Cluster, agent: str, at: int, run_id: str) -> dict:
+        """The incident again, same fingerprint, when a new agent fails in the mode while it fires
+        (`agent`'s run `run_id` ended `at`): a new alert id (the episode and the number of agents),
+        the evidence with every agent."""
         firing = cluster.incident
-        evidence = {**firing["evidence"], **self._evidence(cluster), "spread_to": run["agent_id"],
-                    "spread_at": run["ended_at"]}
+        evidence = {**firing["evidence"], **self._evidence(cluster), "spread_to": agent, "spread_at": at}
         episode = f"{evidence['episode']}+{len(evidence['agents'])}"
-        summary = (f"failure mode \"{cluster.label}\" spread to {run['agent_id']}: "
+        summary = (f"failure mode \"{cluster.label}\" spread to {agent}: "
                    f"{cluster.size} runs in {self._who(evidence)}")
         cluster.incident = make_alert(
-            kind=KIND, severity=firing["severity"], status=FIRING, fingerprint=firing["fingerprint"], ts=run["ended_at"],
-            agent_id=firing["agent_id"], agent_version=firing["agent_version"], run_id=run["run_id"], summary=summary,
+            kind=KIND, severity=firing["severity"], status=FIRING, fingerprint=firing["fingerprint"], ts=at,
+            agent_id=firing["agent_id"], agent_version=firing["agent_version"], run_id=run_id, summary=summary,
             evidence=evidence, episode=episode)
         return cluster.incident
 

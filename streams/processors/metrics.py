@@ -39,6 +39,7 @@ class MetricsState:
     mode_agents: list[dict] = field(default_factory=list)
     mode_traffic: dict[str, dict[int, int]] = field(default_factory=dict)
     mode_history: Iterable[list[dict]] = ()
+    mode_incidents: list[dict] = field(default_factory=list)  # their incidents still open: alerts as sent
     sent: set[str] = field(default_factory=set)  # ids of alerts and rollbacks already out
 
 
@@ -96,6 +97,8 @@ class MetricsPartition:
         self._found = _Found()
         for failed in state.mode_history:
             self._modes(failed, {}, now_ms, emit=False)
+        # after the history: its silent replay must not close them (a resolve would go unsent)
+        self.clusters.restore_incidents(state.mode_incidents)
         self.traffic = TrafficCounts(window_ms)
         self.mode_targets: dict[str, set[int]] = {}  # agent -> partitions its failed runs went to
         self.pending_traffic: dict[int, set[tuple[str, int]]] = {}  # partition -> (agent, window) counts to send

@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import orjson
+
 from streams.contracts import topics
+from streams.contracts.alerts import fingerprint
 from streams.contracts.messages import EVENT_FIELDS
 from streams.contracts.tables import RUNS
 from streams.contracts.topics import agent_partition, mode_partition_key, tenant_partition_key
-from streams.detect.failures import mode_key
+from streams.detect.failures import KIND, mode_key
 from streams.detect.policy import Policy
 from streams.processors.metrics import MetricsPartition, MetricsState
 from streams.settings import Settings
@@ -180,6 +183,16 @@ def _failure_modes(store, state: MetricsState, mine, window_ms: int, since: int)
             state.mode_traffic.setdefault(row["agent_id"], {})[int(row["window"])] = int(row["runs"])
     state.sent |= {row["alert_id"] for row in store.query_json(
         "SELECT alert_id FROM alerts WHERE kind = 'failure_cluster'")}
+    if state.modes:
+        # the alerts of incidents still open: firing, of an episode no `resolved` alert ended
+        mine_ids = {fingerprint(KIND, row["cluster_id"]) for row in state.modes}
+        state.mode_incidents = [{**row, "evidence": orjson.loads(row["evidence"])} for row in store.query_json(
+            "SELECT alert_id, toUnixTimestamp64Milli(ts) AS ts, kind, severity, status, fingerprint, agent_id, "
+            "agent_version, run_id, summary, evidence FROM alerts FINAL "
+            "WHERE kind = 'failure_cluster' AND status = 'firing' "
+            "AND (fingerprint, JSONExtractString(evidence, 'episode')) NOT IN "
+            "(SELECT fingerprint, JSONExtractString(evidence, 'episode') FROM alerts "
+            " WHERE kind = 'failure_cluster' AND status = 'resolved')") if row["fingerprint"] in mine_ids]
 
 
 def _open_windows(store, agents: list[str], window_ms: int) -> tuple[RunPages | tuple, int]:  # noqa: ANN001

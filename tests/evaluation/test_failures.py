@@ -34,6 +34,8 @@ def test_families_that_span_agents_are_one_mode_each():
     assert result["spread"]["payments_down"][-1] == sorted(result["family_agents"]["payments_down"])
     assert len(result["spread"]["payments_down"]) == 2
     assert 0 <= result["minutes_to_alert"]["payments_down"] <= 30
+    # every family's mode gets one id whichever of its runs came first (spellings, names, free text)
+    assert result["order_free_ids"] == 11 and result["order_bound"] == []
 
 
 def test_the_old_per_agent_signature_would_miss_the_bar():

@@ -59,7 +59,7 @@ def test_signature_is_the_mode_key_and_template_never_the_tool_or_agent():
     ("failure", "RateLimitError", "429", False, "failure|ratelimit"),
     ("failure", "rate_limit", "429", False, "failure|ratelimit"),
     ("failure", "", "openai.RateLimitError: Error code: 429", False, "failure|ratelimit"),
-    ("failure", "ToolTimeout", "inventory-service did not answer", True, "failure|tooltimeout"),  # a retried timeout
+    ("failure", "ToolTimeout", "inventory-service did not answer", True, "failure|timeout"),  # a retried timeout
     ("aborted", "", "step budget exhausted", True, "loop"),
     ("aborted", "", "step budget exhausted", False, "loop"),  # a loop the detector missed
     ("failure", "max_steps", "stopped after 62 messages", False, "loop"),
@@ -74,6 +74,51 @@ def test_signature_is_the_mode_key_and_template_never_the_tool_or_agent():
 ])
 def test_mode_key(outcome, error_type, message, loop, key):
     assert mode_key(outcome, error_type, message, loop) == key
+
+
+@pytest.mark.parametrize("outcome, error_type, message, loop, key", [
+    # a class that names a timeout is one class, however the framework spells it
+    ("failure", "TimeoutError", "inventory-service did not answer", False, "failure|timeout"),
+    ("failure", "ToolTimeout", "inventory-service did not answer", False, "failure|timeout"),
+    ("failure", "tool_timeout", "inventory-service did not answer", False, "failure|timeout"),
+    ("failure", "", "asyncio.TimeoutError: inventory-service did not answer", False, "failure|timeout"),
+    ("failure", "httpx.ReadTimeout", "The read operation timed out", False, "failure|timeout"),
+    ("failure", "Timeout", "", False, "failure|timeout"),
+    ("escalated", "TimeoutError", "handed to a human after the tool timed out", False, "escalated|timeout"),
+    # a run that never ended is not an error, even when its last tool call timed out
+    ("timeout", "", "", False, "timeout"),
+    # a timeout is never a loop for its message's words, nor for the loop detector's flag
+    ("failure", "TimeoutError", "timed out waiting in the polling loop after 30 s", False, "failure|timeout"),
+    ("failure", "", "TimeoutError: max iterations of the retry loop took longer than 30 s", True, "failure|timeout"),
+    ("aborted", "", "step budget exhausted", True, "loop"),
+    # a class that only contains the word is not a timeout
+    ("failure", "TimeoutConfigError", "timeout must be positive", False, "failure|timeoutconfig"),
+])
+def test_timeouts_loops_escalations_and_errors_are_keyed_apart(outcome, error_type, message, loop, key):
+    assert mode_key(outcome, error_type, message, loop) == key
+
+
+def test_a_tool_s_timeout_status_is_evidence_and_timeout_errors_are_one_mode_per_service():
+    """Runs that never ended (their last tool call timed out), a tool's timeout reported as ToolTimeout
+    by one agent and as TimeoutError by another, another service's timeouts, a loop, and an
+    escalation after a timeout: five modes, each only with its own."""
+    inventory = "inventory-service did not answer within {n}000 ms (request req_{n}a1b)"
+    runs = [
+        run("never1", error_type="", message="", outcome="timeout", tool_path=["check_inventory"], tool_errors=1),
+        run("never2", T0 + 1, error_type="", message="", outcome="timeout", tool_path=["search"], tool_errors=1),
+        run("tool1", T0 + 2, agent="one", error_type="ToolTimeout", message=inventory.format(n=30)),
+        run("tool2", T0 + 3, agent="two", error_type="TimeoutError", message=inventory.format(n=10)),
+        run("tool3", T0 + 4, agent="three", error_type="", message="asyncio.TimeoutError: " + inventory.format(n=20),
+            loop_detected=True),
+        run("llm1", T0 + 5, error_type="openai.APITimeoutError", message="Request timed out."),
+        run("llm2", T0 + 6, agent="two", error_type="APITimeoutError", message="Request timed out."),
+        run("loop1", T0 + 7, error_type="", message="step budget exhausted", outcome="aborted", loop_detected=True),
+        run("esc1", T0 + 8, error_type="TimeoutError", message=inventory.format(n=30), outcome="escalated"),
+    ]
+    _, _, assigned = FailureClusterer().update(runs)
+    modes = [{run_id for run_id, cid in assigned.items() if cid == mode} for mode in dict.fromkeys(assigned.values())]
+    assert sorted(map(sorted, modes)) == [["esc1"], ["llm1", "llm2"], ["loop1"], ["never1", "never2"],
+                                          ["tool1", "tool2", "tool3"]]
 
 
 # --- clustering -------------------------------------------------------------------------------------------
@@ -167,7 +212,45 @@ def test_ids_stable_as_modes_grow_and_deterministic():
     second.update([r for batch in batches for r in batch])
     assert set(second.clusters_) == ids[0]
     cid = next(iter(ids[0]))
-    assert cid == "fc-" + hashlib.sha1("failure|notfound|order #<id> not found".encode()).hexdigest()[:12]
+    assert cid == "fc-" + hashlib.sha1("failure|notfound|order not found".encode()).hexdigest()[:12]
+
+
+def test_a_mode_s_id_does_not_depend_on_which_of_its_runs_came_first():
+    """One cause whose runs differ in ids, numbers, hosts, field and model names, the spelling of
+    their class and text appended at the end: the same id whichever run arrives first, in one batch
+    or one run at a time; its near miss (same class, another cause) another id; and the loop mode's
+    id the same whichever loop message came first."""
+    import random
+
+    missing = ("1 validation error for {model}\n{field}\n  Field required [type=missing, "
+               "input_value={{'id': {n}}}, input_type=dict]{noise}")
+    family = [run(f"m{i}", T0 + i * 1000, agent=("one", "two", "three")[i % 3],
+                  error_type=("ValidationError", "validation_error", "")[i % 3],
+                  message=("" if i % 3 < 2 else "pydantic_core._pydantic_core.ValidationError: ") + missing.format(
+                      model=("CreateOrder", "UpdateBooking", "RefundRequest")[i % 3],
+                      field=("customer_id", "booking_ref", "payment_method", "shipping_address")[i % 4],
+                      n=i * 7919, noise=" - the customer asked about their trip to denver" if i % 4 == 3 else ""))
+              for i in range(12)]
+    near_miss = [run(f"r{i}", T0 + 20_000 + i, error_type="ValidationError",
+                     message="1 validation error for CreateOrder\nline_items\n  Input should be less than or equal to "
+                             f"10 [type=less_than_equal, input_value={40 + i}, input_type=int]") for i in range(3)]
+    loops = [run(f"l{i}", T0 + 30_000 + i, error_type="", outcome="aborted", loop_detected=i % 3 == 2 or i % 2 == 0,
+                 message=("step budget exhausted", f"step budget exhausted after {20 + i} steps", "")[i % 3])
+             for i in range(6)]
+    ids = set()
+    for seed in range(8):
+        order = family + near_miss + loops
+        random.Random(seed).shuffle(order)
+        model = FailureClusterer()
+        assigned = {}
+        for r in order:  # one at a time: the arrival order, whatever event time says
+            assigned.update(model.update([r])[2])
+        assert len({assigned[r["run_id"]] for r in family}) == 1
+        assert len({assigned[r["run_id"]] for r in loops}) == 1
+        ids.add((assigned["m0"], assigned["r0"], assigned["l0"]))
+    assert len(ids) == 1
+    (modes,) = ids
+    assert len(set(modes)) == 3
 
 
 def test_restored_modes_keep_their_ids_and_counts():
@@ -380,3 +463,93 @@ def test_a_signature_placed_before_finds_the_same_centroids(monkeypatch):
     assert placed[0] == looked_up[0]
     assert placed[1].keys() == looked_up[1].keys()
     assert all(np.array_equal(placed[1][a], looked_up[1][a]) for a in placed[1])
+
+
+# --- incidents across a restart -------------------------------------------------------------------------
+
+
+def _restarted(model, sent_alerts, history, **params):
+    """A clusterer rebuilt as a metrics partition rebuilds it: the stored modes and breakdown, the
+    history replayed silently (with each run's stored mode), then the open incidents from the alerts."""
+    rebuilt = FailureClusterer(**params).restore(model.cluster_rows(), model.breakdown(),
+                                                 sent={a["alert_id"] for a in sent_alerts})
+    rebuilt.update_modes([{**r, "failure_cluster_id": model.seen_runs_.get(r["run_id"]) or ""} for r in history],
+                         emit=False)
+    return rebuilt.restore_incidents(sent_alerts)
+
+
+def test_an_open_incident_is_updated_after_a_restart_not_sent_again_as_new():
+    """A mode fails agent one, its incident fires; after a restart it spreads to agent two: the same
+    incident is updated (same fingerprint, both agents), no second "new" incident; then it resolves
+    once quiet, however long no failed run comes, since closed runs move event time on."""
+    model = FailureClusterer(min_size=3, new_quiet_ms=30 * MIN)
+    history = [run(f"a{i}", T0 + i * MIN, agent="one", message=f"order #{i} not found") for i in range(4)]
+    sent = model.update(history)[1]
+    (incident,) = sent
+    rebuilt = _restarted(model, sent, history, min_size=3, new_quiet_ms=30 * MIN)
+    assert rebuilt.update_modes([run("a9", T0 + 5 * MIN, agent="one", message="order #9 not found")]).alerts == []
+    (update,) = rebuilt.update_modes([run("b1", T0 + 6 * MIN, agent="two", message="order #31 not found")]).alerts
+    assert (update["status"], update["fingerprint"], update["evidence"]["agents"]) == (
+        FIRING, incident["fingerprint"], ["one", "two"])
+    assert update["alert_id"] != incident["alert_id"] and update["evidence"]["episode"] == incident["evidence"]["episode"]
+    assert update["evidence"]["spread_to"] == "two" and update["agent_id"] == "one"
+    # only closed runs from now on, counted per agent and window where they closed (no failed run here)
+    later = []
+    for w in range(1, 10):
+        later += rebuilt.update_modes([], traffic={"one": {str(T0 + w * 5 * MIN): 20}}).alerts
+    assert [(a["status"], a["fingerprint"], a["evidence"]["agents"]) for a in later] == [
+        (RESOLVED, incident["fingerprint"], ["one", "two"])]
+    assert later[0]["alert_id"] == model._resolved(model.clusters_[incident["evidence"]["cluster_id"]], incident, {}, "")[
+        "alert_id"]  # the resolve of the episode that fired before the restart
+
+
+def test_the_last_update_sent_is_the_incident_restored():
+    model = FailureClusterer(min_size=3)
+    history = [run(f"a{i}", T0 + i * MIN, agent=("one", "one", "one", "two")[i]) for i in range(4)]
+    sent = model.update(history)[1]
+    assert [a["evidence"]["agents"] for a in sent] == [["one"], ["one", "two"]]
+    rebuilt = _restarted(model, list(reversed(sent)), history, min_size=3)
+    assert rebuilt.update_modes([run("b2", T0 + 5 * MIN, agent="two")]).alerts == []  # two is listed already
+    (update,) = rebuilt.update_modes([run("c1", T0 + 6 * MIN, agent="three")]).alerts
+    assert update["evidence"]["agents"] == ["one", "three", "two"] and update["fingerprint"] == sent[0]["fingerprint"]
+
+
+def test_a_resolved_incident_is_not_restored_and_not_sent_again():
+    model = FailureClusterer(min_size=3, new_quiet_ms=30 * MIN)
+    history = [run(f"a{i}", T0 + i * MIN, agent="one") for i in range(3)]
+    sent = model.update(history)[1]
+    sent += model.update([run(f"ok{i}", T0 + (50 + 5 * i) * MIN, outcome="success") for i in range(2)])[1]
+    assert [a["status"] for a in sent] == [FIRING, RESOLVED]
+    rebuilt = _restarted(model, sent, history, min_size=3, new_quiet_ms=30 * MIN)
+    assert all(c.incident is None for c in rebuilt.clusters_.values())
+    assert rebuilt.update_modes([run("b1", T0 + 51 * MIN, agent="two")]).alerts == []
+
+
+def test_a_restored_spike_resolves_when_its_window_is_over():
+    model = FailureClusterer(min_size=100)
+    _steady(model, 8, 1)
+    (spike,) = _steady(model, 1, 12, start=8, prefix="b")
+    assert spike["evidence"]["condition"] == "spike"
+    # restored with no history replayed: the spike is tested with the next update, and is over
+    rebuilt = FailureClusterer(min_size=100).restore(model.cluster_rows(), model.breakdown(), sent={spike["alert_id"]})
+    rebuilt.restore_incidents([spike])
+    alerts = _steady(rebuilt, 2, 1, start=10, prefix="c")
+    assert [(a["status"], a["fingerprint"]) for a in alerts] == [(RESOLVED, spike["fingerprint"])]
+    assert alerts[0]["evidence"]["episode"] == spike["evidence"]["episode"]
+
+
+def test_agents_that_joined_in_the_history_a_restart_read_back_update_the_incident_once():
+    # the second agent's runs landed, but the incident's update had not gone out before the restart
+    # (or they were read back while the partition was rebuilt): the update goes out with the next update
+    model = FailureClusterer(min_size=3)
+    history = [run(f"a{i}", T0 + i * MIN, agent="one") for i in range(3)]
+    (incident,) = model.update(history)[1]
+    history += [run("b1", T0 + 4 * MIN, agent="two"), run("b2", T0 + 5 * MIN, agent="two")]
+    rebuilt = _restarted(model, [incident], history, min_size=3)
+    (update,) = rebuilt.update_modes([]).alerts
+    assert (update["fingerprint"], update["evidence"]["agents"], update["evidence"]["spread_to"]) == (
+        incident["fingerprint"], ["one", "two"], "two")
+    assert update["evidence"]["spread_at"] == T0 + 4 * MIN and update["evidence"]["size"] == 5
+    # the same update as the live stream would have sent
+    assert update["alert_id"] == model.update(history[3:])[1][0]["alert_id"]
+    assert rebuilt.update_modes([run("b3", T0 + 6 * MIN, agent="two")]).alerts == []
