@@ -121,8 +121,11 @@ class Probe:
         self.producer.produce("agent.events", value=start, key=run_id.encode())
         self.producer.produce("agent.events", value=end, key=run_id.encode())
         self.producer.flush(10)
-        self.event_ms.append(self._until(f"SELECT count() FROM events WHERE event_id = '{run_id}-s'{CHEAP}", sent))
-        self.run_ms.append(self._until(f"SELECT count() FROM runs WHERE run_id = '{run_id}'{CHEAP}", sent))
+        # by the tables' keys (agent_id first): a full scan of `events` per poll cost `up` ~9% of its CPU
+        self.event_ms.append(self._until(
+            f"SELECT count() FROM events WHERE agent_id = 'bench-probe' AND event_id = '{run_id}-s'{CHEAP}", sent))
+        self.run_ms.append(self._until(
+            f"SELECT count() FROM runs WHERE agent_id = 'bench-probe' AND run_id = '{run_id}'{CHEAP}", sent))
 
     def loop_once(self) -> None:
         """A run that calls one tool three times with the same arguments: time until its alert."""
