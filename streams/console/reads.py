@@ -215,14 +215,29 @@ SELECT agent_id, version, role, traffic_pct, toUnixTimestamp64Milli(ts) AS ts
 FROM (SELECT * FROM deployments FINAL WHERE {agent_id:String} = '' OR agent_id = {agent_id:String})
 ORDER BY agent_id, ts
 """
+# Both arms since the canary started, up to its `runs`-th run: the analysis ends there at the
+# latest (max_runs). Filtered inside, converted outside: the output's `ended_at` (epoch ms) would
+# otherwise shadow the column in WHERE.
 ARM_RUNS = """
+WITH (
+    SELECT max(ended_at) FROM
+    (
+        SELECT ended_at FROM runs FINAL
+        WHERE agent_id = {agent_id:String} AND agent_version = {canary:String}
+          AND ended_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+        ORDER BY ended_at, run_id
+        LIMIT {runs:UInt32}
+    )
+) AS last_counted
 SELECT run_id, agent_version, outcome, toFloat64(cost_usd) AS cost_usd, loop_detected, tool_calls, tool_errors,
        duration_ms, toUnixTimestamp64Milli(ended_at) AS ended_at
-FROM runs FINAL
-WHERE agent_id = {agent_id:String} AND agent_version IN ({stable:String}, {canary:String})
-  AND ended_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+FROM
+(
+    SELECT * FROM runs FINAL
+    WHERE agent_id = {agent_id:String} AND agent_version IN ({stable:String}, {canary:String})
+      AND ended_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC') AND ended_at <= last_counted
+)
 ORDER BY ended_at, run_id
-LIMIT 200000
 """
 
 
@@ -270,13 +285,17 @@ def deployments(read: Read, agent_id: str = "") -> list[dict]:
 def canary_trajectory(read: Read, canary: dict, policy=None) -> dict:  # noqa: ANN001 (a CanaryPolicy)
     """The analysis replayed from the stored runs of both arms since the canary started, in the
     order they ended: after each canary run, every metric's always-valid p-value (the running
-    minimum) and its threshold. The live analysis judged batch by batch, so its decision may come
-    a few runs apart from the replay's; its own point of decision is `canary["canary_runs"]`."""
+    minimum) and its threshold, up to the policy's `max_runs` canary runs (or the live analysis's
+    count, when larger), where the analysis ends at the latest, with a promotion. The live
+    analysis judged batch by batch, so its decision may come a few runs apart from the replay's;
+    its own point of decision is `canary["canary_runs"]`."""
     from streams.detect.canary import METRICS, CanaryAnalysis, CanaryPolicy
 
+    policy = policy or CanaryPolicy()
     rows = read(ARM_RUNS, {"agent_id": canary["agent_id"], "stable": canary["stable_version"],
-                           "canary": canary["version"], "since": canary["since"]})
-    analysis = CanaryAnalysis(policy or CanaryPolicy())
+                           "canary": canary["version"], "since": canary["since"],
+                           "runs": max(policy.max_runs, int(canary["canary_runs"]))})
+    analysis = CanaryAnalysis(policy)
     points: dict[str, list] = {metric: [] for metric in METRICS}
     runs: list[int] = []
     threshold = analysis.policy.metric_alpha
@@ -285,11 +304,10 @@ def canary_trajectory(read: Read, canary: dict, policy=None) -> dict:  # noqa: A
         analysis.add(arm, [row])
         if arm != "canary":
             continue
-        verdict = analysis.decide()
-        runs.append(verdict.canary_runs)
-        for result in verdict.metrics:
-            points[result.metric].append(result.p_value)
-        analysis.verdict_ = None  # keep replaying past a decision: the chart shows the whole run
+        # the p-values only (as decide computes them), past a decision too: the chart shows the whole run
+        runs.append(analysis.arms_["canary"].n)
+        for metric, p_value in analysis.p_values().items():
+            points[metric].append(p_value)
     return {"runs": runs, "p_values": points, "threshold": threshold, "metrics": list(METRICS),
             "decided_at_run": canary["canary_runs"] if canary["verdict"] != "pending" else None}
 
