@@ -133,7 +133,7 @@ class Pages:
         _, agent_id = _filters(request)
         rows = reads.alerts(self.read, status=status if status in ("firing", "resolved") else "", kind=kind,
                             agent_id=agent_id, severity=severity, limit=500)
-        kinds = sorted({row["kind"] for row in reads.alerts(self.read, limit=5000)})
+        kinds = reads.alert_kinds(self.read)
         return self.render(request, "alerts.html", rows=rows, status=status, kind=kind, severity=severity,
                            kinds=kinds)
 

@@ -74,6 +74,12 @@ FROM
 ORDER BY ts DESC, alert_id
 """
 
+# The kinds the alerts page offers as filters: those of the newest 5,000 alerts.
+ALERT_KINDS = """
+SELECT DISTINCT kind FROM (SELECT kind, ts, alert_id FROM alerts FINAL ORDER BY ts DESC, alert_id LIMIT 5000)
+ORDER BY kind
+"""
+
 CANARY_COLUMNS = ("agent_id, version, stable_version, toUnixTimestamp64Milli(since) AS since, inferred, "
                   "decision AS verdict, toUnixTimestamp64Milli(decided_at) AS decided_at, canary_runs, stable_runs, "
                   "reason, evidence, toUnixTimestamp64Milli(updated_at) AS updated_at, role")
@@ -138,6 +144,10 @@ def alerts(read: Read, *, status: str = "", kind: str = "", agent_id: str = "", 
         if not row["action"]:
             del row["action"]
     return rows
+
+
+def alert_kinds(read: Read) -> list[str]:
+    return [row["kind"] for row in read(ALERT_KINDS, {})]
 
 
 def canaries(read: Read) -> list[dict]:
