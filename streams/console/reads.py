@@ -346,44 +346,80 @@ ORDER BY messages DESC, topic, reason
 LIMIT 500
 """
 
-TOOLS = """
-WITH (SELECT max(ts) FROM events FINAL WHERE type = 'tool_call') AS newest
-SELECT tool, count() AS calls, countIf(status = 'error') / calls AS error_rate,
-       countIf(status = 'timeout') / calls AS timeout_rate, countIf(retry) AS retries,
-       quantile(0.5)(latency_ms) AS p50_latency_ms, quantile(0.95)(latency_ms) AS p95_latency_ms,
-       arraySort(groupUniqArray(agent_id || ' ' || agent_version)) AS used_by
+# The newest tool call (`_newest`): after `since`, where the time index finds it at once.
+NEWEST_TOOL_CALL = """
+SELECT toUnixTimestamp64Milli(maxOrNull(ts)) AS newest FROM events FINAL
+WHERE type = 'tool_call' AND ({since:Int64} = 0 OR ts > fromUnixTimestamp64Milli({since:Int64}, 'UTC'))
+""" + EVENTS_FINAL
+NEWEST_RUN_HINT = "SELECT toUnixTimestamp64Milli(max(last_ended_at)) AS ended FROM agent_versions FINAL"
+# The tool calls of the range, as a subquery of each query below.
+TOOL_CALLS = """
+    SELECT * FROM events FINAL
+    WHERE type = 'tool_call' AND ts > fromUnixTimestamp64Milli({newest:Int64}, 'UTC') - toIntervalHour({hours:UInt32})
+      AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+"""
+# A retry: a call right after a failed call of the same tool in the run (in event-time order), so
+# only the runs with a failed call in the range are ordered (a few percent of them).
+TOOLS = f"""
+SELECT t.tool AS tool, calls, error_rate, timeout_rate, ifNull(r.retries, 0) AS retries, p50_latency_ms,
+       p95_latency_ms, used_by
 FROM
 (
-    SELECT tool, status, latency_ms, agent_id, agent_version,
-           lagInFrame(tool) OVER run = tool AND lagInFrame(status) OVER run IN ('error', 'timeout') AS retry
-    FROM events FINAL
-    WHERE type = 'tool_call' AND ts > newest - toIntervalHour({hours:UInt32})
-      AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
-    WINDOW run AS (PARTITION BY run_id ORDER BY ts, event_id ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
-)
-GROUP BY tool
+    SELECT tool, count() AS calls, countIf(status = 'error') / calls AS error_rate,
+           countIf(status = 'timeout') / calls AS timeout_rate,
+           quantile(0.5)(latency_ms) AS p50_latency_ms, quantile(0.95)(latency_ms) AS p95_latency_ms,
+           arraySort(groupUniqArray(agent_id || ' ' || agent_version)) AS used_by
+    FROM ({TOOL_CALLS})
+    GROUP BY tool
+) AS t
+LEFT JOIN
+(
+    SELECT tool, countIf(retry) AS retries
+    FROM
+    (
+        SELECT tool, lagInFrame(tool) OVER run = tool AND lagInFrame(status) OVER run IN ('error', 'timeout') AS retry
+        FROM ({TOOL_CALLS})
+        WHERE run_id IN (SELECT run_id FROM ({TOOL_CALLS}) WHERE status IN ('error', 'timeout'))
+        WINDOW run AS (PARTITION BY run_id ORDER BY ts, event_id ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
+    )
+    GROUP BY tool
+) AS r ON r.tool = t.tool
 ORDER BY calls DESC, tool
 LIMIT 200
+{EVENTS_FINAL}
 """
-TOOL_SERIES = """
-WITH (SELECT max(ts) FROM events FINAL WHERE type = 'tool_call') AS newest
-SELECT tool, toUnixTimestamp(toStartOfInterval(ts, toIntervalSecond({bucket:UInt32}))) * 1000 AS bucket,
+TOOL_SERIES = f"""
+SELECT tool, toUnixTimestamp(toStartOfInterval(ts, toIntervalSecond({{bucket:UInt32}}))) * 1000 AS bucket,
        quantile(0.95)(latency_ms) AS p95_latency_ms, countIf(status IN ('error', 'timeout')) / count() AS failure_rate
-FROM events FINAL
-WHERE type = 'tool_call' AND ts > newest - toIntervalHour({hours:UInt32})
-  AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+FROM ({TOOL_CALLS})
 GROUP BY tool, bucket
 ORDER BY bucket
+{EVENTS_FINAL}
 """
 
+# The heatmap: each (feature, window) shows one test of those the window had (ks, psi, wasserstein
+# for a numeric feature), the last by statistic; DRIFT_CELL is the same one.
 DRIFT = """
-WITH (SELECT max(window) FROM drift FINAL) AS newest
 SELECT agent_id, agent_version, toUnixTimestamp64Milli(window) AS window_ms, feature, statistic, value, p_value,
        threshold, baseline, significant
 FROM drift FINAL
-WHERE window > newest - toIntervalHour({hours:UInt32}) AND position(feature, '@') = 0
-  AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
-ORDER BY agent_id, agent_version, window_ms, feature
+WHERE window > fromUnixTimestamp64Milli({newest:Int64}, 'UTC') - toIntervalHour({hours:UInt32})
+  AND position(feature, '@') = 0 AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+ORDER BY agent_id, agent_version, window_ms, feature, statistic
+"""
+# As NEWEST_TOOL_CALL: after `since` first, where the key (agent version, window) finds it at once.
+NEWEST_DRIFT_WINDOW = """
+SELECT toUnixTimestamp64Milli(maxOrNull(window)) AS newest FROM drift FINAL
+WHERE {since:Int64} = 0 OR window > fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+"""
+DRIFT_CELL = """
+SELECT agent_id, agent_version, toUnixTimestamp64Milli(window) AS window_ms, feature, statistic, value, p_value,
+       threshold, baseline, significant
+FROM drift FINAL
+WHERE agent_id = {agent_id:String} AND agent_version = {agent_version:String} AND feature = {feature:String}
+  AND window = fromUnixTimestamp64Milli({window:Int64}, 'UTC') AND position(feature, '@') = 0
+ORDER BY statistic DESC
+LIMIT 1
 """
 # A numeric feature of a run, as the drift tests compute it (streams/detect/drift.py run_features).
 DRIFT_NUMERIC = {
@@ -407,13 +443,33 @@ def dead_letters(read: Read, hours: int) -> list[dict]:
     return read(DEAD_LETTERS, {"hours": hours})
 
 
+def _newest(read: Read, sql: str) -> int | None:
+    """The newest time (epoch ms) `sql` finds after `{since}`, looked for in the day before the
+    newest run's end first, and in the whole table only when nothing is there: either way the
+    newest of all, exactly (what is not after `since` is older than what is). None: no rows."""
+    (hint,) = read(NEWEST_RUN_HINT, {})
+    since = max(int(hint["ended"] or 0) - 24 * 3_600_000, 0)
+    (row,) = read(sql, {"since": since})
+    if row["newest"] is None and since:
+        (row,) = read(sql, {"since": 0})
+    return row["newest"]
+
+
+def newest_tool_call(read: Read) -> int | None:
+    """The event time of the newest tool call (epoch ms), None when there is none."""
+    return _newest(read, NEWEST_TOOL_CALL)
+
+
 def tools(read: Read, hours: int, agent_id: str = "") -> tuple[list[dict], dict[str, dict[str, list]]]:
     """Each tool's calls, error and timeout rates, retries (a call right after a failed call of the
     same tool in the run), latency, and who uses it; and its p95 latency and failure rate over time."""
-    rows = read(TOOLS, {"hours": hours, "agent_id": agent_id})
+    newest = newest_tool_call(read)
+    if newest is None:
+        return [], {}
+    rows = read(TOOLS, {"hours": hours, "agent_id": agent_id, "newest": newest})
     bucket_s = max(hours * 3600 // POINTS, 300)
     series: dict[str, dict[str, list]] = {}
-    points = read(TOOL_SERIES, {"hours": hours, "bucket": bucket_s, "agent_id": agent_id})
+    points = read(TOOL_SERIES, {"hours": hours, "bucket": bucket_s, "agent_id": agent_id, "newest": newest})
     if points:
         last = max(p["bucket"] for p in points)
         first = last - (POINTS - 1) * bucket_s * 1000
@@ -429,7 +485,10 @@ def tools(read: Read, hours: int, agent_id: str = "") -> tuple[list[dict], dict[
 def drift(read: Read, hours: int, agent_id: str = "") -> dict[tuple[str, str], dict]:
     """Per agent version: its windows, its features, and each (feature, window) test."""
     out: dict[tuple[str, str], dict] = {}
-    for row in read(DRIFT, {"hours": hours, "agent_id": agent_id}):
+    newest = _newest(read, NEWEST_DRIFT_WINDOW)
+    if newest is None:
+        return out
+    for row in read(DRIFT, {"hours": hours, "agent_id": agent_id, "newest": newest}):
         version = out.setdefault((row["agent_id"], row["agent_version"]), {"windows": [], "features": [], "cells": {}})
         if row["window_ms"] not in version["windows"]:
             version["windows"].append(row["window_ms"])
@@ -439,6 +498,13 @@ def drift(read: Read, hours: int, agent_id: str = "") -> dict[tuple[str, str], d
     for version in out.values():
         version["features"].sort()
     return out
+
+
+def drift_test(read: Read, agent_id: str, agent_version: str, feature: str, window_ms: int) -> dict | None:
+    """The test a drift heatmap cell shows (`drift`'s cell of that feature and window)."""
+    rows = read(DRIFT_CELL, {"agent_id": agent_id, "agent_version": agent_version, "feature": feature,
+                             "window": window_ms})
+    return rows[0] if rows else None
 
 
 def drift_sample(read: Read, agent_id: str, agent_version: str, feature: str, window_ms: int, window_s: int,
