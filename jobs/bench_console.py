@@ -57,9 +57,10 @@ DEAD_LETTER_ERRORS = ("field 'ts': not an RFC 3339 timestamp: 'yesterday'", "fie
                       "field 'input_tokens': must be a non-negative integer, got -3")
 
 
-def fill(store: Store, events_wanted: int, console: Console) -> tuple[int, int]:
-    """A fleet through the real code paths, copied until the store holds `events_wanted` events."""
-    config = FleetConfig(seed=11, runs=BASE_RUNS, canary=DEFAULT_CANARY, price_fn=genai_prices_fn,
+def fill(store: Store, events_wanted: int, console: Console, base_runs: int = BASE_RUNS) -> tuple[int, int]:
+    """A day of a fleet through the real code paths, copied day after day until the store holds
+    `events_wanted` events."""
+    config = FleetConfig(seed=11, runs=base_runs, canary=DEFAULT_CANARY, price_fn=genai_prices_fn,
                          duration_ms=24 * 3_600_000)
     started = time.monotonic()
     events = [parse(orjson.dumps(raw)) for raw in simulate(config)]
