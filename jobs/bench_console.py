@@ -134,7 +134,8 @@ def fill(store: Store, events_wanted: int, console: Console, base_runs: int = BA
                   f"{copies * span}, {dead}), 'UTC') AS received_at, concat('agent.events:', toString(number % 4), ':', "
                   f"toString(number)) AS source, 'agent.events', number % 4, number, concat('run-', toString(number)), "
                   f"{{errors:Array(String)}}[number % {len(DEAD_LETTER_ERRORS)} + 1] AS error, "
-                  f"concat('{{\"event_id\": \"dl-', toString(number), '\", \"ts\": \"yesterday\", \"type\": \"llm_call\"}}') "
+                  f"concat('{{\"event_id\": \"dl-', toString(number), "
+                  f"'\", \"ts\": \"yesterday\", \"type\": \"llm_call\"}}') "
                   f"AS payload, length(payload) FROM numbers({dead})", {"errors": list(DEAD_LETTER_ERRORS)})
     started = time.monotonic()
     store.optimize()
@@ -180,7 +181,8 @@ def store_phase(events: int, repeat: int, console: Console, keep: Path | None = 
         console.print(f"store size on disk: {size[0][0] / 1e6:,.0f} MB")
         run_id = store.query_rows("SELECT run_id FROM trackside.runs WHERE loop_detected ORDER BY run_id LIMIT 1")[0][0]
         # a drift cell of the newest window: the heatmap's link
-        cell = store.query_rows("SELECT agent_id, agent_version, feature, toUnixTimestamp64Milli(window) FROM trackside.drift "
+        cell = store.query_rows("SELECT agent_id, agent_version, feature, toUnixTimestamp64Milli(window) "
+                                "FROM trackside.drift "
                                 "WHERE significant AND position(feature, '@') = 0 ORDER BY window DESC, agent_id, "
                                 "agent_version, feature LIMIT 1")[0]
         settings = Settings(data_dir=data_dir, console_port=free_port(), metrics_port=0)

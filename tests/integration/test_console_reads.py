@@ -71,7 +71,8 @@ def test_tools_as_counted_from_the_tool_calls(store, read):
         expected: dict[str, dict] = {}
         previous: dict[str, dict] = {}
         for call in sorted(calls, key=lambda c: (c["run_id"], c["ts_ms"], c["event_id"])):
-            tool = expected.setdefault(call["tool"], {"calls": 0, "errors": 0, "timeouts": 0, "retries": 0, "used_by": set()})
+            tool = expected.setdefault(call["tool"], {"calls": 0, "errors": 0, "timeouts": 0, "retries": 0,
+                                                      "used_by": set()})
             tool["calls"] += 1
             tool["errors"] += call["status"] == "error"
             tool["timeouts"] += call["status"] == "timeout"
