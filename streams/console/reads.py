@@ -12,6 +12,11 @@ Read = Callable[[str, dict], list[dict]]
 
 MS = "toUnixTimestamp64Milli({column}) AS {column}"
 
+# FINAL merges rows of one key across parts; `events` is partitioned by month of `ts`, and its key
+# holds toDate(ts), so the rows of one key are always in one partition: FINAL need not merge across
+# partitions, and a partition of one merged part is read as it is (3x faster on a month of events).
+EVENTS_FINAL = "SETTINGS do_not_merge_across_partitions_select_final = 1"
+
 FLEET = """
 WITH (SELECT max(ended_at) FROM runs FINAL) AS newest
 SELECT
@@ -69,6 +74,12 @@ FROM
 ORDER BY ts DESC, alert_id
 """
 
+# The kinds the alerts page offers as filters: those of the newest 5,000 alerts.
+ALERT_KINDS = """
+SELECT DISTINCT kind FROM (SELECT kind, ts, alert_id FROM alerts FINAL ORDER BY ts DESC, alert_id LIMIT 5000)
+ORDER BY kind
+"""
+
 CANARY_COLUMNS = ("agent_id, version, stable_version, toUnixTimestamp64Milli(since) AS since, inferred, "
                   "decision AS verdict, toUnixTimestamp64Milli(decided_at) AS decided_at, canary_runs, stable_runs, "
                   "reason, evidence, toUnixTimestamp64Milli(updated_at) AS updated_at, role")
@@ -81,12 +92,15 @@ RUN = """
 SELECT * REPLACE ({times}, toFloat64(cost_usd) AS cost_usd)
 FROM runs FINAL WHERE run_id = {{run_id:String}}
 """.format(times=", ".join(MS.format(column=c) for c in _TIMES))
+# PREWHERE: the run's events are found in the few granules that hold them (the run_ids bloom filter)
+# before any other column is read. Before FINAL, which is exact here: every row of an event (its
+# redeliveries) has the event's run_id.
 RUN_EVENTS = """
 SELECT * EXCEPT (source) REPLACE (toUnixTimestamp64Milli(ts) AS ts, toUnixTimestamp64Milli(ingested_at) AS ingested_at,
                                   toFloat64(cost_usd) AS cost_usd)
-FROM events FINAL WHERE run_id = {run_id:String}
+FROM events FINAL PREWHERE run_id = {run_id:String}
 ORDER BY ts, event_id
-"""
+""" + EVENTS_FINAL
 
 HEALTH = "SELECT 1 AS ok"
 
@@ -130,6 +144,10 @@ def alerts(read: Read, *, status: str = "", kind: str = "", agent_id: str = "", 
         if not row["action"]:
             del row["action"]
     return rows
+
+
+def alert_kinds(read: Read) -> list[str]:
+    return [row["kind"] for row in read(ALERT_KINDS, {})]
 
 
 def canaries(read: Read) -> list[dict]:
@@ -215,14 +233,29 @@ SELECT agent_id, version, role, traffic_pct, toUnixTimestamp64Milli(ts) AS ts
 FROM (SELECT * FROM deployments FINAL WHERE {agent_id:String} = '' OR agent_id = {agent_id:String})
 ORDER BY agent_id, ts
 """
+# Both arms since the canary started, up to its `runs`-th run: the analysis ends there at the
+# latest (max_runs). Filtered inside, converted outside: the output's `ended_at` (epoch ms) would
+# otherwise shadow the column in WHERE.
 ARM_RUNS = """
+WITH (
+    SELECT max(ended_at) FROM
+    (
+        SELECT ended_at FROM runs FINAL
+        WHERE agent_id = {agent_id:String} AND agent_version = {canary:String}
+          AND ended_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+        ORDER BY ended_at, run_id
+        LIMIT {runs:UInt32}
+    )
+) AS last_counted
 SELECT run_id, agent_version, outcome, toFloat64(cost_usd) AS cost_usd, loop_detected, tool_calls, tool_errors,
        duration_ms, toUnixTimestamp64Milli(ended_at) AS ended_at
-FROM runs FINAL
-WHERE agent_id = {agent_id:String} AND agent_version IN ({stable:String}, {canary:String})
-  AND ended_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+FROM
+(
+    SELECT * FROM runs FINAL
+    WHERE agent_id = {agent_id:String} AND agent_version IN ({stable:String}, {canary:String})
+      AND ended_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC') AND ended_at <= last_counted
+)
 ORDER BY ended_at, run_id
-LIMIT 200000
 """
 
 
@@ -270,13 +303,17 @@ def deployments(read: Read, agent_id: str = "") -> list[dict]:
 def canary_trajectory(read: Read, canary: dict, policy=None) -> dict:  # noqa: ANN001 (a CanaryPolicy)
     """The analysis replayed from the stored runs of both arms since the canary started, in the
     order they ended: after each canary run, every metric's always-valid p-value (the running
-    minimum) and its threshold. The live analysis judged batch by batch, so its decision may come
-    a few runs apart from the replay's; its own point of decision is `canary["canary_runs"]`."""
+    minimum) and its threshold, up to the policy's `max_runs` canary runs (or the live analysis's
+    count, when larger), where the analysis ends at the latest, with a promotion. The live
+    analysis judged batch by batch, so its decision may come a few runs apart from the replay's;
+    its own point of decision is `canary["canary_runs"]`."""
     from streams.detect.canary import METRICS, CanaryAnalysis, CanaryPolicy
 
+    policy = policy or CanaryPolicy()
     rows = read(ARM_RUNS, {"agent_id": canary["agent_id"], "stable": canary["stable_version"],
-                           "canary": canary["version"], "since": canary["since"]})
-    analysis = CanaryAnalysis(policy or CanaryPolicy())
+                           "canary": canary["version"], "since": canary["since"],
+                           "runs": max(policy.max_runs, int(canary["canary_runs"]))})
+    analysis = CanaryAnalysis(policy)
     points: dict[str, list] = {metric: [] for metric in METRICS}
     runs: list[int] = []
     threshold = analysis.policy.metric_alpha
@@ -285,11 +322,10 @@ def canary_trajectory(read: Read, canary: dict, policy=None) -> dict:  # noqa: A
         analysis.add(arm, [row])
         if arm != "canary":
             continue
-        verdict = analysis.decide()
-        runs.append(verdict.canary_runs)
-        for result in verdict.metrics:
-            points[result.metric].append(result.p_value)
-        analysis.verdict_ = None  # keep replaying past a decision: the chart shows the whole run
+        # the p-values only (as decide computes them), past a decision too: the chart shows the whole run
+        runs.append(analysis.arms_["canary"].n)
+        for metric, p_value in analysis.p_values().items():
+            points[metric].append(p_value)
     return {"runs": runs, "p_values": points, "threshold": threshold, "metrics": list(METRICS),
             "decided_at_run": canary["canary_runs"] if canary["verdict"] != "pending" else None}
 
@@ -310,44 +346,80 @@ ORDER BY messages DESC, topic, reason
 LIMIT 500
 """
 
-TOOLS = """
-WITH (SELECT max(ts) FROM events FINAL WHERE type = 'tool_call') AS newest
-SELECT tool, count() AS calls, countIf(status = 'error') / calls AS error_rate,
-       countIf(status = 'timeout') / calls AS timeout_rate, countIf(retry) AS retries,
-       quantile(0.5)(latency_ms) AS p50_latency_ms, quantile(0.95)(latency_ms) AS p95_latency_ms,
-       arraySort(groupUniqArray(agent_id || ' ' || agent_version)) AS used_by
+# The newest tool call (`_newest`): after `since`, where the time index finds it at once.
+NEWEST_TOOL_CALL = """
+SELECT toUnixTimestamp64Milli(maxOrNull(ts)) AS newest FROM events FINAL
+WHERE type = 'tool_call' AND ({since:Int64} = 0 OR ts > fromUnixTimestamp64Milli({since:Int64}, 'UTC'))
+""" + EVENTS_FINAL
+NEWEST_RUN_HINT = "SELECT toUnixTimestamp64Milli(max(last_ended_at)) AS ended FROM agent_versions FINAL"
+# The tool calls of the range, as a subquery of each query below.
+TOOL_CALLS = """
+    SELECT * FROM events FINAL
+    WHERE type = 'tool_call' AND ts > fromUnixTimestamp64Milli({newest:Int64}, 'UTC') - toIntervalHour({hours:UInt32})
+      AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+"""
+# A retry: a call right after a failed call of the same tool in the run (in event-time order), so
+# only the runs with a failed call in the range are ordered (a few percent of them).
+TOOLS = f"""
+SELECT t.tool AS tool, calls, error_rate, timeout_rate, ifNull(r.retries, 0) AS retries, p50_latency_ms,
+       p95_latency_ms, used_by
 FROM
 (
-    SELECT tool, status, latency_ms, agent_id, agent_version,
-           lagInFrame(tool) OVER run = tool AND lagInFrame(status) OVER run IN ('error', 'timeout') AS retry
-    FROM events FINAL
-    WHERE type = 'tool_call' AND ts > newest - toIntervalHour({hours:UInt32})
-      AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
-    WINDOW run AS (PARTITION BY run_id ORDER BY ts, event_id ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
-)
-GROUP BY tool
+    SELECT tool, count() AS calls, countIf(status = 'error') / calls AS error_rate,
+           countIf(status = 'timeout') / calls AS timeout_rate,
+           quantile(0.5)(latency_ms) AS p50_latency_ms, quantile(0.95)(latency_ms) AS p95_latency_ms,
+           arraySort(groupUniqArray(agent_id || ' ' || agent_version)) AS used_by
+    FROM ({TOOL_CALLS})
+    GROUP BY tool
+) AS t
+LEFT JOIN
+(
+    SELECT tool, countIf(retry) AS retries
+    FROM
+    (
+        SELECT tool, lagInFrame(tool) OVER run = tool AND lagInFrame(status) OVER run IN ('error', 'timeout') AS retry
+        FROM ({TOOL_CALLS})
+        WHERE run_id IN (SELECT run_id FROM ({TOOL_CALLS}) WHERE status IN ('error', 'timeout'))
+        WINDOW run AS (PARTITION BY run_id ORDER BY ts, event_id ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
+    )
+    GROUP BY tool
+) AS r ON r.tool = t.tool
 ORDER BY calls DESC, tool
 LIMIT 200
+{EVENTS_FINAL}
 """
-TOOL_SERIES = """
-WITH (SELECT max(ts) FROM events FINAL WHERE type = 'tool_call') AS newest
-SELECT tool, toUnixTimestamp(toStartOfInterval(ts, toIntervalSecond({bucket:UInt32}))) * 1000 AS bucket,
+TOOL_SERIES = f"""
+SELECT tool, toUnixTimestamp(toStartOfInterval(ts, toIntervalSecond({{bucket:UInt32}}))) * 1000 AS bucket,
        quantile(0.95)(latency_ms) AS p95_latency_ms, countIf(status IN ('error', 'timeout')) / count() AS failure_rate
-FROM events FINAL
-WHERE type = 'tool_call' AND ts > newest - toIntervalHour({hours:UInt32})
-  AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+FROM ({TOOL_CALLS})
 GROUP BY tool, bucket
 ORDER BY bucket
+{EVENTS_FINAL}
 """
 
+# The heatmap: each (feature, window) shows one test of those the window had (ks, psi, wasserstein
+# for a numeric feature), the last by statistic; DRIFT_CELL is the same one.
 DRIFT = """
-WITH (SELECT max(window) FROM drift FINAL) AS newest
 SELECT agent_id, agent_version, toUnixTimestamp64Milli(window) AS window_ms, feature, statistic, value, p_value,
        threshold, baseline, significant
 FROM drift FINAL
-WHERE window > newest - toIntervalHour({hours:UInt32}) AND position(feature, '@') = 0
-  AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
-ORDER BY agent_id, agent_version, window_ms, feature
+WHERE window > fromUnixTimestamp64Milli({newest:Int64}, 'UTC') - toIntervalHour({hours:UInt32})
+  AND position(feature, '@') = 0 AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+ORDER BY agent_id, agent_version, window_ms, feature, statistic
+"""
+# As NEWEST_TOOL_CALL: after `since` first, where the key (agent version, window) finds it at once.
+NEWEST_DRIFT_WINDOW = """
+SELECT toUnixTimestamp64Milli(maxOrNull(window)) AS newest FROM drift FINAL
+WHERE {since:Int64} = 0 OR window > fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+"""
+DRIFT_CELL = """
+SELECT agent_id, agent_version, toUnixTimestamp64Milli(window) AS window_ms, feature, statistic, value, p_value,
+       threshold, baseline, significant
+FROM drift FINAL
+WHERE agent_id = {agent_id:String} AND agent_version = {agent_version:String} AND feature = {feature:String}
+  AND window = fromUnixTimestamp64Milli({window:Int64}, 'UTC') AND position(feature, '@') = 0
+ORDER BY statistic DESC
+LIMIT 1
 """
 # A numeric feature of a run, as the drift tests compute it (streams/detect/drift.py run_features).
 DRIFT_NUMERIC = {
@@ -371,13 +443,33 @@ def dead_letters(read: Read, hours: int) -> list[dict]:
     return read(DEAD_LETTERS, {"hours": hours})
 
 
+def _newest(read: Read, sql: str) -> int | None:
+    """The newest time (epoch ms) `sql` finds after `{since}`, looked for in the day before the
+    newest run's end first, and in the whole table only when nothing is there: either way the
+    newest of all, exactly (what is not after `since` is older than what is). None: no rows."""
+    (hint,) = read(NEWEST_RUN_HINT, {})
+    since = max(int(hint["ended"] or 0) - 24 * 3_600_000, 0)
+    (row,) = read(sql, {"since": since})
+    if row["newest"] is None and since:
+        (row,) = read(sql, {"since": 0})
+    return row["newest"]
+
+
+def newest_tool_call(read: Read) -> int | None:
+    """The event time of the newest tool call (epoch ms), None when there is none."""
+    return _newest(read, NEWEST_TOOL_CALL)
+
+
 def tools(read: Read, hours: int, agent_id: str = "") -> tuple[list[dict], dict[str, dict[str, list]]]:
     """Each tool's calls, error and timeout rates, retries (a call right after a failed call of the
     same tool in the run), latency, and who uses it; and its p95 latency and failure rate over time."""
-    rows = read(TOOLS, {"hours": hours, "agent_id": agent_id})
+    newest = newest_tool_call(read)
+    if newest is None:
+        return [], {}
+    rows = read(TOOLS, {"hours": hours, "agent_id": agent_id, "newest": newest})
     bucket_s = max(hours * 3600 // POINTS, 300)
     series: dict[str, dict[str, list]] = {}
-    points = read(TOOL_SERIES, {"hours": hours, "bucket": bucket_s, "agent_id": agent_id})
+    points = read(TOOL_SERIES, {"hours": hours, "bucket": bucket_s, "agent_id": agent_id, "newest": newest})
     if points:
         last = max(p["bucket"] for p in points)
         first = last - (POINTS - 1) * bucket_s * 1000
@@ -393,7 +485,10 @@ def tools(read: Read, hours: int, agent_id: str = "") -> tuple[list[dict], dict[
 def drift(read: Read, hours: int, agent_id: str = "") -> dict[tuple[str, str], dict]:
     """Per agent version: its windows, its features, and each (feature, window) test."""
     out: dict[tuple[str, str], dict] = {}
-    for row in read(DRIFT, {"hours": hours, "agent_id": agent_id}):
+    newest = _newest(read, NEWEST_DRIFT_WINDOW)
+    if newest is None:
+        return out
+    for row in read(DRIFT, {"hours": hours, "agent_id": agent_id, "newest": newest}):
         version = out.setdefault((row["agent_id"], row["agent_version"]), {"windows": [], "features": [], "cells": {}})
         if row["window_ms"] not in version["windows"]:
             version["windows"].append(row["window_ms"])
@@ -403,6 +498,13 @@ def drift(read: Read, hours: int, agent_id: str = "") -> dict[tuple[str, str], d
     for version in out.values():
         version["features"].sort()
     return out
+
+
+def drift_test(read: Read, agent_id: str, agent_version: str, feature: str, window_ms: int) -> dict | None:
+    """The test a drift heatmap cell shows (`drift`'s cell of that feature and window)."""
+    rows = read(DRIFT_CELL, {"agent_id": agent_id, "agent_version": agent_version, "feature": feature,
+                             "window": window_ms})
+    return rows[0] if rows else None
 
 
 def drift_sample(read: Read, agent_id: str, agent_version: str, feature: str, window_ms: int, window_s: int,

@@ -544,15 +544,12 @@ class CanaryAnalysis:
         level = policy.metric_alpha
         results = []
         for metric in METRICS:
-            est = _estimate(metric, stable, canary, policy)
-            statistic = p_value = upper = None
-            if est.degradation is not None and est.variance > 0.0:
+            est, p_value = self._test(metric)
+            statistic = upper = None
+            if p_value is not None:
                 excess = est.degradation - est.margin
-                tau2 = policy.tau[metric] ** 2
                 statistic = excess / math.sqrt(est.variance)
-                self.p_min_[metric] = p_value = min(self.p_min_[metric],
-                                                    mixture_p_value(excess, est.variance, tau2))
-                upper = excess + confidence_radius(est.variance, tau2, level)
+                upper = excess + confidence_radius(est.variance, policy.tau[metric] ** 2, level)
             results.append(MetricResult(
                 metric, est.stable, est.canary, stable.n, canary.n, est.difference, statistic, p_value, level,
                 p_value is not None and p_value <= level, policy.margins[metric], upper))
@@ -560,6 +557,22 @@ class CanaryAnalysis:
         if verdict.decision != "pending":
             self.verdict_ = verdict
         return verdict
+
+    def p_values(self) -> dict[str, float | None]:
+        """Each metric's always-valid p-value (the running minimum) on the runs added so far, as
+        `decide` computes it, without its verdict and bounds: what a replay of the analysis plots."""
+        return {metric: self._test(metric)[1] for metric in METRICS}
+
+    def _test(self, metric: str) -> tuple[Any, float | None]:
+        """A metric's estimate and its always-valid p-value (None while it cannot be tested); the
+        running minimum is kept."""
+        est = _estimate(metric, self.arms_["stable"], self.arms_["canary"], self.policy)
+        if est.degradation is None or not est.variance > 0.0:
+            return est, None
+        excess = est.degradation - est.margin
+        self.p_min_[metric] = p_value = min(self.p_min_[metric],
+                                            mixture_p_value(excess, est.variance, self.policy.tau[metric] ** 2))
+        return est, p_value
 
     def _verdict(self, results: tuple[MetricResult, ...]) -> Verdict:
         policy = self.policy
