@@ -194,7 +194,10 @@ def store_phase(events: int, repeat: int, console: Console, keep: Path | None = 
                  "/", f"/runs/{run_id}", "/alerts", "/canaries", f"/canaries/support-bot/{DEFAULT_CANARY.version}",
                  f"/api/v1/canaries/support-bot/{DEFAULT_CANARY.version}/gate", "/live",
                  "/drift", f"/drift/{cell[0]}/{cell[1]}?feature={cell[2]}&window={cell[3]}", "/failure-modes", "/tools",
-                 "/dead-letters"]
+                 "/dead-letters",
+                 # a week, as an on-call engineer looks back (the default range is a day)
+                 "/api/v1/fleet?hours=168", "/?hours=168", "/drift?hours=168", "/tools?hours=168",
+                 "/failure-modes?hours=168", "/alerts?hours=168"]
         results = []
         for path in paths:
             results.append((path, _time(base + path, repeat)))
@@ -208,7 +211,7 @@ def store_phase(events: int, repeat: int, console: Console, keep: Path | None = 
 
 
 def live_phase(open_runs: int, repeat: int) -> list[float]:
-    live = LiveRuns({"bootstrap.servers": "127.0.0.1:1"}, 30 * 60_000)  # never started: fed directly
+    live = LiveRuns({}, 30 * 60_000, fed=True)  # fed directly, as the sink of `up` feeds it
     now = time.time_ns() // 1_000_000
     rows = []
     for i in range(open_runs):

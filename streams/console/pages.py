@@ -57,9 +57,18 @@ def sparkline(values: Iterable[float | None], width: int = 96, height: int = 22)
 
 def heatmap_body(agent: str, version: str, cells: dict, hours: int) -> Markup:
     """The rows of a version's drift heatmap (`reads.drift`'s): a row per feature, a cell per
-    window, linked to the cell's page. Built here rather than in the template: a day of 5-minute
-    windows is thousands of cells, and a loop of Jinja filters took ~20 µs a cell (measured)."""
+    column (a window, or a bucket of windows showing one test), linked to its test's page. Built
+    here rather than in the template: a day of 5-minute windows is thousands of cells, and a loop
+    of Jinja filters took ~20 µs a cell (measured)."""
     out = []
+    escaped: dict[str, str] = {}  # a page repeats its statistics, baselines and many numbers
+
+    def esc(text: str) -> str:
+        done = escaped.get(text)
+        if done is None:
+            done = escaped[text] = str(escape(text))
+        return done
+
     link = f"/drift/{escape(agent)}/{escape(version)}?feature="
     times = {w: _time(w) for w in cells["windows"]}
     for f in cells["features"]:
@@ -70,13 +79,16 @@ def heatmap_body(agent: str, version: str, cells: dict, hours: int) -> Markup:
             if not c:
                 out.append('<td class="cell none"></td>\n')
                 continue
-            p = c["p_value"]
+            p, tested = c["p_value"], c["window_ms"]
             level = min(-1 * math.log10(max(p or 1, 1e-300)) / 6, 1) if p else 0
+            when = times.get(tested)
+            if when is None:  # a bucket's test: its own window
+                when = times[tested] = _time(tested)
             out.append(
                 f'<td class="cell {"significant" if c["significant"] else ""}" style="--level: {level:.2f}"\n'
-                f'   title="{feature} at {times[w]}: {escape(c["statistic"])} {escape(_fmt(c["value"]))}, '
-                f'p={escape(_fmt(p))} (BH threshold {escape(_fmt(c["threshold"]))}) against {escape(c["baseline"])}">\n'
-                f'  <a href="{link}{feature}&window={w}&hours={hours}"></a></td>\n')
+                f'   title="{feature} at {when}: {esc(c["statistic"])} {esc(_fmt(c["value"]))}, '
+                f'p={esc(_fmt(p))} (BH threshold {esc(_fmt(c["threshold"]))}) against {esc(c["baseline"])}">\n'
+                f'  <a href="{link}{feature}&window={tested}&hours={hours}"></a></td>\n')
         out.append("</tr>\n")
     return Markup("".join(out))
 
@@ -196,7 +208,8 @@ class Pages:
 
     def drift(self, request: Request) -> Response:
         hours, agent_id = _filters(request)
-        return self.render(request, "drift.html", versions=reads.drift(self.read, hours, agent_id))
+        return self.render(request, "drift.html",
+                           versions=reads.drift(self.read, hours, agent_id, window_s=self.window_s))
 
     def drift_cell(self, request: Request) -> Response:
         agent_id, version = request.path_params["agent_id"], request.path_params["version"]

@@ -407,6 +407,29 @@ WHERE window > fromUnixTimestamp64Milli({newest:Int64}, 'UTC') - toIntervalHour(
   AND position(feature, '@') = 0 AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
 ORDER BY agent_id, agent_version, window_ms, feature, statistic
 """
+# A range longer than MAX_DRIFT_COLUMNS windows shows a column per bucket of windows, each cell
+# the bucket's most telling test: a drifted one first, then the smallest p-value (then the
+# earliest window, then by statistic: one row). A week of 5-minute windows is 2,016 columns,
+# a 14 MB page that took a second to make; bucketed it is 288.
+MAX_DRIFT_COLUMNS = 288
+DRIFT_BUCKETED = """
+SELECT agent_id, agent_version, feature, bucket_ms,
+       tupleElement(top, 1) AS top_window_ms, tupleElement(top, 2) AS top_statistic, tupleElement(top, 3) AS top_value,
+       tupleElement(top, 4) AS top_p_value, tupleElement(top, 5) AS top_threshold, tupleElement(top, 6) AS top_baseline,
+       tupleElement(top, 7) AS top_significant
+FROM (
+    SELECT agent_id, agent_version, feature,
+           intDiv(toUnixTimestamp64Milli(window), {bucket:Int64}) * {bucket:Int64} AS bucket_ms,
+           -- one aggregate carrying the whole test (half the time of one per column)
+           argMin(tuple(toUnixTimestamp64Milli(window), statistic, value, p_value, threshold, baseline, significant),
+                  tuple(NOT significant, ifNull(p_value, 2.0), window, statistic)) AS top
+    FROM drift FINAL
+    WHERE window > fromUnixTimestamp64Milli({newest:Int64}, 'UTC') - toIntervalHour({hours:UInt32})
+      AND position(feature, '@') = 0 AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
+    GROUP BY agent_id, agent_version, feature, bucket_ms
+)
+ORDER BY agent_id, agent_version, bucket_ms, feature
+"""
 # As NEWEST_TOOL_CALL: after `since` first, where the key (agent version, window) finds it at once.
 NEWEST_DRIFT_WINDOW = """
 SELECT toUnixTimestamp64Milli(maxOrNull(window)) AS newest FROM drift FINAL
@@ -482,19 +505,33 @@ def tools(read: Read, hours: int, agent_id: str = "") -> tuple[list[dict], dict[
     return rows, series
 
 
-def drift(read: Read, hours: int, agent_id: str = "") -> dict[tuple[str, str], dict]:
-    """Per agent version: its windows, its features, and each (feature, window) test."""
+def drift(read: Read, hours: int, agent_id: str = "", *, window_s: int = 300,
+          max_columns: int = MAX_DRIFT_COLUMNS) -> dict[tuple[str, str], dict]:
+    """Per agent version: its columns (`windows`, epoch ms), its features, and each (feature,
+    column) test. A column is a window, or, when the range holds more than `max_columns` windows,
+    a bucket of `windows_per_column` windows whose cell is its most telling test (`DRIFT_BUCKETED`);
+    a cell's own `window_ms` is the window of its test."""
     out: dict[tuple[str, str], dict] = {}
     newest = _newest(read, NEWEST_DRIFT_WINDOW)
     if newest is None:
         return out
-    for row in read(DRIFT, {"hours": hours, "agent_id": agent_id, "newest": newest}):
-        version = out.setdefault((row["agent_id"], row["agent_version"]), {"windows": [], "features": [], "cells": {}})
-        if row["window_ms"] not in version["windows"]:
-            version["windows"].append(row["window_ms"])
+    per_column = max(1, -(-hours * 3600 // (window_s * max_columns)))
+    params = {"hours": hours, "agent_id": agent_id, "newest": newest}
+    if per_column == 1:
+        rows = read(DRIFT, params)
+        column = "window_ms"
+    else:
+        rows = [{**{k.removeprefix("top_"): v for k, v in row.items()}, "bucket_ms": row["bucket_ms"]}
+                for row in read(DRIFT_BUCKETED, {**params, "bucket": per_column * window_s * 1000})]
+        column = "bucket_ms"
+    for row in rows:
+        version = out.setdefault((row["agent_id"], row["agent_version"]),
+                                 {"windows": [], "features": [], "cells": {}, "windows_per_column": per_column})
+        if row[column] not in version["windows"]:
+            version["windows"].append(row[column])
         if row["feature"] not in version["features"]:
             version["features"].append(row["feature"])
-        version["cells"][(row["feature"], row["window_ms"])] = row
+        version["cells"][(row["feature"], row[column])] = row
     for version in out.values():
         version["features"].sort()
     return out

@@ -165,6 +165,42 @@ def test_drift_heatmap_and_its_cells(store, read):
         len(v["features"]) * len(v["windows"]) - len(v["cells"]) for v in versions.values())
 
 
+def test_a_long_range_heatmap_shows_each_buckets_most_telling_test(store, read):
+    """Past MAX_DRIFT_COLUMNS windows a column is a bucket of windows, its cell the bucket's
+    drifted test first, then its smallest p-value (then the earliest window, then statistic),
+    linked to that test's own window; checked against every test of the range in Python."""
+    hours, window_ms, columns = 72, 300_000, 20
+    newest = _one(store, "SELECT toUnixTimestamp64Milli(max(window)) FROM trackside.drift FINAL")
+    tests = store.query_rows(
+        "SELECT agent_id, agent_version, feature, toUnixTimestamp64Milli(window), statistic, p_value, significant "
+        "FROM trackside.drift FINAL WHERE toUnixTimestamp64Milli(window) > {since:Int64} AND position(feature, '@') = 0",
+        {"since": newest - hours * 3_600_000})
+    per_column = -(-hours * 3600 // (300 * columns))
+    bucket = per_column * window_ms
+    best: dict[tuple, tuple] = {}
+    for agent, version, feature, window, statistic, p, significant in tests:
+        key = (agent, version, feature, window // bucket * bucket)
+        rank = (not significant, 2.0 if p is None else p, window, statistic)
+        if key not in best or rank < best[key]:
+            best[key] = rank
+    versions = reads.drift(read, hours, window_s=300, max_columns=columns)
+    shown = {(agent, version, f, column): (not c["significant"], 2.0 if c["p_value"] is None else c["p_value"],
+                                          c["window_ms"], c["statistic"])
+             for (agent, version), v in versions.items() for (f, column), c in v["cells"].items()}
+    assert shown == best and len(best) > 50
+    assert {v["windows_per_column"] for v in versions.values()} == {per_column} and per_column > 1
+    assert max(len(v["windows"]) for v in versions.values()) <= columns + 1
+    assert len(tests) > 5 * len(best)  # a cell is picked among many tests
+    assert next(iter(reads.drift(read, 24).values()))["windows_per_column"] == 1  # a day is window by window
+    page = TestClient(ConsoleApp(Settings(console_port=0, metrics_port=0), read, None).app()).get("/drift?hours=2400")
+    assert page.status_code == 200 and "a column per 100 windows" in page.text
+    windows = {w for *_, w, _, _, _ in store.query_rows(
+        "SELECT agent_id, agent_version, feature, toUnixTimestamp64Milli(window), statistic, p_value, significant "
+        "FROM trackside.drift FINAL")}
+    linked = {int(w) for w in re.findall(r'<a href="/drift/[^"]*&window=(\d+)&hours=2400">', page.text)}
+    assert linked and linked <= windows  # a cell opens its own test's window
+
+
 def test_a_run_has_each_of_its_events_once(store, read):
     """The run's events through PREWHERE and FINAL without merging across partitions: a
     redelivered event stored twice (another part) shows once, and a run across a month's end
