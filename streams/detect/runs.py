@@ -19,7 +19,12 @@ from streams.detect.recent import RunMemory
 
 # An event as the assembler folds it: a packed row (`contracts.messages.pack`, the hand-over's
 # form), its fields by position: no dict is made per event.
-AGENT_ID, AGENT_VERSION, ARGS_HASH, CACHE_READ_INPUT_TOKENS, COST_SOURCE, COST_USD, DECISION, ENVIRONMENT, ERROR_MESSAGE, ERROR_TYPE, EVENT_ID, INPUT_TOKENS, OUTCOME, OUTPUT_TOKENS, POLICY, RUN_ID, SCORE, SESSION_ID, STATUS, TASK_ID, TENANT, TOOL, TS, TYPE, WAIT_MS = (EVENT_FIELDS.index(name) for name in ("agent_id", "agent_version", "args_hash", "cache_read_input_tokens", "cost_source", "cost_usd", "decision", "environment", "error_message", "error_type", "event_id", "input_tokens", "outcome", "output_tokens", "policy", "run_id", "score", "session_id", "status", "task_id", "tenant", "tool", "ts", "type", "wait_ms"))
+(EVENT_ID, TS, TYPE, RUN_ID, AGENT_ID, AGENT_VERSION, TASK_ID, SESSION_ID, TENANT, ENVIRONMENT, INPUT_TOKENS,
+ OUTPUT_TOKENS, CACHE_READ_INPUT_TOKENS, STATUS, ERROR_TYPE, ERROR_MESSAGE, TOOL, ARGS_HASH, OUTCOME, SCORE, COST_USD,
+ COST_SOURCE, POLICY, DECISION, WAIT_MS) = (EVENT_FIELDS.index(name) for name in (
+    "event_id", "ts", "type", "run_id", "agent_id", "agent_version", "task_id", "session_id", "tenant", "environment",
+    "input_tokens", "output_tokens", "cache_read_input_tokens", "status", "error_type", "error_message", "tool",
+    "args_hash", "outcome", "score", "cost_usd", "cost_source", "policy", "decision", "wait_ms"))
 
 
 def row_version(event_count: int, enriched: bool = False) -> int:
