@@ -674,7 +674,9 @@ class FailureClusterer(BaseEstimator):
         modes as of then, before `ts` opens the next one."""
         alerts = []
         if self.clock_ and self.window_of(ts) > self.window_of(self.clock_):
-            alerts = self._check_spikes(touched, emit) + self._check_quiet(emit)
+            # every window before the one `ts` opens is closed: a mode is quiet as of its start
+            # (a batch that moves the clock by an hour at once resolves what that hour made quiet)
+            alerts = self._check_spikes(touched, emit) + self._check_quiet(emit, as_of=self.window_of(ts))
         self.clock_ = max(self.clock_, ts)
         return alerts
 
@@ -807,14 +809,16 @@ class FailureClusterer(BaseEstimator):
                             "count": cluster.count(current)}, "is back to its usual rate"))
         return alerts
 
-    def _check_quiet(self, emit: bool) -> list[dict]:
-        """Resolve the "new mode" incidents of modes with no run for `new_quiet_ms`."""
+    def _check_quiet(self, emit: bool, as_of: int | None = None) -> list[dict]:
+        """Resolve the "new mode" incidents of modes with no run for `new_quiet_ms` before `as_of`
+        (event time, ms; the clock by default)."""
+        as_of = self.clock_ if as_of is None else as_of
         alerts = []
         for cid in sorted(self.clusters_):
             cluster = self.clusters_[cid]
             firing = cluster.incident
             if firing is None or firing["evidence"]["condition"] != "new" or \
-                    self.clock_ - cluster.last_seen < self.new_quiet_ms:
+                    as_of - cluster.last_seen < self.new_quiet_ms:
                 continue
             cluster.incident = None
             if emit:

@@ -503,6 +503,16 @@ def test_an_open_incident_is_updated_after_a_restart_not_sent_again_as_new():
         "alert_id"]  # the resolve of the episode that fired before the restart
 
 
+def test_an_incident_resolves_when_one_message_moves_the_clock_past_its_quiet_time():
+    """Closed runs of an hour counted in one message (a backlog handled at once, as a loaded
+    worker batches it): the mode is quiet as of the window they open, and its incident resolves
+    then, not only when a later message comes (found by the restart test in the full suite)."""
+    model = FailureClusterer(min_size=3, new_quiet_ms=30 * MIN)
+    (incident,) = model.update([run(f"a{i}", T0 + i * MIN, message=f"order #{i} not found") for i in range(4)])[1]
+    later = model.update_modes([], traffic={"one": {str(T0 + w * 5 * MIN): 20 for w in range(1, 10)}}).alerts
+    assert [(a["status"], a["fingerprint"]) for a in later] == [(RESOLVED, incident["fingerprint"])]
+
+
 def test_the_last_update_sent_is_the_incident_restored():
     model = FailureClusterer(min_size=3)
     history = [run(f"a{i}", T0 + i * MIN, agent=("one", "one", "one", "two")[i]) for i in range(4)]
