@@ -228,32 +228,36 @@ def _role(pid: int) -> str:
             "front door" if b"streams.ops.frontdoor" in command else "broker")
 
 
+def _cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds so far of a process or thread, from its /proc stat file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_by_process(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of `trackside up` and of each of its children, by role."""
-    tick = os.sysconf("SC_CLK_TCK")
     cpu: dict[str, float] = {}
     for current in [pid] + _children(pid):
         try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds = _cpu_seconds(Path(f"/proc/{current}/stat"))
         except OSError:
             continue
         role = "up (ingest, sink, chdb)" if current == pid else _role(current)
-        cpu[role] = cpu.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        cpu[role] = cpu.get(role, 0.0) + seconds
     return cpu
 
 
 def thread_cpu(pid: int) -> Counter[str]:
     """CPU seconds so far of each thread name of a process (Python's threads and native ones, such
     as chdb's merges, which py-spy does not see)."""
-    tick = os.sysconf("SC_CLK_TCK")
     cpu: Counter[str] = Counter()
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds = _cpu_seconds(task / "stat")
         except OSError:
             continue
-        cpu[re.sub(r"[0-9]+$", "", name) or name] += (int(fields[11]) + int(fields[12])) / tick
+        cpu[re.sub(r"[0-9]+$", "", name) or name] += seconds
     return cpu
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -191,6 +192,12 @@ class RunningStack:
         """Serve the console (SPEC §10) on `console_port` when started."""
         self.env["TRACKSIDE_CONSOLE_PORT"] = str(self.console_port)
         return self
+
+    def running(self) -> Iterator[RunningStack]:
+        """For a module's fixture: started, yielded, then stopped cleanly (`yield from`)."""
+        self.start()
+        yield self
+        assert self.stop() == 0
 
     def api(self, path: str, *, method: str = "GET", body: bytes | None = None,
             headers: dict | None = None) -> tuple[int, object]:

@@ -87,7 +87,6 @@ class LiveRuns:
         self._stop = threading.Event()
         # a group of its own (the topics' partitions, rebalanced if they change), joined quickly: a
         # join waits half the session timeout. From the end: what was before is read from the store.
-        self.fed = fed
         self._consumer = None if fed else Consumer({**kafka_config, "group.id": f"trackside-console-{uuid.uuid4().hex}",
                                    "enable.auto.commit": False, "auto.offset.reset": "latest",
                                    "session.timeout.ms": session_timeout_ms,

@@ -414,9 +414,9 @@ ORDER BY agent_id, agent_version, window_ms, feature, statistic
 MAX_DRIFT_COLUMNS = 288
 DRIFT_BUCKETED = """
 SELECT agent_id, agent_version, feature, bucket_ms,
-       tupleElement(top, 1) AS top_window_ms, tupleElement(top, 2) AS top_statistic, tupleElement(top, 3) AS top_value,
-       tupleElement(top, 4) AS top_p_value, tupleElement(top, 5) AS top_threshold, tupleElement(top, 6) AS top_baseline,
-       tupleElement(top, 7) AS top_significant
+       tupleElement(top, 1) AS window_ms, tupleElement(top, 2) AS statistic, tupleElement(top, 3) AS value,
+       tupleElement(top, 4) AS p_value, tupleElement(top, 5) AS threshold, tupleElement(top, 6) AS baseline,
+       tupleElement(top, 7) AS significant
 FROM (
     SELECT agent_id, agent_version, feature,
            intDiv(toUnixTimestamp64Milli(window), {bucket:Int64}) * {bucket:Int64} AS bucket_ms,
@@ -521,8 +521,7 @@ def drift(read: Read, hours: int, agent_id: str = "", *, window_s: int = 300,
         rows = read(DRIFT, params)
         column = "window_ms"
     else:
-        rows = [{**{k.removeprefix("top_"): v for k, v in row.items()}, "bucket_ms": row["bucket_ms"]}
-                for row in read(DRIFT_BUCKETED, {**params, "bucket": per_column * window_s * 1000})]
+        rows = read(DRIFT_BUCKETED, {**params, "bucket": per_column * window_s * 1000})
         column = "bucket_ms"
     for row in rows:
         version = out.setdefault((row["agent_id"], row["agent_version"]),

@@ -162,10 +162,7 @@ def runs(version: str, n: int, success: float, start: int, seed: int) -> list[di
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """This module's stack, with its console: deploy tooling asks the canary endpoint."""
-    running = RunningStack(tmp_path_factory.mktemp("stack")).with_console()
-    running.start()
-    yield running
-    assert running.stop() == 0
+    yield from RunningStack(tmp_path_factory.mktemp("stack")).with_console().running()
 
 
 @pytest.fixture(scope="module")

@@ -54,10 +54,7 @@ def mine(messages: list[dict], key: str = "agent_id") -> list[dict]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """This module's stack, with its console: the API shows the shadow's role."""
-    running = RunningStack(tmp_path_factory.mktemp("shadow")).with_console()
-    running.start()
-    yield running
-    assert running.stop() == 0
+    yield from RunningStack(tmp_path_factory.mktemp("shadow")).with_console().running()
 
 
 @pytest.fixture(scope="module")

@@ -53,11 +53,8 @@ def installed(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def wheel_stack(installed, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
-    running = RunningStack(outside / "data", {"PYTHONPATH": str(installed)}, trackside=installed / "bin" / "trackside",
-                           cwd=outside).with_console()
-    running.start()
-    yield running
-    assert running.stop() == 0
+    yield from RunningStack(outside / "data", {"PYTHONPATH": str(installed)}, trackside=installed / "bin" / "trackside",
+                            cwd=outside).with_console().running()
 
 
 def test_the_code_and_its_sql_come_from_the_wheel(installed, wheel_stack):
