@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import urllib.error
@@ -238,3 +239,22 @@ def stack(tmp_path_factory):
     running.start()
     yield running
     assert running.stop() == 0
+
+
+def canary_runs(agent_id: str, version: str, n: int, success: float, start: int, seed: int,
+                prefix: str = "") -> list[dict]:
+    """`n` one-call runs of an agent version a second apart from `start`, each a success with
+    probability `success` (seeded): what the canary and shadow tests feed both arms."""
+    rng = random.Random(seed)
+    events = []
+    for i in range(n):
+        run, t = f"{prefix}{version}-{i}", start + i * 1000
+        common = {"run_id": run, "agent_id": agent_id, "agent_version": version}
+        events += [
+            {**common, "event_id": f"{run}:0", "ts": t, "type": "run_start"},
+            {**common, "event_id": f"{run}:1", "ts": t + 400, "type": "llm_call", "model": "gpt-4o",
+             "provider": "openai", "input_tokens": 500, "output_tokens": 50, "status": "ok", "cost_usd": 0.01},
+            {**common, "event_id": f"{run}:2", "ts": t + 800, "type": "run_end",
+             "outcome": "success" if rng.random() < success else "failure"},
+        ]
+    return events

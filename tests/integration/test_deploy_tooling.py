@@ -3,7 +3,6 @@ Rollouts AnalysisTemplate's successCondition and failureCondition (expr-lang ove
 evaluated on the JSON of GET /api/v1/canaries/{agent}/{version}, and the Flagger webhook's rule
 (2xx passes) on the status of GET .../gate, for a rolled-back canary and a pending one."""
 
-import random
 import re
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from jobs.publish import agent_key, publish_lines
 from streams.contracts import topics
-from tests.conftest import RunningStack
+from tests.conftest import RunningStack, canary_runs
 
 pytestmark = pytest.mark.integration
 
@@ -144,19 +143,7 @@ def yaml_scalar(text: str, key: str) -> str:
 
 
 def runs(version: str, n: int, success: float, start: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    events = []
-    for i in range(n):
-        run, t = f"{version}-{i}", start + i * 1000
-        common = {"run_id": run, "agent_id": "deploy-bot", "agent_version": version}
-        events += [
-            {**common, "event_id": f"{run}:0", "ts": t, "type": "run_start"},
-            {**common, "event_id": f"{run}:1", "ts": t + 400, "type": "llm_call", "model": "gpt-4o",
-             "provider": "openai", "input_tokens": 500, "output_tokens": 50, "status": "ok", "cost_usd": 0.01},
-            {**common, "event_id": f"{run}:2", "ts": t + 800, "type": "run_end",
-             "outcome": "success" if rng.random() < success else "failure"},
-        ]
-    return events
+    return canary_runs("deploy-bot", version, n, success, start, seed)
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,12 @@
 analysed against stable like a canary's and its verdict lands in `canaries`, but a bad shadow is
 never rolled back or paused; deployed as a canary afterwards, it is judged afresh and rolled back."""
 
-import random
-
 import orjson
 import pytest
 
 from jobs.publish import agent_key, publish_lines
 from streams.contracts import topics
-from tests.conftest import RunningStack
+from tests.conftest import RunningStack, canary_runs
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -19,19 +17,7 @@ AGENT = "mirror-bot"
 
 
 def runs(version: str, n: int, success: float, start: int, seed: int, prefix: str = "") -> list[dict]:
-    rng = random.Random(seed)
-    events = []
-    for i in range(n):
-        run, t = f"{prefix}{version}-{i}", start + i * 1000
-        common = {"run_id": run, "agent_id": AGENT, "agent_version": version}
-        events += [
-            {**common, "event_id": f"{run}:0", "ts": t, "type": "run_start"},
-            {**common, "event_id": f"{run}:1", "ts": t + 400, "type": "llm_call", "model": "gpt-4o",
-             "provider": "openai", "input_tokens": 500, "output_tokens": 50, "status": "ok", "cost_usd": 0.01},
-            {**common, "event_id": f"{run}:2", "ts": t + 800, "type": "run_end",
-             "outcome": "success" if rng.random() < success else "failure"},
-        ]
-    return events
+    return canary_runs(AGENT, version, n, success, start, seed, prefix)
 
 
 def deploy(stack: RunningStack, *deployments: dict) -> None:
