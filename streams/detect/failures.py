@@ -500,15 +500,11 @@ class FailureClusterer(BaseEstimator):
         stamp = self.clock_ if updated_at is None else updated_at
         return [row for cluster in self.clusters_.values() for row in cluster.breakdown_rows(stamp, changed_only=False)]
 
-    def restore(self, modes: Iterable[dict], breakdown: Iterable[dict] = (), sent: Collection[str] = ()
-                ) -> FailureClusterer:
+    def restore(self, modes: Iterable[dict], breakdown: Iterable[dict] = ()) -> FailureClusterer:
         """Put back modes as stored (`failure_clusters` rows with `kind` and `seed_signature`, and
         their `failure_cluster_agents` rows), oldest first, before the runs of the history are
         learned again: they keep their ids and lifetime counts, and a run of the history that was
-        already in one (its stored `failure_cluster_id`) is not counted twice. `sent`: ids of the
-        alerts already out; a mode stored at `min_size` whose "new" incident is not among them (the
-        partition was rebuilt after the mode's row landed, before its incident went out) sends it
-        with the next update."""
+        already in one (its stored `failure_cluster_id`) is not counted twice."""
         self._ensure_state()
         parts: dict[str, list[dict]] = {}
         for row in breakdown:
@@ -522,8 +518,6 @@ class FailureClusterer(BaseEstimator):
                               size=int(row["size"]), example_run_ids=list(row["example_run_ids"])[: self.max_examples])
             cluster.templates[row["label"]] = 1
             cluster.new_done = cluster.size >= self.min_size
-            if cluster.new_done and self._new_incident_id(cid) not in sent:
-                self.owed_.append(cid)
             for part in parts.get(cid, ()):
                 cluster.slices[(part["agent_id"], part["agent_version"])] = Slice(
                     int(part["runs"]), int(part["first_seen"]), int(part["last_seen"]))
@@ -534,7 +528,7 @@ class FailureClusterer(BaseEstimator):
             self.restored_.add(cid)
         return self
 
-    def restore_incidents(self, alerts: Iterable[dict]) -> FailureClusterer:
+    def restore_incidents(self, alerts: Iterable[dict], sent: Collection[str] = ()) -> FailureClusterer:
         """Put back the incidents still open after a restart, from the `failure_cluster` alerts as
         sent (`alerts` rows, evidence as a dict), once the modes are restored and their history
         learnt again. An incident is an episode of a mode's fingerprint (`evidence.episode`: its
@@ -542,7 +536,13 @@ class FailureClusterer(BaseEstimator):
         when no `resolved` of that episode was sent. The last of its alerts sent (escalated after
         new, more agents after fewer, then later) becomes the mode's firing incident as it was, so
         that a new agent updates it with the same fingerprint, a quiet mode resolves it, and no new
-        one is opened. Alerts of modes not held here are ignored."""
+        one is opened. Alerts of modes not held here are ignored.
+
+        `sent`: ids of the alerts already out. A mode of `min_size` runs, stored or made by the
+        history just learnt, whose "new" incident is not among them sends it with the next update,
+        unless it is quiet already: the partition was rebuilt before that incident went out (its
+        failed runs, or its row too, had landed; the silent replay of the history reached the size
+        and would otherwise have swallowed the incident for good)."""
         self._ensure_state()
         modes = {fingerprint(KIND, cid): cluster for cid, cluster in self.clusters_.items()}
         episodes: dict[tuple[str, str], list[dict]] = {}
@@ -556,10 +556,10 @@ class FailureClusterer(BaseEstimator):
             return evidence.get("condition") == "spike", len(evidence.get("agents") or ()), int(alert["ts"]), alert["alert_id"]
 
         last: dict[str, dict] = {}
-        for (print_, _), sent in episodes.items():
-            if any(alert["status"] == RESOLVED for alert in sent):
+        for (print_, _), episode in episodes.items():
+            if any(alert["status"] == RESOLVED for alert in episode):
                 continue
-            newest = max(sent, key=sent_after)
+            newest = max(episode, key=sent_after)
             if print_ not in last or sent_after(newest) > sent_after(last[print_]):
                 last[print_] = newest
         for print_, alert in last.items():
@@ -574,6 +574,10 @@ class FailureClusterer(BaseEstimator):
                 # tested again with the next update: resolved at once if its window is over and quiet
                 cluster.spike_since = int(alert["evidence"].get("window_start", self.window_of(int(alert["ts"]))))
             self.recheck_ = True
+        for cid, cluster in self.clusters_.items():
+            if cluster.new_done and cluster.incident is None and self._warm(cluster) and \
+                    self._new_incident_id(cid) not in sent and self.clock_ - cluster.last_seen < self.new_quiet_ms:
+                self.owed_.append(cid)
         return self
 
     def _ensure_state(self) -> None:
@@ -583,7 +587,7 @@ class FailureClusterer(BaseEstimator):
         self.centroids_: dict[str, _Centroids] = {}  # mode key -> its modes' centroids
         self.rows_: dict[str, list[str]] = {}  # mode key -> cluster id per centroid row
         self.restored_: set[str] = set()  # modes put back by `restore`
-        self.owed_: list[str] = []  # restored modes whose "new" incident never went out
+        self.owed_: list[str] = []  # modes of a rebuild whose "new" incident never went out
         self.recheck_ = False  # restored incidents: test whether they are quiet with the next update
         self.spread_owed_: list[str] = []  # restored incidents whose mode has agents they do not list
         self.clock_ = 0  # newest ended_at seen
@@ -637,10 +641,7 @@ class FailureClusterer(BaseEstimator):
             touched[cluster.cluster_id] = None
             if not cluster.new_done and cluster.size >= self.min_size:
                 cluster.new_done = True
-                # (without a warm-up, every mode is new: the earliest run seen so far may come from a
-                # partition whose batch arrived after the mode's first runs)
-                warm = self.warmup_ms <= 0 or cluster.first_seen - self.started_ >= self.warmup_ms
-                if emit and warm and cluster.incident is None:
+                if emit and self._warm(cluster) and cluster.incident is None:
                     cluster.incident = self._incident(cluster, "new", cluster.cluster_id, {})
                     alerts.append(cluster.incident)
             elif emit and cluster.incident is not None and run["agent_id"] not in cluster.incident["evidence"]["agents"]:
@@ -668,6 +669,11 @@ class FailureClusterer(BaseEstimator):
                     alerts.append(cluster.incident)
             self.owed_ = []
         return list(touched), alerts, assigned
+
+    def _warm(self, cluster: Cluster) -> bool:
+        """Whether the mode began after the warm-up (without one, every mode is new: the earliest
+        run seen so far may come from a partition whose batch arrived after the mode's first runs)."""
+        return self.warmup_ms <= 0 or (self.started_ is not None and cluster.first_seen - self.started_ >= self.warmup_ms)
 
     def _tick(self, ts: int, touched: dict[str, None], emit: bool) -> list[dict]:
         """Move the event-time clock to `ts`; when that closes a window, judge spikes and quiet

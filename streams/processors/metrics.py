@@ -92,13 +92,13 @@ class MetricsPartition:
         # clusterer holds every mode of that key; the runs of this partition's agents are counted
         # here per window (`traffic`) and the counts go along, for the spike tests.
         self.clusters = FailureClusterer(window_ms=window_ms)
-        self.clusters.restore(state.modes, state.mode_agents, sent=state.sent)
+        self.clusters.restore(state.modes, state.mode_agents)
         self.clusters.count_traffic(state.mode_traffic)
         self._found = _Found()
         for failed in state.mode_history:
             self._modes(failed, {}, now_ms, emit=False)
         # after the history: its silent replay must not close them (a resolve would go unsent)
-        self.clusters.restore_incidents(state.mode_incidents)
+        self.clusters.restore_incidents(state.mode_incidents, sent=state.sent)
         self.traffic = TrafficCounts(window_ms)
         self.mode_targets: dict[str, set[int]] = {}  # agent -> partitions its failed runs went to
         self.pending_traffic: dict[int, set[tuple[str, int]]] = {}  # partition -> (agent, window) counts to send

@@ -273,13 +273,38 @@ def test_a_new_incident_lost_in_a_rebuild_goes_out_with_the_next_update():
     model = FailureClusterer(min_size=3)
     rows, alerts, _ = model.update([run(f"a{i}", T0 + i) for i in range(3)])
     (incident,) = alerts
-    lost = FailureClusterer(min_size=3).restore(rows, model.breakdown(), sent=set())
+    lost = FailureClusterer(min_size=3).restore(rows, model.breakdown())
     assert lost.update_modes([], emit=False).alerts == []  # the history replayed: silent
+    lost.restore_incidents([], sent=set())
     (again,) = lost.update_modes([run("b1", T0 + 10, agent="other", message="card declined")]).alerts
     assert (again["alert_id"], again["evidence"]["condition"]) == (incident["alert_id"], "new")
     # sent before the rebuild: not again
-    kept = FailureClusterer(min_size=3).restore(rows, model.breakdown(), sent={incident["alert_id"]})
+    kept = FailureClusterer(min_size=3).restore(rows, model.breakdown()).restore_incidents([], sent={incident["alert_id"]})
     assert kept.update_modes([run("b1", T0 + 10, agent="other", message="card declined")]).alerts == []
+
+
+def test_a_mode_the_history_of_a_rebuild_makes_sends_its_new_incident_once():
+    """The failed runs landed, but neither the mode's row nor its incident had when the partition
+    was rebuilt (they were on their way to the mode's partition): the history replayed silently
+    makes the mode at its size, and its "new" incident goes out with the next update, once; not
+    when it was sent, nor when the mode is quiet already (the suite's flake: the incident of the
+    outage never came)."""
+    history = [run(f"a{i}", T0 + i * MIN) for i in range(3)]
+    (incident,) = FailureClusterer(min_size=3).update(history)[1]  # what the partition would have sent
+
+    def rebuilt(sent: set[str], later: list[dict] = ()) -> FailureClusterer:
+        clusterer = FailureClusterer(min_size=3, new_quiet_ms=30 * MIN).restore([], [])
+        clusterer.update_modes(history + list(later), emit=False)
+        return clusterer.restore_incidents([], sent=sent)
+
+    lost = rebuilt(set())
+    (again,) = lost.update_modes([]).alerts
+    assert (again["alert_id"], again["status"], again["evidence"]["condition"]) == (incident["alert_id"], FIRING, "new")
+    assert again["evidence"]["agents"] == incident["evidence"]["agents"]
+    assert lost.update_modes([run("a9", T0 + 4 * MIN)]).alerts == []  # once
+    assert rebuilt({incident["alert_id"]}).update_modes([]).alerts == []
+    quiet = rebuilt(set(), [run(f"ok{i}", T0 + (40 + i) * MIN, outcome="success") for i in range(2)])
+    assert quiet.update_modes([]).alerts == []
 
 
 def test_redelivered_run_is_counted_once():
@@ -471,11 +496,10 @@ def test_a_signature_placed_before_finds_the_same_centroids(monkeypatch):
 def _restarted(model, sent_alerts, history, **params):
     """A clusterer rebuilt as a metrics partition rebuilds it: the stored modes and breakdown, the
     history replayed silently (with each run's stored mode), then the open incidents from the alerts."""
-    rebuilt = FailureClusterer(**params).restore(model.cluster_rows(), model.breakdown(),
-                                                 sent={a["alert_id"] for a in sent_alerts})
+    rebuilt = FailureClusterer(**params).restore(model.cluster_rows(), model.breakdown())
     rebuilt.update_modes([{**r, "failure_cluster_id": model.seen_runs_.get(r["run_id"]) or ""} for r in history],
                          emit=False)
-    return rebuilt.restore_incidents(sent_alerts)
+    return rebuilt.restore_incidents(sent_alerts, sent={a["alert_id"] for a in sent_alerts})
 
 
 def test_an_open_incident_is_updated_after_a_restart_not_sent_again_as_new():
@@ -541,8 +565,8 @@ def test_a_restored_spike_resolves_when_its_window_is_over():
     (spike,) = _steady(model, 1, 12, start=8, prefix="b")
     assert spike["evidence"]["condition"] == "spike"
     # restored with no history replayed: the spike is tested with the next update, and is over
-    rebuilt = FailureClusterer(min_size=100).restore(model.cluster_rows(), model.breakdown(), sent={spike["alert_id"]})
-    rebuilt.restore_incidents([spike])
+    rebuilt = FailureClusterer(min_size=100).restore(model.cluster_rows(), model.breakdown())
+    rebuilt.restore_incidents([spike], sent={spike["alert_id"]})
     alerts = _steady(rebuilt, 2, 1, start=10, prefix="c")
     assert [(a["status"], a["fingerprint"]) for a in alerts] == [(RESOLVED, spike["fingerprint"])]
     assert alerts[0]["evidence"]["episode"] == spike["evidence"]["episode"]

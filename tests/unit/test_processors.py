@@ -239,3 +239,34 @@ def test_a_metrics_partition_rebuilt_a_page_at_a_time_relearns_its_runs(tmp_path
     assert {cid: c.size for cid, c in paged.clusters.clusters_.items()} == {r["cluster_id"]: r["size"] for r in modes.values()}
     assert windows(first) > windows(whole) and len(windows(whole)) > 50
     assert first.results.runs == []  # every run's mode as stored: no row sent again
+
+
+def test_a_partition_built_after_its_failed_runs_landed_still_sends_their_new_modes(tmp_path):
+    """The worker's first assignment can come seconds after `up` is ready, when the first runs
+    have landed already, their failure modes not yet: the rebuild learns them silently from the
+    store, then their results come. Every mode a partition running from the start opened an
+    incident for, and that is not quiet by then, has its "new" incident sent by the rebuilt one
+    too, listing every agent (the suite's flake: none came)."""
+    one = Settings(data_dir=tmp_path, partitions=1)
+    assembler = AssemblerPartition(0, one, Policy(), [], set(), now_ms=0)
+    out = assembler.handle(EventBatch(0, [pack(e) for e in fleet(runs=600, seed=5)]), 1, 0, 1.0)
+    (message,) = [decode_run_result(m.encode()) for m in out.results.values()]
+    landed = sorted(message.runs, key=lambda row: (row["ended_at"], row["run_id"]))  # plain rows: no mode yet
+
+    def incidents(partition: MetricsPartition) -> list[dict]:
+        return [a for a in partition.handle(message, 1, 0).alerts if a["kind"] == "failure_cluster"]
+
+    live = incidents(MetricsPartition(0, one, Policy(), MetricsState()))
+    quiet = {a["evidence"]["cluster_id"] for a in live if a["status"] == "resolved"}
+    opened: dict[str, dict] = {}  # the first alert of each mode's incident, before its updates as it spread
+    for a in live:
+        opened.setdefault(a["evidence"]["cluster_id"], a)
+    expected = {cid: a["alert_id"] for cid, a in opened.items() if cid not in quiet}
+    assert all(a["evidence"]["condition"] == "new" for a in opened.values())
+    assert len(expected) >= 5 and quiet
+    state = MetricsState(history=[landed], watermark=assembler.assembler.watermark,
+                         mode_history=[[row for row in landed if row["outcome"] != "success"]])
+    rebuilt = incidents(MetricsPartition(0, one, Policy(), state))
+    assert {a["evidence"]["cluster_id"]: a["alert_id"] for a in rebuilt} == expected
+    newest = {a["evidence"]["cluster_id"]: a["evidence"]["agents"] for a in live}  # as they spread, newest last
+    assert all(a["evidence"]["agents"] == newest[a["evidence"]["cluster_id"]] for a in rebuilt)
