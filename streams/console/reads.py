@@ -358,8 +358,9 @@ TOOL_CALLS = """
     WHERE type = 'tool_call' AND ts > fromUnixTimestamp64Milli({newest:Int64}, 'UTC') - toIntervalHour({hours:UInt32})
       AND ({agent_id:String} = '' OR agent_id = {agent_id:String})
 """
-# A retry: a call right after a failed call of the same tool in the run (in event-time order), so
-# only the runs with a failed call in the range are ordered (a few percent of them).
+# A retry: a call right after a failed call of the same tool in its run (in event-time order),
+# counted by the assembler when it closed the run (`runs.tool_retries`), over the runs that ended
+# in the range: ordering each run's calls here took most of a week's page.
 TOOLS = f"""
 SELECT t.tool AS tool, calls, error_rate, timeout_rate, ifNull(r.retries, 0) AS retries, p50_latency_ms,
        p95_latency_ms, used_by
@@ -374,14 +375,11 @@ FROM
 ) AS t
 LEFT JOIN
 (
-    SELECT tool, countIf(retry) AS retries
-    FROM
-    (
-        SELECT tool, lagInFrame(tool) OVER run = tool AND lagInFrame(status) OVER run IN ('error', 'timeout') AS retry
-        FROM ({TOOL_CALLS})
-        WHERE run_id IN (SELECT run_id FROM ({TOOL_CALLS}) WHERE status IN ('error', 'timeout'))
-        WINDOW run AS (PARTITION BY run_id ORDER BY ts, event_id ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
-    )
+    SELECT tool, count() AS retries
+    FROM runs FINAL
+    ARRAY JOIN tool_retries AS tool
+    WHERE ended_at > fromUnixTimestamp64Milli({{newest:Int64}}, 'UTC') - toIntervalHour({{hours:UInt32}})
+      AND ({{agent_id:String}} = '' OR agent_id = {{agent_id:String}})
     GROUP BY tool
 ) AS r ON r.tool = t.tool
 ORDER BY calls DESC, tool
@@ -485,7 +483,8 @@ def newest_tool_call(read: Read) -> int | None:
 
 def tools(read: Read, hours: int, agent_id: str = "") -> tuple[list[dict], dict[str, dict[str, list]]]:
     """Each tool's calls, error and timeout rates, retries (a call right after a failed call of the
-    same tool in the run), latency, and who uses it; and its p95 latency and failure rate over time."""
+    same tool in its run, of the runs that ended in the range), latency, and who uses it; and its p95
+    latency and failure rate over time."""
     newest = newest_tool_call(read)
     if newest is None:
         return [], {}

@@ -35,6 +35,7 @@ def row_version(event_count: int, enriched: bool = False) -> int:
 
 APPROVAL_STATUSES = ("requested", "granted", "denied", "expired")
 _STEPS = ("run_start", "llm_call", "tool_call", "run_end")  # what makes a run's time span
+_FAILED = ("error", "timeout")  # the statuses of a tool call that failed
 
 
 @dataclass(slots=True)
@@ -159,7 +160,7 @@ class RunState:
             self._look_for_loop(policy, tools_changed=False)
         elif kind == "tool_call":
             self.tool_calls += 1
-            self.tool_errors += event[STATUS] in ("error", "timeout")
+            self.tool_errors += event[STATUS] in _FAILED
             # Kept in event-time order as calls arrive: loops are found on the tail.
             args = event[ARGS_HASH]
             decision = self.decision  # of a call whose arguments are unknown, if its model call reported usage
@@ -296,6 +297,7 @@ class RunState:
             "unpriced_calls": self.unpriced_calls,
             "duration_ms": ended_at - self.started_at,
             "tool_path": [step[2] for step in steps],
+            "tool_retries": [call[2] for before, call in zip(steps, steps[1:]) if call[2] == before[2] and before[4] in _FAILED],
             "loop_detected": self.loop is not None,
             "failure_cluster_id": "",
             "event_count": len(self.event_ids),

@@ -58,28 +58,37 @@ def test_the_filled_store_is_days_of_a_fleet(store):
 
 
 def test_tools_as_counted_from_the_tool_calls(store, read):
-    """Calls, error and timeout rates, retries (a call right after a failed call of the same tool
-    in its run) and the versions that use it, counted here in Python from the raw tool calls."""
+    """Calls, error and timeout rates and the versions that use it, counted here in Python from the
+    raw tool calls of the range; retries (a call right after a failed call of the same tool in its
+    run) from every call of the runs that ended in the range."""
     newest = _one(store, "SELECT toUnixTimestamp64Milli(max(ts)) FROM trackside.events FINAL WHERE type = 'tool_call'")
     assert reads.newest_tool_call(read) == newest
+    since = newest - 6 * 3_600_000
     for agent_id in ("", "support-bot"):
         calls = store.query_json(
-            "SELECT run_id, toUnixTimestamp64Milli(ts) AS ts_ms, event_id, tool, status, agent_id, agent_version "
-            "FROM trackside.events FINAL WHERE type = 'tool_call' AND ts > fromUnixTimestamp64Milli({since:Int64}, 'UTC') "
+            "SELECT run_id, toUnixTimestamp64Milli(ts) AS ts_ms, event_id, tool, status, agent_id, agent_version, "
+            "ts > fromUnixTimestamp64Milli({since:Int64}, 'UTC') AS in_range, "
+            "run_id IN (SELECT run_id FROM trackside.runs FINAL WHERE ended_at > fromUnixTimestamp64Milli({since:Int64}, 'UTC')) "
+            "AS run_in_range FROM trackside.events FINAL WHERE type = 'tool_call' "
             "AND ({agent_id:String} = '' OR agent_id = {agent_id:String})",
-            {"since": newest - 6 * 3_600_000, "agent_id": agent_id}, person=False)
+            {"since": since, "agent_id": agent_id}, person=False)
         expected: dict[str, dict] = {}
         previous: dict[str, dict] = {}
+        retries: dict[str, int] = {}
         for call in sorted(calls, key=lambda c: (c["run_id"], c["ts_ms"], c["event_id"])):
-            tool = expected.setdefault(call["tool"], {"calls": 0, "errors": 0, "timeouts": 0, "retries": 0,
-                                                      "used_by": set()})
+            before = previous.get(call["run_id"])
+            previous[call["run_id"]] = call
+            if call["run_in_range"] and before and before["tool"] == call["tool"] and before["status"] in ("error", "timeout"):
+                retries[call["tool"]] = retries.get(call["tool"], 0) + 1
+            if not call["in_range"]:
+                continue
+            tool = expected.setdefault(call["tool"], {"calls": 0, "errors": 0, "timeouts": 0, "used_by": set()})
             tool["calls"] += 1
             tool["errors"] += call["status"] == "error"
             tool["timeouts"] += call["status"] == "timeout"
-            before = previous.get(call["run_id"])
-            tool["retries"] += bool(before and before["tool"] == call["tool"] and before["status"] in ("error", "timeout"))
             tool["used_by"].add(f"{call['agent_id']} {call['agent_version']}")
-            previous[call["run_id"]] = call
+        for name, tool in expected.items():
+            tool["retries"] = retries.get(name, 0)
         rows, series = reads.tools(read, 6, agent_id)
         assert sum(t["retries"] for t in expected.values()) > 0, "the fleet retries failed calls"
         assert {row["tool"]: (row["calls"], row["error_rate"], row["timeout_rate"], row["retries"], row["used_by"])

@@ -44,6 +44,18 @@ def test_run_closes_at_run_end_with_its_numbers():
     assert row["version"] == 10 and row["event_count"] == 5
 
 
+def test_a_retry_is_a_call_right_after_a_failed_call_of_the_same_tool_in_event_time():
+    calls = [("search", "error", 1), ("search", "ok", 2), ("lookup", "timeout", 3), ("search", "ok", 4),
+             ("search", "ok", 5), ("fetch", "timeout", 6), ("fetch", "timeout", 7), ("fetch", "ok", 8)]
+    events = [event("s", "r1", "run_start", T0)] + [
+        event(f"c{i}", "r1", "tool_call", T0 + at * 1000, tool=tool, status=status) for i, (tool, status, at) in enumerate(calls)]
+    events.append(event("e", "r1", "run_end", T0 + 9000, outcome="success"))
+    arrived = events[:1] + events[1:-1][::-1] + events[-1:]  # the calls arrive last first
+    (row,) = RunAssembler(30 * MIN).apply(arrived, now_ms=0)
+    assert row["tool_retries"] == ["search", "fetch", "fetch"]
+    assert row["tool_errors"] == 4
+
+
 def test_duplicates_are_applied_once():
     assembler = RunAssembler(30 * MIN)
     events = a_run("r1", T0)
