@@ -196,6 +196,7 @@ def create_app(settings: Settings) -> faust.App:
         partition = event.message.partition
         if partition not in assemblers:
             started = time.monotonic()
+            log.info("assemble_runs partition %d: rebuilding its state from the store", partition)
             await asyncio.get_running_loop().run_in_executor(None, imported.join)
             from streams.processors.assembler import AssemblerPartition
             from streams.processors.recovery import open_run_events
@@ -205,7 +206,9 @@ def create_app(settings: Settings) -> faust.App:
             assemblers[partition] = AssemblerPartition(partition, settings, policy, stored, sent, now_ms())
             del stored
             release_memory()
-            telemetry.STATE_REBUILD_SECONDS.labels("assemble_runs").observe(time.monotonic() - started)
+            took = time.monotonic() - started
+            log.info("assemble_runs partition %d: rebuilt in %.1f s", partition, took)
+            telemetry.STATE_REBUILD_SECONDS.labels("assemble_runs").observe(took)
         out = assemblers[partition].handle(EventBatch.decode(event.value), kafka_ms(event), now_ms(), time.monotonic())
         for outcome, count in Counter(row["outcome"] for row in out.closed).items():
             telemetry.RUNS_CLOSED.labels(outcome).inc(count)
@@ -222,13 +225,16 @@ def create_app(settings: Settings) -> faust.App:
         partition = event.message.partition
         if partition not in analysts:
             started = time.monotonic()
+            log.info("compute_metrics partition %d: rebuilding its state from the store", partition)
             await asyncio.get_running_loop().run_in_executor(None, imported.join)
             from streams.processors.recovery import rebuild_metrics
 
             analysts[partition] = await _from_store(
                 rebuild_metrics, settings, policy, partition, DETECTION_HISTORY_MS, now_ms())
             release_memory()
-            telemetry.STATE_REBUILD_SECONDS.labels("compute_metrics").observe(time.monotonic() - started)
+            took = time.monotonic() - started
+            log.info("compute_metrics partition %d: rebuilt in %.1f s", partition, took)
+            telemetry.STATE_REBUILD_SECONDS.labels("compute_metrics").observe(took)
         message = decode_run_result(event.value)
         # Off the event loop (the drift tests take milliseconds); awaited, so one at a time,
         # while the loop flushes what was sent and keeps the consumer's heartbeats going.
