@@ -394,7 +394,10 @@ class _ToolCalls:
         index: dict[str, int] = {}
         codes = [index.setdefault(t, len(index)) for r in runs for t in r.tools]
         calls = [len(r.tools) for r in runs]
-        return cls(tuple(index), np.array(codes, dtype=np.int64), np.array(calls, dtype=np.int64))
+        # the smallest integers that hold them (a byte a call, mostly): a tested window is kept for
+        # the reference's age, three hours
+        return cls(tuple(index), np.array(codes, dtype=np.min_scalar_type(len(index))),
+                   np.array(calls, dtype=np.min_scalar_type(max(calls, default=0))))
 
 
 def _pool(windows: list[_Window]) -> tuple[np.ndarray, list[Counter]]:

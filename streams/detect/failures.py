@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator
 from sklearn.feature_extraction.text import HashingVectorizer
 
 from streams.contracts.alerts import FIRING, RESOLVED, fingerprint, make_alert, utc_text
-from streams.detect.recent import RunMemory
+from streams.detect.recent import RunMemory, RunSet
 
 KIND = "failure_cluster"
 
@@ -922,7 +922,7 @@ class TrafficCounts:
     def __init__(self, window_ms: int, keep_windows: int = 16) -> None:
         self.window_ms = window_ms
         self.keep_windows = keep_windows
-        self.runs: dict[tuple[str, int], set[int]] = {}  # (agent, window start) -> hash(run_id) of its runs
+        self.runs: dict[tuple[str, int], RunSet] = {}  # (agent, window start) -> its runs
         self.newest = 0
 
     def window_of(self, ts: int) -> int:
@@ -931,11 +931,19 @@ class TrafficCounts:
     def add(self, runs: Iterable[dict]) -> set[tuple[str, int]]:
         """Count closed runs; the (agent, window) pairs they fell in."""
         touched = set()
+        newest = self.newest
         for row in runs:
             key = (row["agent_id"], self.window_of(row["ended_at"]))
-            self.runs.setdefault(key, set()).add(hash(row["run_id"]))
+            counted = self.runs.get(key)
+            if counted is None:
+                counted = self.runs[key] = RunSet()
+            counted.add(row["run_id"])
             touched.add(key)
             self.newest = max(self.newest, key[1])
+        if self.newest > newest:  # a window is over: its runs go compact
+            for key, counted in self.runs.items():
+                if key[1] < self.newest:
+                    counted.seal()
         oldest = self.newest - self.keep_windows * self.window_ms
         if len(self.runs) > 4 * len(touched) + 64:
             for key in [k for k in self.runs if k[1] < oldest]:

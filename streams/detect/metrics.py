@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, insort
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
+
+import numpy as np
 
 from streams.detect.estimators import quantile, ratio
 from streams.detect.governance import guardrail_acted
@@ -41,49 +44,67 @@ class RunGovernance:
             (int(row["steps"]), float(row["duration_ms"]) / 1000) if escalated else None)
 
 
-def governance_columns(runs: int, facts: Iterable[RunGovernance]) -> dict:
-    """The governance columns of a window of `runs` runs, from the facts of those that have any."""
-    hits: dict[str, int] = {}
-    approvals = [0, 0, 0, 0]
-    waits: list[float] = []
-    steps: list[float] = []
-    seconds: list[float] = []
-    guardrail_runs = feedback_count = 0
-    feedback_sum = 0.0
-    for fact in facts:
+@dataclass(slots=True)
+class GovernanceTotals:
+    """The governance facts of many runs added up: what a window keeps of its sealed runs."""
+
+    hits: dict[str, int] = field(default_factory=dict)
+    guardrail_runs: int = 0
+    approvals: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    waits: list[float] = field(default_factory=list)
+    feedback_count: int = 0
+    feedback_sum: float = 0.0
+    steps: list[float] = field(default_factory=list)  # of the escalated runs
+    seconds: list[float] = field(default_factory=list)
+
+    def add(self, fact: RunGovernance) -> None:
         for key, count in fact.policy_hits.items():
-            hits[key] = hits.get(key, 0) + count
-        guardrail_runs += fact.guardrail
+            self.hits[key] = self.hits.get(key, 0) + count
+        self.guardrail_runs += fact.guardrail
         for i, count in enumerate(fact.approvals):
-            approvals[i] += count
-        waits += fact.waits
-        feedback_count += fact.feedback_count
-        feedback_sum += fact.feedback_sum
+            self.approvals[i] += count
+        self.waits += fact.waits
+        self.feedback_count += fact.feedback_count
+        self.feedback_sum += fact.feedback_sum
         if fact.escalation is not None:
-            steps.append(fact.escalation[0])
-            seconds.append(fact.escalation[1])
-    waits.sort()
-    steps.sort()
-    seconds.sort()
-    requested, granted, denied, expired = approvals
-    return {
-        "policy_hits": sum(hits.values()),
-        "policy_hits_by": hits,
-        "guardrail_runs": guardrail_runs,
-        "guardrail_rate": ratio(guardrail_runs, runs),
-        "approvals_requested": requested,
-        "approvals_granted": granted,
-        "approvals_denied": denied,
-        "approvals_expired": expired,
-        "approval_wait_p50_ms": quantile(waits, 0.50),
-        "approval_wait_p95_ms": quantile(waits, 0.95),
-        "escalations": len(steps),
-        "escalation_rate": ratio(len(steps), runs),
-        "escalation_steps_p50": quantile(steps, 0.50),
-        "escalation_seconds_p50": quantile(seconds, 0.50),
-        "feedback_count": feedback_count,
-        "feedback_score": ratio(feedback_sum, feedback_count),
-    }
+            self.steps.append(fact.escalation[0])
+            self.seconds.append(fact.escalation[1])
+
+    def copy(self) -> GovernanceTotals:
+        return GovernanceTotals(dict(self.hits), self.guardrail_runs, list(self.approvals), list(self.waits),
+                                self.feedback_count, self.feedback_sum, list(self.steps), list(self.seconds))
+
+    def columns(self, runs: int) -> dict:
+        """The governance columns of a window of `runs` runs."""
+        waits, steps, seconds = sorted(self.waits), sorted(self.steps), sorted(self.seconds)
+        requested, granted, denied, expired = self.approvals
+        return {
+            "policy_hits": sum(self.hits.values()),
+            "policy_hits_by": self.hits,
+            "guardrail_runs": self.guardrail_runs,
+            "guardrail_rate": ratio(self.guardrail_runs, runs),
+            "approvals_requested": requested,
+            "approvals_granted": granted,
+            "approvals_denied": denied,
+            "approvals_expired": expired,
+            "approval_wait_p50_ms": quantile(waits, 0.50),
+            "approval_wait_p95_ms": quantile(waits, 0.95),
+            "escalations": len(steps),
+            "escalation_rate": ratio(len(steps), runs),
+            "escalation_steps_p50": quantile(steps, 0.50),
+            "escalation_seconds_p50": quantile(seconds, 0.50),
+            "feedback_count": self.feedback_count,
+            "feedback_score": ratio(self.feedback_sum, self.feedback_count),
+        }
+
+
+def governance_columns(runs: int, facts: Iterable[RunGovernance], sealed: GovernanceTotals | None = None) -> dict:
+    """The governance columns of a window of `runs` runs: the totals of its sealed runs, if any,
+    and the facts of the others that have any."""
+    totals = sealed.copy() if sealed is not None else GovernanceTotals()
+    for fact in facts:
+        totals.add(fact)
+    return totals.columns(runs)
 
 
 @dataclass(slots=True)
@@ -93,24 +114,41 @@ class Window:
     start: int
     end: int
     # A run re-emitted with more events replaces its earlier facts, so each run's are kept, in
-    # columns (~90 bytes a run, where an object per run took ~290): hash(run_id) -> its position.
+    # columns, while it can be re-emitted (~190 bytes a run): hash(run_id) -> its position. Then
+    # it is sealed (`seal`): its facts stay only in the sums, and its hash and version in sorted
+    # arrays (16 bytes), so that a redelivery is still counted once.
     positions: dict[int, int] = field(default_factory=dict)
     versions: array = field(default_factory=lambda: array("q"))
     costs: array = field(default_factory=lambda: array("d"))
     run_durations: array = field(default_factory=lambda: array("d"))
     run_counts: array = field(default_factory=lambda: array("q"))  # _COUNTS a run
     # The runs' counts summed and durations sorted as they come, since a window is emitted again
-    # with every run it gets.
+    # with every run it gets; both hold the sealed runs too.
     counts: list[int] = field(default_factory=lambda: [0] * _COUNTS)
     durations: array = field(default_factory=lambda: array("d"))
     # position -> the governance facts of a run that has any (most have none)
     governance: dict[int, RunGovernance] = field(default_factory=dict)
+    sealed_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # sorted
+    sealed_versions: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # of each id
+    sealed_cost: float = 0.0  # the sealed runs' costs summed in their order, as `row` goes on summing
+    sealed_governance: GovernanceTotals = field(default_factory=GovernanceTotals)
+
+    @property
+    def appended(self) -> int:
+        """Runs this window ever took (sealed or not): where the next new run goes."""
+        return len(self.sealed_ids) + len(self.versions)
 
     def add(self, row: dict) -> bool:
         key = hash(row["run_id"])
         at = self.positions.get(key)
         if at is not None and self.versions[at] >= row["version"]:
             return False
+        if at is None and len(self.sealed_ids):
+            found = int(self.sealed_ids.searchsorted(key))
+            if found < len(self.sealed_ids) and self.sealed_ids[found] == key:
+                # a redelivery (the same version), or by construction nothing newer: the run
+                # could no longer be re-emitted when it was sealed
+                return False
         cost, duration = float(row["cost_usd"]), float(row["duration_ms"])
         counts = (row["outcome"] == "success", row["outcome"] == "timeout", bool(row["loop_detected"]),
                   row["tool_calls"], row["tool_errors"], row["input_tokens"], row["output_tokens"])
@@ -138,10 +176,33 @@ class Window:
             self.governance.pop(position, None)
         return True
 
+    def seal(self, upto: int) -> None:
+        """Seal the runs this window took before its `upto`th (`appended` then): none of them can
+        be re-emitted any more. Their facts stay only in the sums; the row does not change."""
+        k = min(upto - len(self.sealed_ids), len(self.versions))
+        if k <= 0:
+            return
+        items = list(self.positions.items())  # in position order: a run keeps the place it came in
+        ids = np.concatenate([self.sealed_ids, np.fromiter((key for key, _ in items[:k]), np.int64, k)])
+        versions = np.concatenate([self.sealed_versions, np.array(self.versions[:k], np.int64)])
+        order = ids.argsort(kind="stable")
+        self.sealed_ids, self.sealed_versions = ids[order], versions[order]
+        for cost in self.costs[:k]:
+            self.sealed_cost += cost
+        for position in range(k):
+            fact = self.governance.pop(position, None)
+            if fact is not None:
+                self.sealed_governance.add(fact)
+        self.positions = {key: position - k for key, position in items[k:]}
+        self.governance = {position - k: fact for position, fact in self.governance.items()}
+        del self.versions[:k], self.costs[:k], self.run_durations[:k], self.run_counts[:k * _COUNTS]
+
     def row(self, *, final: bool, version: int, updated_at: int) -> dict:
-        runs = len(self.positions)
+        runs = len(self.sealed_ids) + len(self.positions)
         successes, timeouts, loops, tool_calls, tool_errors, input_tokens, output_tokens = self.counts
-        cost = sum(self.costs)  # a float sum: in the runs' order, as always
+        cost = self.sealed_cost  # a float sum: in the runs' order, as always
+        for one in self.costs:
+            cost += one
         durations = self.durations
         return {
             "agent_id": self.agent_id,
@@ -167,22 +228,31 @@ class Window:
             "is_final": final,
             "version": version,
             "updated_at": updated_at,
-            **governance_columns(runs, self.governance.values()),
+            **governance_columns(runs, self.governance.values(), self.sealed_governance),
         }
 
 
-class MetricWindows:
-    """The open windows of the agents of one partition."""
+EVERY_PARTITION = -1  # a seal that waits for every upstream partition
 
-    def __init__(self, window_ms: int, idle_timeout_ms: int, upstream_partitions: int, idle_source_ms: int = 60_000) -> None:
+
+class MetricWindows:
+    """The open windows of the agents of one partition. `reemit_ms`: how far past the watermark
+    of the message that brought a run its upstream partition may still re-emit it; once that
+    partition's watermark is past it, the run is sealed (None: never)."""
+
+    def __init__(self, window_ms: int, idle_timeout_ms: int, upstream_partitions: int, idle_source_ms: int = 60_000,
+                 reemit_ms: int | None = None) -> None:
         self.window_ms = window_ms
         self.idle_timeout_ms = idle_timeout_ms
         self.upstream_partitions = upstream_partitions
         self.idle_source_ms = idle_source_ms
+        self.reemit_ms = reemit_ms
         self.windows: dict[tuple[str, str, int], Window] = {}
         self.final_before = 0  # windows ending at or before this are final
         self.upstream: dict[int, int] = {}  # upstream partition -> its watermark
         self.heard: dict[int, int] = {}  # upstream partition -> wall time of its last message
+        # window -> (upstream partition, its watermark that seals them, runs appended by then), oldest first
+        self.unsealed: dict[tuple[str, str, int], deque[tuple[int, int, int]]] = {}
         self.late_runs = 0
         self._started = 0
         self._version = 0
@@ -197,7 +267,30 @@ class MetricWindows:
             self.upstream[upstream_partition] = upstream_watermark
         self.heard[upstream_partition] = now_ms
         self._started = self._started or now_ms
+        if self.reemit_ms is not None:
+            sealed_at = upstream_watermark + self.reemit_ms
+            for key in dirty:
+                self.unsealed.setdefault(key, deque()).append(
+                    (upstream_partition, sealed_at, self.windows[key].appended))
+            self._seal()
         return self._emit(dirty, now_ms)
+
+    def _passed(self, partition: int, watermark: int) -> bool:
+        if partition == EVERY_PARTITION:
+            return all(self.upstream.get(p, 0) >= watermark for p in range(self.upstream_partitions))
+        return self.upstream.get(partition, 0) >= watermark
+
+    def _seal(self) -> None:
+        """Seal the runs no upstream partition can re-emit any more."""
+        for key in list(self.unsealed):
+            pending = self.unsealed[key]
+            upto = 0
+            while pending and self._passed(*pending[0][:2]):
+                upto = max(upto, pending.popleft()[2])
+            if upto:
+                self.windows[key].seal(upto)
+            if not pending:
+                del self.unsealed[key]
 
     def restore(self, final_before: int, pages: Iterable[list[dict]]) -> None:
         """Put back where final windows end and the runs of open windows (pages of rows, as they
@@ -206,6 +299,12 @@ class MetricWindows:
         for rows in pages:
             for row in rows:
                 self._add(row)
+        if self.reemit_ms is not None and self.windows:
+            # Sealed once every upstream partition is past the newest of them by `reemit_ms`:
+            # the assemblers rebuild only runs without a row, but a newer version may be on its way.
+            sealed_at = max(key[2] for key in self.windows) + self.window_ms + self.reemit_ms
+            for key, window in self.windows.items():
+                self.unsealed.setdefault(key, deque()).append((EVERY_PARTITION, sealed_at, window.appended))
 
     def _add(self, row: dict) -> tuple[str, str, int] | None:
         """Fold one run into its window; the window's key if that changed it."""
@@ -245,6 +344,7 @@ class MetricWindows:
             rows.append(self.windows[key].row(final=is_final, version=self._version_at(now_ms), updated_at=now_ms))
         for key in final:
             del self.windows[key]
+            self.unsealed.pop(key, None)
         return rows
 
     def _version_at(self, now_ms: int) -> int:

@@ -74,3 +74,36 @@ class RunMemory(Generic[V]):
         last = np.append(hashes[1:] != hashes[:-1], True)[:len(hashes)]
         self._hashes, self._until, self._values = hashes[last], until[last], values[last]
         self._next_due = int(self._until.min()) if len(self._until) else 2 ** 62
+
+
+class RunSet:
+    """A set of hash(run_id) that only grows: new ones in a set, which `seal` (and every
+    `SEAL_EVERY` adds) merges into a sorted numpy array, 8 bytes a run where a set takes ~95."""
+
+    SEAL_EVERY = 4_096
+    __slots__ = ("_sealed", "_new")
+
+    def __init__(self) -> None:
+        self._sealed = np.empty(0, np.int64)
+        self._new: set[int] = set()
+
+    def add(self, run_id: str) -> None:
+        key = hash(run_id)
+        if key in self._new:
+            return
+        sealed = self._sealed
+        if len(sealed):
+            at = int(sealed.searchsorted(key))
+            if at < len(sealed) and sealed[at] == key:
+                return
+        self._new.add(key)
+        if len(self._new) >= self.SEAL_EVERY:
+            self.seal()
+
+    def seal(self) -> None:
+        if self._new:
+            self._sealed = np.union1d(self._sealed, np.fromiter(self._new, np.int64, len(self._new)))
+            self._new = set()
+
+    def __len__(self) -> int:
+        return len(self._sealed) + len(self._new)

@@ -310,6 +310,13 @@ class RunState:
 
 CLOSED_KEPT_MIN_MS = 60_000
 
+
+def reemitted_within_ms(allowed_lateness_ms: int) -> int:
+    """How far past the watermark of the batch that closed a run `RunAssembler` may still emit its
+    row again (a late event updates it): its last event is at most the lateness ahead of that
+    watermark, and a closed run is kept for `closed_kept_ms` after it; one timer's width more."""
+    return allowed_lateness_ms + max(allowed_lateness_ms, CLOSED_KEPT_MIN_MS) + RunAssembler.TIMER_MS
+
 _SHARED: dict[frozenset, frozenset] = {}
 
 

@@ -16,7 +16,7 @@ from streams.detect.governance import GovernanceWatch
 from streams.detect.metrics import MetricWindows
 from streams.detect.policy import Policy
 from streams.detect.rollout import RolloutController
-from streams.detect.runs import row_version
+from streams.detect.runs import reemitted_within_ms, row_version
 from streams.settings import Settings
 
 @dataclass
@@ -79,7 +79,8 @@ class MetricsPartition:
         self.partitions = settings.partitions
         self.policy = policy
         self.sent = state.sent
-        self.windows = MetricWindows(window_ms, idle_timeout_ms, settings.partitions)
+        self.windows = MetricWindows(window_ms, idle_timeout_ms, settings.partitions,
+                                     reemit_ms=reemitted_within_ms(settings.allowed_lateness_seconds * 1000))
         self.windows.restore(state.final_before, state.window_runs)
         self.rollouts = RolloutController(policy, window_ms, state.sent)
         self.rollouts.deploy(state.deployments)

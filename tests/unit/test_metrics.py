@@ -156,3 +156,70 @@ def test_a_window_without_governance_signals_reports_none():
     (row,) = windows.apply([run_row("a", T0)], 0, T0, now_ms=1)
     assert (row["policy_hits"], row["policy_hits_by"], row["guardrail_rate"], row["escalations"]) == (0, {}, 0.0, 0)
     assert row["approval_wait_p50_ms"] is None and row["feedback_score"] is None
+
+
+def _random_row(rng, run_id: str) -> dict:
+    row = {**run_row(run_id, T0 + int(rng.integers(0, 5 * MIN)), rng.choice(["success", "failure", "timeout", "escalated"]),
+                     cost=float(rng.lognormal(-4, 1)), duration=int(rng.integers(1, 10**6)), version=int(rng.integers(0, 6)),
+                     tool_calls=int(rng.integers(0, 9)), tool_errors=int(rng.integers(0, 3))),
+           "loop_detected": bool(rng.random() < 0.1), "steps": int(rng.integers(1, 20))}
+    if rng.random() < 0.4:
+        row |= {"policy_hits": {f"p{rng.integers(0, 3)}:redacted": 1}, "feedback_count": int(rng.integers(0, 3)),
+                "feedback_score": float(rng.random()), "approvals_requested": 1,
+                "approval_waits_ms": [float(rng.integers(1, 10**5))]}
+    return row
+
+
+def test_a_window_gives_the_same_rows_whether_or_not_its_runs_were_sealed():
+    """Sealing folds a run's facts into the window's sums, keeping only its id and version: the
+    rows stay those of a window that keeps every run's facts, through re-emissions before the
+    seal and redeliveries after it."""
+    from streams.detect.metrics import Window
+
+    rng = np.random.default_rng(21)
+    sealed, whole = Window("bot", "v1", T0, T0 + 5 * MIN), Window("bot", "v1", T0, T0 + 5 * MIN)
+    latest: dict[str, int] = {}  # run -> the version the windows hold
+    done: set[str] = set()  # sealed runs
+    for step in range(1500):
+        run_id = f"r{step // 3 + int(rng.integers(0, 4))}"  # each run comes a few times, close together
+        row = _random_row(rng, run_id)
+        if run_id in done:  # sealed: only a redelivery can come now
+            row["version"] = latest[run_id]
+        added = sealed.add(row)
+        assert added == whole.add(row) and (run_id not in done or not added)
+        if added:
+            latest[run_id] = row["version"]
+        if rng.random() < 0.05:
+            sealed.seal(sealed.appended - 5)  # the five newest stay open to re-emission
+            ids = set(sealed.sealed_ids.tolist())
+            done = {run for run in latest if hash(run) in ids}
+        a, b = sealed.row(final=False, version=1, updated_at=2), whole.row(final=False, version=1, updated_at=2)
+        assert a.pop("feedback_score") == pytest.approx(b.pop("feedback_score"))
+        assert a == b
+    assert len(sealed.sealed_ids) > 300 and len(sealed.positions) < 50
+
+
+def test_runs_are_sealed_once_their_partition_can_no_longer_re_emit_them():
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2, reemit_ms=4 * MIN)
+    windows.apply([run_row("a", T0 + 1, cost=1.0)], 0, T0, now_ms=1)
+    windows.apply([run_row("b", T0 + 2, cost=2.0)], 1, T0, now_ms=1)
+    windows.apply([], 0, T0 + 4 * MIN - 1, now_ms=2)
+    (window,) = windows.windows.values()
+    assert len(window.sealed_ids) == 0, "partition 0 may still re-emit run a"
+    (row,) = windows.apply([run_row("a", T0 + 1, cost=3.0, version=6)], 0, T0 + 4 * MIN, now_ms=3)
+    assert row["cost_usd"] == 5.0 and len(window.sealed_ids) == 1, "a's newer version counted, then a sealed"
+    assert windows.apply([run_row("a", T0 + 1, cost=3.0, version=6)], 0, T0 + 4 * MIN, now_ms=4) == []
+    assert len(window.positions) == 1, "b waits for partition 1"
+    (row,) = windows.apply([], 1, T0 + 4 * MIN, now_ms=5) or [window.row(final=False, version=0, updated_at=0)]
+    assert len(window.sealed_ids) == 2 and row["runs"] == 2 and row["cost_usd"] == 5.0
+
+
+def test_restored_runs_are_sealed_once_every_partition_is_past_the_newest_window():
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2, reemit_ms=4 * MIN)
+    windows.restore(0, [[run_row("a", T0 + 1), run_row("b", T0 + 5 * MIN + 1)]])
+    assert all(len(w.sealed_ids) == 0 for w in windows.windows.values())
+    windows.apply([], 0, T0 + 14 * MIN, now_ms=1)
+    assert all(len(w.sealed_ids) == 0 for w in windows.windows.values()), "partition 1 has not passed them"
+    windows.apply([], 1, T0 + 14 * MIN, now_ms=2)
+    assert [len(w.sealed_ids) for w in windows.windows.values()] == [1, 1]
+    assert windows.apply([run_row("b", T0 + 5 * MIN + 1)], 1, T0 + 14 * MIN, now_ms=3) == [], "a redelivery"

@@ -34,3 +34,19 @@ def test_a_count_bound_keeps_the_last_runs_with_their_values_and_the_newest_valu
     recent.put("r6", 11, "x")
     recent.put("r7", 12, "y")  # seals: r5's newer entry kept over the older one
     assert recent.get("r5") == "again" and len(recent._hashes) == len(set(recent._hashes.tolist()))
+
+
+def test_a_run_set_counts_each_run_once_across_its_seals():
+    from streams.detect.recent import RunSet
+
+    class Small(RunSet):
+        SEAL_EVERY = 4
+
+    runs = Small()
+    for n in [*range(10), *range(10), 3, 11]:  # sealed twice while adding, then again at the end
+        runs.add(f"r{n}")
+    assert len(runs) == 11 and len(runs._new) < 4
+    runs.seal()
+    runs.add("r0")
+    runs.add("r5")
+    assert len(runs) == 11 and len(runs._sealed) == 11
