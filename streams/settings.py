@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # Topology.
     partitions: int = Field(4, ge=1, description="partitions of agent.events and of the internal topics")
     workers: int = Field(1, ge=1, description="faust worker processes started by `trackside up`")
+    memory_report_seconds: int = Field(
+        0, ge=0, description="a worker logs where its memory is this often (`streams.runtime.memory_report`; 0: never)")
 
     # Stream semantics (event time).
     window_seconds: int = Field(300, ge=1, description="tumbling window of agent_metrics")

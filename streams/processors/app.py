@@ -23,7 +23,7 @@ from streams.contracts import topics
 from streams.contracts.messages import EventBatch, MetricResults, dead_letter, decode_run_result
 from streams.errors import StoreError
 from streams.ops.frontdoor import STACK_CLIENT_ID
-from streams.runtime import release_memory
+from streams.runtime import memory_report, release_memory
 from streams.settings import Settings
 
 if TYPE_CHECKING:
@@ -202,6 +202,11 @@ def create_app(settings: Settings) -> faust.App:
     async def give_back_memory() -> None:
         # what a rebuild and the catch-up after it left free in the C heap, back to the kernel
         await asyncio.get_running_loop().run_in_executor(None, release_memory)
+
+    if settings.memory_report_seconds:
+        @app.timer(interval=settings.memory_report_seconds)
+        async def report_memory() -> None:
+            log.info("memory: %s", memory_report())
 
     @app.agent(event_batches, name="assemble_runs")
     async def assemble_runs(stream) -> None:  # noqa: ANN001
