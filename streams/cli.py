@@ -23,9 +23,7 @@ def _settings() -> Settings:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from streams.ops.stack import Stack
-    from streams.runtime import tune_malloc
 
-    tune_malloc()  # before the stack's threads: the query service's replies to a rebuild are ~10 MB each
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -37,8 +37,10 @@ def tune_malloc() -> None:
     threshold above which blocks are mapped apart, so later ones stayed in the heap. In a
     14-minute soak, 4 minutes after a restart the worker's C heap held 296 MB free (55 before
     it) while its Python objects had grown 15 MB; with this, 37-54 MB, and the worker's peak
-    after the restart was 811 MB instead of 904 (`memory_report`, jobs/README.md). Threads here
-    take turns on the GIL: one heap costs them nothing."""
+    after the restart was 811 MB instead of 904 (`memory_report`, jobs/README.md). The worker's
+    threads take turns on the GIL: one heap costs them nothing. Not in `up`: its embedded
+    ClickHouse allocates from many threads at once, and a query that builds many strings took
+    5-20% longer with one heap."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_ARENA_MAX, 1)
