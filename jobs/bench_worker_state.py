@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 import tracemalloc
@@ -36,14 +37,14 @@ from streams.detect.policy import Policy
 from streams.ingest.pricing import PriceTable, price_event
 from streams.processors.assembler import AssemblerPartition
 from streams.processors.metrics import MetricsPartition, MetricsState
+from streams.runtime import resident_bytes
 from streams.settings import Settings
 
 MINUTE_MS = 60_000
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096 / 2**20
+    return (resident_bytes(os.getpid()) or 0) / 2**20
 
 
 def _priced(prices: PriceTable, raw: dict) -> dict:

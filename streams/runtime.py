@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -59,6 +60,15 @@ def release_memory() -> None:
         pass
 
 
+def resident_bytes(pid: int) -> int | None:
+    """Resident memory of a process (its VmRSS), or None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), None)
+
+
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -70,8 +80,7 @@ def memory_report() -> str:
     but held, mapped apart). Arenas much larger than the blocks in them, or a C heap holding much
     free, is memory a rebuild left behind, not state. Takes a few milliseconds."""
     parts = []
-    with open("/proc/self/statm") as statm:
-        parts.append(f"resident {int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20:.0f}")
+    parts.append(f"resident {(resident_bytes(os.getpid()) or 0) / 2**20:.0f}")
     saved = os.dup(2)
     try:
         with tempfile.TemporaryFile() as out:  # sys._debugmallocstats writes to C's stderr

@@ -200,9 +200,7 @@ class Window:
     def row(self, *, final: bool, version: int, updated_at: int) -> dict:
         runs = len(self.sealed_ids) + len(self.positions)
         successes, timeouts, loops, tool_calls, tool_errors, input_tokens, output_tokens = self.counts
-        cost = self.sealed_cost  # a float sum: in the runs' order, as always
-        for one in self.costs:
-            cost += one
+        cost = sum(self.costs, self.sealed_cost)  # a float sum: in the runs' order, as always
         durations = self.durations
         return {
             "agent_id": self.agent_id,

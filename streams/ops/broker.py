@@ -17,7 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streams.contracts import topics
 from streams.errors import BrokerError
 from streams.ops.frontdoor import STACK_CLIENT_ID
-from streams.runtime import die_with_parent
+from streams.runtime import die_with_parent, resident_bytes  # noqa: F401 (resident_bytes: imported from here too)
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,6 @@ class Child:
                 self.process.kill()
                 self.process.wait()
         self.pid_file.unlink(missing_ok=True)
-
-
-def resident_bytes(pid: int) -> int | None:
-    """Resident memory of a process (its VmRSS), or None once it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), None)
 
 
 def kill_stale(pid_file: Path) -> None:
