@@ -8,8 +8,8 @@ pass them their messages: an assembler partition per run partition, each closed 
 metrics partition of its agent, failed runs and tenant costs on to the partitions that own
 them. Event time is the clock (the worker's wall clock is the event time in the soak), so an
 hour of it takes minutes. Every minute of event time: the memory Python has allocated and still
-holds (tracemalloc, one frame), the process's RSS; every ten minutes the allocation sites that
-grew most since the last snapshot. At the end the soak's verdict on this memory: peak over the
+holds (tracemalloc, one frame), the process's RSS; every ten minutes (`--every`) the allocation
+sites that grew most since the last snapshot. At the end the soak's verdict on this memory: peak over the
 last half against the second quarter. tracemalloc slows the state machines ~2x and its snapshots
 add to the RSS: read the traced figures, not the RSS, for the state.
 
@@ -84,7 +84,7 @@ class Pipeline:
             messages += [(t, m.encode()) for t, m in [*out.tenant_costs.items(), *out.failed_runs.items()]]
 
 
-def run(rate: float, minutes: int, partitions: int, top: int = 12, seed: int = 11) -> dict:
+def run(rate: float, minutes: int, partitions: int, top: int = 12, seed: int = 11, every: int = 10) -> dict:
     settings = Settings(partitions=partitions)
     start_ms = (int(time.time() * 1000) // MINUTE_MS) * MINUTE_MS
     prices = PriceTable()
@@ -114,10 +114,10 @@ def run(rate: float, minutes: int, partitions: int, top: int = 12, seed: int = 1
             samples.append((minute, pipeline.runs, traced, _rss_mb()))
             print(f"  minute {minute:>3}: {events:>10,} events, {pipeline.runs:>8,} runs closed, state "
                   f"{traced:7.1f} MB (RSS {samples[-1][3]:6.0f} MB), {time.perf_counter() - began:5.0f} s", flush=True)
-            if minute % 10 == 0:
+            if minute % every == 0:
                 now = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
                 if snapshot is not None:
-                    print(f"  grew most since minute {minute - 10}:")
+                    print(f"  grew most since minute {minute - every}:")
                     for stat in now.compare_to(snapshot, "lineno")[:top]:
                         frame = stat.traceback[0]
                         print(f"    {stat.size_diff / 2**20:+7.2f} MB  {stat.size / 2**20:7.2f} MB  "
@@ -141,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=600.0, help="events a second of event time")
     ap.add_argument("--minutes", type=int, default=40, help="minutes of event time")
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--top", type=int, default=12, help="allocation sites shown every ten minutes")
+    ap.add_argument("--top", type=int, default=12, help="allocation sites shown at each snapshot")
+    ap.add_argument("--every", type=int, default=10, help="minutes of event time between snapshots")
     args = ap.parse_args(argv)
     print(f"the soak's fleet at {args.rate:,.0f} events/s for {args.minutes} minutes of event time, "
           f"{args.partitions} partitions")
-    result = run(args.rate, args.minutes, args.partitions, args.top)
+    result = run(args.rate, args.minutes, args.partitions, args.top, every=args.every)
     quarter, half = result["peak_second_quarter_mb"], result["peak_second_half_mb"]
     print(f"{result['events']:,} events, {result['runs']:,} runs closed in {result['wall_s']:.0f} s; state peak "
           f"{quarter:.1f} MB over minutes {args.minutes / 4:g}-{args.minutes / 2:g}, {half:.1f} MB over "
