@@ -1,6 +1,6 @@
 """How much state the faust worker holds at a fleet's pace, and where: without a broker.
 
-    python -m jobs.bench_worker_state [--rate 600] [--minutes 40] [--partitions 4]
+    python -m jobs.bench_worker_state [--rate 600] [--minutes 40] [--partitions 4] [--every 10]
 
 The soak's simulated fleet (`jobs.soak.fleet`: event times one after the other, `--rate`
 events a second) goes through the processors' per-partition state machines as the faust agents
@@ -9,8 +9,8 @@ metrics partition of its agent, failed runs and tenant costs on to the partition
 them. Event time is the clock (the worker's wall clock is the event time in the soak), so an
 hour of it takes minutes. Every minute of event time: the memory Python has allocated and still
 holds (tracemalloc, one frame), the process's RSS; every ten minutes (`--every`) the allocation
-sites that grew most since the last snapshot. At the end the soak's verdict on this memory: peak over the
-last half against the second quarter. tracemalloc slows the state machines ~2x and its snapshots
+sites that grew most since the last snapshot. At the end the soak's verdict on this memory: peak
+over the last half against the second quarter. tracemalloc slows the state machines ~2x and its snapshots
 add to the RSS: read the traced figures, not the RSS, for the state.
 
 The worker at the soak's 5,000 events/s holds about `5000 / rate` times the figures that grow
