@@ -312,7 +312,9 @@ class Verdict:
 # --- state -------------------------------------------------------------------------------------------
 
 
-class _Run(NamedTuple):
+class RunFacts(NamedTuple):
+    """What the analysis counts of one run (`run_facts`)."""
+
     success: int
     cost: float
     loop: int
@@ -324,15 +326,23 @@ class _Run(NamedTuple):
     escalation: int  # steps before escalating; -1: not escalated
 
 
-def _run(row: Mapping[str, Any]) -> _Run:
+def run_facts(row: Mapping[str, Any]) -> RunFacts:
+    """What the analysis counts of a run (a row of the runs table)."""
     try:
         outcome, duration = row["outcome"], row["duration_ms"]
     except KeyError as missing:
         raise ValueError(f"run {row.get('run_id')!r} has no {missing.args[0]}") from None
-    return _Run(int(outcome == "success"), float(row.get("cost_usd") or 0.0), int(bool(row.get("loop_detected"))),
-                int(row.get("tool_calls") or 0), int(row.get("tool_errors") or 0), int(duration),
-                int(guardrail_acted(row)), int(approval_denied(row)),
-                int(row.get("steps") or 0) if outcome == "escalated" else -1)
+    return RunFacts(int(outcome == "success"), float(row.get("cost_usd") or 0.0), int(bool(row.get("loop_detected"))),
+                    int(row.get("tool_calls") or 0), int(row.get("tool_errors") or 0), int(duration),
+                    int(guardrail_acted(row)), int(approval_denied(row)),
+                    int(row.get("steps") or 0) if outcome == "escalated" else -1)
+
+
+def _facts(row: Mapping[str, Any]) -> tuple[str, RunFacts]:
+    run_id = row.get("run_id")
+    if not run_id:
+        raise ValueError("a run needs a run_id")
+    return run_id, run_facts(row)
 
 
 class _Arm:
@@ -347,7 +357,7 @@ class _Arm:
     """
 
     def __init__(self) -> None:
-        self.runs: dict[str, _Run] = {}
+        self.runs: dict[str, RunFacts] = {}
         self.durations: list[int] = []
         self.escalations: list[int] = []  # steps of the escalated runs
         self.successes = self.loops = self.guardrails = self.denials = 0
@@ -358,7 +368,7 @@ class _Arm:
     def n(self) -> int:
         return len(self.runs)
 
-    def add(self, run_id: str, run: _Run) -> None:
+    def add(self, run_id: str, run: RunFacts) -> None:
         self.runs[run_id] = run
         bisect.insort(self.durations, run.duration)
         if run.escalation >= 0:
@@ -377,7 +387,7 @@ class _Arm:
         self.cost_sq = math.fsum(r.cost * r.cost for r in self.runs.values())
         self.cost_success = math.fsum(r.cost * r.success for r in self.runs.values())
 
-    def _count(self, run: _Run, sign: int) -> None:
+    def _count(self, run: RunFacts, sign: int) -> None:
         self.successes += sign * run.success
         self.loops += sign * run.loop
         self.guardrails += sign * run.guardrail
@@ -519,14 +529,14 @@ class CanaryAnalysis:
     def add(self, arm: str, runs: Iterable[Mapping[str, Any]]) -> None:
         """Count closed runs (rows of the runs table) of one arm, "stable" or "canary"; a run_id
         seen before replaces its earlier row, in whichever arm that was."""
+        self.add_facts(arm, (_facts(row) for row in runs))
+
+    def add_facts(self, arm: str, runs: Iterable[tuple[str, RunFacts]]) -> None:
+        """`add` of runs as (run_id, `run_facts(row)`): what a backlog of recent runs keeps."""
         if arm not in self.arms_:
             raise ValueError(f"arm must be one of {ARMS}, not {arm!r}")
         target = self.arms_[arm]
-        for row in runs:
-            run_id = row.get("run_id")
-            if not run_id:
-                raise ValueError("a run needs a run_id")
-            run = _run(row)
+        for run_id, run in runs:
             previous = self.arm_of_.get(run_id)
             if previous == arm and target.runs[run_id] == run:
                 continue  # a redelivery: the sums stay exactly as they are

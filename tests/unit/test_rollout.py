@@ -461,3 +461,24 @@ def test_the_kept_stable_version_sees_late_runs_and_forgotten_windows():
     assert forgotten.stable("bot") == "v2"
     forgotten.observe(run(201, "v1", T0 + 5 * WINDOW + 1_000))  # the first window is forgotten
     assert forgotten.stable("bot") == "v1"
+
+
+def test_a_canary_known_late_counts_both_arms_runs_since_it_started():
+    """Roles inferred from traffic come once a window has settled: the runs of both arms that
+    ended since the canary started, seen before it was known, come from the agent's backlog."""
+    controller = RolloutController(Policy(), WINDOW)
+    runs = fleet(240, T0)  # 40 minutes, even arms: the verdict stays pending
+    first_rows = None
+    for r in runs:
+        _, _, rows = controller.update([r])
+        if rows and first_rows is None:
+            first_rows = rows
+    since = controller.rollouts.canary_since("bot", "v2")
+    assert since is not None and first_rows is not None
+    known_at = first_rows[0]
+    expected = {version: sum(1 for r in runs if r["agent_version"] == version and r["ended_at"] >= since)
+                for version in ("v1", "v2")}
+    (canary,) = controller.canaries.values()
+    assert canary.verdict.decision == "pending"
+    assert (canary.verdict.canary_runs, canary.verdict.stable_runs) == (expected["v2"], expected["v1"])
+    assert known_at["canary_runs"] > 1, "the first analysis had the backlog's canary runs"
