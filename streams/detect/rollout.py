@@ -17,7 +17,7 @@ from streams.detect.policy import Policy
 
 # Recent runs kept per agent, so that a canary known late (roles are inferred once a window has
 # settled) still gets both arms' runs that ended after it started: what the analysis counts of
-# each (`Recent`, ~0.3 KB), not its row (~2 KB).
+# each (`Recent`, ~0.3 KB), not its row (~2.4 KB).
 BACKLOG = 5_000
 # Roles inferred from traffic are judged on settled windows (complete, and a whole window
 # behind the newest run, so that late runs are in), the last SETTLED_POOL of them pooled: at a
