@@ -468,14 +468,12 @@ def test_a_canary_known_late_counts_both_arms_runs_since_it_started():
     ended since the canary started, seen before it was known, come from the agent's backlog."""
     controller = RolloutController(Policy(), WINDOW)
     runs = fleet(240, T0)  # 40 minutes, even arms: the verdict stays pending
-    first_rows = None
+    known_at = None  # the canary's first row: when it became known
     for r in runs:
         _, _, rows = controller.update([r])
-        if rows and first_rows is None:
-            first_rows = rows
+        known_at = known_at or (rows[0] if rows else None)
     since = controller.rollouts.canary_since("bot", "v2")
-    assert since is not None and first_rows is not None
-    known_at = first_rows[0]
+    assert since is not None and known_at is not None
     expected = {version: sum(1 for r in runs if r["agent_version"] == version and r["ended_at"] >= since)
                 for version in ("v1", "v2")}
     (canary,) = controller.canaries.values()
