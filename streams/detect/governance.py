@@ -66,8 +66,9 @@ ESCALATION = Signal("escalation", "escalation_rate", "escalated")
 SIGNALS = (POLICY, ESCALATION)
 
 
-def _flags(run: Mapping) -> tuple[bool, bool]:
-    return guardrail_acted(run), run.get("outcome") == "escalated"
+def _flags(run: Mapping) -> int:
+    """The run's signals as bits: bit i set when it counts for SIGNALS[i] (a small int: one shared copy)."""
+    return guardrail_acted(run) | (run.get("outcome") == "escalated") << 1
 
 
 def hypergeometric_sf(x: int, n: int, b: int, m: int) -> float:
@@ -80,10 +81,24 @@ def hypergeometric_sf(x: int, n: int, b: int, m: int) -> float:
 
 @dataclass(slots=True)
 class _Window:
+    """A window holds its runs for window + lateness of event time (minutes), so it keeps little a
+    run: hash(run_id) -> its flags, and the guardrail hits ("policy:decision" -> count) of the
+    runs that had any. A run landing again (with more events) replaces its first row."""
+
     start: int
-    # hash(run_id) -> its flags (per signal) and guardrail hits by "policy:decision"; a run landing
-    # again (with more events) replaces its first row
-    runs: dict[int, tuple[tuple[bool, bool], Mapping[str, int]]] = field(default_factory=dict)
+    runs: dict[int, int] = field(default_factory=dict)
+    hits: dict[int, Mapping[str, int]] = field(default_factory=dict)
+
+    def add(self, run: Mapping) -> None:
+        key = hash(run["run_id"])
+        self.runs[key] = _flags(run)
+        if hits := run.get("policy_hits"):
+            self.hits[key] = hits
+        else:
+            self.hits.pop(key, None)
+
+    def flagged(self, signal: int) -> int:
+        return sum(flags >> signal & 1 for flags in self.runs.values())
 
 
 @dataclass(slots=True)
@@ -151,7 +166,7 @@ class GovernanceWatch:
             window = series.open.get(start)
             if window is None:
                 window = series.open[start] = _Window(start)
-            window.runs[hash(run["run_id"])] = (_flags(run), run.get("policy_hits") or {})
+            window.add(run)
         alerts = []
         for key, series in self.series.items():
             for start in sorted(series.open):
@@ -162,7 +177,7 @@ class GovernanceWatch:
 
     def _test(self, key: tuple[str, str], series: _Series, window: _Window) -> list[dict]:
         n = len(window.runs)
-        flagged = tuple(sum(flags[i] for flags, _ in window.runs.values()) for i in range(len(SIGNALS)))
+        flagged = tuple(window.flagged(i) for i in range(len(SIGNALS)))
         spiking = [False] * len(SIGNALS)
         alerts = []
         for i, signal in enumerate(SIGNALS):
@@ -182,7 +197,7 @@ class GovernanceWatch:
             }
             if signal is POLICY:
                 hits = Counter()
-                for _, policy_hits in window.runs.values():
+                for policy_hits in window.hits.values():
                     hits.update(policy_hits)
                 evidence["policy_hits"] = dict(hits.most_common(10))
             alerts += self._advance(key, series, i, signal, spiking[i], p, rate / base, evidence)

@@ -81,6 +81,19 @@ def test_a_guardrail_spike_fires_once_names_its_policy_and_resolves_once():
     assert resolved["evidence"]["baseline"] == pytest.approx(0.03, abs=0.002)
 
 
+def test_a_run_landing_again_replaces_its_flags_and_hits():
+    watch = GovernanceWatch(WINDOW, 2 * MIN)
+    assert feed(watch, [(100, 3, 2)] * 12) == []
+    spike = runs_of(12, 100, tripped=20)
+    # before the window is tested, runs 0-4 land again without hits, runs 5-9 with another policy's
+    again = [{**row, "policy_hits": {}} for row in spike[:5]] + [
+        {**row, "policy_hits": {"pii:redacted": 1}} for row in spike[5:10]]
+    assert watch.update(spike, 0) == []
+    (firing,) = watch.update(again, passed_after(12))
+    assert (firing["evidence"]["runs"], firing["evidence"]["flagged_runs"]) == (100, 15)
+    assert firing["evidence"]["policy_hits"] == {"refund_limit:blocked": 10, "pii:redacted": 5, "tone:allowed": 2}
+
+
 def test_an_escalation_spike_is_its_own_alert():
     watch = GovernanceWatch(WINDOW, 2 * MIN)
     alerts = feed(watch, [(100, 3, 2)] * 12 + [(100, 3, 15)])
