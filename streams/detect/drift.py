@@ -4,6 +4,7 @@ against the version's own trailing reference (or its stable version's), alerting
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -308,12 +309,20 @@ def benjamini_hochberg(p_values: Iterable[float], q: float) -> tuple[np.ndarray,
 
 @dataclass(slots=True, frozen=True)
 class RunFeatures:
+    """What a window keeps of a run until it is tested (minutes of event time): small, since a
+    fleet's runs of those minutes are all held. Strings and tool paths are shared copies."""
+
     version: int
-    numeric: tuple[float, ...]
+    numeric: bytes  # the NUMERIC features, packed (PACKED): 73 bytes, not a tuple of 5 floats' 200
     tools: tuple[str, ...]
     outcome: str
     error_type: str
     guardrail: str = NONE
+
+
+PACKED = struct.Struct(f"<{len(NUMERIC)}d")
+_PATHS: dict[tuple[str, ...], tuple[str, ...]] = {}  # tool path -> its one copy
+_MAX_PATHS = 10_000  # distinct paths kept; past it the cache starts again (paths are few, runs many)
 
 
 def run_features(run: Mapping) -> RunFeatures:
@@ -327,9 +336,19 @@ def run_features(run: Mapping) -> RunFeatures:
         (run.get("tool_errors") or 0) / tool_calls if tool_calls else 0.0,
     )
     # Names many runs share, one copy of each: a window holds its runs until it is tested.
-    return RunFeatures(int(run.get("version") or 0), numeric, tuple(map(_one_copy, run.get("tool_path") or ())),
+    return RunFeatures(int(run.get("version") or 0), PACKED.pack(*numeric), _tool_path(run.get("tool_path") or ()),
                        _one_copy(run.get("outcome") or ""), _one_copy(run.get("error_type") or "none"),
                        guardrail(run))  # one of governance's constants: shared already
+
+
+def _tool_path(tools: Iterable[str]) -> tuple[str, ...]:
+    path = tuple(tools)
+    shared = _PATHS.get(path)
+    if shared is None:
+        if len(_PATHS) >= _MAX_PATHS:
+            _PATHS.clear()
+        shared = _PATHS[path] = tuple(map(_one_copy, path))
+    return shared
 
 
 def _one_copy(name: str) -> str:
@@ -369,7 +388,7 @@ class _Window:
         if self._summary is None:
             runs = self.runs.values()
             self._summary = (
-                np.array([r.numeric for r in runs], dtype=float).reshape(-1, len(NUMERIC)),
+                np.frombuffer(b"".join(r.numeric for r in runs), dtype="<f8").reshape(-1, len(NUMERIC)),
                 Counter(t for r in runs for t in r.tools),
                 Counter(r.outcome for r in runs),
                 Counter(r.error_type for r in runs),

@@ -300,7 +300,7 @@ def test_ks_equals_scipys_ks_2samp():
 def test_tool_counts_are_each_runs_calls_in_order():
     """The design effect's matrix (runs x tools, built from each window's cached calls) is the
     one counted call by call."""
-    from streams.detect.drift import RunFeatures, _tool_counts, _tool_design_effect, _Window
+    from streams.detect.drift import PACKED, RunFeatures, _tool_counts, _tool_design_effect, _Window
 
     rng = np.random.default_rng(3)
     names = ["search", "fetch", "answer", "lookup", "refund", "z"]
@@ -309,7 +309,7 @@ def test_tool_counts_are_each_runs_calls_in_order():
         window = _Window(w)
         for i in range(int(rng.integers(0, 40))):
             tools = tuple(rng.choice(names[: 2 + w % 4], size=rng.integers(0, 6)))
-            window.add(f"{w}-{i}", RunFeatures(0, (0.0,) * 5, tools, "success", "none"))
+            window.add(f"{w}-{i}", RunFeatures(0, PACKED.pack(*(0.0,) * 5), tools, "success", "none"))
         windows.append(window)
     tools = sorted({t for w in windows for r in w.runs.values() for t in r.tools})
     runs = [r for w in windows for r in w.runs.values()]
