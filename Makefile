@@ -8,12 +8,15 @@ DEV_STAMP := $(VENV)/.installed-dev
 .PHONY: demo test unit evaluation integration bench install clean schema browser
 
 TAU_BENCH ?= ../shared/data/tau-bench/gpt-4o-airline.json
+# Test files run two at a time, each file in one process (a module's stack is its own): an
+# integration test mostly waits on its stack, so two cores run two of them. TEST_WORKERS=0: one at a time.
+TEST_WORKERS ?= 2
 
 demo: $(STAMP)
 	$(BIN)/trackside demo $(if $(wildcard $(TAU_BENCH)),--tau-bench $(TAU_BENCH))
 
 test: $(DEV_STAMP) browser
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests/unit
