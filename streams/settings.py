@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     query_max_seconds: int = Field(60, ge=1, description="a person's query is stopped after this long")
     query_max_memory_bytes: int = Field(4_000_000_000, ge=1, description="memory one person's query may use")
     query_max_threads: int = Field(1, ge=1, description="threads one person's query may use (the pipeline keeps the rest)")
+    query_spill_bytes: int = Field(
+        100_000_000, ge=0, description="a person's GROUP BY or ORDER BY past this goes on in files; 0 = never")
+    query_nice: int = Field(10, ge=0, le=19, description="nice value of a person's query threads: the pipeline's come first")
 
     # Ingest and sink.
     ingest_batch_max: int = Field(20000, ge=1, description="most messages the ingest stage takes in one poll")
@@ -177,7 +180,8 @@ class Settings(BaseSettings):
     def query_limits(self) -> "QueryLimits":
         from streams.store.clickhouse import QueryLimits
 
-        return QueryLimits(self.query_max_seconds, self.query_max_memory_bytes, self.query_max_threads)
+        return QueryLimits(self.query_max_seconds, self.query_max_memory_bytes, self.query_max_threads,
+                           self.query_spill_bytes, self.query_nice)
 
     @property
     def store_is_embedded(self) -> bool:

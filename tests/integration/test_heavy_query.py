@@ -4,15 +4,17 @@ reads: a loop alert goes out while it runs, and the query is stopped at its boun
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import orjson
 import pytest
 from confluent_kafka import Producer
 
-from streams.store.clickhouse import running_service
+from streams.store.clickhouse import QueryLimits, Store, StoreError, running_service
 from tests.conftest import RunningStack
 from tests.waiting import wait_until
 
@@ -33,13 +35,24 @@ def _loop_run(port: int) -> None:
     assert producer.flush(10) == 0
 
 
+def _nice_values(pid: int) -> list[int]:
+    """The nice value of each thread of a process (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    values = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            values.append(int(stat.read_text().rpartition(")")[2].split()[16]))
+    return values
+
+
 def test_a_heavy_query_holds_up_no_alert_and_is_stopped_at_its_bound(tmp_path):
     stack = RunningStack(tmp_path / "stack", {"TRACKSIDE_QUERY_MAX_SECONDS": "8"})
     stack.start()
     try:
-        # a query may lower its own bounds, not lift them
-        assert stack.cli("sql", "SELECT 1 SETTINGS max_threads = 1, max_execution_time = 5").returncode == 0
-        for lifted in ("max_threads = 8", "max_threads = 0", "max_execution_time = 3600", "max_memory_usage = 0"):
+        # a query may tighten its own bounds, not lift them
+        assert stack.cli("sql", "SELECT 1 SETTINGS max_threads = 1, max_execution_time = 5, os_thread_priority = 19, "
+                                "max_bytes_before_external_group_by = 1000000").returncode == 0
+        for lifted in ("max_threads = 8", "max_threads = 0", "max_execution_time = 3600", "max_memory_usage = 0",
+                       "os_thread_priority = 0", "os_thread_priority = -5", "max_bytes_before_external_sort = 0"):
             refused = stack.cli("sql", f"SELECT 1 SETTINGS {lifted}", check=False)
             assert refused.returncode != 0 and b"not lift them" in refused.stderr, lifted
 
@@ -55,6 +68,8 @@ def test_a_heavy_query_holds_up_no_alert_and_is_stopped_at_its_bound(tmp_path):
         wait_until(lambda: own.query_json("SELECT count() AS n FROM system.processes WHERE query LIKE '%cityHash64%' "
                                           "AND query NOT LIKE '%system.processes%'"), 20,
                    "the heavy query to run", done=lambda rows: int(rows[0]["n"]) == 1)
+        # its thread runs at the nice value of a person's query: the pipeline's threads come first
+        assert 10 in _nice_values(stack.process.pid)
         _loop_run(stack.port)
         wait_until(lambda: [a for a in stack.on_topic("trackside.alerts") if a["run_id"] == "stall-run"], 20,
                    "the loop alert while the heavy query runs", done=bool)
@@ -66,3 +81,13 @@ def test_a_heavy_query_holds_up_no_alert_and_is_stopped_at_its_bound(tmp_path):
         assert result.returncode != 0 and b"TIMEOUT_EXCEEDED" in result.stderr, result.stderr[-500:]
     finally:
         assert stack.stop() == 0
+
+
+def test_a_persons_group_by_past_its_spill_bound_goes_on_in_files_under_the_memory_bound(tmp_path):
+    # ~10 million keys: about 200 MB of hash table in memory, over a person's bound of 150 MB
+    group_by = "SELECT number % 5000000 AS k, count() AS n FROM numbers(10000000) GROUP BY k ORDER BY n DESC, k LIMIT 1"
+    in_memory = Store(f"chdb://{tmp_path / 'chdb'}", "default", limits=QueryLimits(60, 150_000_000, 1, spill_bytes=0))
+    with pytest.raises(StoreError, match="MEMORY_LIMIT_EXCEEDED"):
+        in_memory.query_json(group_by)
+    spilling = Store(f"chdb://{tmp_path / 'chdb'}", "default", limits=QueryLimits(60, 150_000_000, 1, spill_bytes=50_000_000))
+    assert spilling.query_json(group_by) == [{"k": 0, "n": 2}]
