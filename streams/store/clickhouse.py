@@ -89,7 +89,7 @@ class QueryLimits:
     one is stopped with a clear error instead of starving the pipeline of cores and memory.
 
     Below its bound, a GROUP BY or ORDER BY past `spill_bytes` goes on in files (0: never): the
-    soak's analyst query over 4 million events took +500 MB without, +115 MB with 100 MB, and
+    soak's analyst query on 4 million synthetic events took +500 MB without, +115 MB with 100 MB, and
     twice as long. Its threads run at the nice value `nice`: the pipeline's threads come first
     when the cores are busy, the query takes what they leave (Linux; elsewhere ClickHouse
     ignores it)."""
