@@ -84,10 +84,15 @@ def test_a_heavy_query_holds_up_no_alert_and_is_stopped_at_its_bound(tmp_path):
 
 
 def test_a_persons_group_by_past_its_spill_bound_goes_on_in_files_under_the_memory_bound(tmp_path):
-    # ~10 million keys: about 200 MB of hash table in memory, over a person's bound of 150 MB
+    # 5 million keys: about 200 MB of hash table in memory, over a person's bound of 150 MB
     group_by = "SELECT number % 5000000 AS k, count() AS n FROM numbers(10000000) GROUP BY k ORDER BY n DESC, k LIMIT 1"
-    in_memory = Store(f"chdb://{tmp_path / 'chdb'}", "default", limits=QueryLimits(60, 150_000_000, 1, spill_bytes=0))
-    with pytest.raises(StoreError, match="MEMORY_LIMIT_EXCEEDED"):
-        in_memory.query_json(group_by)
-    spilling = Store(f"chdb://{tmp_path / 'chdb'}", "default", limits=QueryLimits(60, 150_000_000, 1, spill_bytes=50_000_000))
-    assert spilling.query_json(group_by) == [{"k": 0, "n": 2}]
+    path = f"chdb://{tmp_path / 'chdb'}"  # chdb hosts one store path per process: both are closed after
+    in_memory = Store(path, "default", limits=QueryLimits(60, 150_000_000, 1, spill_bytes=0))
+    spilling = Store(path, "default", limits=QueryLimits(60, 150_000_000, 1, spill_bytes=50_000_000))
+    try:
+        with pytest.raises(StoreError, match="MEMORY_LIMIT_EXCEEDED"):
+            in_memory.query_json(group_by)
+        assert spilling.query_json(group_by) == [{"k": 0, "n": 2}]
+    finally:
+        in_memory.close()
+        spilling.close()
