@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
+import orjson
 
 from streams.detect.estimators import quantile, ratio
 from streams.detect.governance import guardrail_acted
@@ -29,6 +30,17 @@ class RunGovernance:
     feedback_count: int
     feedback_sum: float
     escalation: tuple[int, float] | None  # (steps, seconds) before it, if the run ended escalated
+
+    def packed(self) -> bytes:
+        """The facts as ~60 bytes of JSON (`unpack` gives them back, floats exactly)."""
+        return orjson.dumps((self.policy_hits, self.guardrail, self.approvals, self.waits, self.feedback_count,
+                             self.feedback_sum, self.escalation))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> RunGovernance:
+        hits, guardrail, approvals, waits, count, total, escalation = orjson.loads(data)
+        return cls(hits, guardrail, tuple(approvals), tuple(waits), count, total,
+                   tuple(escalation) if escalation is not None else None)
 
     @classmethod
     def of(cls, row: dict) -> RunGovernance | None:
@@ -69,6 +81,25 @@ class GovernanceTotals:
         if fact.escalation is not None:
             self.steps.append(fact.escalation[0])
             self.seconds.append(fact.escalation[1])
+
+    def remove(self, fact: RunGovernance) -> None:
+        """Take back what `add` added of `fact`."""
+        for key, count in fact.policy_hits.items():
+            left = self.hits[key] - count
+            if left:
+                self.hits[key] = left
+            else:
+                del self.hits[key]
+        self.guardrail_runs -= fact.guardrail
+        for i, count in enumerate(fact.approvals):
+            self.approvals[i] -= count
+        for wait in fact.waits:
+            self.waits.remove(wait)
+        self.feedback_count -= fact.feedback_count
+        self.feedback_sum -= fact.feedback_sum
+        if fact.escalation is not None:
+            self.steps.remove(fact.escalation[0])
+            self.seconds.remove(fact.escalation[1])
 
     def copy(self) -> GovernanceTotals:
         return GovernanceTotals(dict(self.hits), self.guardrail_runs, list(self.approvals), list(self.waits),
@@ -130,13 +161,114 @@ class Window:
     governance: dict[int, RunGovernance] = field(default_factory=dict)
     sealed_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # sorted
     sealed_versions: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # of each id
-    sealed_cost: float = 0.0  # the sealed runs' costs summed in their order, as `row` goes on summing
+    sealed_cost: float = 0.0  # the sealed and restored runs' costs summed in their order, as `row` goes on summing
     sealed_governance: GovernanceTotals = field(default_factory=GovernanceTotals)
+    taken: int = 0  # runs taken one by one and sealed since (`appended`)
+    # Runs a restart put back (`restore`): in the sums at once, like sealed ones, but their facts
+    # kept in arrays (~90 bytes a run, no object a run) while a newer version may still come,
+    # which replaces them (`add`); `seal_restored` then forgets the facts. By hash, sorted;
+    # version -1 once replaced. Governance facts, for the runs that have any, packed one after
+    # the other in `restored_packed` (offset and length a run; length 0: none).
+    restored_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    restored_versions: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    restored_counts: np.ndarray = field(default_factory=lambda: np.empty((0, _COUNTS), np.int64))
+    restored_cost_duration: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.float64))
+    restored_governance: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
+    restored_packed: bytes = b""
+    restored_live: int = 0  # restored runs not replaced
 
     @property
     def appended(self) -> int:
-        """Runs this window ever took (sealed or not): where the next new run goes."""
-        return len(self.sealed_ids) + len(self.versions)
+        """Runs this window took one by one (sealed since or not): where the next new run goes."""
+        return self.taken + len(self.versions)
+
+    def _counts_of(self, row: dict) -> tuple:
+        return (row["outcome"] == "success", row["outcome"] == "timeout", bool(row["loop_detected"]),
+                row["tool_calls"], row["tool_errors"], row["input_tokens"], row["output_tokens"])
+
+    def restore(self, rows: list[dict]) -> None:
+        """Put back runs of this window as a restart reads them: in the sums at once, their facts
+        in arrays until `seal_restored`. A run already held goes through `add`."""
+        keys = np.fromiter((hash(row["run_id"]) for row in rows), np.int64, len(rows))
+        known = np.zeros(len(rows), bool)
+        if len(self.restored_ids):
+            at = np.minimum(self.restored_ids.searchsorted(keys), len(self.restored_ids) - 1)
+            known = self.restored_ids[at] == keys
+        known |= np.fromiter((int(key) in self.positions for key in keys), bool, len(rows))
+        if len(self.sealed_ids):
+            at = np.minimum(self.sealed_ids.searchsorted(keys), len(self.sealed_ids) - 1)
+            known |= self.sealed_ids[at] == keys
+        _, first = np.unique(keys, return_index=True)
+        fresh = np.zeros(len(rows), bool)
+        fresh[first] = True
+        fresh &= ~known
+        new = [row for row, take in zip(rows, fresh) if take]
+        counts = np.array([self._counts_of(row) for row in new], np.int64).reshape(-1, _COUNTS)
+        cost_duration = np.array([(float(row["cost_usd"]), float(row["duration_ms"])) for row in new],
+                                 np.float64).reshape(-1, 2)
+        for i, total in enumerate(counts.sum(axis=0).tolist()):
+            self.counts[i] += total
+        for cost in cost_duration[:, 0].tolist():
+            self.sealed_cost += cost
+        merged = np.concatenate((np.frombuffer(self.durations, np.float64), cost_duration[:, 1]))
+        merged.sort()
+        self.durations = array("d", merged.tobytes())
+        packed = []
+        for row in new:
+            facts = RunGovernance.of(row)
+            if facts is not None:
+                self.sealed_governance.add(facts)
+                packed.append(facts.packed())
+            else:
+                packed.append(b"")
+        lengths = np.fromiter(map(len, packed), np.int64, len(packed))
+        governance = np.stack((len(self.restored_packed) + np.cumsum(lengths) - lengths, lengths), axis=1)
+        self.restored_packed += b"".join(packed)
+        ids = np.concatenate((self.restored_ids, keys[fresh]))
+        order = ids.argsort(kind="stable")
+        self.restored_ids = ids[order]
+        self.restored_versions = np.concatenate((
+            self.restored_versions, np.fromiter((row["version"] for row in new), np.int64, len(new))))[order]
+        self.restored_counts = np.concatenate((self.restored_counts, counts))[order]
+        self.restored_cost_duration = np.concatenate((self.restored_cost_duration, cost_duration))[order]
+        self.restored_governance = np.concatenate((self.restored_governance, governance))[order]
+        self.restored_live += len(new)
+        for row, take in zip(rows, fresh):
+            if not take:
+                self.add(row)
+
+    def _replace_restored(self, key: int, version: int) -> bool | None:
+        """A run that came again with `version`: None if it is not a restored one; False if that
+        is not newer; else its restored facts leave the sums (True), and it is taken as new."""
+        found = int(self.restored_ids.searchsorted(key))
+        if found == len(self.restored_ids) or self.restored_ids[found] != key or self.restored_versions[found] < 0:
+            return None
+        if self.restored_versions[found] >= version:
+            return False
+        for i, count in enumerate(self.restored_counts[found].tolist()):
+            self.counts[i] -= count
+        cost, duration = self.restored_cost_duration[found].tolist()
+        self.sealed_cost -= cost  # the one place a cost leaves a sum: a rounding error apart
+        del self.durations[bisect_left(self.durations, duration)]
+        offset, length = self.restored_governance[found].tolist()
+        if length:
+            self.sealed_governance.remove(RunGovernance.unpack(self.restored_packed[offset:offset + length]))
+        self.restored_versions[found] = -1
+        self.restored_live -= 1
+        return True
+
+    def seal_restored(self) -> None:
+        """The restored runs can no longer be re-emitted: keep their ids and versions only."""
+        live = self.restored_versions >= 0
+        ids = np.concatenate((self.sealed_ids, self.restored_ids[live]))
+        versions = np.concatenate((self.sealed_versions, self.restored_versions[live]))
+        order = ids.argsort(kind="stable")
+        self.sealed_ids, self.sealed_versions = ids[order], versions[order]
+        self.restored_governance, self.restored_packed = np.empty((0, 2), np.int64), b""
+        self.restored_ids, self.restored_versions = np.empty(0, np.int64), np.empty(0, np.int64)
+        self.restored_counts = np.empty((0, _COUNTS), np.int64)
+        self.restored_cost_duration = np.empty((0, 2), np.float64)
+        self.restored_live = 0
 
     def add(self, row: dict) -> bool:
         key = hash(row["run_id"])
@@ -149,9 +281,10 @@ class Window:
                 # a redelivery (the same version), or by construction nothing newer: the run
                 # could no longer be re-emitted when it was sealed
                 return False
+        if at is None and self.restored_live and self._replace_restored(key, row["version"]) is False:
+            return False
         cost, duration = float(row["cost_usd"]), float(row["duration_ms"])
-        counts = (row["outcome"] == "success", row["outcome"] == "timeout", bool(row["loop_detected"]),
-                  row["tool_calls"], row["tool_errors"], row["input_tokens"], row["output_tokens"])
+        counts = self._counts_of(row)
         if at is None:
             self.positions[key] = len(self.versions)
             self.versions.append(row["version"])
@@ -179,9 +312,10 @@ class Window:
     def seal(self, upto: int) -> None:
         """Seal the runs this window took before its `upto`th (`appended` then): none of them can
         be re-emitted any more. Their facts stay only in the sums; the row does not change."""
-        k = min(upto - len(self.sealed_ids), len(self.versions))
+        k = min(upto - self.taken, len(self.versions))
         if k <= 0:
             return
+        self.taken += k
         items = list(self.positions.items())  # in position order: a run keeps the place it came in
         ids = np.concatenate([self.sealed_ids, np.fromiter((key for key, _ in items[:k]), np.int64, k)])
         versions = np.concatenate([self.sealed_versions, np.array(self.versions[:k], np.int64)])
@@ -198,7 +332,7 @@ class Window:
         del self.versions[:k], self.costs[:k], self.run_durations[:k], self.run_counts[:k * _COUNTS]
 
     def row(self, *, final: bool, version: int, updated_at: int) -> dict:
-        runs = len(self.sealed_ids) + len(self.positions)
+        runs = len(self.sealed_ids) + len(self.positions) + self.restored_live
         successes, timeouts, loops, tool_calls, tool_errors, input_tokens, output_tokens = self.counts
         cost = sum(self.costs, self.sealed_cost)  # a float sum: in the runs' order, as always
         durations = self.durations
@@ -231,6 +365,7 @@ class Window:
 
 
 EVERY_PARTITION = -1  # a seal that waits for every upstream partition
+RESTORED = -1  # a seal of the runs a restart put back
 
 
 class MetricWindows:
@@ -252,6 +387,7 @@ class MetricWindows:
         # window -> (upstream partition, its watermark that seals them, runs appended by then), oldest first
         self.unsealed: dict[tuple[str, str, int], deque[tuple[int, int, int]]] = {}
         self.late_runs = 0
+        self._restoring = False  # restored runs not queued for sealing yet
         self._started = 0
         self._version = 0
 
@@ -260,6 +396,8 @@ class MetricWindows:
 
     def apply(self, rows: list[dict], upstream_partition: int, upstream_watermark: int, now_ms: int) -> list[dict]:
         """Fold closed runs in; returns the `agent_metrics` rows that changed or became final."""
+        if self._restoring:
+            self._restored()
         dirty = {key for key in map(self._add, rows) if key is not None}
         if upstream_watermark > self.upstream.get(upstream_partition, 0):
             self.upstream[upstream_partition] = upstream_watermark
@@ -284,7 +422,10 @@ class MetricWindows:
             pending = self.unsealed[key]
             upto = 0
             while pending and self._passed(*pending[0][:2]):
-                upto = max(upto, pending.popleft()[2])
+                taken = pending.popleft()[2]
+                if taken == RESTORED:
+                    self.windows[key].seal_restored()
+                upto = max(upto, taken)
             if upto:
                 self.windows[key].seal(upto)
             if not pending:
@@ -292,29 +433,51 @@ class MetricWindows:
 
     def restore(self, final_before: int, pages: Iterable[list[dict]]) -> None:
         """Put back where final windows end and the runs of open windows (pages of rows, as they
-        are read), as before a restart."""
+        are read), as before a restart; may be called again with more pages before the first
+        `apply`."""
         self.final_before = max(self.final_before, final_before)
         for rows in pages:
+            by_window: dict[tuple[str, str, int], list[dict]] = {}
             for row in rows:
-                self._add(row)
+                key = self.key_of(row)
+                if key[2] + self.window_ms <= self.final_before:
+                    self.late_runs += 1
+                else:
+                    by_window.setdefault(key, []).append(row)
+            for key, runs in by_window.items():
+                self._window(key).restore(runs)
+        self._restoring = True
+
+    def key_of(self, row: dict) -> tuple[str, str, int]:
+        """The window a run belongs to."""
+        return row["agent_id"], row["agent_version"], self.window_of(row["ended_at"])
+
+    def _restored(self) -> None:
+        """What was restored waits to be sealed (at the first `apply` after `restore`)."""
+        self._restoring = False
         if self.reemit_ms is not None and self.windows:
             # Sealed once every upstream partition is past the newest of them by `reemit_ms`:
             # the assemblers rebuild only runs without a row, but a newer version may be on its way.
             sealed_at = max(key[2] for key in self.windows) + self.window_ms + self.reemit_ms
             for key, window in self.windows.items():
-                self.unsealed.setdefault(key, deque()).append((EVERY_PARTITION, sealed_at, window.appended))
+                pending = self.unsealed.setdefault(key, deque())
+                pending.append((EVERY_PARTITION, sealed_at, RESTORED))
+                if window.versions:  # restored again, or twice: taken one by one
+                    pending.append((EVERY_PARTITION, sealed_at, window.appended))
 
     def _add(self, row: dict) -> tuple[str, str, int] | None:
         """Fold one run into its window; the window's key if that changed it."""
-        start = self.window_of(row["ended_at"])
-        if start + self.window_ms <= self.final_before:
+        key = self.key_of(row)
+        if key[2] + self.window_ms <= self.final_before:
             self.late_runs += 1
             return None
-        key = (row["agent_id"], row["agent_version"], start)
+        return key if self._window(key).add(row) else None
+
+    def _window(self, key: tuple[str, str, int]) -> Window:
         window = self.windows.get(key)
         if window is None:
-            window = self.windows[key] = Window(key[0], key[1], start, start + self.window_ms)
-        return key if window.add(row) else None
+            window = self.windows[key] = Window(key[0], key[1], key[2], key[2] + self.window_ms)
+        return window
 
     def slowest_watermark(self, now_ms: int) -> int | None:
         """Event time every live upstream partition has passed (None before any reported):

@@ -25,9 +25,10 @@ class MetricsState:
     The runs come a page at a time (lists of rows, oldest first), so that a rebuild holds one
     page of rows, not hours of them."""
 
-    window_runs: Iterable[list[dict]] = ()  # runs of windows not final yet
+    open_windows: set[tuple[str, str, int]] = field(default_factory=set)  # (agent, version, start ms) not final yet
+    window_runs: Iterable[list[dict]] = ()  # their runs that ended before the history's
     final_before: int = 0  # where final windows end
-    history: Iterable[list[dict]] = ()  # recent runs the detectors learn again
+    history: Iterable[list[dict]] = ()  # recent runs the detectors learn again (and the open windows take)
     watermark: int | None = None  # event time every assembler partition had passed (None: unknown)
     deployments: list[dict] = field(default_factory=list)
     versions: list[dict] = field(default_factory=list)  # each version's first run (`agent_versions`)
@@ -105,6 +106,10 @@ class MetricsPartition:
         self.pending_traffic: dict[int, set[tuple[str, int]]] = {}  # partition -> (agent, window) counts to send
         self.governance = GovernanceWatch(window_ms, lateness_ms=settings.allowed_lateness_seconds * 1000)
         for runs in state.history:
+            # One read of the runs for both: those of open windows go back into them.
+            if state.open_windows:
+                self.windows.restore(state.final_before, [
+                    [row for row in runs if self.windows.key_of(row) in state.open_windows]])
             # The history comes in order of ended_at: a window before the last run of a page
             # has all its runs (and is tested if every partition had passed it).
             passed = -(2 ** 62) if state.watermark is None or not runs else min(state.watermark, runs[-1]["ended_at"])

@@ -123,7 +123,8 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
     agents = [row["agent_id"] for row in store.query_json(
         f"SELECT DISTINCT agent_id FROM runs WHERE ended_at >= {_SINCE}", since) if mine(row["agent_id"])]
     if agents:
-        state.window_runs, state.final_before = _open_windows(store, agents, window_ms)
+        state.open_windows, state.window_runs, state.final_before = _open_windows(
+            store, agents, window_ms, since["since"])
         state.history = RunPages(store, "agent_id IN {agents:Array(String)}", {"agents": agents}, since["since"])
         # rollouts: a canary is a version first seen after the stable one, however long ago
         state.versions = store.query_json(
@@ -137,8 +138,9 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
         # every alert about these agents: drift, failure clusters, canary metrics, hourly budgets
         state.sent = {row["alert_id"] for row in store.query_json(
             "SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)}", {"agents": agents})}
-        log.info("partition %d: rebuilding %d agents from %d open-window runs and %d recent runs",
-                 partition, len(agents), getattr(state.window_runs, "total", 0), state.history.total)
+        log.info("partition %d: rebuilding %d agents, %d open windows, from %d recent runs (and %d older runs "
+                 "of open windows)", partition, len(agents), len(state.open_windows), state.history.total,
+                 getattr(state.window_runs, "total", 0))
     _failure_modes(store, state, lambda key: mine(mode_partition_key(key)), window_ms, since["since"])
     state.deployments = [row for row in store.query_json(
         "SELECT agent_id, version, role, traffic_pct, toUnixTimestamp64Milli(ts) AS ts FROM deployments ORDER BY ts")
@@ -195,25 +197,30 @@ def _failure_modes(store, state: MetricsState, mine, window_ms: int, since: int)
             " WHERE kind = 'failure_cluster' AND status = 'resolved')") if row["fingerprint"] in mine_ids]
 
 
-def _open_windows(store, agents: list[str], window_ms: int) -> tuple[RunPages | tuple, int]:  # noqa: ANN001
-    """The runs of the agents' windows that are not final yet, and where final ends.
+def _open_windows(store, agents: list[str], window_ms: int, history_since: int,  # noqa: ANN001
+                  ) -> tuple[set[tuple[str, str, int]], RunPages | tuple, int]:
+    """The agents' windows that are not final yet, the runs of those that ended before
+    `history_since` (the history read holds the others), and where final windows end.
 
     A window emitted as final must stay as it is, and a window still open must be restored
     whole: re-emitted with part of its runs, it would replace the complete row.
     """
     params = {"agents": agents, "window": window_ms}
     (bounds,) = store.query_json(
-        "SELECT toUnixTimestamp64Milli(minIf(window_start, NOT is_final)) AS first_open, "
-        "toUnixTimestamp64Milli(maxIf(window_end, is_final)) AS final_before "
+        "SELECT toUnixTimestamp64Milli(maxIf(window_end, is_final)) AS final_before "
         "FROM agent_metrics WHERE agent_id IN {agents:Array(String)}", params)
-    first_open = int(bounds["first_open"] or 0)
-    runs = RunPages(
-        store, "agent_id IN {agents:Array(String)} "
+    open_windows = {(row["agent_id"], row["agent_version"], int(row["window_start"])) for row in store.query_json(
+        "SELECT agent_id, agent_version, toUnixTimestamp64Milli(window_start) AS window_start FROM agent_metrics "
+        "WHERE agent_id IN {agents:Array(String)} AND NOT is_final", params)}
+    first_open = min((key[2] for key in open_windows), default=history_since)
+    older = RunPages(
+        store, "agent_id IN {agents:Array(String)} AND ended_at < fromUnixTimestamp64Milli({history_since:Int64}, 'UTC') "
         "AND (agent_id, agent_version, intDiv(toUnixTimestamp64Milli(ended_at), {window:Int64}) * {window:Int64}) IN "
         "(SELECT agent_id, agent_version, toUnixTimestamp64Milli(window_start) FROM agent_metrics "
-        " WHERE agent_id IN {agents:Array(String)} AND NOT is_final)", params, first_open, columns=_WINDOW_COLUMNS,
-    ) if first_open else ()
-    return runs, int(bounds["final_before"] or 0)
+        " WHERE agent_id IN {agents:Array(String)} AND NOT is_final)", {**params, "history_since": history_since},
+        first_open, columns=_WINDOW_COLUMNS,
+    ) if first_open < history_since else ()
+    return open_windows, older, int(bounds["final_before"] or 0)
 
 
 class RunPages:

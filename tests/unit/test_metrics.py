@@ -199,6 +199,45 @@ def test_a_window_gives_the_same_rows_whether_or_not_its_runs_were_sealed():
     assert len(sealed.sealed_ids) > 300 and len(sealed.positions) < 50
 
 
+def test_a_restored_window_gives_the_rows_of_one_that_took_its_runs_one_by_one():
+    """A restart puts a window's runs back in bulk (their facts in arrays, not a run at a time):
+    its rows are those of a window that took the same runs one by one, through redeliveries,
+    newer versions that replace a restored run, and the restored runs' seal."""
+    from streams.detect.metrics import Window
+
+    rng = np.random.default_rng(5)
+    restored, whole = Window("bot", "v1", T0, T0 + 5 * MIN), Window("bot", "v1", T0, T0 + 5 * MIN)
+    pages = [[_random_row(rng, f"r{int(rng.integers(100 * k, 100 * k + 110))}") for _ in range(90)] for k in range(3)]
+    for page in pages:  # a run in two pages (or twice in one) is one run, at its newest version
+        restored.restore(page)
+        for row in page:
+            whole.add(row)
+    assert restored.restored_live > 100 > len(restored.positions), "put back in bulk, but for runs that came again"
+
+    def same_rows() -> None:
+        a, b = restored.row(final=False, version=1, updated_at=2), whole.row(final=False, version=1, updated_at=2)
+        assert a.pop("cost_usd") == pytest.approx(b.pop("cost_usd"), rel=1e-12)
+        assert a.pop("cost_per_success") == pytest.approx(b.pop("cost_per_success"), rel=1e-12)
+        assert a.pop("feedback_score") == pytest.approx(b.pop("feedback_score"))
+        assert a == b
+
+    same_rows()
+    replaced = 0
+    for step in range(600):
+        row = _random_row(rng, f"r{int(rng.integers(0, 330))}")  # restored runs again, and new ones
+        before = restored.restored_live
+        assert restored.add(row) == whole.add(row)
+        replaced += restored.restored_live < before
+        same_rows()
+    assert replaced > 20, "newer versions replaced restored runs"
+    restored.seal_restored()
+    assert restored.restored_live == 0 and len(restored.restored_ids) == 0
+    same_rows()
+    for row in pages[0]:  # sealed: a redelivery, at any version, is not counted again
+        assert not restored.add({**row, "version": row["version"] + 10}) or hash(row["run_id"]) in restored.positions
+    assert restored.row(final=False, version=1, updated_at=2)["runs"] == whole.row(final=False, version=1, updated_at=2)["runs"]
+
+
 def test_runs_are_sealed_once_their_partition_can_no_longer_re_emit_them():
     windows = MetricWindows(5 * MIN, 30 * MIN, 2, reemit_ms=4 * MIN)
     windows.apply([run_row("a", T0 + 1, cost=1.0)], 0, T0, now_ms=1)
@@ -217,9 +256,11 @@ def test_runs_are_sealed_once_their_partition_can_no_longer_re_emit_them():
 def test_restored_runs_are_sealed_once_every_partition_is_past_the_newest_window():
     windows = MetricWindows(5 * MIN, 30 * MIN, 2, reemit_ms=4 * MIN)
     windows.restore(0, [[run_row("a", T0 + 1), run_row("b", T0 + 5 * MIN + 1)]])
+    windows.restore(0, [[run_row("a", T0 + 1, version=6)]])  # a in a later page again, newer
     assert all(len(w.sealed_ids) == 0 for w in windows.windows.values())
     windows.apply([], 0, T0 + 14 * MIN, now_ms=1)
     assert all(len(w.sealed_ids) == 0 for w in windows.windows.values()), "partition 1 has not passed them"
     windows.apply([], 1, T0 + 14 * MIN, now_ms=2)
     assert [len(w.sealed_ids) for w in windows.windows.values()] == [1, 1]
+    assert all(not w.positions and not w.restored_live for w in windows.windows.values()), "every restored run sealed"
     assert windows.apply([run_row("b", T0 + 5 * MIN + 1)], 1, T0 + 14 * MIN, now_ms=3) == [], "a redelivery"
