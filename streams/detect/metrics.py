@@ -388,6 +388,7 @@ class MetricWindows:
         self.unsealed: dict[tuple[str, str, int], deque[tuple[int, int, int]]] = {}
         self.late_runs = 0
         self._restoring = False  # restored runs not queued for sealing yet
+        self._emitted_by: int | None = None  # no restored run was emitted past this upstream watermark
         self._started = 0
         self._version = 0
 
@@ -431,11 +432,14 @@ class MetricWindows:
             if not pending:
                 del self.unsealed[key]
 
-    def restore(self, final_before: int, pages: Iterable[list[dict]]) -> None:
+    def restore(self, final_before: int, pages: Iterable[list[dict]], emitted_by: int | None = None) -> None:
         """Put back where final windows end and the runs of open windows (pages of rows, as they
         are read), as before a restart; may be called again with more pages before the first
-        `apply`."""
+        `apply`. `emitted_by`: an upstream watermark no restored run was emitted after (the
+        newest an upstream partition had landed), if known."""
         self.final_before = max(self.final_before, final_before)
+        if emitted_by is not None:
+            self._emitted_by = max(self._emitted_by or emitted_by, emitted_by)
         for rows in pages:
             by_window: dict[tuple[str, str, int], list[dict]] = {}
             for row in rows:
@@ -456,9 +460,14 @@ class MetricWindows:
         """What was restored waits to be sealed (at the first `apply` after `restore`)."""
         self._restoring = False
         if self.reemit_ms is not None and self.windows:
-            # Sealed once every upstream partition is past the newest of them by `reemit_ms`:
-            # the assemblers rebuild only runs without a row, but a newer version may be on its way.
-            sealed_at = max(key[2] for key in self.windows) + self.window_ms + self.reemit_ms
+            # Sealed once every upstream partition is past where they were emitted by `reemit_ms`:
+            # the assemblers rebuild only runs without a row, but a newer version may be on its
+            # way. Without that watermark, past the newest window's end (a run closed after it
+            # by its idle timeout, and not re-emitted since, is sealed a little early).
+            emitted_by = self._emitted_by
+            if emitted_by is None:
+                emitted_by = max(key[2] for key in self.windows) + self.window_ms
+            sealed_at = emitted_by + self.reemit_ms
             for key, window in self.windows.items():
                 pending = self.unsealed.setdefault(key, deque())
                 pending.append((EVERY_PARTITION, sealed_at, RESTORED))

@@ -30,6 +30,8 @@ class MetricsState:
     final_before: int = 0  # where final windows end
     history: Iterable[list[dict]] = ()  # recent runs the detectors learn again (and the open windows take)
     watermark: int | None = None  # event time every assembler partition had passed (None: unknown)
+    # the newest watermark an assembler partition had landed once the history was read (None: unknown)
+    landed_watermark: int | None = None
     deployments: list[dict] = field(default_factory=list)
     versions: list[dict] = field(default_factory=list)  # each version's first run (`agent_versions`)
     canaries: list[dict] = field(default_factory=list)  # the canary analyses as they were (`canaries`)
@@ -114,6 +116,7 @@ class MetricsPartition:
             # has all its runs (and is tested if every partition had passed it).
             passed = -(2 ** 62) if state.watermark is None or not runs else min(state.watermark, runs[-1]["ended_at"])
             self._fold(runs, passed, now_ms, test=False)
+        self.windows.restore(state.final_before, (), emitted_by=state.landed_watermark)
 
     def handle(self, message: RunResult, processed_ts: int, now_ms: int) -> MetricsOutput:
         """Fold one run result in. `processed_ts`: its Kafka timestamp (ms). Blocking (the drift

@@ -125,7 +125,8 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
     if agents:
         state.open_windows, state.window_runs, state.final_before = _open_windows(
             store, agents, window_ms, since["since"])
-        state.history = RunPages(store, "agent_id IN {agents:Array(String)}", {"agents": agents}, since["since"])
+        history = RunPages(store, "agent_id IN {agents:Array(String)}", {"agents": agents}, since["since"])
+        state.history = _then_progress(store, history, state)
         # rollouts: a canary is a version first seen after the stable one, however long ago
         state.versions = store.query_json(
             "SELECT agent_id, agent_version, toUnixTimestamp64Milli(min(first_started_at)) AS first_started_at "
@@ -139,7 +140,7 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
         state.sent = {row["alert_id"] for row in store.query_json(
             "SELECT alert_id FROM alerts WHERE agent_id IN {agents:Array(String)}", {"agents": agents})}
         log.info("partition %d: rebuilding %d agents, %d open windows, from %d recent runs (and %d older runs "
-                 "of open windows)", partition, len(agents), len(state.open_windows), state.history.total,
+                 "of open windows)", partition, len(agents), len(state.open_windows), history.total,
                  getattr(state.window_runs, "total", 0))
     _failure_modes(store, state, lambda key: mine(mode_partition_key(key)), window_ms, since["since"])
     state.deployments = [row for row in store.query_json(
@@ -157,6 +158,14 @@ def read_metrics_state(store, partitions: int, partition: int, window_ms: int, h
         state.sent |= {row["alert_id"] for row in store.query_json(
             "SELECT alert_id FROM alerts WHERE kind = 'budget' AND agent_id = '' AND run_id = ''")}
     return state
+
+
+def _then_progress(store, pages: RunPages, state: MetricsState) -> Iterator[list[dict]]:  # noqa: ANN001
+    """The pages, then the newest watermark an assembler partition has landed by now into
+    `state`: no run read was emitted past it (the sink lands a run with its message's watermark)."""
+    yield from pages
+    progress = assembler_progress(store)
+    state.landed_watermark = max(progress.values()) if progress else None
 
 
 def _failure_modes(store, state: MetricsState, mine, window_ms: int, since: int) -> None:  # noqa: ANN001

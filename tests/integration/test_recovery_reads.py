@@ -110,3 +110,32 @@ def test_recent_runs_are_read_a_page_at_a_time(history):
     rows = [row for page in read for row in page]
     assert len({row["run_id"] for row in rows}) == 3_000 == len(rows)
     assert [(row["ended_at"], row["run_id"]) for row in rows] == sorted((row["ended_at"], row["run_id"]) for row in rows)
+
+
+def test_open_windows_take_their_runs_from_the_history_read_and_the_landed_watermark_after_it(history):
+    """The runs of windows not final yet come from the history's pages (one read of them); only
+    a window open for longer than the history reads its older runs on its own. The watermark
+    that bounds when restored runs are sealed is read after the pages: a run landed while they
+    were read was emitted up to it."""
+    from streams.contracts.topics import agent_partition
+
+    window = 300_000
+    partition = agent_partition("windowed", 4)
+    open_start, final_start, stale_start = NOW - 10 * 60_000, NOW - 60 * 60_000, NOW - 4 * HOUR
+    _write(history, "INSERT INTO agent_metrics (agent_id, agent_version, window_start, window_end, is_final, version) "
+                    "SELECT 'windowed', 'v1', fromUnixTimestamp64Milli(s, 'UTC'), fromUnixTimestamp64Milli(s + 300000, 'UTC'), "
+                    f"f, 1 FROM values('s Int64, f Bool', ({open_start}, false), ({final_start}, true), ({stale_start}, false))")
+    runs = [("in-open", open_start + 1_000), ("in-final", final_start + 1_000), ("in-stale", stale_start + 1_000)]
+    _write(history, "INSERT INTO runs (run_id, agent_id, agent_version, started_at, ended_at, outcome, version) "
+                    "SELECT run, 'windowed', 'v1', fromUnixTimestamp64Milli(ts, 'UTC'), fromUnixTimestamp64Milli(ts, 'UTC'), "
+                    "'success', 20 FROM values('run String, ts Int64', "
+                    + ", ".join(f"('{run}', {ts})" for run, ts in runs) + ")")
+    store = running_service(history.settings)
+    state = read_metrics_state(store, 4, partition, window, 3 * HOUR, tenant_budgets=False)
+    assert state.open_windows == {("windowed", "v1", open_start), ("windowed", "v1", stale_start)}
+    assert [row["run_id"] for page in state.window_runs for row in page] == ["in-stale"]
+    _write(history, f"INSERT INTO stage_progress SELECT 'assemble_runs', 1, fromUnixTimestamp64Milli({NOW + 60_000}, 'UTC'), now64(3)")
+    assert state.landed_watermark is None, "read once the history has been"
+    read = [row["run_id"] for page in state.history for row in page if row["agent_id"] == "windowed"]
+    assert read == ["in-final", "in-open"]
+    assert state.landed_watermark == NOW + 60_000

@@ -238,6 +238,20 @@ def test_a_restored_window_gives_the_rows_of_one_that_took_its_runs_one_by_one()
     assert restored.row(final=False, version=1, updated_at=2)["runs"] == whole.row(final=False, version=1, updated_at=2)["runs"]
 
 
+def test_restored_runs_are_sealed_once_every_partition_is_past_where_they_were_emitted():
+    """With the newest watermark landed when the runs were read, restored runs are sealed that
+    far past it, not only past their newest window."""
+    windows = MetricWindows(5 * MIN, 30 * MIN, 2, reemit_ms=4 * MIN)
+    windows.restore(0, [[run_row("a", T0 + 1)]])
+    windows.restore(0, [], emitted_by=T0 + 1 * MIN)
+    (window,) = windows.windows.values()
+    windows.apply([], 0, T0 + 5 * MIN, now_ms=1)
+    windows.apply([], 1, T0 + 5 * MIN - 1, now_ms=1)
+    assert window.restored_live == 1, "partition 1 may still bring a newer version"
+    windows.apply([], 1, T0 + 5 * MIN, now_ms=2)
+    assert window.restored_live == 0 and len(window.sealed_ids) == 1
+
+
 def test_runs_are_sealed_once_their_partition_can_no_longer_re_emit_them():
     windows = MetricWindows(5 * MIN, 30 * MIN, 2, reemit_ms=4 * MIN)
     windows.apply([run_row("a", T0 + 1, cost=1.0)], 0, T0, now_ms=1)
