@@ -172,16 +172,21 @@ def _failure_modes(store, state: MetricsState, mine, window_ms: int, since: int)
     """The failure modes of the partition's mode keys as stored (ids, lifetime counts, breakdown),
     the failed runs of every agent with those keys since `since` (pages, read lazily), the closed
     runs per agent and window of that time, and the ids of the incidents already sent."""
-    state.modes = [row for row in store.query_json(
+    keyed = store.query_json(
         "SELECT cluster_id, agent_id, label, size, toUnixTimestamp64Milli(first_seen) AS first_seen, "
         "toUnixTimestamp64Milli(last_seen) AS last_seen, example_run_ids, kind, seed_signature "
-        "FROM failure_clusters FINAL WHERE kind != ''") if mine(row["kind"])]
+        "FROM failure_clusters FINAL WHERE kind != ''")
+    state.modes = [row for row in keyed if mine(row["kind"])]
+    # A run already in a mode of another partition's key is that partition's to learn: not read
+    # here (most failed runs of the history are; the others are told apart by their key below).
+    theirs = [row["cluster_id"] for row in keyed if not mine(row["kind"])]
     if state.modes:
         state.mode_agents = store.query_json(
             "SELECT cluster_id, agent_id, agent_version, runs, toUnixTimestamp64Milli(first_seen) AS first_seen, "
             "toUnixTimestamp64Milli(last_seen) AS last_seen FROM failure_cluster_agents FINAL "
             "WHERE cluster_id IN {ids:Array(String)}", {"ids": [row["cluster_id"] for row in state.modes]})
-    pages = RunPages(store, "outcome != 'success'", {}, since)
+    pages = RunPages(store, "outcome != 'success' AND failure_cluster_id NOT IN {theirs:Array(String)}",
+                     {"theirs": theirs}, since)
     if pages.total:
         state.mode_history = (
             [row for row in page if mine(mode_key(row["outcome"], row["error_type"], row["error_message"],

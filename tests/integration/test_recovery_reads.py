@@ -29,7 +29,8 @@ class Recording:
 
 
 def _write(stack: RunningStack, sql: str) -> None:
-    stack.cli("sql", "--write", sql)
+    done = stack.cli("sql", "--write", sql, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-800:]
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,33 @@ def test_open_windows_take_their_runs_from_the_history_read_and_the_landed_water
     read = [row["run_id"] for page in state.history for row in page if row["agent_id"] == "windowed"]
     assert read == ["in-final", "in-open"]
     assert state.landed_watermark == NOW + 60_000
+
+
+def test_failed_runs_already_in_a_mode_are_learnt_again_by_the_partition_of_that_mode(history):
+    """Each metrics partition relearns the failed runs of its failure mode keys. A run already in
+    a stored mode belongs to that mode's partition and is not read by the others (most failed
+    runs are in one); a run in none goes by its own key."""
+    from streams.contracts.topics import agent_partition, mode_partition_key
+    from streams.detect.failures import mode_key
+
+    def partition_of(error_type: str) -> int:
+        return agent_partition(mode_partition_key(mode_key("failure", error_type, "", False)), 4)
+
+    types = [f"Error{n}" for n in range(40)]
+    mine = types[0]
+    theirs = next(t for t in types if partition_of(t) != partition_of(mine))
+    partition = partition_of(mine)
+    _write(history, "INSERT INTO failure_clusters (cluster_id, kind) SELECT * FROM values('id String, kind String', "
+                    f"('mode-mine', '{mode_key('failure', mine, '', False)}'), "
+                    f"('mode-theirs', '{mode_key('failure', theirs, '', False)}'))")
+    runs = [("f-in-mine", mine, "mode-mine"), ("f-free-mine", mine, ""), ("f-free-theirs", theirs, ""),
+            ("f-in-theirs", mine, "mode-theirs")]  # its own key is this partition's, its mode is not
+    _write(history, "INSERT INTO runs (run_id, agent_id, agent_version, started_at, ended_at, outcome, error_type, "
+                    "failure_cluster_id, version) SELECT run, 'failing', 'v1', fromUnixTimestamp64Milli(ts, 'UTC'), "
+                    "fromUnixTimestamp64Milli(ts, 'UTC'), 'failure', type, cluster, 20 FROM values("
+                    "'run String, type String, cluster String, ts Int64', "
+                    + ", ".join(f"('{run}', '{kind}', '{cluster}', {NOW - HOUR})" for run, kind, cluster in runs) + ")")
+    state = read_metrics_state(running_service(history.settings), 4, partition, 300_000, 3 * HOUR, tenant_budgets=False)
+    learnt = {row["run_id"] for page in state.mode_history for row in page if row["agent_id"] == "failing"}
+    assert learnt == {"f-in-mine", "f-free-mine"}
+    assert [row["cluster_id"] for row in state.modes if row["cluster_id"].startswith("mode-")] == ["mode-mine"]
