@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
@@ -240,9 +241,9 @@ def _open_windows(store, agents: list[str], window_ms: int, history_since: int, 
 class RunPages:
     """The `runs` rows matching `where` that ended at or after `since`, oldest first, in pages
     of at most `page_runs` rows (more only if that many ended within one second): slices of
-    event time cut from a count of the rows per second. Counted at once; read lazily, a page when
-    the one before it has been used, so that a rebuild holds one page of rows, not hours of them
-    (a row is ~2 KB in Python)."""
+    event time cut from a count of the rows per second. Counted at once; read lazily, a page
+    ahead of the one in use, so that a rebuild holds two pages of rows, not hours of them (a row
+    is ~2 KB in Python)."""
 
     def __init__(self, store, where: str, params: dict, since: int, page_runs: int = PAGE_RUNS,  # noqa: ANN001
                  columns: str = _RUN_COLUMNS) -> None:
@@ -263,9 +264,21 @@ class RunPages:
                 rows = runs
 
     def __iter__(self) -> Iterator[list[dict]]:
-        for since, until in self.slices:
-            # The inner query filters on the columns; the outer one renames them.
-            yield self._store.query_json(
-                f"SELECT {self._columns} FROM (SELECT * FROM runs WHERE ended_at >= {_SINCE} "
-                f"AND ended_at < fromUnixTimestamp64Milli({{until:Int64}}, 'UTC') AND {self._where}) "
-                "ORDER BY ended_at, run_id", {**self._params, "since": since, "until": until})
+        # The next page is read while this one is folded in: the store works (in `up`, for a
+        # worker) while the rebuild computes. Two pages held, not one.
+        with ThreadPoolExecutor(1, thread_name_prefix="run-pages") as ahead:
+            coming = None
+            for since, until in self.slices:
+                page = ahead.submit(self._page, since, until)
+                if coming is not None:
+                    yield coming.result()
+                coming = page
+            if coming is not None:
+                yield coming.result()
+
+    def _page(self, since: int, until: int) -> list[dict]:
+        # The inner query filters on the columns; the outer one renames them.
+        return self._store.query_json(
+            f"SELECT {self._columns} FROM (SELECT * FROM runs WHERE ended_at >= {_SINCE} "
+            f"AND ended_at < fromUnixTimestamp64Milli({{until:Int64}}, 'UTC') AND {self._where}) "
+            "ORDER BY ended_at, run_id", {**self._params, "since": since, "until": until})

@@ -6,6 +6,7 @@ import pytest
 from streams.processors.recovery import RunPages, read_metrics_state, read_open_runs
 from streams.store.clickhouse import running_service
 from tests.conftest import RunningStack
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -96,8 +97,9 @@ def test_a_metrics_partition_reads_recent_runs_only(history):
 
 
 def test_recent_runs_are_read_a_page_at_a_time(history):
-    """A rebuild holds one page of runs: slices of event time of at most `page_runs` rows, cut
-    where the runs are dense (a burst of 2,000 runs in 5 minutes among 1,000 over 2 hours)."""
+    """A rebuild holds two pages of runs, the one in use and the next (read meanwhile): slices of
+    event time of at most `page_runs` rows, cut where the runs are dense (a burst of 2,000 runs
+    in 5 minutes among 1,000 over 2 hours)."""
     spread = ", ".join(f"('spread-{n}', {NOW - 2 * HOUR + n * 7_000})" for n in range(1_000))
     burst = ", ".join(f"('burst-{n}', {NOW - HOUR + n * 150})" for n in range(2_000))
     _write(history, "INSERT INTO runs (run_id, agent_id, agent_version, started_at, ended_at, outcome, version) "
@@ -106,7 +108,10 @@ def test_recent_runs_are_read_a_page_at_a_time(history):
     store = Recording(running_service(history.settings))
     pages = RunPages(store, "agent_id = {agent:String}", {"agent": "paged"}, NOW - 3 * HOUR, page_runs=300)
     assert pages.total == 3_000 and len(store.queries) == 1  # counted, nothing read yet
-    read = list(pages)
+    reading = iter(pages)
+    read = [next(reading)]
+    wait_until(lambda: len(store.queries), 30, "the next page read while this one is in use", lambda n: n == 3)
+    read += list(reading)
     assert all(0 < len(page) <= 300 for page in read) and len(read) <= 3_000 // 300 * 2
     rows = [row for page in read for row in page]
     assert len({row["run_id"] for row in rows}) == 3_000 == len(rows)
