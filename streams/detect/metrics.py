@@ -165,7 +165,7 @@ class Window:
     sealed_governance: GovernanceTotals = field(default_factory=GovernanceTotals)
     taken: int = 0  # runs taken one by one and sealed since (`appended`)
     # Runs a restart put back (`restore`): in the sums at once, like sealed ones, but their facts
-    # kept in arrays (~90 bytes a run, no object a run) while a newer version may still come,
+    # kept in arrays (~130 bytes a run, no object a run) while a newer version may still come,
     # which replaces them (`add`); `seal_restored` then forgets the facts. By hash, sorted;
     # version -1 once replaced. Governance facts, for the runs that have any, packed one after
     # the other in `restored_packed` (offset and length a run; length 0: none).
