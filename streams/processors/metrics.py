@@ -22,8 +22,8 @@ from streams.settings import Settings
 @dataclass
 class MetricsState:
     """What a metrics partition starts from, read from the store (`streams.processors.recovery`).
-    The runs come a page at a time (lists of rows, oldest first), so that a rebuild holds one
-    page of rows, not hours of them."""
+    The runs come a page at a time (lists of rows, oldest first), so that a rebuild holds a
+    page or two of rows, not hours of them."""
 
     open_windows: set[tuple[str, str, int]] = field(default_factory=set)  # (agent, version, start ms) not final yet
     window_runs: Iterable[list[dict]] = ()  # their runs that ended before the history's
