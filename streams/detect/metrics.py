@@ -138,6 +138,13 @@ def governance_columns(runs: int, facts: Iterable[RunGovernance], sealed: Govern
     return totals.columns(runs)
 
 
+def _among(ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which of `keys` are in the sorted `ids`."""
+    if not len(ids):
+        return np.zeros(len(keys), bool)
+    return ids[np.minimum(ids.searchsorted(keys), len(ids) - 1)] == keys
+
+
 @dataclass(slots=True)
 class Window:
     agent_id: str
@@ -182,7 +189,8 @@ class Window:
         """Runs this window took one by one (sealed since or not): where the next new run goes."""
         return self.taken + len(self.versions)
 
-    def _counts_of(self, row: dict) -> tuple:
+    @staticmethod
+    def _counts_of(row: dict) -> tuple:
         return (row["outcome"] == "success", row["outcome"] == "timeout", bool(row["loop_detected"]),
                 row["tool_calls"], row["tool_errors"], row["input_tokens"], row["output_tokens"])
 
@@ -190,14 +198,8 @@ class Window:
         """Put back runs of this window as a restart reads them: in the sums at once, their facts
         in arrays until `seal_restored`. A run already held goes through `add`."""
         keys = np.fromiter((hash(row["run_id"]) for row in rows), np.int64, len(rows))
-        known = np.zeros(len(rows), bool)
-        if len(self.restored_ids):
-            at = np.minimum(self.restored_ids.searchsorted(keys), len(self.restored_ids) - 1)
-            known = self.restored_ids[at] == keys
-        known |= np.fromiter((int(key) in self.positions for key in keys), bool, len(rows))
-        if len(self.sealed_ids):
-            at = np.minimum(self.sealed_ids.searchsorted(keys), len(self.sealed_ids) - 1)
-            known |= self.sealed_ids[at] == keys
+        known = (_among(self.restored_ids, keys) | _among(self.sealed_ids, keys)
+                 | np.fromiter((int(key) in self.positions for key in keys), bool, len(rows)))
         _, first = np.unique(keys, return_index=True)
         fresh = np.zeros(len(rows), bool)
         fresh[first] = True
@@ -260,15 +262,18 @@ class Window:
     def seal_restored(self) -> None:
         """The restored runs can no longer be re-emitted: keep their ids and versions only."""
         live = self.restored_versions >= 0
-        ids = np.concatenate((self.sealed_ids, self.restored_ids[live]))
-        versions = np.concatenate((self.sealed_versions, self.restored_versions[live]))
-        order = ids.argsort(kind="stable")
-        self.sealed_ids, self.sealed_versions = ids[order], versions[order]
+        self._sealed(self.restored_ids[live], self.restored_versions[live])
         self.restored_governance, self.restored_packed = np.empty((0, 2), np.int64), b""
         self.restored_ids, self.restored_versions = np.empty(0, np.int64), np.empty(0, np.int64)
         self.restored_counts = np.empty((0, _COUNTS), np.int64)
         self.restored_cost_duration = np.empty((0, 2), np.float64)
         self.restored_live = 0
+
+    def _sealed(self, ids: np.ndarray, versions: np.ndarray) -> None:
+        """Runs' ids and versions into the sorted arrays of the sealed ones."""
+        ids = np.concatenate((self.sealed_ids, ids))
+        order = ids.argsort(kind="stable")
+        self.sealed_ids, self.sealed_versions = ids[order], np.concatenate((self.sealed_versions, versions))[order]
 
     def add(self, row: dict) -> bool:
         key = hash(row["run_id"])
@@ -317,10 +322,7 @@ class Window:
             return
         self.taken += k
         items = list(self.positions.items())  # in position order: a run keeps the place it came in
-        ids = np.concatenate([self.sealed_ids, np.fromiter((key for key, _ in items[:k]), np.int64, k)])
-        versions = np.concatenate([self.sealed_versions, np.array(self.versions[:k], np.int64)])
-        order = ids.argsort(kind="stable")
-        self.sealed_ids, self.sealed_versions = ids[order], versions[order]
+        self._sealed(np.fromiter((key for key, _ in items[:k]), np.int64, k), np.array(self.versions[:k], np.int64))
         for cost in self.costs[:k]:
             self.sealed_cost += cost
         for position in range(k):

@@ -42,18 +42,34 @@ READ_ONLY_STATEMENTS = ("SelectWithUnionQuery", "SelectQuery", "Show", "Describe
 # The connection for reads: ClickHouse refuses every write on it. (2, not 1: a query may still
 # set its own settings, FINAL and output formats included, but never `readonly` itself.)
 READER_SETTINGS = {"readonly": 2}
-# A person's query may tighten its own bounds (QueryLimits), not loosen them: setting -> the
-# setting of `up` that bounds it. A smaller value is tighter (0 is "no bound"), but for the thread's
-# nice value, where a larger one is.
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """How a person's query may set one of its bounds (QueryLimits): tighter, never looser."""
+
+    variable: str  # the setting of `up` that sets the bound
+    tightest: int | None = None  # when a larger value is tighter (a nice value), the largest there is
+
+    def allows(self, value: float, bound: int) -> bool:
+        if self.tightest is not None:
+            return bound <= value <= self.tightest
+        return value > 0 and (bound == 0 or value <= bound)  # smaller is tighter; 0 is "no bound"
+
+    def allowed(self, bound: int) -> str:
+        if self.tightest is not None:
+            return f"{bound} to {self.tightest}"
+        return f"at most {bound}" if bound else "above 0"
+
+
 BOUNDS = {
-    "max_execution_time": "TRACKSIDE_QUERY_MAX_SECONDS",
-    "max_memory_usage": "TRACKSIDE_QUERY_MAX_MEMORY_BYTES",
-    "max_threads": "TRACKSIDE_QUERY_MAX_THREADS",
-    "max_bytes_before_external_group_by": "TRACKSIDE_QUERY_SPILL_BYTES",
-    "max_bytes_before_external_sort": "TRACKSIDE_QUERY_SPILL_BYTES",
-    "os_thread_priority": "TRACKSIDE_QUERY_NICE",
+    "max_execution_time": _Bound("TRACKSIDE_QUERY_MAX_SECONDS"),
+    "max_memory_usage": _Bound("TRACKSIDE_QUERY_MAX_MEMORY_BYTES"),
+    "max_threads": _Bound("TRACKSIDE_QUERY_MAX_THREADS"),
+    "max_bytes_before_external_group_by": _Bound("TRACKSIDE_QUERY_SPILL_BYTES"),
+    "max_bytes_before_external_sort": _Bound("TRACKSIDE_QUERY_SPILL_BYTES"),
+    "os_thread_priority": _Bound("TRACKSIDE_QUERY_NICE", tightest=19),
 }
-NICEST = 19
 BOUNDED_SETTING = re.compile(rf"\b({'|'.join(BOUNDS)})\s*=\s*([^,\s]+)", re.IGNORECASE)
 # Statements remembered as read-only (the oldest forgotten first).
 CHECKED_STATEMENTS = 1024
@@ -242,18 +258,14 @@ class Store:
     def _check_bounds(self, statement: str) -> None:
         bounds = self.limits.settings()
         for name, value in BOUNDED_SETTING.findall(statement):
-            setting = name.lower()
-            bound = bounds[setting]
-            nice = setting == "os_thread_priority"
+            setting, bound = BOUNDS[name.lower()], bounds[name.lower()]
             try:
-                number = float(value.strip("'"))
-                tight = bound <= number <= NICEST if nice else number > 0 and (bound == 0 or number <= bound)
+                tight = setting.allows(float(value.strip("'")), bound)
             except ValueError:
                 tight = False
             if not tight:
-                allowed = f"{bound} to {NICEST}" if nice else f"at most {bound}" if bound else "above 0"
                 raise StoreError(f"read-only: a query may tighten its own limits, not lift them: {name} = {value} "
-                                 f"({allowed}: {BOUNDS[setting]} of `up`)")
+                                 f"({setting.allowed(bound)}: {setting.variable} of `up`)")
 
     @cached_property
     def _outside_functions(self) -> frozenset[str]:
