@@ -218,13 +218,11 @@ def create_app(settings: Settings) -> faust.App:
         if partition not in assemblers:
             with _rebuilding("assemble_runs", partition):
                 await asyncio.get_running_loop().run_in_executor(None, imported.join)
-                from streams.processors.assembler import AssemblerPartition
-                from streams.processors.recovery import open_run_events
+                from streams.processors.recovery import rebuild_assembler
 
-                stored, sent = await _from_store(
-                    open_run_events, settings, partition, 2 * settings.run_idle_timeout_seconds * 1000)
-                assemblers[partition] = AssemblerPartition(partition, settings, policy, stored, sent, now_ms())
-                del stored
+                assemblers[partition] = await _from_store(
+                    rebuild_assembler, settings, policy, partition, 2 * settings.run_idle_timeout_seconds * 1000,
+                    now_ms())
         out = assemblers[partition].handle(EventBatch.decode(event.value), kafka_ms(event), now_ms(), time.monotonic())
         for outcome, count in Counter(row["outcome"] for row in out.closed).items():
             telemetry.RUNS_CLOSED.labels(outcome).inc(count)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Iterable
 
 from streams.contracts.messages import ClosedRuns, EventBatch
 from streams.contracts.topics import agent_partition
@@ -25,12 +26,13 @@ class AssemblerOutput:
 class AssemblerPartition:
     """Folds the event batches of one partition into runs; no I/O.
 
-    Built from what the store holds (`streams.processors.recovery.open_run_events`): the
-    events of runs still open, replayed, and the alerts already sent about them, which a
-    replay or a redelivery raises again and which are therefore not sent twice.
+    Built from what the store holds (`streams.processors.recovery.read_open_runs`): the
+    events of runs still open, packed, replayed a read at a time (each run's events in one
+    read), and the alerts already sent about them, which a replay or a redelivery raises
+    again and which are therefore not sent twice.
     """
 
-    def __init__(self, partition: int, settings: Settings, policy: Policy, stored_events: list[dict],
+    def __init__(self, partition: int, settings: Settings, policy: Policy, stored_events: Iterable[list],
                  sent_alert_ids: set[str], now_ms: int) -> None:
         self.partition = partition
         self.partitions = settings.partitions
@@ -39,7 +41,9 @@ class AssemblerPartition:
             settings.loop_policy(), lambda agent: policy.budget(agent, "run_usd"))
         self.sent = sent_alert_ids
         self._told: dict[int, float] = {}  # metrics partition -> wall time of the last message to it
-        self._recovered = self.assembler.apply(stored_events, now_ms, replay=True)
+        self._recovered: list[dict] = []
+        for events in stored_events:
+            self._recovered += self.assembler.apply_packed(events, now_ms, replay=True)
 
     def handle(self, batch: EventBatch, processed_ts: int, now_ms: int, wall_s: float) -> AssemblerOutput:
         """Fold one batch in. `processed_ts`: the batch message's Kafka timestamp (ms)."""

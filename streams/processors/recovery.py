@@ -16,6 +16,8 @@ from streams.contracts.tables import RUNS
 from streams.contracts.topics import agent_partition, mode_partition_key, tenant_partition_key
 from streams.detect.failures import KIND, mode_key
 from streams.detect.policy import Policy
+from streams.detect.runs import RUN_ID
+from streams.processors.assembler import AssemblerPartition
 from streams.processors.metrics import MetricsPartition, MetricsState
 from streams.settings import Settings
 from streams.store.clickhouse import query_store
@@ -50,6 +52,11 @@ _WINDOW_COLUMNS = _run_columns((
     "feedback_count", "feedback_score"))
 # Runs read at a time while a partition is rebuilt (`RunPages`): ~10 MB of rows in Python.
 PAGE_RUNS = 5_000
+# Open runs whose events an assembler partition's rebuild replays at a time: ~12,000 events,
+# parsed as lists (not dicts) from the one response as they are replayed. All of them as dicts
+# at once (100,000 events, 5 minutes of a soak's partition) left the worker's heaps holding
+# ~50 MB of gaps among what it kept.
+OPEN_RUNS_PER_READ = 1_000
 # Tenant budgets are daily: their sums need the runs of the last two days.
 TENANT_HISTORY_MS = 2 * 24 * 3_600_000
 
@@ -68,32 +75,54 @@ def assembler_progress(store) -> dict[int, int]:  # noqa: ANN001 (a Store or a R
         "WHERE stage = 'assemble_runs' GROUP BY partition")}
 
 
-def open_run_events(settings: Settings, partition: int, horizon_ms: int) -> tuple[list[dict], set[str]]:
-    return read_open_runs(query_store(settings, may_open=False), settings.partitions, partition, horizon_ms)
+def rebuild_assembler(settings: Settings, policy: Policy, partition: int, horizon_ms: int,
+                      now_ms: int) -> AssemblerPartition:
+    """An assembler partition as it was: its open runs replayed from the store, a few runs'
+    events at a time (blocking: run it off the event loop)."""
+    events, sent = read_open_runs(query_store(settings, may_open=False), settings.partitions, partition, horizon_ms)
+    return AssemblerPartition(partition, settings, policy, events, sent, now_ms)
 
 
-def read_open_runs(store, partitions: int, partition: int, horizon_ms: int) -> tuple[list[dict], set[str]]:  # noqa: ANN001
+def read_open_runs(store, partitions: int, partition: int, horizon_ms: int,  # noqa: ANN001
+                   runs_per_read: int = OPEN_RUNS_PER_READ) -> tuple[Iterator[list[list]], set[str]]:
     """Every landed event of the partition's runs still open (with an event in the last
-    `horizon_ms` of event time the processors had reached, and no `runs` row), oldest first, and the ids of the alerts
-    already sent about the partition's runs of that time: a replayed or redelivered event
-    raises them again. A run older than the horizon comes back whole (by its run_id). The
-    horizon counts back from the partition's own progress, not from the newest stored event:
-    the store holds events the assembler had not reached, and they come again from the stream.
-    A partition with no progress yet is read whole."""
+    `horizon_ms` of event time the processors had reached, and no `runs` row), packed
+    (`EVENT_FIELDS` in order), `runs_per_read` runs at a time, each run's events together and
+    oldest first (one read of the store, its rows parsed as they are taken); and the ids of the alerts already sent about the
+    partition's runs of that time: a replayed or redelivered event raises them again. A run
+    older than the horizon comes back whole (by its run_id). The horizon counts back from the
+    partition's own progress, not from the newest stored event: the store holds events the
+    assembler had not reached, and they come again from the stream. A partition with no
+    progress yet is read whole."""
     reached = assembler_progress(store).get(partition)
     params = {"source": f"{topics.AGENT_EVENTS.name}:{partition}:%", "otlp": f"{topics.OTLP_SPANS.name}:",
               "partitions": partitions, "partition": partition, "since": reached - horizon_ms if reached else 0}
     recent = f"SELECT DISTINCT run_id FROM events WHERE ts >= {_SINCE} AND {_PARTITION_EVENTS}"
     open_ids = [row["run_id"] for row in store.query_json(
         f"{recent} AND run_id NOT IN (SELECT run_id FROM runs WHERE ended_at >= {_SINCE})", params)]
-    events = store.query_json(
-        f"SELECT {_EVENT_COLUMNS} FROM events WHERE run_id IN {{ids:Array(String)}} AND {_PARTITION_EVENTS} "
-        "ORDER BY ts", {**params, "ids": open_ids}) if open_ids else []
-    if events:
-        log.info("partition %d: rebuilding %d open runs from %d stored events", partition, len(open_ids), len(events))
     sent = store.query_json(
         f"SELECT alert_id FROM alerts WHERE ts >= {_SINCE} AND run_id != '' AND run_id IN ({recent})", params)
-    return events, {row["alert_id"] for row in sent}
+    # one read of the events, a run's together, taken from the response a few runs at a time
+    rows = store.query_lists(
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE run_id IN {{ids:Array(String)}} AND {_PARTITION_EVENTS} "
+        "ORDER BY run_id, ts", {**params, "ids": open_ids}) if open_ids else iter(())
+
+    def reads() -> Iterator[list[list]]:
+        read, runs, run, events = [], 0, None, 0
+        for row in rows:
+            if row[RUN_ID] != run:
+                if runs == runs_per_read:
+                    yield read
+                    read, runs = [], 0
+                run, runs = row[RUN_ID], runs + 1
+            read.append(row)
+            events += 1
+        if read:
+            yield read
+        if events:
+            log.info("partition %d: rebuilt %d open runs from %d stored events", partition, len(open_ids), events)
+
+    return reads(), {row["alert_id"] for row in sent}
 
 
 def rebuild_metrics(settings: Settings, policy: Policy, partition: int, horizon_ms: int, now_ms: int) -> MetricsPartition:

@@ -3,6 +3,7 @@ same after a month of history as after an hour (issue 11.5). Real chdb, through 
 
 import pytest
 
+from streams.detect.runs import RUN_ID, TS
 from streams.processors.recovery import RunPages, read_metrics_state, read_open_runs
 from streams.store.clickhouse import running_service
 from tests.conftest import RunningStack
@@ -27,6 +28,10 @@ class Recording:
     def query_json(self, sql: str, parameters: dict | None = None) -> list[dict]:
         self.queries.append((sql, parameters or {}))
         return self.store.query_json(sql, parameters)
+
+    def query_lists(self, sql: str, parameters: dict | None = None) -> list[list]:
+        self.queries.append((sql, parameters or {}))
+        return self.store.query_lists(sql, parameters)
 
 
 def _write(stack: RunningStack, sql: str) -> None:
@@ -76,15 +81,25 @@ def _rows_read(stack: RunningStack, queries: list[tuple[str, dict]], table: str)
 
 def test_open_runs_come_back_whole_from_a_bounded_read(history):
     store = Recording(running_service(history.settings))
-    events, sent = read_open_runs(store, 4, 0, HOUR)
+    reads, sent = read_open_runs(store, 4, 0, HOUR, runs_per_read=2)
+    assert sent == set()
     by_run = {}
-    for event in events:
-        by_run.setdefault(event["run_id"], []).append(event["ts"])
+    for events in reads:
+        assert len({event[RUN_ID] for event in events}) <= 2  # a few runs at a time, each whole
+        for event in events:
+            by_run.setdefault(event[RUN_ID], []).append(event[TS])
     assert by_run == {"recent-1": [NOW - 10 * 60_000], "recent-2": [NOW - 5 * 60_000],
                       "long": [NOW - 5 * HOUR, NOW - 4 * 60_000]}
-    assert sent == set()
     read = _rows_read(history, store.queries, "events")
     assert read < OLD_EVENTS * 0.05, f"recovery reads {read} of {OLD_EVENTS} events"
+
+
+def test_rows_as_lists_are_the_rows_as_dicts_in_column_order(history):
+    store = running_service(history.settings)
+    sql = "SELECT number AS n, toString(number) AS s, [number, 1] AS a FROM numbers(3) WHERE number >= {low:UInt64}"
+    assert list(store.query_lists(sql, {"low": 1})) == [list(row.values()) for row in store.query_json(sql, {"low": 1})]
+    assert list(store.query_lists(sql, {"low": 1})) == [[1, "1", [1, 1]], [2, "2", [2, 1]]]
+    assert list(store.query_lists(sql, {"low": 5})) == []
 
 
 def test_a_metrics_partition_reads_recent_runs_only(history):

@@ -102,11 +102,34 @@ def test_a_rebuilt_partition_replays_stored_runs_and_does_not_resend_their_alert
     out = first.handle(EventBatch(0, [pack(e) for e in events]), 1, 0, 1.0)
     assert any(alert["kind"] == "loop" for alert in out.alerts)
     ended = {row["run_id"] for row in out.closed if row["closed_by"] == "run_end"}
-    rebuilt = AssemblerPartition(0, settings, Policy(), events, {alert["alert_id"] for alert in out.alerts}, now_ms=0)
+    rebuilt = AssemblerPartition(0, settings, Policy(), [[pack(e) for e in events]], {alert["alert_id"] for alert in out.alerts}, now_ms=0)
     again = rebuilt.handle(EventBatch(0, []), 1, 0, 1.0)
     assert again.alerts == []
     # runs that ended close again; idle ones wait for the stream to move the watermark
     assert {row["run_id"] for row in again.closed} == ended
+
+
+def test_a_partition_rebuilt_a_few_runs_at_a_time_is_the_one_rebuilt_at_once(settings):
+    """Recovery reads the open runs' events a few runs at a time (each run whole, oldest first),
+    not every event at once: the replay comes to the same runs, rows and alerts."""
+    events = fleet()
+    runs = list(dict.fromkeys(e["run_id"] for e in events))
+    reads = [[pack(e) for e in events if e["run_id"] in set(runs[start:start + 7])]
+             for start in range(0, len(runs), 7)]
+    assert len(reads) > 10
+    at_once = AssemblerPartition(0, settings, Policy(), [[pack(e) for e in events]], set(), now_ms=0)
+    in_reads = AssemblerPartition(0, settings, Policy(), reads, set(), now_ms=0)
+
+    def state(partition: AssemblerPartition) -> tuple:
+        out = partition.handle(EventBatch(0, []), 1, 0, 1.0)
+        assembler = partition.assembler
+        return (sorted(out.closed, key=lambda row: row["run_id"]),
+                sorted(out.alerts, key=lambda alert: alert["alert_id"]),
+                sorted(assembler.open), sorted(assembler.closed), assembler.duplicates, assembler.late_events)
+
+    rebuilt = state(at_once)
+    assert rebuilt[0] and rebuilt[1] and rebuilt[2]  # closed runs, alerts and open runs to compare
+    assert state(in_reads) == rebuilt
 
 
 def test_every_run_is_counted_once_in_the_windows_across_partitions(settings):
@@ -155,7 +178,7 @@ def test_stored_events_ahead_of_the_stream_do_not_make_its_older_events_late(set
     events = fleet()
     newest_hour = [e for e in events if e["ts"] >= events[-1]["ts"] - 3_600_000]
     assert len(newest_hour) < len(events) * 0.8
-    rebuilt = AssemblerPartition(0, settings, Policy(), newest_hour, set(), now_ms=0)
+    rebuilt = AssemblerPartition(0, settings, Policy(), [[pack(e) for e in newest_hour]], set(), now_ms=0)
     closed = []
     for start in range(0, len(events), 500):
         closed += rebuilt.handle(EventBatch(0, [pack(e) for e in events[start:start + 500]]), 1, 0, 1.0).closed
