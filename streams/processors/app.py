@@ -38,9 +38,10 @@ APP_ID = "trackside-processors"
 DETECTION_HISTORY_MS = 3 * 3_600_000
 # Messages an agent's stream buffers before faust stops fetching its partitions. A message is a
 # batch of up to `handover_max_bytes` (500 KB), so faust's default of 4,096 could hold up to
-# 2 GB a stream after a restart with a backlog; 64 hold at most 32 MB and 64,000 events or
-# more, a second of work at the fastest.
-STREAM_BUFFER_MESSAGES = 64
+# 2 GB a stream after a restart with a backlog; 16 hold at most 8 MB and 16,000 events or
+# more, half a second of work at the fastest, many fetches of 50 ms. With 64, a worker
+# catching up after a rebuild held ~25-60 MB more of them than one keeping up.
+STREAM_BUFFER_MESSAGES = 16
 # How often a worker gives the C heap's free pages back (`release_memory`, as `up` does): in
 # a 10-minute soak with a restart halfway, the worker's peak after the restart was 707 MB with
 # it and 752 MB without (one run each, jobs/README.md).
