@@ -27,8 +27,8 @@ class AssemblerPartition:
     """Folds the event batches of one partition into runs; no I/O.
 
     Built from what the store holds (`streams.processors.recovery.read_open_runs`): the
-    events of runs still open, packed, replayed a read at a time (each run's events in one
-    read), and the alerts already sent about them, which a replay or a redelivery raises
+    events of runs still open, packed, replayed a few runs at a time (each run's events
+    together), and the alerts already sent about them, which a replay or a redelivery raises
     again and which are therefore not sent twice.
     """
 

@@ -88,12 +88,12 @@ def read_open_runs(store, partitions: int, partition: int, horizon_ms: int,  # n
     """Every landed event of the partition's runs still open (with an event in the last
     `horizon_ms` of event time the processors had reached, and no `runs` row), packed
     (`EVENT_FIELDS` in order), `runs_per_read` runs at a time, each run's events together and
-    oldest first (one read of the store, its rows parsed as they are taken); and the ids of the alerts already sent about the
-    partition's runs of that time: a replayed or redelivered event raises them again. A run
-    older than the horizon comes back whole (by its run_id). The horizon counts back from the
-    partition's own progress, not from the newest stored event: the store holds events the
-    assembler had not reached, and they come again from the stream. A partition with no
-    progress yet is read whole."""
+    oldest first (one read of the store, its rows parsed as they are taken); and the ids of
+    the alerts already sent about the partition's runs of that time: a replayed or
+    redelivered event raises them again. A run older than the horizon comes back whole (by
+    its run_id). The horizon counts back from the partition's own progress, not from the
+    newest stored event: the store holds events the assembler had not reached, and they come
+    again from the stream. A partition with no progress yet is read whole."""
     reached = assembler_progress(store).get(partition)
     params = {"source": f"{topics.AGENT_EVENTS.name}:{partition}:%", "otlp": f"{topics.OTLP_SPANS.name}:",
               "partitions": partitions, "partition": partition, "since": reached - horizon_ms if reached else 0}
