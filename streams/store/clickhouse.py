@@ -225,7 +225,7 @@ class Store:
     def query_lists(self, sql: str, parameters: dict | None = None, *, person: bool = True) -> Iterator[list]:
         """`query_json`'s rows as lists of values in the order of the columns, parsed one at a time
         as they are taken from the one response: no dict a row, nor a list of every row."""
-        return _list_rows(self.query_raw(sql, "JSONCompactEachRow", parameters=parameters, person=person))
+        return _json_lines(self.query_raw(sql, "JSONCompactEachRow", parameters=parameters, person=person))
 
     def _check_reads_only(self, sql: str, parameters: dict | None, person: bool = True) -> None:
         """Refuse, before it runs, what the reader would refuse too or what `readonly` lets through.
@@ -428,18 +428,19 @@ class RemoteStore:
         return _json_rows(self.query_raw(sql, "JSONEachRow", parameters=parameters))
 
     def query_lists(self, sql: str, parameters: dict | None = None) -> Iterator[list]:
-        return _list_rows(self.query_raw(sql, "JSONCompactEachRow", parameters=parameters))
+        return _json_lines(self.query_raw(sql, "JSONCompactEachRow", parameters=parameters))
 
     def close(self) -> None:
         """Nothing to close: every query is a request of its own."""
 
 
 def _json_rows(body: bytes) -> list[dict]:
-    return [orjson.loads(line) for line in body.splitlines() if line]
+    return list(_json_lines(body))
 
 
-def _list_rows(body: bytes) -> Iterator[list]:
-    # Lines parsed where they lie in the body (one block, given back whole once done).
+def _json_lines(body: bytes) -> Iterator:
+    """Each line of a `...EachRow` body, parsed as it is taken, where it lies in the body (no
+    bytes object a line; the body is one block, given back whole once done)."""
     view, start = memoryview(body), 0
     while start < len(body):
         end = body.find(b"\n", start)
