@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import orjson
 
@@ -50,8 +51,13 @@ _WINDOW_COLUMNS = _run_columns((
     "tool_calls", "tool_errors", "input_tokens", "output_tokens", "version", "steps", "policy_hits",
     "approvals_requested", "approvals_granted", "approvals_denied", "approvals_expired", "approval_waits_ms",
     "feedback_count", "feedback_score"))
-# Runs read at a time while a partition is rebuilt (`RunPages`): ~10 MB of rows in Python.
+# Runs read a query at a time while a partition is rebuilt (`RunPages`): ~10 MB of JSON. Fewer
+# make the rebuild slower: each page's query scans `runs` (1,000: 60 -> 158 s, jobs/README.md).
 PAGE_RUNS = 5_000
+# Runs of a page parsed and folded in at a time. A page's 5,000 rows as dicts at once (twice,
+# with the page read ahead) left a rebuilt worker's heaps holding ~25 MB of pymalloc gaps and
+# ~45 MB of free C heap among what it kept (offline, the 4 partitions of a 20-minute soak).
+CHUNK_RUNS = 250
 # Open runs whose events an assembler partition's rebuild replays at a time: ~12,000 events,
 # parsed as lists (not dicts) from the one response as they are replayed. All of them as dicts
 # at once (100,000 events, 5 minutes of a soak's partition) left the worker's heaps holding
@@ -271,12 +277,14 @@ class RunPages:
     """The `runs` rows matching `where` that ended at or after `since`, oldest first, in pages
     of at most `page_runs` rows (more only if that many ended within one second): slices of
     event time cut from a count of the rows per second. Counted at once; read lazily, a page
-    ahead of the one in use, so that a rebuild holds two pages of rows, not hours of them (a row
-    is ~2 KB in Python)."""
+    ahead of the one in use, and given in chunks of at most `chunk_runs` rows parsed from the
+    page's response as they are taken: a rebuild holds two responses and a chunk of rows, not
+    hours of them (a row is ~2 KB in Python)."""
 
     def __init__(self, store, where: str, params: dict, since: int, page_runs: int = PAGE_RUNS,  # noqa: ANN001
-                 columns: str = _RUN_COLUMNS) -> None:
+                 columns: str = _RUN_COLUMNS, chunk_runs: int = CHUNK_RUNS) -> None:
         self._store, self._where, self._params, self._columns = store, where, params, columns
+        self._chunk_runs = chunk_runs
         per_second = store.query_json(
             "SELECT intDiv(toUnixTimestamp64Milli(ended_at), 1000) AS second, count() AS runs FROM runs "
             f"WHERE ended_at >= {_SINCE} AND {where} GROUP BY second ORDER BY second", {**params, "since": since})
@@ -294,20 +302,24 @@ class RunPages:
 
     def __iter__(self) -> Iterator[list[dict]]:
         # The next page is read while this one is folded in: the store works (in `up`, for a
-        # worker) while the rebuild computes. Two pages held, not one.
+        # worker) while the rebuild computes. Two responses held, and a chunk of rows.
         with ThreadPoolExecutor(1, thread_name_prefix="run-pages") as ahead:
             coming = None
             for since, until in self.slices:
                 page = ahead.submit(self._page, since, until)
                 if coming is not None:
-                    yield coming.result()
+                    yield from self._chunks(coming.result())
                 coming = page
             if coming is not None:
-                yield coming.result()
+                yield from self._chunks(coming.result())
 
-    def _page(self, since: int, until: int) -> list[dict]:
+    def _chunks(self, rows: Iterator[dict]) -> Iterator[list[dict]]:
+        while chunk := list(islice(rows, self._chunk_runs)):
+            yield chunk
+
+    def _page(self, since: int, until: int) -> Iterator[dict]:
         # The inner query filters on the columns; the outer one renames them.
-        return self._store.query_json(
+        return self._store.query_dicts(
             f"SELECT {self._columns} FROM (SELECT * FROM runs WHERE ended_at >= {_SINCE} "
             f"AND ended_at < fromUnixTimestamp64Milli({{until:Int64}}, 'UTC') AND {self._where}) "
             "ORDER BY ended_at, run_id", {**self._params, "since": since, "until": until})

@@ -227,6 +227,11 @@ class Store:
         as they are taken from the one response: no dict a row, nor a list of every row."""
         return _json_lines(self.query_raw(sql, "JSONCompactEachRow", parameters=parameters, person=person))
 
+    def query_dicts(self, sql: str, parameters: dict | None = None, *, person: bool = True) -> Iterator[dict]:
+        """`query_json`'s rows parsed one at a time as they are taken from the one response (read
+        at once): no list of every row."""
+        return _json_lines(self.query_raw(sql, "JSONEachRow", parameters=parameters, person=person))
+
     def _check_reads_only(self, sql: str, parameters: dict | None, person: bool = True) -> None:
         """Refuse, before it runs, what the reader would refuse too or what `readonly` lets through.
 
@@ -429,6 +434,9 @@ class RemoteStore:
 
     def query_lists(self, sql: str, parameters: dict | None = None) -> Iterator[list]:
         return _json_lines(self.query_raw(sql, "JSONCompactEachRow", parameters=parameters))
+
+    def query_dicts(self, sql: str, parameters: dict | None = None) -> Iterator[dict]:
+        return _json_lines(self.query_raw(sql, "JSONEachRow", parameters=parameters))
 
     def close(self) -> None:
         """Nothing to close: every query is a request of its own."""

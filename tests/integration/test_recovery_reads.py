@@ -33,6 +33,10 @@ class Recording:
         self.queries.append((sql, parameters or {}))
         return self.store.query_lists(sql, parameters)
 
+    def query_dicts(self, sql: str, parameters: dict | None = None) -> list[dict]:
+        self.queries.append((sql, parameters or {}))
+        return self.store.query_dicts(sql, parameters)
+
 
 def _write(stack: RunningStack, sql: str) -> None:
     done = stack.cli("sql", "--write", sql, check=False)
@@ -100,6 +104,8 @@ def test_rows_as_lists_are_the_rows_as_dicts_in_column_order(history):
     assert list(store.query_lists(sql, {"low": 1})) == [list(row.values()) for row in store.query_json(sql, {"low": 1})]
     assert list(store.query_lists(sql, {"low": 1})) == [[1, "1", [1, 1]], [2, "2", [2, 1]]]
     assert list(store.query_lists(sql, {"low": 5})) == []
+    assert list(store.query_dicts(sql, {"low": 1})) == store.query_json(sql, {"low": 1})
+    assert list(store.query_dicts(sql, {"low": 5})) == []
 
 
 def test_a_metrics_partition_reads_recent_runs_only(history):
@@ -114,20 +120,22 @@ def test_a_metrics_partition_reads_recent_runs_only(history):
 def test_recent_runs_are_read_a_page_at_a_time(history):
     """A rebuild holds two pages of runs, the one in use and the next (read meanwhile): slices of
     event time of at most `page_runs` rows, cut where the runs are dense (a burst of 2,000 runs
-    in 5 minutes among 1,000 over 2 hours)."""
+    in 5 minutes among 1,000 over 2 hours). A page is folded in chunks of at most `chunk_runs`."""
     spread = ", ".join(f"('spread-{n}', {NOW - 2 * HOUR + n * 7_000})" for n in range(1_000))
     burst = ", ".join(f"('burst-{n}', {NOW - HOUR + n * 150})" for n in range(2_000))
     _write(history, "INSERT INTO runs (run_id, agent_id, agent_version, started_at, ended_at, outcome, version) "
                     "SELECT run, 'paged', 'v1', fromUnixTimestamp64Milli(ts, 'UTC'), fromUnixTimestamp64Milli(ts, 'UTC'), "
                     f"'success', 20 FROM values('run String, ts Int64', {spread}, {burst})")
     store = Recording(running_service(history.settings))
-    pages = RunPages(store, "agent_id = {agent:String}", {"agent": "paged"}, NOW - 3 * HOUR, page_runs=300)
+    pages = RunPages(store, "agent_id = {agent:String}", {"agent": "paged"}, NOW - 3 * HOUR, page_runs=300,
+                     chunk_runs=70)
     assert pages.total == 3_000 and len(store.queries) == 1  # counted, nothing read yet
     reading = iter(pages)
     read = [next(reading)]
     wait_until(lambda: len(store.queries), 30, "the next page read while this one is in use", lambda n: n == 3)
     read += list(reading)
-    assert all(0 < len(page) <= 300 for page in read) and len(read) <= 3_000 // 300 * 2
+    assert len(store.queries) - 1 <= 3_000 // 300 * 2  # pages of at most 300 runs
+    assert all(0 < len(chunk) <= 70 for chunk in read) and len(read) >= 3_000 // 70
     rows = [row for page in read for row in page]
     assert len({row["run_id"] for row in rows}) == 3_000 == len(rows)
     assert [(row["ended_at"], row["run_id"]) for row in rows] == sorted((row["ended_at"], row["run_id"]) for row in rows)
