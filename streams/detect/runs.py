@@ -396,10 +396,15 @@ class RunAssembler:
                     continue
                 run = self.open[run_id] = RunState(run_id, event[AGENT_ID], event[AGENT_VERSION])
                 self._arm(run, event[TS] + self.closed_kept_ms)
-            elif run.frozen:
-                run.thaw()
             if event[TS] > self.max_ts and not replay:
                 self.max_ts = event[TS]  # a duplicate too: the stream has come this far
+            if run.frozen:
+                if hash(event[EVENT_ID]) in run.event_ids:
+                    # A redelivery (after every restart, many): the run stays small. Thawed, a
+                    # closed run would stay large until forgotten, since no row is made of it.
+                    self.duplicates += 1
+                    continue
+                run.thaw()
             if not run.apply(event, self.loop_policy):
                 self.duplicates += 1
                 continue

@@ -117,6 +117,18 @@ def test_a_closed_run_is_kept_for_the_lateness_then_as_a_tombstone_that_counts_i
     assert "r1" not in assembler.tombstones
 
 
+def test_a_redelivered_event_leaves_a_closed_run_small():
+    """After a restart agents and the sink redeliver what was in flight: a closed run that has the
+    events already stays frozen (thawed, it stayed large until forgotten: no row is made of a
+    duplicate, which is what froze it again)."""
+    assembler = RunAssembler(30 * MIN, allowed_lateness_ms=2 * MIN)
+    events = a_run("r1", T0)
+    assembler.apply(events, now_ms=0)
+    assert assembler.closed["r1"].frozen
+    assert assembler.apply(events, now_ms=0) == [] and assembler.duplicates == len(events)
+    assert assembler.closed["r1"].frozen
+
+
 def test_a_frozen_run_thaws_for_a_late_event_and_gives_the_row_it_would_have_given_whole():
     whole, frozen = RunAssembler(30 * MIN), RunAssembler(30 * MIN)
     events = a_run("r1", T0)
@@ -135,8 +147,8 @@ def test_a_quiet_open_run_is_frozen_and_goes_on_as_it_would_have_whole():
     # another run moves the watermark 2 minutes past r1's last event: r1 is quiet, frozen
     quiet.apply([event("o-1", "other", "run_start", T0 + 4 * MIN + 2000)], now_ms=0)
     assert "r1" in quiet.open and quiet.open["r1"].frozen
-    assert quiet.apply(events[2:3], now_ms=0) == [] and quiet.duplicates == 1  # still deduplicated, thawed
-    assert not quiet.open["r1"].frozen
+    assert quiet.apply(events[2:3], now_ms=0) == [] and quiet.duplicates == 1  # a redelivery: still frozen
+    assert quiet.open["r1"].frozen
     (row,) = quiet.apply(events[3:], now_ms=0)
     (whole,) = RunAssembler(30 * MIN, allowed_lateness_ms=2 * MIN).apply(events, now_ms=0)
     assert row == whole
