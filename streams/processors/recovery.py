@@ -55,8 +55,9 @@ _WINDOW_COLUMNS = _run_columns((
 # make the rebuild slower: each page's query scans `runs` (1,000: 60 -> 158 s, jobs/README.md).
 PAGE_RUNS = 5_000
 # Runs of a page parsed and folded in at a time. A page's 5,000 rows as dicts at once (twice,
-# with the page read ahead) left a rebuilt worker's heaps holding ~25 MB of pymalloc gaps and
-# ~45 MB of free C heap among what it kept (offline, the 4 partitions of a 20-minute soak).
+# with the page read ahead) left a rebuilt worker's heaps holding 27 MB of pymalloc gaps and
+# 15 MB of free C heap among what it kept; 250 at a time, 10 and 4 (offline, the 4 partitions
+# of a 20-minute soak's store, the worker's malloc settings).
 CHUNK_RUNS = 250
 # Open runs whose events an assembler partition's rebuild replays at a time: ~12,000 events,
 # parsed as lists (not dicts) from the one response as they are replayed. All of them as dicts
