@@ -122,10 +122,14 @@ class RunState:
     governance: Governance | None = None  # its approvals, guardrail hits and feedback, if any
 
     def apply(self, event: tuple, policy: LoopPolicy | None = None) -> bool:
-        """Fold one event (a packed row) in; False if this event_id was already applied."""
+        """Fold one event (a packed row) in, thawing a frozen run; False if this event_id was
+        already applied. A redelivery (after every restart, many) leaves a frozen run frozen:
+        thawed, a closed run would stay large until forgotten, since no row is made of it."""
         event_id = hash(event[EVENT_ID])
         if event_id in self.event_ids:
             return False
+        if self.frozen:
+            self.thaw()
         self.event_ids.add(event_id)
         ts = event[TS]
         if not self.started_at or ts < self.started_at:
@@ -398,13 +402,6 @@ class RunAssembler:
                 self._arm(run, event[TS] + self.closed_kept_ms)
             if event[TS] > self.max_ts and not replay:
                 self.max_ts = event[TS]  # a duplicate too: the stream has come this far
-            if run.frozen:
-                if hash(event[EVENT_ID]) in run.event_ids:
-                    # A redelivery (after every restart, many): the run stays small. Thawed, a
-                    # closed run would stay large until forgotten, since no row is made of it.
-                    self.duplicates += 1
-                    continue
-                run.thaw()
             if not run.apply(event, self.loop_policy):
                 self.duplicates += 1
                 continue
